@@ -1,0 +1,3 @@
+from iotvault.cli.main import run
+
+run()

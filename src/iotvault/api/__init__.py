@@ -1,0 +1,1 @@
+"""The HTTP adapter: FastAPI app factory, routers, and the one error → HTTP problem mapping."""

@@ -1,0 +1,633 @@
+"""The MQTT broker that runs inside iotvault (``IOTVAULT_BROKER_URL=embedded``), on amqtt 0.12.
+
+What it adds to amqtt
+=====================
+
+**Acknowledged means stored.** amqtt acknowledges an incoming QoS 1 PUBLISH as soon as it has
+queued the message in memory. Here the broker awaits ``on_publish`` — iotvault's hook, which
+stores the event and commits it — *before* it sends the PUBACK (QoS 1) or PUBREC (QoS 2), and
+before the message is forwarded to subscribers. If the hook raises, nothing is acknowledged:
+the connection is dropped, one warning is logged (never the payload), and the device sends
+the message again when it reconnects. So a crash of iotvault never loses an acknowledged event.
+
+- Redelivery needs a persistent session: MQTT 3.1.1 makes a client resend unacknowledged
+  messages only when it reconnects with clean session 0 [MQTT-4.4.0-1] (gmqtt, for one, drops
+  them unless the CONNACK says "session present").
+- The hook may see one message twice (stored, then the PUBACK was lost), so it must be
+  idempotent. Do not rely on ``dup``: gmqtt 0.8, for one, resends without setting it.
+- amqtt handles each PUBLISH in its own task, so hooks for one client run concurrently (good
+  for batching) and may finish, and be acknowledged, out of order.
+- The hook runs to completion even if the device disconnects meanwhile (it is shielded from
+  cancellation); ``__aexit__`` waits for running hooks.
+- QoS 0 messages go through the hook too; there is nothing to withhold, but a failing hook
+  still drops the connection.
+
+**Admission at the door.** The broker accepts TCP connections itself, reads the CONNECT
+packet, and asks ``authenticate`` (and ``authorize`` for the will topic) before amqtt sees
+the connection. amqtt 0.12 authenticates late: by then it has already deleted the client id's
+old session (clean session) or copied the new credentials and will into it, and it would take
+over — disconnect — a connected device of the same client id even when the newcomer then
+fails authentication. Here a refused client gets CONNACK 5 (not authorized) and touches no
+state. A CONNECT that does not arrive within ``CONNECT_TIMEOUT`` seconds closes the connection.
+
+**Topic rules.** ``authorize(client_id, username, topic, action)`` decides ``"publish"`` (before
+the hook, so a refused message is never stored), ``"subscribe"`` (the SUBACK says 0x80) and
+``"receive"`` (per subscriber, for every message forwarded). MQTT 3.1.1 cannot tell a client
+that a PUBLISH was refused; the broker closes the connection [MQTT-3.3.5-2] rather than
+acknowledge and discard, so nothing is acknowledged that was not stored. Topics with
+wildcards, a leading ``$`` or a NUL character are refused the same way. Will messages are
+published by amqtt itself when a client vanishes; they do not reach ``on_publish``, which is
+why their topic is authorized at admission.
+
+**Packet size.** amqtt 0.12 has no limit of its own (it would read a 256 MB packet into
+memory). The reader given to amqtt follows the MQTT framing and ends the connection as soon as
+a fixed header announces a packet larger than ``max_packet_size`` bytes, before the body is
+read. (MQTT 3.1.1 has no way to say why.) The ingest pipeline has its own, smaller, limit on
+event payloads.
+
+**Presence.** ``on_connection(client_id, username, connected)`` is called when a client id
+goes from no connection to one (``True``) and back (``False``), whether it disconnected, was
+dropped, or was silent for 1.5 times its keep-alive (amqtt 0.12 never drops silent clients;
+this module does, [MQTT-3.1.2-24]). Calls are serialised, so they arrive in order. amqtt does
+not close an older connection when a client reconnects with a clean session; counting
+connections keeps the presence right meanwhile.
+
+**Quiet, explicit amqtt.** The ``amqtt`` and ``transitions`` loggers are set to WARNING unless
+someone configured them; amqtt's plugins are listed explicitly, so nothing is loaded from entry
+points (no ``$SYS`` topics, no anonymous-auth plugin).
+
+Known limits: amqtt keeps sessions, retained messages and messages queued for offline
+subscribers in memory only, so a restart loses them (events are safe — they were stored before
+they were acknowledged — but a command queued for an offline device is lost). iotvault's own
+:meth:`EmbeddedBroker.publish` delivers at the QoS it is given even to a subscriber granted less.
+
+amqtt internals relied on
+=========================
+
+amqtt is pinned to ``0.12.*`` because of these; check each one on an upgrade (the integration
+tests in ``tests/integration/test_embedded_broker.py`` exercise all of them):
+
+1. ``Broker._handle_client_session(reader, writer, session, handler, server, listener_name)`` —
+   overridden. amqtt calls it once per connection, after CONNECT, with that connection's
+   ``BrokerProtocolHandler``: the one place where the handler exists and no PUBLISH has been
+   read yet. The override installs the hooks below and reports presence around ``super()``.
+2. ``ProtocolHandler._handle_message_flow(app_message)`` — replaced on each handler *instance*.
+   Every incoming PUBLISH goes through it (from ``handle_publish``, one task per packet), and
+   it is what queues the message for delivery and then sends PUBACK
+   (``_handle_qos1_message_flow``) or PUBREC (``_handle_qos2_message_flow``). The wrapper runs
+   the topic checks and the hook first. Incoming QoS 2 messages that amqtt replays from
+   ``session.inflight_in`` after a reconnect already have ``pubrec_packet`` set and are not
+   hooked twice.
+3. ``IncomingApplicationMessage`` (``topic``, ``data``, ``qos``, ``retain``, ``packet_id``,
+   ``pubrec_packet``, ``publish_packet.dup_flag``) and ``Session`` (``client_id``,
+   ``username``, ``keep_alive``).
+4. ``BrokerProtocolHandler.handle_connection_closed()`` — drops a connection, as amqtt's own
+   session take-over does; amqtt's client loop then stops the handler, publishes the will and
+   ends the session.
+5. ``BrokerProtocolHandler.handle_read_timeout()`` — a no-op in amqtt 0.12; replaced per
+   instance to drop a silent client, and ``Session.keep_alive`` (amqtt's read timeout) is set
+   to 1.5 times the client's keep-alive.
+
+Everything else is amqtt's public surface: ``Broker(config)``, ``start``, ``shutdown``,
+``external_connected`` with a listener of type ``external``, ``internal_message_broadcast``,
+``BrokerConfig.plugins`` with ``BaseAuthPlugin`` and ``BaseTopicPlugin``, ``ConnectPacket``,
+``ConnackPacket``, ``ReaderAdapter`` and ``StreamWriterAdapter``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from amqtt.adapters import ReaderAdapter, StreamWriterAdapter
+from amqtt.broker import Broker
+from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
+from amqtt.errors import NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.packet import CONNECT, MQTTFixedHeader
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import IncomingApplicationMessage
+
+from iotvault.errors import PortInUseError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "Authenticator",
+    "ConnectionHook",
+    "EmbeddedBroker",
+    "InboundPublish",
+    "PublishHook",
+    "TopicAction",
+    "TopicAuthorizer",
+]
+
+_log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT: Final = 10.0
+"""Seconds a new connection has to send its CONNECT packet."""
+
+_SHUTDOWN_GRACE: Final = 10.0  # seconds __aexit__ waits for running hooks and connections
+_LISTENER: Final = "default"  # amqtt requires a listener of this name
+_PORT_SETTING: Final = "IOTVAULT_MQTT_PORT"
+_QUIETED_LOGGERS: Final = ("amqtt", "transitions")  # transitions is amqtt's state machine
+
+
+@dataclass(frozen=True, slots=True)
+class InboundPublish:
+    """A PUBLISH a client sent, as handed to the publish hook before it is acknowledged."""
+
+    client_id: str
+    username: str | None
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    dup: bool
+    packet_id: int | None
+
+
+TopicAction = Literal["publish", "subscribe", "receive"]
+
+PublishHook = Callable[[InboundPublish], Awaitable[None]]
+"""Stores the message; returns once it is committed. Raising withholds the acknowledgement."""
+
+Authenticator = Callable[[str, str | None, str | None], Awaitable[bool]]
+"""``(client_id, username, password) -> allowed``."""
+
+TopicAuthorizer = Callable[[str, str | None, str, TopicAction], Awaitable[bool]]
+"""``(client_id, username, topic or filter, action) -> allowed``."""
+
+ConnectionHook = Callable[[str, str | None, bool], Awaitable[None]]
+"""``(client_id, username, connected)``."""
+
+
+class EmbeddedBroker:
+    """An MQTT 3.1.1 broker inside the process; ``async with`` starts and stops it.
+
+    ``authenticate=None`` admits everyone and ``authorize=None`` allows every topic: the
+    development defaults until device credentials are plugged in.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        on_publish: PublishHook | None = None,
+        authenticate: Authenticator | None = None,
+        authorize: TopicAuthorizer | None = None,
+        on_connection: ConnectionHook | None = None,
+        max_packet_size: int = 256 * 1024,
+    ) -> None:
+        if max_packet_size < 2:
+            raise ValueError(f"max_packet_size must be at least 2 bytes, not {max_packet_size}")
+        self._host = host
+        self._port = port
+        self._on_publish = on_publish
+        self._authenticate = authenticate
+        self._authorize = authorize
+        self._on_connection = on_connection
+        self._max_packet_size = max_packet_size
+        self._amqtt: _AmqttBroker | None = None
+        self._server: asyncio.Server | None = None
+        # connection handlers, running publish hooks, and other tasks: all awaited at shutdown
+        self._connections: set[asyncio.Future[Any]] = set()
+        self._hooks: set[asyncio.Future[Any]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+        self._online: dict[str, int] = {}
+        self._presence_lock = asyncio.Lock()
+
+    @property
+    def port(self) -> int:
+        """The port the broker listens on (the one the system chose, when asked for port 0)."""
+        if self._server is not None and self._server.sockets:
+            return int(self._server.sockets[0].getsockname()[1])
+        return self._port
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        for name in _QUIETED_LOGGERS:
+            logger = logging.getLogger(name)
+            if logger.level == logging.NOTSET:
+                logger.setLevel(logging.WARNING)
+        self._amqtt = _AmqttBroker(self._amqtt_config(), self)
+        await self._amqtt.start()
+        try:
+            self._server = await asyncio.start_server(self._serve_connection, self._host, self._port)
+        except OSError as exc:
+            await self._amqtt.shutdown()
+            self._amqtt = None
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(self._host, self._port, _PORT_SETTING) from None
+            raise
+        _log.info("embedded MQTT broker listening on %s:%d", self._host, self.port)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        server, amqtt = self._server, self._amqtt
+        self._server = self._amqtt = None
+        if server is not None:
+            server.close()  # stop accepting; connections are ended by amqtt below
+        if amqtt is not None:
+            await amqtt.shutdown()
+        await _settle(self._connections, self._hooks, self._background)
+        if server is not None:
+            await server.wait_closed()
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """Send a message of iotvault's own (a command) to the clients subscribed to ``topic``.
+
+        Returns once the message is queued for delivery, not once subscribers acknowledged it.
+        """
+        if self._amqtt is None:
+            raise RuntimeError("the embedded broker is not running; use it inside `async with`")
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, not {qos}")
+        if _topic_problem(topic):
+            raise ValueError(f"cannot publish to {topic!r}: {_topic_problem(topic)}")
+        await self._amqtt.internal_message_broadcast(topic, bytes(payload), qos)
+
+    # -- amqtt configuration ------------------------------------------------------------------
+
+    def _amqtt_config(self) -> Any:
+        # An `external` listener: we accept the TCP connections (admission, packet size, port
+        # errors) and hand them to amqtt with `external_connected`. Listing the plugins keeps
+        # amqtt from loading any from entry points or from its defaults.
+        return BrokerConfig(
+            listeners={
+                _LISTENER: ListenerConfig(type=ListenerType.EXTERNAL, bind=f"{self._host}:{self._port}")
+            },
+            plugins={
+                f"{__name__}.{_AdmittedPlugin.__name__}": {},
+                f"{__name__}.{_TopicPolicyPlugin.__name__}": {"broker": self},
+            },
+        )
+
+    # -- the door: CONNECT and admission ------------------------------------------------------
+
+    async def _serve_connection(
+        self, stream_reader: asyncio.StreamReader, stream_writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        peer = stream_writer.get_extra_info("peername")
+        reader = _FramedReader(stream_reader, self._max_packet_size, peer)
+        writer = StreamWriterAdapter(stream_writer)
+        try:
+            await self._admit_and_serve(reader, writer, peer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- one bad connection must not reach asyncio's handler
+            _log.warning("MQTT connection from %s ended on an error: %s", _addr(peer), type(exc).__name__)
+            _log.debug("MQTT connection error details", exc_info=exc)
+        finally:
+            with contextlib.suppress(OSError, RuntimeError):
+                await writer.close()
+            if task is not None:
+                self._connections.discard(task)
+
+    async def _admit_and_serve(self, reader: _FramedReader, writer: Any, peer: object) -> None:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                header = await MQTTFixedHeader.from_stream(reader)
+                if header is None or header.packet_type != CONNECT:
+                    _log.info("MQTT connection from %s did not start with CONNECT", _addr(peer))
+                    return
+                connect = await ConnectPacket.from_stream(reader, fixed_header=header)
+        except TimeoutError:
+            _log.info("MQTT connection from %s sent no CONNECT in %ss", _addr(peer), CONNECT_TIMEOUT)
+            return
+        except NoDataError:
+            _log.info("MQTT connection from %s closed during CONNECT", _addr(peer))
+            return
+        # Protocol errors (wrong name or level, ...) are amqtt's to answer, with the right code.
+        if connect.proto_name == "MQTT" and connect.proto_level == 4 and not await self._admit(connect):
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            return
+        reader.replay_connect()
+        amqtt = self._amqtt
+        if amqtt is not None:
+            await amqtt.external_connected(reader, writer, _LISTENER)
+
+    async def _admit(self, connect: Any) -> bool:
+        client_id: str = connect.client_id
+        username: str | None = connect.username
+        try:
+            if self._authenticate is not None and not await self._authenticate(
+                client_id, username, connect.password
+            ):
+                _log.info("MQTT client %r refused: authentication failed", client_id)
+                return False
+            will_topic: str | None = connect.will_topic if connect.will_flag else None
+            if will_topic is not None and not await self._may(client_id, username, will_topic, "publish"):
+                _log.warning("MQTT client %r refused: will topic %r is not allowed", client_id, will_topic)
+                return False
+        except Exception as exc:  # noqa: BLE001 -- fail closed, and say so
+            _log.warning("MQTT client %r refused: admission check failed (%s)", client_id, type(exc).__name__)
+            _log.debug("admission check error details", exc_info=exc)
+            return False
+        return True
+
+    async def _may(self, client_id: str, username: str | None, topic: str, action: TopicAction) -> bool:
+        if action != "subscribe" and _topic_problem(topic):
+            return False
+        if self._authorize is None:
+            return True
+        return await self._authorize(client_id, username, topic, action)
+
+    # -- per connection, inside amqtt ---------------------------------------------------------
+
+    def _install(self, handler: Any, session: Any) -> None:
+        """Put the publish checks and the hook in front of amqtt's acknowledgement."""
+        amqtt_flow = handler._handle_message_flow
+
+        async def message_flow(message: Any) -> None:
+            # Outgoing messages, and incoming QoS 2 ones amqtt already answered with PUBREC and
+            # now replays after a reconnect, go straight through.
+            if (
+                isinstance(message, IncomingApplicationMessage)
+                and message.pubrec_packet is None
+                and not await self._accept(handler, session, message)
+            ):
+                return  # not acknowledged; the connection is being dropped
+            await amqtt_flow(message)
+
+        def read_timeout() -> None:
+            _log.info("MQTT client %r silent for too long; dropping the connection", session.client_id)
+            self._spawn(handler.handle_connection_closed())
+
+        handler._handle_message_flow = message_flow
+        handler.handle_read_timeout = read_timeout
+        if session.keep_alive > 0:  # amqtt's read timeout; the spec allows 1.5 x keep-alive
+            session.keep_alive = math.ceil(session.keep_alive * 1.5)
+
+    async def _accept(self, handler: Any, session: Any, message: Any) -> bool:
+        client_id: str = session.client_id
+        username: str | None = session.username
+        topic: str = message.topic
+        try:
+            allowed = await self._may(client_id, username, topic, "publish")
+        except Exception as exc:  # noqa: BLE001 -- fail closed: no ack, the device retries
+            _log.debug("authorization error details", exc_info=exc)
+            return await self._drop(handler, client_id, f"authorization failed ({type(exc).__name__})", topic)
+        if not allowed:
+            return await self._drop(handler, client_id, "publish not allowed", topic)
+        if self._on_publish is None:
+            return True
+        publish_packet = message.publish_packet
+        inbound = InboundPublish(
+            client_id=client_id,
+            username=username,
+            topic=topic,
+            payload=bytes(message.data),
+            qos=int(message.qos),
+            retain=bool(message.retain),
+            dup=bool(publish_packet is not None and publish_packet.dup_flag),
+            packet_id=message.packet_id,
+        )
+        hook = asyncio.ensure_future(self._on_publish(inbound))
+        self._hooks.add(hook)
+        hook.add_done_callback(self._hooks.discard)
+        try:
+            await asyncio.shield(hook)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- any failure means "not stored": do not ack
+            _log.debug("publish hook error details", exc_info=exc)
+            return await self._drop(handler, client_id, f"publish hook failed ({type(exc).__name__})", topic)
+        return True
+
+    async def _drop(self, handler: Any, client_id: str, reason: str, topic: str) -> bool:
+        _log.warning(
+            "MQTT client %r: %s on topic %r; dropping the connection without acknowledging",
+            client_id,
+            reason,
+            topic,
+        )
+        await handler.handle_connection_closed()
+        return False
+
+    @contextlib.asynccontextmanager
+    async def _presence(self, client_id: str, username: str | None) -> AsyncIterator[None]:
+        await self._count_connection(client_id, username, +1)
+        try:
+            yield
+        finally:
+            await self._count_connection(client_id, username, -1)
+
+    async def _count_connection(self, client_id: str, username: str | None, delta: int) -> None:
+        async with self._presence_lock:
+            before = self._online.get(client_id, 0)
+            after = before + delta
+            if after > 0:
+                self._online[client_id] = after
+            else:
+                self._online.pop(client_id, None)
+            if self._on_connection is None or (before > 0) == (after > 0):
+                return
+            try:
+                await self._on_connection(client_id, username, after > 0)
+            except Exception as exc:  # noqa: BLE001 -- presence is informational; keep serving
+                _log.warning("connection hook failed for MQTT client %r (%s)", client_id, type(exc).__name__)
+                _log.debug("connection hook error details", exc_info=exc)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class _AmqttBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
+    """amqtt's broker with iotvault's per-connection hooks (internals 1, 4 and 5 above)."""
+
+    def __init__(self, config: Any, owner: EmbeddedBroker) -> None:
+        super().__init__(config)
+        self._owner = owner
+
+    async def _handle_client_session(  # noqa: PLR0917 -- amqtt's signature, called positionally
+        self,
+        reader: Any,
+        writer: Any,
+        client_session: Any,
+        handler: Any,
+        server: Any,
+        listener_name: str,
+    ) -> None:
+        self._owner._install(handler, client_session)
+        async with self._owner._presence(client_session.client_id, client_session.username):
+            await super()._handle_client_session(
+                reader, writer, client_session, handler, server, listener_name
+            )
+
+
+class _AdmittedPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type information
+    """amqtt wants one authentication plugin to say yes; admission already happened.
+
+    Every connection amqtt sees went through :meth:`EmbeddedBroker._admit` first.
+    """
+
+    async def authenticate(self, *, session: Any) -> bool:
+        return True
+
+
+class _TopicPolicyPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no type information
+    """amqtt's topic-filtering hook, answered by ``EmbeddedBroker``'s ``authorize``.
+
+    amqtt asks it to subscribe (a refusal becomes SUBACK 0x80), to forward a message to a
+    subscriber ("receive"), and to forward a PUBLISH — which was already decided, before the
+    acknowledgement, by :meth:`EmbeddedBroker._accept`.
+    """
+
+    @dataclass
+    class Config:
+        broker: Any  # EmbeddedBroker; typed Any because amqtt builds this with dacite
+
+    async def topic_filtering(
+        self, *, session: Any = None, topic: str | None = None, action: Any = None
+    ) -> bool:
+        if action == Action.PUBLISH:
+            return True
+        if session is None or topic is None or action not in (Action.SUBSCRIBE, Action.RECEIVE):
+            return False
+        broker: EmbeddedBroker = self.context.config.broker
+        verb: TopicAction = "subscribe" if action == Action.SUBSCRIBE else "receive"
+        try:
+            return await broker._may(session.client_id, session.username, topic, verb)
+        except Exception as exc:  # noqa: BLE001 -- fail closed
+            _log.warning(
+                "MQTT client %r: %s check for %r failed (%s); refusing",
+                session.client_id,
+                verb,
+                topic,
+                type(exc).__name__,
+            )
+            _log.debug("authorization error details", exc_info=exc)
+            return False
+
+
+class _FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type information
+    """The byte stream as amqtt reads it, with the MQTT framing followed on the way.
+
+    Following the fixed headers lets a too-large packet be refused from its header alone: the
+    reader then behaves as if the peer had closed the connection, which ends it cleanly inside
+    amqtt. It also records the CONNECT packet that the door reads, and replays it to amqtt.
+    """
+
+    def __init__(self, stream: asyncio.StreamReader, max_packet_size: int, peer: object) -> None:
+        self._stream = stream
+        self._max_packet_size = max_packet_size
+        self._peer = peer
+        self._recorded: bytearray | None = bytearray()
+        self._replay = b""
+        self._refused = False
+        # framing state
+        self._body_left = 0  # bytes of the current packet's body still to come
+        self._header_len = 0  # bytes of the current fixed header seen; 0 at a packet boundary
+        self._length = 0  # remaining length decoded so far
+        self._multiplier = 1
+
+    def replay_connect(self) -> None:
+        """Serve the bytes read so far (the CONNECT packet) again, then the stream."""
+        if self._recorded is not None:
+            self._replay, self._recorded = bytes(self._recorded), None
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._replay:
+            if 0 <= n <= len(self._replay):
+                data, self._replay = self._replay[:n], self._replay[n:]
+                return data
+            head, self._replay = self._replay, b""
+            return head + await self._read_stream(n - len(head) if n >= 0 else -1)
+        return await self._read_stream(n)
+
+    def feed_eof(self) -> None:
+        self._stream.feed_eof()
+
+    async def _read_stream(self, n: int) -> bytes:
+        if self._refused:
+            return b""
+        data = await (self._stream.readexactly(n) if n >= 0 else self._stream.read())
+        if not self._follow(data):
+            self._refused = True
+            return b""
+        if self._recorded is not None:
+            self._recorded += data
+        return data
+
+    def _follow(self, data: bytes) -> bool:
+        """Advance the framing over ``data``; False if a packet is over the size limit."""
+        i, end = 0, len(data)
+        while i < end:
+            if self._body_left:
+                step = min(self._body_left, end - i)
+                self._body_left -= step
+                i += step
+                continue
+            byte = data[i]
+            i += 1
+            if self._header_len == 0:  # the packet type byte
+                self._header_len, self._length, self._multiplier = 1, 0, 1
+                continue
+            self._header_len += 1
+            self._length += (byte & 0x7F) * self._multiplier
+            self._multiplier *= 128
+            size = self._header_len + self._length
+            if size > self._max_packet_size or (byte & 0x80 and self._header_len >= 5):
+                _log.warning(
+                    "MQTT packet of %s%d bytes from %s is over the limit of %d; closing the connection",
+                    "at least " if byte & 0x80 else "",
+                    size,
+                    _addr(self._peer),
+                    self._max_packet_size,
+                )
+                return False
+            if not byte & 0x80:  # the remaining length is complete
+                self._body_left, self._header_len = self._length, 0
+        return True
+
+
+def _topic_problem(topic: str) -> str | None:
+    """Why ``topic`` cannot be published to (MQTT 3.1.1 section 4.7), or None."""
+    if not topic:
+        return "empty topic"
+    if "+" in topic or "#" in topic:
+        return "wildcard in a topic name"
+    if topic.startswith("$"):
+        return "topic names starting with $ are reserved"
+    if "\x00" in topic:
+        return "NUL character in topic"
+    return None
+
+
+def _addr(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+async def _settle(*groups: set[asyncio.Future[Any]]) -> None:
+    """Wait a little for connections and hooks to finish after amqtt's shutdown; cancel the rest."""
+    pending: set[asyncio.Future[Any]] = {task for group in groups for task in group if not task.done()}
+    if not pending:
+        return
+    _, late = await asyncio.wait(pending, timeout=_SHUTDOWN_GRACE)
+    for task in late:
+        task.cancel()
+    if late:
+        _log.warning("%d MQTT connection(s) or hook(s) cancelled at shutdown", len(late))
+        await asyncio.wait(late)

@@ -1,0 +1,210 @@
+"""Settings: loaded once at start, validated, immutable, injected.
+
+Sources, later ones winning: built-in defaults, the TOML file given with ``--config`` (keys are
+the variable names in lower case without the ``IOTVAULT_`` prefix), then ``IOTVAULT_*``
+environment variables. Unknown keys in the file are an error rather than silently ignored: a
+misspelt security setting must not fall back to a default. Any invalid value stops the program
+with one message that names the setting (:class:`~iotvault.errors.ConfigError`).
+
+Nothing here is built at import time; :func:`load_settings` is called by the command line and
+the result passed down (``create_app(settings)``, ``Node(settings)``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from iotvault.errors import ConfigError
+
+ENV_PREFIX = "IOTVAULT_"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """Where iotvault's own MQTT clients connect: ``embedded`` or an external broker."""
+
+    embedded: bool
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def display(self) -> str:
+        if self.embedded:
+            return "embedded"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path(".iotvault")
+    database_url: str = ""  # empty: SQLite in the data dir
+    broker_url: str = "embedded"
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    public_url: str = "http://127.0.0.1:8000"
+    master_key_file: Path | None = None  # None: <data_dir>/master.key
+    redis_url: str = ""
+    oidc_external_issuer: str = ""
+    oidc_external_audience: str = ""
+    oidc_external_groups_claim: str = "groups"
+    log_level: str = "info"
+    # ingest tuning; defaults measured on a 2-core machine, see BENCHMARKS.md
+    ingest_batch_size: int = 500
+    ingest_batch_ms: float = 5.0
+    ingest_client_id: str = "iotvault-ingest"
+    ingest_dedupe_window_s: float = 120.0
+    max_payload_bytes: int = 65536
+    key_cache_ttl_s: float = 5.0
+    sqlite_synchronous: str = "full"
+
+    # ---- derived values -------------------------------------------------------------
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'iotvault.db').as_posix()}"
+
+    @property
+    def effective_master_key_file(self) -> Path:
+        return self.master_key_file if self.master_key_file is not None else self.data_dir / "master.key"
+
+    @property
+    def broker(self) -> BrokerAddress:
+        return parse_broker_url(self.broker_url)
+
+
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "mqtt_port": (1, 65535),
+    "http_port": (1, 65535),
+    "ingest_batch_size": (1, 100_000),
+    "max_payload_bytes": (2, 16 * 1024 * 1024),
+}
+_FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "ingest_batch_ms": (0.1, 10_000.0),
+    "ingest_dedupe_window_s": (1.0, 86_400.0),
+    "key_cache_ttl_s": (0.0, 3600.0),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "log_level": ("debug", "info", "warning", "error"),
+    "sqlite_synchronous": ("full", "normal"),
+}
+
+
+def parse_broker_url(value: str) -> BrokerAddress:
+    if value == "embedded":
+        return BrokerAddress(embedded=True)
+    parts = urlsplit(value)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(
+            "broker_url", f"expected 'embedded', mqtt://host:port or mqtts://host:port, got {value!r}"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError("broker_url", "the port is not a number between 1 and 65535") from None
+    if not parts.hostname:
+        raise ConfigError("broker_url", "the URL has no host")
+    tls = parts.scheme == "mqtts"
+    return BrokerAddress(
+        embedded=False,
+        host=parts.hostname,
+        port=port if port is not None else (8883 if tls else 1883),
+        tls=tls,
+        username=parts.username,
+        password=parts.password,
+    )
+
+
+def _check_database_url(value: str) -> None:
+    if not value:
+        return
+    scheme = value.split(":", 1)[0]
+    if scheme not in ("sqlite", "postgresql", "postgresql+psycopg", "postgres"):
+        raise ConfigError(
+            "database_url",
+            f"expected sqlite:///path or postgresql://user:pass@host:port/db, got {scheme}://…",
+        )
+
+
+def _coerce(name: str, raw: Any, current: Any, field_name: str) -> Any:
+    """Turn a raw value from TOML or the environment into the type of the setting."""
+    try:
+        if isinstance(current, bool):
+            if isinstance(raw, bool):
+                return raw
+            return str(raw).strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(current, int):
+            if isinstance(raw, bool):  # TOML true is not a port number
+                raise ValueError  # noqa: TRY004, TRY301 - reported below as a ConfigError
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if field_name in ("data_dir", "master_key_file"):
+            return Path(str(raw)).expanduser() if str(raw) else None
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"{raw!r} is not a valid {type(current).__name__}") from None
+
+
+def _validate(s: Settings) -> Settings:
+    for name, (lo, hi) in _INT_RANGES.items():
+        v = getattr(s, name)
+        if not lo <= v <= hi:
+            raise ConfigError(name, f"{v} is outside {lo}..{hi}")
+    for name, (flo, fhi) in _FLOAT_RANGES.items():
+        fv = getattr(s, name)
+        if not flo <= fv <= fhi:
+            raise ConfigError(name, f"{fv} is outside {flo}..{fhi}")
+    for name, choices in _CHOICES.items():
+        if getattr(s, name) not in choices:
+            raise ConfigError(name, f"{getattr(s, name)!r} is not one of {', '.join(choices)}")
+    parse_broker_url(s.broker_url)
+    _check_database_url(s.database_url)
+    pub = urlsplit(s.public_url)
+    if pub.scheme not in ("http", "https") or not pub.hostname:
+        raise ConfigError("public_url", f"expected an http(s):// URL, got {s.public_url!r}")
+    if s.redis_url and urlsplit(s.redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("redis_url", "expected redis://host:port/db")
+    return s
+
+
+def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from defaults, an optional TOML file and the environment."""
+    env = os.environ if environ is None else environ
+    settings = Settings()
+    known = {f.name: f for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{config_file} is not valid TOML: {exc}") from None
+        for key, raw in data.items():
+            if key not in known:
+                raise ConfigError(key, f"unknown setting in {config_file}")
+            values[key] = _coerce(key, raw, getattr(settings, key), key)
+    for name in known:
+        env_name = ENV_PREFIX + name.upper()
+        if env_name in env:
+            values[name] = _coerce(env_name, env[env_name], getattr(settings, name), name)
+    try:
+        return _validate(replace(settings, **values))
+    except ConfigError as exc:
+        # report the environment variable's name when that is where the value came from
+        env_name = ENV_PREFIX + exc.setting.upper()
+        if exc.setting in known and env_name in env:
+            raise ConfigError(env_name, exc.reason) from None
+        raise

@@ -1,0 +1,152 @@
+"""The one error tree of iotvault.
+
+Every error iotvault raises on purpose derives from :class:`IotVaultError`. Third-party
+exceptions (SQLAlchemy, gmqtt, amqtt, cryptography, OS errors) are translated into this tree at
+the adapter that calls the library, with ``raise Mapped(...) from exc``, so that the core and
+the command line only ever see these classes. Each error carries the data a program needs as
+attributes and a message a person can act on.
+
+::
+
+    IotVaultError
+    ├── ConfigError                  a setting is missing or invalid (names the setting)
+    ├── ValidationError              input does not satisfy a value object
+    │   └── TopicError               an MQTT topic is not one of the contract's topics
+    ├── CryptoError
+    │   ├── MasterKeyError           the master key file is missing, unreadable or wrong
+    │   ├── KeyUnwrapError           a wrapped data key does not open with the master key
+    │   ├── DataKeyNotFoundError     no data key (or it was destroyed: crypto-shredding)
+    │   └── RecordDecryptionError    a stored record was tampered with or moved
+    ├── StorageError
+    │   ├── DatabaseUnavailableError the database cannot be reached
+    │   ├── SchemaError              the schema is missing or not at the expected revision
+    │   ├── DeviceExistsError
+    │   └── DeviceNotFoundError
+    ├── BrokerError
+    │   └── BrokerUnavailableError   the MQTT broker cannot be reached
+    └── PortInUseError               a listening port (HTTP or embedded MQTT) is taken
+"""
+
+from __future__ import annotations
+
+
+class IotVaultError(Exception):
+    """Base of every error iotvault raises on purpose."""
+
+
+class ConfigError(IotVaultError):
+    """A setting is missing or invalid."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        self.setting = setting
+        self.reason = reason
+        super().__init__(f"invalid setting {setting}: {reason}")
+
+
+class ValidationError(IotVaultError):
+    """Input does not satisfy a value object's rules."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+class TopicError(ValidationError):
+    """An MQTT topic is not one of the topics of the contract."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        self.topic = topic
+        super().__init__("topic", reason)
+
+
+class CryptoError(IotVaultError):
+    """Base of the cryptographic errors."""
+
+
+class MasterKeyError(CryptoError):
+    """The master key file is missing, unreadable, too open, or does not match the database."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"master key {path}: {reason}")
+
+
+class KeyUnwrapError(CryptoError):
+    """A wrapped data key does not open with the master key (wrong key or tampering)."""
+
+    def __init__(self, device_id: str, version: int) -> None:
+        self.device_id = device_id
+        self.version = version
+        super().__init__(f"data key v{version} of device {device_id!r} does not open with the master key")
+
+
+class DataKeyNotFoundError(CryptoError):
+    """The data key a record needs does not exist (never made, or destroyed)."""
+
+    def __init__(self, device_id: str, version: int | None = None) -> None:
+        self.device_id = device_id
+        self.version = version
+        which = f"v{version}" if version is not None else "any version"
+        super().__init__(f"no data key ({which}) for device {device_id!r}")
+
+
+class RecordDecryptionError(CryptoError):
+    """A stored record does not decrypt: tampered, truncated, or moved to another row."""
+
+    def __init__(self, device_id: str, event_id: str, reason: str) -> None:
+        self.device_id = device_id
+        self.event_id = event_id
+        self.reason = reason
+        super().__init__(f"event {event_id} of device {device_id!r} does not decrypt: {reason}")
+
+
+class StorageError(IotVaultError):
+    """Base of the storage errors."""
+
+
+class DatabaseUnavailableError(StorageError):
+    """The database cannot be reached."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(
+            f"cannot reach the database {url}: {reason} (set IOTVAULT_DATABASE_URL or database_url)"
+        )
+
+
+class SchemaError(StorageError):
+    """The schema is missing or not at the revision this version of iotvault needs."""
+
+
+class DeviceExistsError(StorageError):
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        super().__init__(f"device {device_id!r} already exists")
+
+
+class DeviceNotFoundError(StorageError):
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        super().__init__(f"device {device_id!r} does not exist")
+
+
+class BrokerError(IotVaultError):
+    """Base of the MQTT broker errors."""
+
+
+class BrokerUnavailableError(BrokerError):
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"cannot reach the MQTT broker {url}: {reason} (set IOTVAULT_BROKER_URL)")
+
+
+class PortInUseError(IotVaultError):
+    def __init__(self, host: str, port: int, setting: str) -> None:
+        self.host = host
+        self.port = port
+        self.setting = setting
+        super().__init__(f"port {port} on {host} is already in use; choose another with {setting}")

@@ -1,0 +1,150 @@
+"""One iotvault node: HTTP server, ingest, and (when configured) the embedded broker.
+
+Every part is an async context manager entered in order on an :class:`~contextlib.AsyncExitStack`
+and left in reverse order, so a failure at start (port taken, broker unreachable) unwinds what
+was already started and reaches the command line as one :class:`~iotvault.errors.IotVaultError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import socket
+from collections.abc import Callable, Generator
+from contextlib import AsyncExitStack
+from enum import StrEnum
+from typing import Any
+
+import uvicorn
+
+from iotvault.api.app import create_app
+from iotvault.broker.embedded import EmbeddedBroker, InboundPublish
+from iotvault.config import Settings
+from iotvault.errors import PortInUseError
+from iotvault.ingest.pipeline import Inbound, IngestPipeline
+from iotvault.ingest.subscriber import BrokerSubscriber
+from iotvault.metrics import Metrics
+from iotvault.runtime import Context, open_context
+
+log = logging.getLogger(__name__)
+
+
+class Role(StrEnum):
+    ALL = "all"
+    API = "api"
+    INGEST = "ingest"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the node owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def bind_socket(host: str, port: int, setting: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise PortInUseError(host, port, setting) from None
+        raise
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Node:
+    def __init__(self, settings: Settings, role: Role = Role.ALL) -> None:
+        self.settings = settings
+        self.role = role
+        self.metrics = Metrics()
+        self.ctx: Context | None = None
+        self.pipeline: IngestPipeline | None = None
+        self.broker: EmbeddedBroker | None = None
+        self._ready = False
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    async def _embedded_hook(self, p: InboundPublish) -> None:
+        assert self.pipeline is not None  # noqa: S101 - the broker starts after the pipeline
+        await self.pipeline.submit(
+            Inbound(p.topic, p.payload, p.qos, p.dup, p.packet_id if p.qos else None, p.client_id)
+        )
+
+    async def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        async with AsyncExitStack() as stack:
+            http_sock = None
+            if self.role in (Role.ALL, Role.API):
+                http_sock = bind_socket(s.http_host, s.http_port, "IOTVAULT_HTTP_PORT")
+                stack.callback(http_sock.close)
+            self.ctx = await asyncio.to_thread(open_context, s)
+            stack.callback(self.ctx.close)
+            if self.role in (Role.ALL, Role.INGEST):
+                self.pipeline = await stack.enter_async_context(
+                    IngestPipeline(
+                        self.ctx.store,
+                        self.ctx.keyring,
+                        self.metrics,
+                        batch_size=s.ingest_batch_size,
+                        batch_ms=s.ingest_batch_ms,
+                        max_payload_bytes=s.max_payload_bytes,
+                        dedupe_window_s=s.ingest_dedupe_window_s,
+                    )
+                )
+                broker = s.broker
+                if broker.embedded:
+                    self.broker = await stack.enter_async_context(
+                        EmbeddedBroker(s.mqtt_host, s.mqtt_port, on_publish=self._embedded_hook)
+                    )
+                else:
+                    await stack.enter_async_context(
+                        BrokerSubscriber(broker, self.pipeline, client_id=s.ingest_client_id)
+                    )
+            server_task: asyncio.Task[None] | None = None
+            server: _Server | None = None
+            if http_sock is not None:
+                app = create_app(s, metrics=self.metrics, ready=self.is_ready)
+                config = uvicorn.Config(
+                    app, log_level="warning", access_log=False, server_header=False, lifespan="off"
+                )
+                server = _Server(config)
+                server_task = asyncio.create_task(server.serve(sockets=[http_sock]), name="iotvault-http")
+                # uvicorn offers no "started" event to wait on
+                while not server.started and not server_task.done():  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+                if server_task.done():
+                    server_task.result()
+            self._ready = True
+            if on_ready is not None:
+                on_ready(self)
+            stop_wait = asyncio.create_task(self._stop.wait(), name="iotvault-stop")
+            waiters: set[asyncio.Task[Any]] = {stop_wait}
+            if server_task is not None:
+                waiters.add(server_task)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            self._ready = False
+            if server is not None and server_task is not None:
+                server.should_exit = True
+                with contextlib.suppress(asyncio.CancelledError):
+                    await server_task
+            stop_wait.cancel()
+        log.info("iotvault stopped")

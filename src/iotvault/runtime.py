@@ -1,0 +1,115 @@
+"""Opening iotvault's resources from settings, and the small services the CLI and API share.
+
+:func:`open_context` connects to the database, creates or checks the schema, loads (or on first
+start creates) the master key and checks that it is the key this database was made with, so a
+wrong ``IOTVAULT_MASTER_KEY_FILE`` fails at start with one message instead of as a thousand
+decryption errors later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from iotvault.config import Settings
+from iotvault.crypto.keyring import FINGERPRINT_META, KeyRing
+from iotvault.crypto.master_key import MasterKey
+from iotvault.crypto.tokens import hash_secret, new_secret
+from iotvault.domain.ids import DeviceId, TypeId
+from iotvault.errors import DeviceNotFoundError, MasterKeyError
+from iotvault.storage import migrate
+from iotvault.storage.db import check_connection, create_db_engine, redact
+from iotvault.storage.repository import DeviceRecord
+from iotvault.storage.sql import SqlStore
+
+
+@dataclass
+class Context:
+    settings: Settings
+    engine: Engine
+    store: SqlStore
+    keyring: KeyRing
+    master: MasterKey
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def open_context(settings: Settings, *, auto_migrate_empty: bool = True) -> Context:
+    url = settings.effective_database_url
+    engine = create_db_engine(url, sqlite_synchronous=settings.sqlite_synchronous)
+    try:
+        check_connection(engine, url)
+        migrate.ensure_schema(engine, auto_upgrade_empty=auto_migrate_empty)
+        store = SqlStore(engine, url)
+        key_path = settings.effective_master_key_file
+        master = MasterKey.load_or_create(key_path)
+        known = store.get_meta(FINGERPRINT_META)
+        if known is None:
+            store.set_meta(FINGERPRINT_META, master.fingerprint)
+        elif known != master.fingerprint:
+            raise MasterKeyError(  # noqa: TRY301 - the engine is disposed on any failure below
+                str(key_path),
+                f"is not the key this database ({redact(url)}) was made with; "
+                "point IOTVAULT_MASTER_KEY_FILE at the right key file",
+            )
+    except BaseException:
+        engine.dispose()
+        raise
+    return Context(
+        settings, engine, store, KeyRing(master, store, cache_ttl_s=settings.key_cache_ttl_s), master
+    )
+
+
+@contextmanager
+def context(settings: Settings, *, auto_migrate_empty: bool = True) -> Iterator[Context]:
+    ctx = open_context(settings, auto_migrate_empty=auto_migrate_empty)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+# ---- devices --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NewDevice:
+    device_id: str
+    type_id: str
+    credential: str  # shown once, never stored
+
+
+def register_device(
+    ctx: Context, type_id: str, device_id: str, metadata: Mapping[str, Any] | None = None
+) -> NewDevice:
+    """Create a device with a fresh data key and a fresh credential (returned once)."""
+    did, tid = DeviceId(device_id).value, TypeId(type_id).value
+    credential = new_secret()
+    record = DeviceRecord(did, tid, "offline", None, dict(metadata or {}), now_us())
+    ctx.store.add_device(
+        record, wrapped_key=ctx.keyring.new_device_key(did), credential_hash=hash_secret(credential)
+    )
+    return NewDevice(did, tid, credential)
+
+
+def rotate_device_credential(ctx: Context, device_id: str, *, grace_s: int = 0) -> str:
+    if ctx.store.get_device(device_id) is None:
+        raise DeviceNotFoundError(device_id)
+    credential = new_secret()
+    until = now_us() + grace_s * 1_000_000 if grace_s > 0 else None
+    ctx.store.set_credential(device_id, hash_secret(credential), previous_valid_until_us=until)
+    return credential
+
+
+def delete_device(ctx: Context, device_id: str) -> None:
+    if not ctx.store.delete_device(device_id):
+        raise DeviceNotFoundError(device_id)
+    ctx.keyring.forget(device_id)

@@ -1,0 +1,102 @@
+"""Engine construction and the translation of driver errors into the error tree.
+
+SQLite is opened in WAL mode with ``synchronous=FULL`` by default: a commit is on disk before
+an event is acknowledged, which is the promise the ingest path makes (``normal`` is allowed by
+setting ``sqlite_synchronous``: it survives a process crash but not a power cut).
+``secure_delete`` makes deleted rows, such as the wrapped data key of a deleted device, be
+overwritten in the file rather than left in free pages.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+
+from iotvault.errors import ConfigError, DatabaseUnavailableError
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+def _driver_url(url: str) -> URL:
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise ConfigError("database_url", "not a valid database URL") from None
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    elif u.drivername == "sqlite":
+        u = u.set(drivername="sqlite+pysqlite")
+    return u
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def create_db_engine(url: str, *, sqlite_synchronous: str = "full") -> Engine:
+    u = _driver_url(url)
+    if u.get_backend_name() == "sqlite":
+        if not u.database or u.database == ":memory:":
+            raise ConfigError(
+                "database_url", "an in-memory SQLite database cannot be shared; give a file path"
+            )
+        path = Path(u.database)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.exists():  # the file holds device metadata and wrapped keys: owner only
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        engine = create_engine(u, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={'FULL' if sqlite_synchronous == 'full' else 'NORMAL'}")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA secure_delete=ON")
+            cur.close()
+
+        return engine
+    if u.get_backend_name() != "postgresql":
+        raise ConfigError("database_url", f"unsupported database {u.get_backend_name()!r}")
+    try:
+        return create_engine(u, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    except ImportError:
+        raise ConfigError(
+            "database_url", "PostgreSQL needs the psycopg driver: pip install 'iotvault[postgres]'"
+        ) from None
+
+
+@contextmanager
+def mapped_errors(url: str) -> Iterator[None]:
+    """Translate connection failures into :class:`DatabaseUnavailableError` (one place)."""
+    try:
+        yield
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else "operational error"
+        raise DatabaseUnavailableError(redact(url), reason) from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise DatabaseUnavailableError(redact(url), "connection lost") from exc
+        raise
+
+
+def check_connection(engine: Engine, url: str) -> None:
+    with mapped_errors(url), engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+
+
+def connection_for(engine: Engine) -> Connection:
+    return engine.connect()

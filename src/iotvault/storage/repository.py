@@ -1,0 +1,106 @@
+"""The repository interface: what the rest of iotvault may ask of storage.
+
+Plain records in, plain records out; the payload of a :class:`StoredEvent` is always the
+encrypted record, never plaintext. :class:`iotvault.storage.sql.SqlStore` implements it for
+SQLite and PostgreSQL; unit tests of pure logic may use a small fake.
+
+Methods are synchronous: the ingest path calls them from its one writer thread, the command
+line directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    device_id: str
+    type_id: str
+    status: str
+    last_seen_us: int | None
+    metadata: Mapping[str, Any]
+    created_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    device_id: str
+    event_id: str
+    type_id: str
+    event_type: str
+    fmt: str
+    received_us: int
+    payload: bytes  # the encrypted record
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedMessage:
+    received_us: int
+    source: str
+    topic: str
+    device_id: str | None
+    reason: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class InflightRecord:
+    """Messages committed but maybe not yet acknowledged to the sender (see ingest.dedupe)."""
+
+    consumer: str
+    created_us: int
+    entries: bytes
+    id: int | None = None
+
+
+@dataclass(slots=True)
+class BatchWrite:
+    """Everything one ingest batch changes, committed in one transaction."""
+
+    events: list[StoredEvent] = field(default_factory=list)
+    rejected: list[RejectedMessage] = field(default_factory=list)
+    statuses: dict[str, tuple[str, int]] = field(default_factory=dict)  # device -> (status, at_us)
+    inflight: list[InflightRecord] = field(default_factory=list)
+    delete_inflight_before_us: int | None = None
+
+
+class DeviceStore(Protocol):
+    def add_device(
+        self, device: DeviceRecord, *, wrapped_key: bytes, credential_hash: str | None
+    ) -> None: ...
+    def get_device(self, device_id: str) -> DeviceRecord | None: ...
+    def list_devices(self) -> list[DeviceRecord]: ...
+    def delete_device(self, device_id: str) -> bool: ...
+    def set_credential(
+        self, device_id: str, credential_hash: str, *, previous_valid_until_us: int | None
+    ) -> None: ...
+
+
+class KeyStore(Protocol):
+    def data_keys(self, device_id: str) -> dict[int, bytes]: ...
+    def latest_data_key(self, device_id: str) -> tuple[int, bytes] | None: ...
+    def add_data_key(self, device_id: str, version: int, wrapped: bytes) -> None: ...
+    def device_ids(self) -> list[str]: ...
+
+
+class EventStore(Protocol):
+    def write_batch(self, batch: BatchWrite) -> None: ...
+    def touch_last_seen(self, seen: Mapping[str, int]) -> None: ...
+    def last_events(self, device_id: str, count: int) -> list[StoredEvent]: ...
+    def events_page(
+        self,
+        device_id: str,
+        *,
+        count: int,
+        before: str | None = None,
+        after: str | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+    ) -> list[StoredEvent]: ...
+    def count_events(self, device_id: str | None = None) -> int: ...
+    def replace_payloads(self, rows: Sequence[tuple[str, str, bytes]]) -> None: ...
+    def load_inflight(self) -> list[InflightRecord]: ...
+    def list_rejected(self, limit: int = 100) -> list[RejectedMessage]: ...
