@@ -46,15 +46,16 @@ class BrokerAddress:
 @dataclass(frozen=True, slots=True)
 class Settings:
     data_dir: Path = Path(".iotvault")
-    database_url: str = ""  # empty: SQLite in the data dir
-    broker_url: str = "embedded"
+    # URLs may carry passwords: kept out of repr() so that logging settings leaks nothing
+    database_url: str = field(default="", repr=False)  # empty: SQLite in the data dir
+    broker_url: str = field(default="embedded", repr=False)
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     public_url: str = "http://127.0.0.1:8000"
     master_key_file: Path | None = None  # None: <data_dir>/master.key
-    redis_url: str = ""
+    redis_url: str = field(default="", repr=False)
     oidc_external_issuer: str = ""
     oidc_external_audience: str = ""
     oidc_external_groups_claim: str = "groups"
@@ -112,7 +113,9 @@ def parse_broker_url(value: str) -> BrokerAddress:
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError("broker_url", "the port is not a number between 1 and 65535") from None
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError("broker_url", "the port is not a number between 1 and 65535")
     if not parts.hostname:
         raise ConfigError("broker_url", "the URL has no host")
     tls = parts.scheme == "mqtts"
@@ -130,7 +133,7 @@ def _check_database_url(value: str) -> None:
     if not value:
         return
     scheme = value.split(":", 1)[0]
-    if scheme not in ("sqlite", "postgresql", "postgresql+psycopg", "postgres"):
+    if "://" not in value or scheme not in ("sqlite", "postgresql", "postgresql+psycopg", "postgres"):
         raise ConfigError(
             "database_url",
             f"expected sqlite:///path or postgresql://user:pass@host:port/db, got {scheme}://…",
@@ -144,12 +147,15 @@ def _coerce(name: str, raw: Any, current: Any, field_name: str) -> Any:
             if isinstance(raw, bool):
                 return raw
             return str(raw).strip().lower() in ("1", "true", "yes", "on")
+        # TOML gives typed values: refuse true for a number and 8080.9 for a port, never round
+        if isinstance(raw, bool) or (isinstance(current, int) and isinstance(raw, float)):
+            raise ValueError  # noqa: TRY004, TRY301 - reported below as a ConfigError
         if isinstance(current, int):
-            if isinstance(raw, bool):  # TOML true is not a port number
-                raise ValueError  # noqa: TRY004, TRY301 - reported below as a ConfigError
             return int(raw)
         if isinstance(current, float):
             return float(raw)
+        if field_name == "data_dir" and not str(raw):
+            raise ConfigError(name, "must not be empty")
         if field_name in ("data_dir", "master_key_file"):
             return Path(str(raw)).expanduser() if str(raw) else None
         return str(raw)

@@ -10,6 +10,15 @@ import threading
 from collections.abc import Callable
 
 
+def _escape(label_value: str) -> str:
+    return label_value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(v: float) -> str:
+    """Exact for whole numbers of any size (``{:g}`` would round 1234567 to 1.23457e+06)."""
+    return str(int(v)) if v.is_integer() else repr(v)
+
+
 class Counter:
     def __init__(self, name: str, help_text: str, label: str | None = None) -> None:
         self.name = name
@@ -30,8 +39,8 @@ class Counter:
         with self._lock:
             items = sorted(self._values.items()) or [("", 0.0)]
         for lv, v in items:
-            labels = f'{{{self.label}="{lv}"}}' if self.label and lv else ""
-            lines.append(f"{self.name}{labels} {v:g}")
+            labels = f'{{{self.label}="{_escape(lv)}"}}' if self.label and lv else ""
+            lines.append(f"{self.name}{labels} {_number(v)}")
         return "\n".join(lines)
 
 
@@ -42,7 +51,8 @@ class Gauge:
         self.read = read
 
     def render(self) -> str:
-        return f"# HELP {self.name} {self.help}\n# TYPE {self.name} gauge\n{self.name} {self.read():g}"
+        value = _number(float(self.read()))
+        return f"# HELP {self.name} {self.help}\n# TYPE {self.name} gauge\n{self.name} {value}"
 
 
 class Metrics:

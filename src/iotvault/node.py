@@ -72,9 +72,13 @@ class Node:
         self.broker: EmbeddedBroker | None = None
         self._ready = False
         self._stop = asyncio.Event()
+        self._main: asyncio.Task[Any] | None = None
 
     def stop(self) -> None:
+        """Ask the node to stop; during start-up this cancels the start-up itself."""
         self._stop.set()
+        if not self._ready and self._main is not None:
+            self._main.cancel()
 
     def is_ready(self) -> bool:
         return self._ready
@@ -88,6 +92,7 @@ class Node:
     async def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
+        self._main = asyncio.current_task()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)

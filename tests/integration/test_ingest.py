@@ -15,7 +15,7 @@ from iotvault.crypto.cipher import record_key_version
 from iotvault.errors import RecordDecryptionError
 from iotvault.runtime import context, register_device
 from iotvault.simulator import DeviceCredential, SimulationPlan, run_simulation
-from tests.conftest import Mosquitto, ServerProcess, server_env
+from helpers import Mosquitto, ServerProcess, server_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -39,7 +39,9 @@ def _stored(settings: Settings) -> list[tuple[str, dict[str, object]]]:
                 if not page:
                     break
                 for e in page:
-                    result.append((device_id, json.loads(ctx.keyring.decrypt(device_id, e.event_id, e.payload))))
+                    result.append(
+                        (device_id, json.loads(ctx.keyring.decrypt(device_id, e.event_id, e.payload)))
+                    )
                 after = page[-1].event_id
         return result
 
@@ -104,7 +106,6 @@ async def test_sigkill_in_the_middle_loses_nothing_and_stores_once(
     assert not missing, f"{len(missing)} acknowledged events lost, e.g. {missing[:5]}"
     assert not dupes, f"{len(dupes)} events stored more than once, e.g. {list(dupes.items())[:5]}"
     assert stored_count == total
-
 
 
 async def test_payload_plaintext_never_reaches_the_database_file(
@@ -190,7 +191,9 @@ def test_moved_ciphertext_and_tampering_fail_to_decrypt(tmp_path: Path, database
     from iotvault.ingest.pipeline import Inbound  # noqa: F401 - keeps the import path honest
     from iotvault.storage.schema import events
 
-    settings = load_settings(environ={"IOTVAULT_DATA_DIR": str(tmp_path / "data"), "IOTVAULT_DATABASE_URL": database_url})
+    settings = load_settings(
+        environ={"IOTVAULT_DATA_DIR": str(tmp_path / "data"), "IOTVAULT_DATABASE_URL": database_url}
+    )
     with context(settings) as ctx:
         register_device(ctx, "t", "a")
         register_device(ctx, "t", "b")
@@ -205,8 +208,15 @@ def test_moved_ciphertext_and_tampering_fail_to_decrypt(tmp_path: Path, database
             conn.execute(
                 events.insert(),
                 [
-                    {"device_id": d, "event_id": e, "type_id": "t", "event_type": "x", "format": "json",
-                     "received_us": 1, "payload": p}
+                    {
+                        "device_id": d,
+                        "event_id": e,
+                        "type_id": "t",
+                        "event_type": "x",
+                        "format": "json",
+                        "received_us": 1,
+                        "payload": p,
+                    }
                     for d, e, p in rows
                 ],
             )
@@ -223,10 +233,15 @@ def test_moved_ciphertext_and_tampering_fail_to_decrypt(tmp_path: Path, database
         with pytest.raises(RecordDecryptionError):
             ctx.keyring.decrypt("b", rows[2][1], bytes(flipped))
         with ctx.engine.connect() as conn:
-            assert conn.execute(select(events.c.payload).where(events.c.device_id == "b")).scalar_one() == rows[2][2]
+            assert (
+                conn.execute(select(events.c.payload).where(events.c.device_id == "b")).scalar_one()
+                == rows[2][2]
+            )
 
 
-def test_rotation_keeps_old_events_readable_and_reencrypt_rewrites_them(tmp_path: Path, database_url: str) -> None:
+def test_rotation_keeps_old_events_readable_and_reencrypt_rewrites_them(
+    tmp_path: Path, database_url: str
+) -> None:
     from typer.testing import CliRunner
 
     from iotvault.cli.main import app
@@ -242,7 +257,9 @@ def test_rotation_keeps_old_events_readable_and_reencrypt_rewrites_them(tmp_path
         for i in range(n):
             eid = ids.new()
             body = json.dumps({"tag": tag, "i": i}).encode()
-            batch.events.append(StoredEvent("r1", eid, "t", "x", "json", 1, ctx.keyring.encrypt("r1", eid, body)))
+            batch.events.append(
+                StoredEvent("r1", eid, "t", "x", "json", 1, ctx.keyring.encrypt("r1", eid, body))
+            )
         ctx.store.write_batch(batch)
 
     with context(settings) as ctx:
@@ -273,7 +290,9 @@ def test_deleting_a_device_destroys_its_keys_and_events(tmp_path: Path, database
     from iotvault.runtime import delete_device
     from iotvault.storage.repository import BatchWrite, StoredEvent
 
-    settings = load_settings(environ={"IOTVAULT_DATA_DIR": str(tmp_path / "data"), "IOTVAULT_DATABASE_URL": database_url})
+    settings = load_settings(
+        environ={"IOTVAULT_DATA_DIR": str(tmp_path / "data"), "IOTVAULT_DATABASE_URL": database_url}
+    )
     with context(settings) as ctx:
         register_device(ctx, "t", "gone")
         record = ctx.keyring.encrypt("gone", "e1", b"{}")

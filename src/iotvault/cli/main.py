@@ -78,7 +78,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("amqtt", "transitions", "gmqtt", "uvicorn.error"):
+    for noisy in ("amqtt", "transitions", "gmqtt", "uvicorn.error", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
@@ -119,7 +119,11 @@ def serve(
             parts.append(f"ingesting from {s.broker.display}")
         err.print(f"iotvault {__version__} ready: " + ", ".join(parts), highlight=False)
 
-    asyncio.run(Node(s, r).run(ready))
+    try:
+        asyncio.run(Node(s, r).run(ready))
+    except asyncio.CancelledError:
+        err.print("iotvault: stopped before it was ready")
+        raise typer.Exit(1) from None
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -40,6 +40,10 @@ from iotvault.storage.sql import SqlStore
 log = logging.getLogger(__name__)
 
 
+class IngestFailedError(IotVaultError):
+    """A batch could not be handled for a reason other than an outage; nothing in it is acknowledged."""
+
+
 class Outcome(StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"
@@ -86,7 +90,10 @@ def parse_status(payload: bytes) -> str | None:
     """``{"status": "connected"}`` (ours) or ``{"Action": "Connect"}`` (Watson's) → online/offline."""
     try:
         doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (
+        ValueError,
+        RecursionError,
+    ):  # RecursionError: deeply nested arrays; UnicodeDecodeError is a ValueError
         return None
     if not isinstance(doc, dict):
         return None
@@ -166,8 +173,9 @@ class IngestPipeline:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        # no wake-up here: Python 3.11's wait_for can swallow a cancel that races a wake-up;
+        # the loop also checks _closing
         self._closing = True
-        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -197,7 +205,7 @@ class IngestPipeline:
     # ---- batching loop ---------------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closing:
             if not self._pending:
                 self._wake.clear()
                 try:
@@ -213,7 +221,14 @@ class IngestPipeline:
             batch = [p for p in batch if not p.future.done()]  # a cancelled submit needs no answer
             if not batch:
                 continue
-            outcomes = await self._commit_with_retry(loop, batch)
+            try:
+                outcomes = await self._commit_with_retry(loop, batch)
+            except Exception as exc:  # a bug, not an outage: fail these messages, keep ingesting
+                log.exception("ingest: batch of %d messages failed; they are not acknowledged", len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(IngestFailedError(str(exc)))
+                continue
             for p, outcome in zip(batch, outcomes, strict=True):
                 if not p.future.done():
                     p.future.set_result(outcome)
@@ -304,7 +319,7 @@ class IngestPipeline:
                 continue
             try:
                 json.loads(msg.payload)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # a 1 KB "[[[[…" must not stop ingest
                 reject(p, Reason.INVALID_JSON, topic.device_id)
                 continue
             event_id = self._ids.new()

@@ -15,10 +15,11 @@ So a device keeps every event until a PUBACK for it arrives, and uses one gmqtt 
 network connection with gmqtt's own reconnect switched off; a supervisor task reconnects with
 exponential backoff and jitter. After every CONNACK, whatever the broker says about the
 session, the device publishes ``{"status": "connected"}`` and then re-publishes its whole
-outbox in order, with the DUP flag on what an earlier connection already sent. Packet ids are
-fresh on every connection (a deviation from MQTT 3.1.1 section 4.4 when the session is
-present; harmless for QoS 1, where the broker keeps no per-id state). Duplicates are expected
-after a reconnect: the server stores an event once.
+outbox in order, with the DUP flag on what an earlier connection already sent, and with its
+*original packet id* (MQTT 3.1.1 section 4.4, [MQTT-4.4.0-1]): iotvault recognises a
+redelivery by sender, packet id and content, so a device that changed ids on resend would be
+stored twice. gmqtt always draws a new id, so each connection gets an id allocator that can be
+told which id the next PUBLISH must carry (:class:`_PinnedIds`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, Self
 
 from gmqtt import Client, Message, MQTTConnectError
 from gmqtt.mqtt.constants import MQTTv311
+from gmqtt.mqtt.utils import IdGenerator
 
 from iotvault.domain.ids import check_identifier
 from iotvault.domain.topics import EventTopic, StatusTopic
@@ -94,6 +96,24 @@ class _OneConnectionClient(Client):  # type: ignore[misc]  # gmqtt ships no type
         return None
 
 
+class _PinnedIds(IdGenerator):  # type: ignore[misc]  # gmqtt ships no type information
+    """gmqtt's packet id allocator, plus: reserve ids still in flight, pin the next one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pinned: int | None = None
+
+    def reserve(self, mids: set[int]) -> None:
+        self._used_ids.update(mids)
+
+    def next_id(self) -> int:
+        if self.pinned is not None:
+            mid, self.pinned = self.pinned, None
+            self._used_ids.add(mid)
+            return mid
+        return int(super().next_id())
+
+
 class _AckTracker:
     """gmqtt's persistent storage for one connection, used to learn which publish a PUBACK answers.
 
@@ -107,6 +127,7 @@ class _AckTracker:
     def __init__(self, on_ack: Callable[[int], None]) -> None:
         self._on_ack = on_ack
         self._expected: int | None = None
+        self.last_mid: int | None = None
         self._inflight: dict[int, int | None] = {}
         self._drained = asyncio.Event()
         self._drained.set()
@@ -115,6 +136,7 @@ class _AckTracker:
         self._expected = key
 
     def push_message(self, mid: int, raw_package: bytes) -> None:
+        self.last_mid = mid
         self._inflight[mid] = self._expected
         self._expected = None
         self._drained.clear()
@@ -150,6 +172,7 @@ class _Outgoing:
     topic: str
     payload: bytes
     sent: bool = False
+    mid: int | None = None  # the packet id it was first sent with, reused on every resend
 
 
 @dataclass(eq=False, slots=True)
@@ -158,6 +181,7 @@ class _Session:
 
     client: Any
     tracker: _AckTracker
+    ids: _PinnedIds
     lost: asyncio.Event
     opened_at: float = 0.0
     session_present: bool = False
@@ -205,6 +229,7 @@ class SimulatedDevice:
         self._reconnect_max = reconnect_max
         self._max_unacked = max_unacked
         self._status_topic = str(StatusTopic(cred.type_id, cred.device_id))
+        self._event_topics: dict[str, str] = {}
 
         self._outbox: dict[int, _Outgoing] = {}
         self._next_key = 0
@@ -278,9 +303,13 @@ class SimulatedDevice:
     async def publish_event(self, event_type: str, payload: dict[str, object]) -> None:
         """Queue one event (QoS 1, compact JSON) and send it if connected; return when queued.
 
-        Waits while ``max_unacked`` events are unacknowledged.
+        Waits while ``max_unacked`` events are unacknowledged. Events queued while offline (or
+        before :meth:`connect`) go out, in order, as soon as a connection is up.
         """
-        topic = str(EventTopic(self._cred.type_id, self._cred.device_id, event_type, "json"))
+        topic = self._event_topics.get(event_type)
+        if topic is None:
+            topic = str(EventTopic(self._cred.type_id, self._cred.device_id, event_type, "json"))
+            self._event_topics[event_type] = topic
         try:
             data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
@@ -319,7 +348,7 @@ class SimulatedDevice:
         """Say ``disconnected`` on the status topic, disconnect cleanly and stop reconnecting.
 
         A clean DISCONNECT makes the broker drop the will, hence the explicit status message.
-        Unacknowledged events stay counted as such.
+        Events still unacknowledged are given up (and stay counted as unacknowledged).
         """
         if self._closed:
             return
@@ -350,11 +379,14 @@ class SimulatedDevice:
         message = Message(outgoing.topic, outgoing.payload, qos=1)
         message.dup = outgoing.sent
         session.tracker.expect(key)
+        session.ids.pinned = outgoing.mid
         try:
             session.client.publish(message)
         finally:
             session.tracker.expect(None)
+            session.ids.pinned = None
         outgoing.sent = True
+        outgoing.mid = session.tracker.last_mid
 
     def _on_puback(self, key: int) -> None:
         if self._outbox.pop(key, None) is None:
@@ -425,7 +457,9 @@ class SimulatedDevice:
         return None
 
     async def _open(self) -> _Session:
-        session = _Session(client=None, tracker=_AckTracker(self._on_puback), lost=asyncio.Event())
+        session = _Session(
+            client=None, tracker=_AckTracker(self._on_puback), ids=_PinnedIds(), lost=asyncio.Event()
+        )
         client = _OneConnectionClient(
             self._cred.device_id,
             clean_session=False,
@@ -433,6 +467,8 @@ class SimulatedDevice:
             persistent_storage=session.tracker,
         )
         client.set_auth_credentials(self._cred.device_id, self._cred.password)
+        # before connect: gmqtt hands this allocator to the connection's protocol
+        client._package_handler.id_generator = session.ids  # noqa: SLF001 - see module docstring
 
         def on_connect(_client: object, flags: int, _rc: int, _properties: object) -> None:
             session.session_present = bool(flags)
@@ -472,6 +508,7 @@ class SimulatedDevice:
             resent,
             len(self._outbox) - resent,
         )
+        session.ids.reserve({o.mid for o in self._outbox.values() if o.mid is not None})
         self._send(session, _Outgoing(self._status_topic, _CONNECTED), None)
         for key, outgoing in list(self._outbox.items()):
             self._send(session, outgoing, key)

@@ -63,7 +63,7 @@ class SimulationReport:
 
 
 def make_payload(device_id: str, seq: int, rng: random.Random) -> dict[str, object]:
-    """A plausible sensor reading, about 150 bytes of compact JSON.
+    """A plausible sensor reading: 130-150 bytes of compact JSON.
 
     Each device has its own baseline (derived from its id) that drifts slowly with ``seq``;
     ``rng`` adds noise. ``d.seq`` numbers a device's events from 0, so a test can check that
@@ -78,6 +78,7 @@ def make_payload(device_id: str, seq: int, rng: random.Random) -> dict[str, obje
             "temperature": round(temperature, 2),
             "humidity": round(min(100.0, max(0.0, humidity)), 1),
             "pressure": round(1013.25 + ((base >> 20) % 30 - 15) + rng.gauss(0, 0.4), 1),
+            "co2": 420 + (base >> 15) % 300 + rng.randint(-12, 12),
             "battery": max(1, 100 - (base >> 5) % 8 - seq // 250),
             "rssi": -45 - (base >> 25) % 35 + rng.randint(-3, 3),
             "seq": seq,

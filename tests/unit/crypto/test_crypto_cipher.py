@@ -17,7 +17,7 @@ OTHER_AEAD = AESGCM(bytes(range(1, 33)))
 
 device_ids = st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True)
 # Event ids are opaque to the cipher: any text without the NUL separator.
-event_ids = st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=64)
+event_ids = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=64)
 versions = st.integers(min_value=0, max_value=MAX_KEY_VERSION)
 payloads = st.binary(max_size=512)
 

@@ -1,0 +1,388 @@
+"""The embedded MQTT broker over real sockets, with gmqtt (MQTT 3.1.1) playing the device.
+
+A few checks speak raw MQTT over a socket, where gmqtt cannot misbehave on purpose (a client
+that goes silent, a packet header that announces too much).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from gmqtt import Client, MQTTConnectError
+from gmqtt.mqtt.constants import MQTTv311
+from gmqtt.storage import PersistentStorage
+
+from iotvault.broker.embedded import EmbeddedBroker, InboundPublish, TopicAction
+from iotvault.errors import PortInUseError
+
+pytestmark = pytest.mark.integration
+
+HOST = "127.0.0.1"
+TIMEOUT = 5.0
+QUIET = 0.3  # how long "nothing happens" is watched for; localhost answers in milliseconds
+BROKER_LOGGER = "iotvault.broker.embedded"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # amqtt and gmqtt are asyncio libraries
+
+
+class DupMarkingStorage(PersistentStorage):  # type: ignore[misc]
+    """gmqtt 0.8 resends the stored bytes as they were, without the DUP flag that
+    [MQTT-3.3.1-1] requires on a redelivery; this storage sets it, like a compliant device."""
+
+    def get_all(self) -> list[tuple[int, bytes]]:
+        return [(mid, bytes([package[0] | 0x08]) + bytes(package[1:])) for mid, package in super().get_all()]
+
+
+class Device:
+    """A gmqtt client, with what it observed kept for the test to look at."""
+
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        clean_session: bool = True,
+        storage: PersistentStorage | None = None,
+        reconnect_delay: float = 60,
+    ) -> None:
+        self.storage = storage if storage is not None else PersistentStorage()
+        self.client = Client(client_id, clean_session=clean_session, persistent_storage=self.storage)
+        self.client.set_config({"reconnect_delay": reconnect_delay})
+        self.connected = asyncio.Event()
+        self.disconnected = asyncio.Event()
+        self.unacked_when_disconnected: int | None = None
+        self.messages: asyncio.Queue[tuple[str, bytes, int]] = asyncio.Queue()
+        self.subacks: asyncio.Queue[tuple[int, ...]] = asyncio.Queue()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+
+    def _on_connect(self, client: Any, flags: int, rc: int, properties: Any) -> None:
+        self.connected.set()
+
+    def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
+        self.unacked_when_disconnected = len(self.storage.get_all())
+        self.disconnected.set()
+
+    def _on_message(self, client: Any, topic: str, payload: bytes, qos: int, properties: Any) -> int:
+        self.messages.put_nowait((topic, payload, qos))
+        return 0
+
+    def _on_subscribe(self, client: Any, mid: int, qos: tuple[int, ...], properties: Any) -> None:
+        self.subacks.put_nowait(tuple(qos))
+
+    async def connect(self, port: int, username: str | None = None, password: str | None = None) -> None:
+        if username is not None:
+            self.client.set_auth_credentials(username, password)
+        await asyncio.wait_for(self.client.connect(HOST, port, version=MQTTv311, keepalive=30), TIMEOUT)
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> tuple[int, ...]:
+        self.client.subscribe(topic_filter, qos=qos)
+        return await asyncio.wait_for(self.subacks.get(), TIMEOUT)
+
+    async def acknowledged(self) -> None:
+        await asyncio.wait_for(self.storage.wait_empty(), TIMEOUT)
+
+
+@pytest.fixture
+async def devices() -> AsyncIterator[Callable[..., Device]]:
+    made: list[Device] = []
+
+    def make(client_id: str, **kwargs: Any) -> Device:
+        device = Device(client_id, **kwargs)
+        made.append(device)
+        return device
+
+    yield make
+    for device in made:
+        with contextlib.suppress(Exception):
+            await device.client.disconnect()
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():
+            await asyncio.sleep(0.01)
+    assert condition(), what
+
+
+def connect_packet(client_id: str, keepalive: int) -> bytes:
+    cid = client_id.encode()
+    body = b"\x00\x04MQTT\x04\x02" + struct.pack("!HH", keepalive, len(cid)) + cid
+    return bytes([0x10, len(body)]) + body
+
+
+def remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+async def raw_connect(port: int, client_id: str, keepalive: int = 30) -> tuple[Any, Any]:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(connect_packet(client_id, keepalive))
+    connack = await asyncio.wait_for(reader.readexactly(4), TIMEOUT)
+    assert connack == b"\x20\x02\x00\x00", connack
+    return reader, writer
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+async def test_publish_is_acknowledged_and_forwarded_only_after_the_hook(
+    devices: Callable[..., Device], qos: int
+) -> None:
+    release = asyncio.Event()
+    seen: list[InboundPublish] = []
+
+    async def store(message: InboundPublish) -> None:
+        seen.append(message)
+        await release.wait()
+
+    topic = f"iot-2/type/sensor/id/dev-1/evt/reading/fmt/json/q{qos}"
+    async with EmbeddedBroker(HOST, 0, on_publish=store) as broker:
+        watcher = devices("watcher")
+        await watcher.connect(broker.port)
+        assert await watcher.subscribe(topic, qos=1) == (1,)
+        device = devices("dev-1")
+        await device.connect(broker.port, username="dev-1", password="secret")
+
+        device.client.publish(topic, b'{"t": 21.5}', qos=qos)
+        await eventually(lambda: bool(seen), "the hook was not called")
+        await asyncio.sleep(QUIET)
+        assert not device.storage.is_empty, "acknowledged before the hook finished"
+        assert watcher.messages.empty(), "forwarded before the hook finished"
+
+        release.set()
+        await device.acknowledged()
+        assert await asyncio.wait_for(watcher.messages.get(), TIMEOUT) == (topic, b'{"t": 21.5}', 1)
+
+    [message] = seen
+    assert message.client_id == "dev-1"
+    assert message.username == "dev-1"
+    assert message.topic == topic
+    assert message.payload == b'{"t": 21.5}'
+    assert message.qos == qos
+    assert message.retain is False
+    assert message.dup is False
+    assert isinstance(message.packet_id, int)
+    assert message.packet_id > 0
+
+
+async def test_failing_hook_withholds_the_ack_and_the_resend_is_stored(
+    devices: Callable[..., Device], caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts: list[InboundPublish] = []
+
+    async def store(message: InboundPublish) -> None:
+        attempts.append(message)
+        if len(attempts) == 1:
+            raise ConnectionError("database unavailable")
+
+    topic = "iot-2/type/sensor/id/dev-2/evt/reading/fmt/json"
+    payload = b'{"secret-reading": 42}'
+    async with EmbeddedBroker(HOST, 0, on_publish=store) as broker:
+        # A persistent session, as a device that wants redelivery uses [MQTT-4.4.0-1].
+        device = devices("dev-2", clean_session=False, storage=DupMarkingStorage(), reconnect_delay=0.1)
+        await device.connect(broker.port)
+        device.client.publish(topic, payload, qos=1)
+
+        await asyncio.wait_for(device.disconnected.wait(), TIMEOUT)
+        assert device.unacked_when_disconnected == 1, "the failed message was acknowledged"
+        await device.acknowledged()  # after the automatic reconnect and resend
+
+    first, second = attempts
+    assert (first.topic, first.payload, first.dup) == (topic, payload, False)
+    assert (second.topic, second.payload, second.dup) == (topic, payload, True)
+    assert second.packet_id == first.packet_id
+    warnings = [r for r in caplog.records if r.name == BROKER_LOGGER and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "dev-2" in warnings[0].getMessage()
+    assert all("secret-reading" not in r.getMessage() for r in caplog.records)
+
+
+async def test_authenticate_refuses_a_bad_password(devices: Callable[..., Device]) -> None:
+    asked: list[tuple[str, str | None, str | None]] = []
+    presence: list[tuple[str, str | None, bool]] = []
+
+    async def authenticate(client_id: str, username: str | None, password: str | None) -> bool:
+        asked.append((client_id, username, password))
+        return password == "right"
+
+    async def on_connection(client_id: str, username: str | None, connected: bool) -> None:
+        presence.append((client_id, username, connected))
+
+    async with EmbeddedBroker(HOST, 0, authenticate=authenticate, on_connection=on_connection) as broker:
+        intruder = devices("dev-3")
+        with pytest.raises(MQTTConnectError):
+            await intruder.connect(broker.port, username="dev-3", password="wrong")
+        assert asked == [("dev-3", "dev-3", "wrong")]
+        assert presence == []
+
+        device = devices("dev-3")
+        await device.connect(broker.port, username="dev-3", password="right")
+        assert presence == [("dev-3", "dev-3", True)]
+
+
+async def test_refused_client_cannot_take_over_a_connected_device(devices: Callable[..., Device]) -> None:
+    stored: list[InboundPublish] = []
+    presence: list[bool] = []
+
+    async def authenticate(client_id: str, username: str | None, password: str | None) -> bool:
+        return password == "right"
+
+    async def store(message: InboundPublish) -> None:
+        stored.append(message)
+
+    async def on_connection(client_id: str, username: str | None, connected: bool) -> None:
+        presence.append(connected)
+
+    async with EmbeddedBroker(
+        HOST, 0, authenticate=authenticate, on_publish=store, on_connection=on_connection
+    ) as broker:
+        device = devices("dev-4", clean_session=False)
+        await device.connect(broker.port, username="dev-4", password="right")
+        for clean_session in (True, False):
+            intruder = devices("dev-4", clean_session=clean_session)
+            with pytest.raises(MQTTConnectError):
+                await intruder.connect(broker.port, username="dev-4", password="wrong")
+
+        device.client.publish("iot-2/type/sensor/id/dev-4/evt/reading/fmt/json", b"{}", qos=1)
+        await device.acknowledged()
+        assert not device.disconnected.is_set()
+        assert [m.client_id for m in stored] == ["dev-4"]
+        assert presence == [True]
+
+
+async def test_authorize_refuses_forbidden_publish_and_subscribe(devices: Callable[..., Device]) -> None:
+    asked: list[tuple[str, str | None, str, TopicAction]] = []
+    stored: list[InboundPublish] = []
+
+    async def authorize(client_id: str, username: str | None, topic: str, action: TopicAction) -> bool:
+        asked.append((client_id, username, topic, action))
+        return topic.startswith(f"own/{client_id}/")
+
+    async def store(message: InboundPublish) -> None:
+        stored.append(message)
+
+    async with EmbeddedBroker(HOST, 0, on_publish=store, authorize=authorize) as broker:
+        subscriber = devices("dev-5")
+        await subscriber.connect(broker.port)
+        assert await subscriber.subscribe("own/dev-6/#") == (0x80,)
+        assert await subscriber.subscribe("own/dev-5/#") == (1,)
+
+        publisher = devices("dev-6")
+        await publisher.connect(broker.port)
+        publisher.client.publish("own/dev-5/cmd", b"{}", qos=1)
+        await asyncio.wait_for(publisher.disconnected.wait(), TIMEOUT)
+        assert publisher.unacked_when_disconnected == 1
+        await asyncio.sleep(QUIET)
+        assert subscriber.messages.empty()
+
+        allowed = devices("dev-5b")
+        await allowed.connect(broker.port)
+        allowed.client.publish("own/dev-5b/evt", b"{}", qos=1)
+        await allowed.acknowledged()
+
+    assert [m.topic for m in stored] == ["own/dev-5b/evt"]
+    assert ("dev-5", None, "own/dev-6/#", "subscribe") in asked
+    assert ("dev-6", None, "own/dev-5/cmd", "publish") in asked
+
+
+async def test_on_connection_sees_connect_and_disconnect(devices: Callable[..., Device]) -> None:
+    presence: asyncio.Queue[tuple[str, str | None, bool]] = asyncio.Queue()
+
+    async def on_connection(client_id: str, username: str | None, connected: bool) -> None:
+        presence.put_nowait((client_id, username, connected))
+
+    async with EmbeddedBroker(HOST, 0, on_connection=on_connection) as broker:
+        device = devices("dev-7")
+        await device.connect(broker.port, username="dev-7", password="x")
+        assert await asyncio.wait_for(presence.get(), TIMEOUT) == ("dev-7", "dev-7", True)
+        await device.client.disconnect()
+        assert await asyncio.wait_for(presence.get(), TIMEOUT) == ("dev-7", "dev-7", False)
+
+
+async def test_silent_client_is_dropped_after_one_and_a_half_keepalives() -> None:
+    presence: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
+
+    async def on_connection(client_id: str, username: str | None, connected: bool) -> None:
+        presence.put_nowait((client_id, connected))
+
+    async with EmbeddedBroker(HOST, 0, on_connection=on_connection) as broker:
+        reader, writer = await raw_connect(broker.port, "dev-8", keepalive=1)
+        assert await asyncio.wait_for(presence.get(), TIMEOUT) == ("dev-8", True)
+        loop = asyncio.get_running_loop()
+        silent_since = loop.time()
+        assert await asyncio.wait_for(presence.get(), TIMEOUT) == ("dev-8", False)
+        assert loop.time() - silent_since >= 1.0
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # the broker closed it
+        writer.close()
+
+
+async def test_oversized_packet_is_refused_from_its_header() -> None:
+    stored: list[InboundPublish] = []
+
+    async def store(message: InboundPublish) -> None:
+        stored.append(message)
+
+    async with EmbeddedBroker(HOST, 0, on_publish=store, max_packet_size=1024) as broker:
+        reader, writer = await raw_connect(broker.port, "dev-9")
+        topic = b"\x00\x01t"
+        # A QoS 1 PUBLISH that announces 10 MiB; the body is never sent.
+        writer.write(b"\x32" + remaining_length(10 * 1024 * 1024) + topic + b"\x00\x01")
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        writer.close()
+
+        # Exactly at the limit is fine: 1 + 2 (fixed header) + 3 (topic) + 2 (packet id) + payload.
+        reader, writer = await raw_connect(broker.port, "dev-9b")
+        payload = b"x" * (1024 - 1 - 2 - len(topic) - 2)
+        body = topic + b"\x00\x01" + payload
+        packet = b"\x32" + remaining_length(len(body)) + body
+        assert len(packet) == 1024
+        writer.write(packet)
+        assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT) == b"\x40\x02\x00\x01"  # PUBACK
+        writer.close()
+
+    assert [m.payload for m in stored] == [payload]
+
+
+async def test_port_in_use_raises_port_in_use_error(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        broker = EmbeddedBroker(HOST, port)
+        with pytest.raises(PortInUseError, match=rf"\b{port}\b") as caught:
+            await broker.__aenter__()
+    assert caught.value.port == port
+    assert caught.value.setting == "IOTVAULT_MQTT_PORT"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_publish_from_the_broker_reaches_a_subscriber(devices: Callable[..., Device]) -> None:
+    topic = "iot-2/type/sensor/id/dev-10/cmd/reboot/fmt/json"
+    async with EmbeddedBroker(HOST, 0) as broker:
+        device = devices("dev-10")
+        await device.connect(broker.port)
+        assert await device.subscribe(topic, qos=1) == (1,)
+        await broker.publish(topic, b'{"delay": 0}', qos=1)
+        assert await asyncio.wait_for(device.messages.get(), TIMEOUT) == (topic, b'{"delay": 0}', 1)
+
+
+async def test_only_iotvaults_own_amqtt_plugins_are_loaded() -> None:
+    async with EmbeddedBroker(HOST, 0) as broker:
+        assert broker._amqtt is not None
+        plugins = {type(p).__module__ for p in broker._amqtt.plugins_manager.plugins}
+    assert plugins == {"iotvault.broker.embedded"}

@@ -1,0 +1,259 @@
+"""Settings: defaults, TOML file, environment on top, and one ConfigError naming the bad setting."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from iotvault.config import BrokerAddress, Settings, load_settings, parse_broker_url
+from iotvault.errors import ConfigError
+
+
+def config_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "iotvault.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_error(config: Path | None = None, environ: dict[str, str] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, {} if environ is None else environ)
+    return info.value
+
+
+# ---- defaults and sources -----------------------------------------------------------
+def test_defaults_without_file_or_environment() -> None:
+    s = load_settings(None, {})
+    assert s == Settings()
+    assert s.http_host == "127.0.0.1"
+    assert s.http_port == 8000
+    assert s.mqtt_port == 1883
+    assert s.broker_url == "embedded"
+    assert s.broker == BrokerAddress(embedded=True)
+    assert s.broker.display == "embedded"
+    assert s.database_url == ""
+    assert s.log_level == "info"
+    assert s.data_dir == Path(".iotvault")
+    assert s.effective_master_key_file == Path(".iotvault") / "master.key"
+
+
+def test_default_database_is_sqlite_in_the_data_dir() -> None:
+    assert Settings().effective_database_url == "sqlite:///.iotvault/iotvault.db"
+
+
+def test_database_follows_a_data_dir_from_the_file(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    s = load_settings(config_file(tmp_path, f"data_dir = {str(data)!r}\n"), {})
+    assert s.data_dir == data
+    assert s.effective_database_url == f"sqlite:///{(data / 'iotvault.db').as_posix()}"
+    assert s.effective_master_key_file == data / "master.key"
+
+
+def test_an_explicit_database_url_wins_over_the_default(tmp_path: Path) -> None:
+    url = "postgresql://iot:pw@db.example:5432/iotvault"
+    assert load_settings(None, {"IOTVAULT_DATABASE_URL": url}).effective_database_url == url
+    s = load_settings(config_file(tmp_path, f'database_url = "{url}"\n'), {})
+    assert s.effective_database_url == url
+
+
+def test_file_values_override_the_defaults(tmp_path: Path) -> None:
+    s = load_settings(
+        config_file(
+            tmp_path,
+            'http_port = 9000\nlog_level = "debug"\ningest_batch_ms = 2.5\nbroker_url = "mqtt://b.example"\n',
+        ),
+        {},
+    )
+    assert s.http_port == 9000
+    assert s.log_level == "debug"
+    assert s.ingest_batch_ms == 2.5
+    assert s.broker_url == "mqtt://b.example"
+    assert s.mqtt_port == 1883  # untouched settings keep their defaults
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = config_file(tmp_path, 'http_port = 9000\nlog_level = "debug"\n')
+    s = load_settings(path, {"IOTVAULT_HTTP_PORT": "9100"})
+    assert s.http_port == 9100
+    assert s.log_level == "debug"
+
+
+def test_environment_values_are_coerced_to_the_setting_type() -> None:
+    s = load_settings(
+        None,
+        {
+            "IOTVAULT_HTTP_PORT": "8081",
+            "IOTVAULT_INGEST_BATCH_MS": "7.5",
+            "IOTVAULT_INGEST_BATCH_SIZE": "42",
+            "IOTVAULT_LOG_LEVEL": "warning",
+        },
+    )
+    assert (s.http_port, s.ingest_batch_ms, s.ingest_batch_size, s.log_level) == (8081, 7.5, 42, "warning")
+
+
+def test_unrelated_environment_variables_are_ignored() -> None:
+    s = load_settings(None, {"HTTP_PORT": "1", "IOTVAULT_NOT_A_SETTING": "x", "iotvault_http_port": "2"})
+    assert s == Settings()
+
+
+def test_settings_are_immutable() -> None:
+    s = load_settings(None, {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.http_port = 1  # type: ignore[misc]
+
+
+# ---- the file's keys ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "key",
+    ["HTTP_PORT", "IOTVAULT_HTTP_PORT", "iotvault_http_port", "http-port", "htp_port", "master_key"],
+)
+def test_unknown_or_misspelt_keys_in_the_file_are_errors_naming_the_key(tmp_path: Path, key: str) -> None:
+    err = load_error(config_file(tmp_path, f'"{key}" = 1\n'))
+    assert err.setting == key
+    assert key in str(err)
+
+
+def test_a_table_in_the_file_is_an_unknown_key(tmp_path: Path) -> None:
+    err = load_error(config_file(tmp_path, "[server]\nhttp_port = 9000\n"))
+    assert err.setting == "server"
+
+
+def test_invalid_toml_is_reported_against_the_config_option(tmp_path: Path) -> None:
+    err = load_error(config_file(tmp_path, "http_port = = 9000\n"))
+    assert err.setting == "--config"
+
+
+def test_a_missing_file_is_reported_against_the_config_option(tmp_path: Path) -> None:
+    err = load_error(tmp_path / "absent.toml")
+    assert err.setting == "--config"
+
+
+# ---- invalid ports ------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["0", "70000", "65536", "-1", "abc", "", "80 80", "1.5"])
+def test_invalid_port_from_the_environment_names_the_variable(value: str) -> None:
+    err = load_error(environ={"IOTVAULT_HTTP_PORT": value})
+    assert err.setting == "IOTVAULT_HTTP_PORT"
+    assert "IOTVAULT_HTTP_PORT" in str(err)
+
+
+@pytest.mark.parametrize("value", ["0", "70000", "65536", "-1", '"abc"', "true", "false", "[8000]"])
+def test_invalid_port_from_the_file_names_the_key(tmp_path: Path, value: str) -> None:
+    err = load_error(config_file(tmp_path, f"http_port = {value}\n"))
+    assert err.setting == "http_port"
+    assert "http_port" in str(err)
+
+
+def test_an_invalid_file_port_is_reported_against_the_file_even_with_other_env_vars(tmp_path: Path) -> None:
+    err = load_error(config_file(tmp_path, "http_port = 0\n"), {"IOTVAULT_MQTT_PORT": "1884"})
+    assert err.setting == "http_port"
+
+
+def test_a_valid_env_port_replaces_an_out_of_range_file_port(tmp_path: Path) -> None:
+    s = load_settings(config_file(tmp_path, "http_port = 70000\n"), {"IOTVAULT_HTTP_PORT": "8080"})
+    assert s.http_port == 8080
+
+
+@pytest.mark.parametrize("value", ["1", "65535"])
+def test_port_range_bounds_are_accepted(value: str) -> None:
+    assert load_settings(None, {"IOTVAULT_MQTT_PORT": value}).mqtt_port == int(value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("IOTVAULT_LOG_LEVEL", "verbose"),
+        ("IOTVAULT_INGEST_BATCH_MS", "0"),
+        ("IOTVAULT_INGEST_BATCH_MS", "nan"),
+        ("IOTVAULT_INGEST_DEDUPE_WINDOW_S", "inf"),
+        ("IOTVAULT_INGEST_BATCH_SIZE", "0"),
+        ("IOTVAULT_PUBLIC_URL", "ftp://example.org"),
+        ("IOTVAULT_REDIS_URL", "http://cache"),
+        ("IOTVAULT_SQLITE_SYNCHRONOUS", "off"),
+    ],
+)
+def test_other_invalid_environment_values_name_their_variable(variable: str, value: str) -> None:
+    assert load_error(environ={variable: value}).setting == variable
+
+
+# ---- the broker URL -----------------------------------------------------------------
+def test_embedded_broker() -> None:
+    assert parse_broker_url("embedded") == BrokerAddress(embedded=True)
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "tls"),
+    [
+        ("mqtt://h:1884", "h", 1884, False),
+        ("mqtt://broker.example", "broker.example", 1883, False),
+        ("mqtts://h", "h", 8883, True),
+        ("mqtts://h:9883", "h", 9883, True),
+        ("mqtt://[::1]:1885", "::1", 1885, False),
+    ],
+)
+def test_external_broker_urls(url: str, host: str, port: int, tls: bool) -> None:
+    broker = load_settings(None, {"IOTVAULT_BROKER_URL": url}).broker
+    assert broker == BrokerAddress(embedded=False, host=host, port=port, tls=tls)
+    assert not broker.embedded
+    assert broker.display == f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
+
+
+def test_credentials_are_kept_but_the_password_is_not_in_the_repr() -> None:
+    password = "Pa55-w0rd-xyzzy"
+    broker = load_settings(None, {"IOTVAULT_BROKER_URL": f"mqtt://ingest:{password}@h:1"}).broker
+    assert (broker.host, broker.port, broker.tls) == ("h", 1, False)
+    assert broker.username == "ingest"
+    assert broker.password == password
+    assert password not in repr(broker)
+    assert password not in broker.display
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "http://h:1883",
+        "tcp://h:1883",
+        "ws://h",
+        "h:1883",
+        "broker.example",
+        "Embedded",
+        "mqtt://",
+        "mqtt://:1883",
+        "mqtt://h:abc",
+        "mqtt://h:70000",
+    ],
+)
+def test_bad_broker_urls_are_config_errors(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_broker_url(url)
+    assert info.value.setting == "broker_url"
+    assert load_error(environ={"IOTVAULT_BROKER_URL": url}).setting == "IOTVAULT_BROKER_URL"
+
+
+def test_bad_broker_url_in_the_file_names_the_key(tmp_path: Path) -> None:
+    err = load_error(config_file(tmp_path, 'broker_url = "amqp://h"\n'))
+    assert err.setting == "broker_url"
+
+
+# ---- the database URL ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///var/lib/iotvault/iotvault.db",
+        "postgresql://u:p@h:5432/db",
+        "postgresql+psycopg://u:p@h/db",
+        "postgres://u@h/db",
+    ],
+)
+def test_supported_database_urls(url: str) -> None:
+    assert load_settings(None, {"IOTVAULT_DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.parametrize(
+    "url", ["mysql://u:p@h/db", "postgresql+asyncpg://u@h/db", "oracle://h", "http://h/db", "file:///x.db"]
+)
+def test_unsupported_database_schemes_are_config_errors(tmp_path: Path, url: str) -> None:
+    assert load_error(environ={"IOTVAULT_DATABASE_URL": url}).setting == "IOTVAULT_DATABASE_URL"
+    assert load_error(config_file(tmp_path, f'database_url = "{url}"\n')).setting == "database_url"

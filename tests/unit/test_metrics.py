@@ -1,0 +1,137 @@
+"""The metrics page is valid Prometheus text exposition format."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import pytest
+
+from iotvault.metrics import Counter, Gauge, Metrics
+
+NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
+HELP_RE = re.compile(rf"# HELP ({NAME}) (.*)")
+TYPE_RE = re.compile(rf"# TYPE ({NAME}) (counter|gauge|histogram|summary|untyped)")
+SAMPLE_RE = re.compile(rf"({NAME})(?:\{{((?:{LABEL})(?:,{LABEL})*)?\}})? (\S+)")
+
+
+@dataclass
+class Family:
+    help: str
+    type: str
+    samples: dict[str, float] = field(default_factory=dict)  # rendered label set → value
+
+
+def parse_exposition(text: str) -> dict[str, Family]:
+    """A strict reader of the text format: HELP, then TYPE, then the family's samples."""
+    assert text.endswith("\n")
+    families: dict[str, Family] = {}
+    current: str | None = None
+    pending_help: tuple[str, str] | None = None
+    for line in text[:-1].split("\n"):
+        if m := HELP_RE.fullmatch(line):
+            assert m.group(1) not in families, f"family {m.group(1)} appears twice"
+            pending_help = (m.group(1), m.group(2))
+            current = None
+        elif m := TYPE_RE.fullmatch(line):
+            assert pending_help is not None, f"TYPE without HELP: {line!r}"
+            assert pending_help[0] == m.group(1), line
+            families[m.group(1)] = Family(pending_help[1], m.group(2))
+            current, pending_help = m.group(1), None
+        elif m := SAMPLE_RE.fullmatch(line):
+            assert current is not None, f"sample outside a family: {line!r}"
+            assert m.group(1) == current, line
+            labels = m.group(2) or ""
+            assert labels not in families[current].samples, f"duplicate series {line!r}"
+            value = float(m.group(3))  # Go's ParseFloat accepts what Python's float does here
+            assert not math.isnan(value)
+            families[current].samples[labels] = value
+        else:
+            pytest.fail(f"not a line of the text format: {line!r}")
+    assert pending_help is None
+    return families
+
+
+def test_a_fresh_counter_renders_zero() -> None:
+    c = Counter("x_total", "Things.")
+    assert c.render() == "# HELP x_total Things.\n# TYPE x_total counter\nx_total 0"
+    assert c.value() == 0.0
+
+
+def test_counter_counts() -> None:
+    c = Counter("x_total", "Things.")
+    c.inc()
+    c.inc(2)
+    c.inc(0.5)
+    assert c.value() == 3.5
+    assert parse_exposition(c.render() + "\n")["x_total"].samples == {"": 3.5}
+
+
+def test_integral_counts_render_without_a_fraction() -> None:
+    c = Counter("x_total", "Things.")
+    c.inc(3)
+    assert c.render().splitlines()[-1] == "x_total 3"
+
+
+def test_labelled_counter_renders_one_series_per_label_value() -> None:
+    c = Counter("rejected_total", "Rejected, by reason.", "reason")
+    c.inc(label_value="bad_topic")
+    c.inc(label_value="bad_topic")
+    c.inc(label_value="too_large")
+    lines = c.render().splitlines()
+    assert lines[0] == "# HELP rejected_total Rejected, by reason."
+    assert lines[1] == "# TYPE rejected_total counter"
+    assert sorted(lines[2:]) == [
+        'rejected_total{reason="bad_topic"} 2',
+        'rejected_total{reason="too_large"} 1',
+    ]
+    assert c.value("bad_topic") == 2
+    assert c.value("unknown") == 0
+
+
+def test_gauge_reads_its_value_when_rendered() -> None:
+    level = [1.0]
+    g = Gauge("queue_depth", "Messages waiting.", lambda: level[0])
+    assert g.render() == "# HELP queue_depth Messages waiting.\n# TYPE queue_depth gauge\nqueue_depth 1"
+    level[0] = 42.5
+    assert g.render().endswith("\nqueue_depth 42.5")
+
+
+def test_metrics_page_is_valid_exposition_text() -> None:
+    m = Metrics()
+    families = parse_exposition(m.render())
+    assert set(families) == {
+        "iotvault_ingest_events_stored_total",
+        "iotvault_ingest_duplicates_total",
+        "iotvault_ingest_rejected_total",
+        "iotvault_ingest_status_updates_total",
+        "iotvault_ingest_batches_total",
+        "iotvault_ingest_commit_failures_total",
+    }
+    for name, fam in families.items():
+        assert fam.type == "counter"
+        assert name.endswith("_total")
+        assert fam.help
+        assert fam.samples == {"": 0.0}
+
+
+def test_metrics_page_carries_counts_labels_and_gauges() -> None:
+    m = Metrics()
+    m.events_stored.inc(10)
+    m.duplicates.inc()
+    m.rejected.inc(label_value="bad_topic")
+    m.rejected.inc(3, label_value="unknown_device")
+    m.gauges.append(Gauge("iotvault_ingest_pending", "Messages waiting for a batch.", lambda: 7))
+    text = m.render()
+    families = parse_exposition(text)
+    assert families["iotvault_ingest_events_stored_total"].samples == {"": 10}
+    assert families["iotvault_ingest_duplicates_total"].samples == {"": 1}
+    assert families["iotvault_ingest_rejected_total"].samples == {
+        'reason="bad_topic"': 1,
+        'reason="unknown_device"': 3,
+    }
+    assert families["iotvault_ingest_pending"].type == "gauge"
+    assert families["iotvault_ingest_pending"].samples == {"": 7}
+    assert 'iotvault_ingest_rejected_total{reason="unknown_device"} 3\n' in text
