@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from helpers import PG_ADMIN_URL, Mosquitto, ServerProcess, free_port, mosquitto_binary, unavailable
 
@@ -24,11 +25,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 
 
 # ---- PostgreSQL ---------------------------------------------------------------------
-def _pg_admin_connect():  # type: ignore[no-untyped-def]
-    try:
-        import psycopg
-    except ImportError:
-        unavailable("psycopg is not installed (pip install 'iotvault[postgres]')")
+def _pg_admin_connect() -> psycopg.Connection[tuple[object, ...]]:
     try:
         return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:

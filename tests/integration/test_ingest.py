@@ -8,14 +8,22 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import gmqtt
 import pytest
+from gmqtt.mqtt.constants import MQTTv311
+from helpers import Mosquitto, ServerProcess, server_env
+from sqlalchemy import select, update
+from typer.testing import CliRunner
 
+from iotvault.cli.main import app
 from iotvault.config import Settings, load_settings
 from iotvault.crypto.cipher import record_key_version
-from iotvault.errors import RecordDecryptionError
-from iotvault.runtime import context, register_device
+from iotvault.domain.ids import EventIdFactory
+from iotvault.errors import DataKeyNotFoundError, RecordDecryptionError
+from iotvault.runtime import Context, context, delete_device, register_device
 from iotvault.simulator import DeviceCredential, SimulationPlan, run_simulation
-from helpers import Mosquitto, ServerProcess, server_env
+from iotvault.storage.repository import BatchWrite, StoredEvent
+from iotvault.storage.schema import events
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -136,8 +144,6 @@ async def test_payload_plaintext_never_reaches_the_database_file(
 async def test_invalid_messages_are_recorded_not_stored_and_ingest_goes_on(
     tmp_path: Path, server_factory: list[ServerProcess]
 ) -> None:
-    import gmqtt
-    from gmqtt.mqtt.constants import MQTTv311
 
     env = server_env(tmp_path, max_payload_bytes="1024")
     settings = load_settings(environ=env)
@@ -186,10 +192,6 @@ async def test_invalid_messages_are_recorded_not_stored_and_ingest_goes_on(
 
 
 def test_moved_ciphertext_and_tampering_fail_to_decrypt(tmp_path: Path, database_url: str) -> None:
-    from sqlalchemy import select, update
-
-    from iotvault.ingest.pipeline import Inbound  # noqa: F401 - keeps the import path honest
-    from iotvault.storage.schema import events
 
     settings = load_settings(
         environ={"IOTVAULT_DATA_DIR": str(tmp_path / "data"), "IOTVAULT_DATABASE_URL": database_url}
@@ -198,7 +200,6 @@ def test_moved_ciphertext_and_tampering_fail_to_decrypt(tmp_path: Path, database
         register_device(ctx, "t", "a")
         register_device(ctx, "t", "b")
         rows = []
-        from iotvault.domain.ids import EventIdFactory
 
         ids = EventIdFactory()
         for device in ("a", "a", "b"):
@@ -242,17 +243,12 @@ def test_moved_ciphertext_and_tampering_fail_to_decrypt(tmp_path: Path, database
 def test_rotation_keeps_old_events_readable_and_reencrypt_rewrites_them(
     tmp_path: Path, database_url: str
 ) -> None:
-    from typer.testing import CliRunner
-
-    from iotvault.cli.main import app
-    from iotvault.domain.ids import EventIdFactory
-    from iotvault.storage.repository import BatchWrite, StoredEvent
 
     env = {"IOTVAULT_DATA_DIR": str(tmp_path / "data"), "IOTVAULT_DATABASE_URL": database_url}
     settings = load_settings(environ=env)
     ids = EventIdFactory()
 
-    def write(ctx, n: int, tag: str) -> None:  # type: ignore[no-untyped-def]
+    def write(ctx: Context, n: int, tag: str) -> None:
         batch = BatchWrite()
         for i in range(n):
             eid = ids.new()
@@ -286,9 +282,6 @@ def test_rotation_keeps_old_events_readable_and_reencrypt_rewrites_them(
 
 
 def test_deleting_a_device_destroys_its_keys_and_events(tmp_path: Path, database_url: str) -> None:
-    from iotvault.errors import DataKeyNotFoundError
-    from iotvault.runtime import delete_device
-    from iotvault.storage.repository import BatchWrite, StoredEvent
 
     settings = load_settings(
         environ={"IOTVAULT_DATA_DIR": str(tmp_path / "data"), "IOTVAULT_DATABASE_URL": database_url}
