@@ -2,24 +2,32 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# bandit over src/, configured in pyproject.toml ([tool.bandit]); part of `make check`
+BANDIT := $(BIN)/bandit --quiet --configfile pyproject.toml --recursive src
+# The locks in requirements/ (README, "Dependencies"): every package pinned, with its hashes.
+PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes \
+	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
+# What pip-audit prints when it could not ask its vulnerability service about every package
+AUDIT_UNCHECKED := could not be audited|requests\.exceptions|ConnectionError|Max retries|ServiceError|timed out
 
-.PHONY: help venv check test test-fast demo clean
+.PHONY: help venv check test test-fast demo clean lock upgrade audit wheel
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(BIN)/iotvault: pyproject.toml
+$(BIN)/iotvault: pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
 venv: $(BIN)/iotvault  ## create .venv with iotvault and the development tools
 
-check: venv  ## lint (ruff), format check, type check (mypy strict on src/)
+check: venv  ## lint (ruff), format check, type check (mypy strict on src/), bandit on src/
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
+	$(BANDIT)
 
 test: check  ## the whole suite: checks, unit and integration tests
 	$(BIN)/pytest
@@ -29,6 +37,36 @@ test-fast: venv  ## unit tests only
 
 demo: venv  ## run the demo (embedded broker, SQLite, simulated devices)
 	$(BIN)/iotvault demo
+
+lock: venv  ## re-lock requirements/ after a change to pyproject.toml (other pins stay)
+	$(PIP_COMPILE) $(LOCK_FLAGS) --extra postgres --extra redis \
+		--output-file requirements/runtime.txt pyproject.toml
+	$(PIP_COMPILE) $(LOCK_FLAGS) --all-build-deps --extra dev --extra postgres --extra redis \
+		--constraint requirements/runtime.txt --output-file requirements/dev.txt pyproject.toml
+
+upgrade:  ## re-lock with the newest releases pyproject.toml allows, then update .venv
+	$(MAKE) lock LOCK_FLAGS=--upgrade
+	$(MAKE) venv
+
+# pip-audit fails (exit 2) rather than passes when its service cannot be asked: `--strict` turns
+# a package it could not look up into an error. AUDIT_FLAGS="-s osv" asks OSV instead of PyPI.
+# cyclonedx-py warns on every run that a requirements file has no dependency graph: silenced.
+audit: venv  ## bandit, a CycloneDX SBOM in dist/, pip-audit of the locks (needs the network)
+	$(BANDIT)
+	@mkdir -p dist
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/cyclonedx-py requirements --pyproject pyproject.toml \
+		--output-reproducible --output-file dist/iotvault-sbom.cdx.json requirements/runtime.txt
+	@echo "SBOM: dist/iotvault-sbom.cdx.json"
+	@echo "pip-audit: requirements/runtime.txt, requirements/dev.txt"
+	@$(BIN)/pip-audit --strict --disable-pip --require-hashes --progress-spinner off $(AUDIT_FLAGS) \
+		-r requirements/runtime.txt -r requirements/dev.txt 2>dist/pip-audit.log; rc=$$?; \
+	if [ $$rc -ne 0 ] && grep -qE '$(AUDIT_UNCHECKED)' dist/pip-audit.log; then \
+		grep -m1 -oE '.{0,60}($(AUDIT_UNCHECKED)).{0,80}' dist/pip-audit.log >&2; \
+		echo "pip-audit: vulnerability service unreachable — NOT checked" >&2; exit 2; \
+	fi; cat dist/pip-audit.log >&2; exit $$rc
+
+wheel: venv  ## build dist/iotvault-*.whl (offline: the build backend is in the dev lock)
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build

@@ -60,6 +60,12 @@ class Settings:
     oidc_external_audience: str = ""
     oidc_external_groups_claim: str = "groups"
     log_level: str = "info"
+    # HTTP hardening
+    cors_origins: str = ""  # comma-separated exact origins allowed to call the API from a browser
+    max_request_bytes: int = 1_048_576
+    rate_limit_per_ip: str = "1200/minute"
+    rate_limit_per_principal: str = "600/minute"
+    rate_limit_auth_failures: str = "30/minute"  # failed authentications per client address
     # ingest tuning; defaults measured on a 2-core machine, see BENCHMARKS.md
     ingest_batch_size: int = 500
     ingest_batch_ms: float = 5.0
@@ -81,6 +87,10 @@ class Settings:
         return self.master_key_file if self.master_key_file is not None else self.data_dir / "master.key"
 
     @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
     def broker(self) -> BrokerAddress:
         return parse_broker_url(self.broker_url)
 
@@ -90,6 +100,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "http_port": (1, 65535),
     "ingest_batch_size": (1, 100_000),
     "max_payload_bytes": (2, 16 * 1024 * 1024),
+    "max_request_bytes": (1024, 64 * 1024 * 1024),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "ingest_batch_ms": (0.1, 10_000.0),
@@ -129,6 +140,16 @@ def parse_broker_url(value: str) -> BrokerAddress:
     )
 
 
+def _check_rate(name: str, value: str) -> None:
+    count, _, per = value.partition("/")
+    if (
+        not count.strip().isdigit()
+        or int(count) < 1
+        or per.strip() not in ("second", "minute", "hour", "day")
+    ):
+        raise ConfigError(name, f"expected '<count>/<second|minute|hour|day>', got {value!r}")
+
+
 def _check_database_url(value: str) -> None:
     if not value:
         return
@@ -163,7 +184,7 @@ def _coerce(name: str, raw: Any, current: Any, field_name: str) -> Any:
         raise ConfigError(name, f"{raw!r} is not a valid {type(current).__name__}") from None
 
 
-def _validate(s: Settings) -> Settings:
+def _validate(s: Settings) -> Settings:  # noqa: PLR0912 - one flat list of checks
     for name, (lo, hi) in _INT_RANGES.items():
         v = getattr(s, name)
         if not lo <= v <= hi:
@@ -177,6 +198,20 @@ def _validate(s: Settings) -> Settings:
             raise ConfigError(name, f"{getattr(s, name)!r} is not one of {', '.join(choices)}")
     parse_broker_url(s.broker_url)
     _check_database_url(s.database_url)
+    for name in ("rate_limit_per_ip", "rate_limit_per_principal", "rate_limit_auth_failures"):
+        _check_rate(name, getattr(s, name))
+    for origin in s.cors_origin_list:
+        o = urlsplit(origin)
+        if o.scheme not in ("http", "https") or not o.hostname or o.path not in ("", "/") or origin == "*":
+            raise ConfigError(
+                "cors_origins", f"{origin!r} is not an exact origin like https://app.example.com"
+            )
+    if s.oidc_external_issuer:
+        iss = urlsplit(s.oidc_external_issuer)
+        if iss.scheme != "https" and iss.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise ConfigError("oidc_external_issuer", "must be an https:// URL")
+        if not s.oidc_external_audience:
+            raise ConfigError("oidc_external_audience", "is required when oidc_external_issuer is set")
     pub = urlsplit(s.public_url)
     if pub.scheme not in ("http", "https") or not pub.hostname:
         raise ConfigError("public_url", f"expected an http(s):// URL, got {s.public_url!r}")

@@ -21,6 +21,9 @@ from typing import Any
 import uvicorn
 
 from iotvault.api.app import create_app
+from iotvault.api.ratelimit import RateLimiter
+from iotvault.api.services import ApiServices, EventNotifier
+from iotvault.auth.tokens import IssuerConfig, RemoteJwks, TokenVerifier
 from iotvault.broker.embedded import EmbeddedBroker, InboundPublish
 from iotvault.config import Settings
 from iotvault.errors import PortInUseError
@@ -62,6 +65,25 @@ def bind_socket(host: str, port: int, setting: str) -> socket.socket:
     return sock
 
 
+def build_verifier(s: Settings) -> TokenVerifier | None:
+    """The issuers whose access tokens the API accepts.
+
+    The built-in OpenID Connect provider adds its own issuer here when it lands; until then
+    only an external issuer (``IOTVAULT_OIDC_EXTERNAL_ISSUER``) can be configured.
+    """
+    issuers = []
+    if s.oidc_external_issuer:
+        issuers.append(
+            IssuerConfig(
+                issuer=s.oidc_external_issuer,
+                audience=s.oidc_external_audience,
+                keys=RemoteJwks(s.oidc_external_issuer),
+                groups_claim=s.oidc_external_groups_claim,
+            )
+        )
+    return TokenVerifier(issuers) if issuers else None
+
+
 class Node:
     def __init__(self, settings: Settings, role: Role = Role.ALL) -> None:
         self.settings = settings
@@ -73,6 +95,7 @@ class Node:
         self._ready = False
         self._stop = asyncio.Event()
         self._main: asyncio.Task[Any] | None = None
+        self.notifier = EventNotifier()
 
     def stop(self) -> None:
         """Ask the node to stop; during start-up this cancels the start-up itself."""
@@ -113,6 +136,7 @@ class Node:
                         batch_ms=s.ingest_batch_ms,
                         max_payload_bytes=s.max_payload_bytes,
                         dedupe_window_s=s.ingest_dedupe_window_s,
+                        on_commit=self.notifier.notify,
                     )
                 )
                 broker = s.broker
@@ -127,7 +151,21 @@ class Node:
             server_task: asyncio.Task[None] | None = None
             server: _Server | None = None
             if http_sock is not None:
-                app = create_app(s, metrics=self.metrics, ready=self.is_ready)
+                svc = ApiServices(
+                    settings=s,
+                    ctx=self.ctx,
+                    metrics=self.metrics,
+                    verifier=build_verifier(s),
+                    limiter=RateLimiter(
+                        per_address=s.rate_limit_per_ip,
+                        per_principal=s.rate_limit_per_principal,
+                        auth_failures=s.rate_limit_auth_failures,
+                        redis_url=s.redis_url,
+                    ),
+                    notifier=self.notifier,
+                )
+                stack.callback(svc.stopping.set)
+                app = create_app(svc, ready=self.is_ready)
                 config = uvicorn.Config(
                     app, log_level="warning", access_log=False, server_header=False, lifespan="off"
                 )

@@ -23,6 +23,7 @@ from iotvault.crypto.tokens import hash_secret, new_secret
 from iotvault.domain.ids import DeviceId, TypeId
 from iotvault.errors import DeviceNotFoundError, MasterKeyError
 from iotvault.storage import migrate
+from iotvault.storage.accounts import AccountStore
 from iotvault.storage.db import check_connection, create_db_engine, redact
 from iotvault.storage.repository import DeviceRecord
 from iotvault.storage.sql import SqlStore
@@ -33,6 +34,7 @@ class Context:
     settings: Settings
     engine: Engine
     store: SqlStore
+    accounts: AccountStore
     keyring: KeyRing
     master: MasterKey
 
@@ -66,7 +68,12 @@ def open_context(settings: Settings, *, auto_migrate_empty: bool = True) -> Cont
         engine.dispose()
         raise
     return Context(
-        settings, engine, store, KeyRing(master, store, cache_ttl_s=settings.key_cache_ttl_s), master
+        settings=settings,
+        engine=engine,
+        store=store,
+        accounts=AccountStore(engine, url),
+        keyring=KeyRing(master, store, cache_ttl_s=settings.key_cache_ttl_s),
+        master=master,
     )
 
 
@@ -113,3 +120,4 @@ def delete_device(ctx: Context, device_id: str) -> None:
     if not ctx.store.delete_device(device_id):
         raise DeviceNotFoundError(device_id)
     ctx.keyring.forget(device_id)
+    ctx.accounts.forget_device(device_id)  # API keys that named it; its group grants are gone

@@ -1,55 +1,99 @@
 """The FastAPI application factory.
 
-For now it serves the operators' endpoints: ``/healthz`` (the process is alive), ``/readyz``
-(the database answers) and ``/metrics`` (Prometheus text format). The device data API, the
-OpenID Connect provider and the dashboard are added by later issues to this same factory.
+``create_app(services)`` builds the whole HTTP surface from already-opened resources; nothing
+is created at import time. Every route either declares the permission it needs
+(``Requires(Permission.X)``) or is listed in :data:`PUBLIC_ROUTES`; a test enforces that.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from iotvault import __version__
-from iotvault.config import Settings
-from iotvault.metrics import Metrics
+from iotvault.api import problems
+from iotvault.api.middleware import Hardening
+from iotvault.api.routes import admin, devices
+from iotvault.api.services import ApiServices
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# (method, path) of the routes anyone may call
+PUBLIC_ROUTES = frozenset(
+    {
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+    }
+)
 
-def create_app(settings: Settings, *, metrics: Metrics, ready: Callable[[], bool]) -> FastAPI:
+
+def _produces(path: str) -> str | None:
+    if path.startswith("/iotf/"):
+        return "text/event-stream" if path.endswith("/stream") else "application/json"
+    return None
+
+
+def _json_body(path: str) -> bool:
+    return path.startswith("/iotf/")
+
+
+def create_app(svc: ApiServices, *, ready: Callable[[], bool] = lambda: True) -> FastAPI:
+    settings = svc.settings
     app = FastAPI(
         title="iotvault",
         version=__version__,
-        description="Secure back end for IoT applications.",
+        description=(
+            "Secure back end for IoT applications. Authenticate with `Authorization: Bearer <access_token>` "
+            "(optionally followed by ` <id_token>`) or `Authorization: Basic <key:password>` for API keys. "
+            "Errors are `application/problem+json` (RFC 9457)."
+        ),
         docs_url=None,
         redoc_url=None,
     )
-
-    @app.middleware("http")
-    async def security_headers(request, call_next):  # type: ignore[no-untyped-def]
-        response: Response = await call_next(request)
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
-        if settings.public_url.startswith("https://"):
-            response.headers.setdefault("Strict-Transport-Security", "max-age=63072000; includeSubDomains")
-        return response
+    app.state.services = svc
+    problems.install(app)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"], summary="Readiness: storage and ingest are up")
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Readiness: storage and ingest are up",
+        responses={503: {"description": "starting or stopping"}},
+    )
     async def readyz() -> JSONResponse:
         ok = ready()
         return JSONResponse({"status": "ready" if ok else "starting"}, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+        return PlainTextResponse(svc.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
+    app.include_router(devices.router)
+    app.include_router(admin.router)
+
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            allow_credentials=False,
+            max_age=600,
+        )
+    app.add_middleware(
+        Hardening,
+        max_body=settings.max_request_bytes,
+        https=settings.public_url.startswith("https://"),
+        limiter=svc.limiter,
+        produces=_produces,
+        json_body_paths=_json_body,
+    )
     return app

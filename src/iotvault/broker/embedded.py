@@ -81,12 +81,16 @@ tests in ``tests/integration/test_embedded_broker.py`` exercise all of them):
 3. ``IncomingApplicationMessage`` (``topic``, ``data``, ``qos``, ``retain``, ``packet_id``,
    ``pubrec_packet``, ``publish_packet.dup_flag``) and ``Session`` (``client_id``,
    ``username``, ``keep_alive``).
-4. ``BrokerProtocolHandler.handle_connection_closed()`` — drops a connection, as amqtt's own
-   session take-over does; amqtt's client loop then stops the handler, publishes the will and
-   ends the session.
-5. ``BrokerProtocolHandler.handle_read_timeout()`` — a no-op in amqtt 0.12; replaced per
+4. ``BrokerProtocolHandler.handle_read_timeout()`` — a no-op in amqtt 0.12; replaced per
    instance to drop a silent client, and ``Session.keep_alive`` (amqtt's read timeout) is set
    to 1.5 times the client's keep-alive.
+5. How amqtt ends a connection when its reader sees end-of-stream: the reader loop stops,
+   the client loop publishes the will, stops the handler and ends the session. To drop a
+   connection (and at shutdown) the broker aborts the TCP transport and lets amqtt take that
+   path. It does not use amqtt's own ``handle_connection_closed()`` + ``stop()``: ``stop()``
+   cancels the reader task and waits for it, and on Python 3.11 ``asyncio.wait_for`` loses
+   a cancellation that coincides with an arriving packet, after which ``stop()`` waits
+   forever (seen in these tests at shutdown).
 
 Everything else is amqtt's public surface: ``Broker(config)``, ``start``, ``shutdown``,
 ``external_connected`` with a listener of type ``external``, ``internal_message_broadcast``,
@@ -200,10 +204,10 @@ class EmbeddedBroker:
         self._max_packet_size = max_packet_size
         self._amqtt: _AmqttBroker | None = None
         self._server: asyncio.Server | None = None
-        # connection handlers, running publish hooks, and other tasks: all awaited at shutdown
+        # open connections (their tasks and readers) and running publish hooks, for shutdown
         self._connections: set[asyncio.Future[Any]] = set()
+        self._readers: set[_FramedReader] = set()
         self._hooks: set[asyncio.Future[Any]] = set()
-        self._background: set[asyncio.Future[Any]] = set()
         self._online: dict[str, int] = {}
         self._presence_lock = asyncio.Lock()
 
@@ -241,10 +245,12 @@ class EmbeddedBroker:
         server, amqtt = self._server, self._amqtt
         self._server = self._amqtt = None
         if server is not None:
-            server.close()  # stop accepting; connections are ended by amqtt below
+            server.close()  # stop accepting
+        for reader in list(self._readers):
+            reader.abort()  # amqtt ends each session as if the client had gone
+        await _settle(self._connections, self._hooks)
         if amqtt is not None:
             await amqtt.shutdown()
-        await _settle(self._connections, self._hooks, self._background)
         if server is not None:
             await server.wait_closed()
 
@@ -286,7 +292,8 @@ class EmbeddedBroker:
         if task is not None:
             self._connections.add(task)
         peer = stream_writer.get_extra_info("peername")
-        reader = _FramedReader(stream_reader, self._max_packet_size, peer)
+        reader = _FramedReader(stream_reader, stream_writer.transport, self._max_packet_size, peer)
+        self._readers.add(reader)
         writer = StreamWriterAdapter(stream_writer)
         try:
             await self._admit_and_serve(reader, writer, peer)
@@ -298,6 +305,7 @@ class EmbeddedBroker:
         finally:
             with contextlib.suppress(OSError, RuntimeError):
                 await writer.close()
+            self._readers.discard(reader)
             if task is not None:
                 self._connections.discard(task)
 
@@ -352,7 +360,7 @@ class EmbeddedBroker:
 
     # -- per connection, inside amqtt ---------------------------------------------------------
 
-    def _install(self, handler: Any, session: Any) -> None:
+    def _install(self, handler: Any, session: Any, reader: _FramedReader) -> None:
         """Put the publish checks and the hook in front of amqtt's acknowledgement."""
         amqtt_flow = handler._handle_message_flow
 
@@ -362,21 +370,21 @@ class EmbeddedBroker:
             if (
                 isinstance(message, IncomingApplicationMessage)
                 and message.pubrec_packet is None
-                and not await self._accept(handler, session, message)
+                and not await self._accept(reader, session, message)
             ):
                 return  # not acknowledged; the connection is being dropped
             await amqtt_flow(message)
 
         def read_timeout() -> None:
             _log.info("MQTT client %r silent for too long; dropping the connection", session.client_id)
-            self._spawn(handler.handle_connection_closed())
+            reader.abort()
 
         handler._handle_message_flow = message_flow
         handler.handle_read_timeout = read_timeout
         if session.keep_alive > 0:  # amqtt's read timeout; the spec allows 1.5 x keep-alive
             session.keep_alive = math.ceil(session.keep_alive * 1.5)
 
-    async def _accept(self, handler: Any, session: Any, message: Any) -> bool:
+    async def _accept(self, reader: _FramedReader, session: Any, message: Any) -> bool:
         client_id: str = session.client_id
         username: str | None = session.username
         topic: str = message.topic
@@ -384,9 +392,9 @@ class EmbeddedBroker:
             allowed = await self._may(client_id, username, topic, "publish")
         except Exception as exc:  # noqa: BLE001 -- fail closed: no ack, the device retries
             _log.debug("authorization error details", exc_info=exc)
-            return await self._drop(handler, client_id, f"authorization failed ({type(exc).__name__})", topic)
+            return self._drop(reader, client_id, f"authorization failed ({type(exc).__name__})", topic)
         if not allowed:
-            return await self._drop(handler, client_id, "publish not allowed", topic)
+            return self._drop(reader, client_id, "publish not allowed", topic)
         if self._on_publish is None:
             return True
         publish_packet = message.publish_packet
@@ -409,17 +417,17 @@ class EmbeddedBroker:
             raise
         except Exception as exc:  # noqa: BLE001 -- any failure means "not stored": do not ack
             _log.debug("publish hook error details", exc_info=exc)
-            return await self._drop(handler, client_id, f"publish hook failed ({type(exc).__name__})", topic)
+            return self._drop(reader, client_id, f"publish hook failed ({type(exc).__name__})", topic)
         return True
 
-    async def _drop(self, handler: Any, client_id: str, reason: str, topic: str) -> bool:
+    def _drop(self, reader: _FramedReader, client_id: str, reason: str, topic: str) -> bool:
         _log.warning(
             "MQTT client %r: %s on topic %r; dropping the connection without acknowledging",
             client_id,
             reason,
             topic,
         )
-        await handler.handle_connection_closed()
+        reader.abort()
         return False
 
     @contextlib.asynccontextmanager
@@ -446,11 +454,6 @@ class EmbeddedBroker:
                 _log.warning("connection hook failed for MQTT client %r (%s)", client_id, type(exc).__name__)
                 _log.debug("connection hook error details", exc_info=exc)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
 
 class _AmqttBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
     """amqtt's broker with iotvault's per-connection hooks (internals 1, 4 and 5 above)."""
@@ -468,7 +471,9 @@ class _AmqttBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informa
         server: Any,
         listener_name: str,
     ) -> None:
-        self._owner._install(handler, client_session)
+        if not isinstance(reader, _FramedReader):  # every connection comes through the door
+            raise TypeError(f"unexpected amqtt reader {type(reader).__name__}")
+        self._owner._install(handler, client_session, reader)
         async with self._owner._presence(client_session.client_id, client_session.username):
             await super()._handle_client_session(
                 reader, writer, client_session, handler, server, listener_name
@@ -523,13 +528,21 @@ class _TopicPolicyPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships 
 class _FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type information
     """The byte stream as amqtt reads it, with the MQTT framing followed on the way.
 
-    Following the fixed headers lets a too-large packet be refused from its header alone: the
-    reader then behaves as if the peer had closed the connection, which ends it cleanly inside
-    amqtt. It also records the CONNECT packet that the door reads, and replays it to amqtt.
+    Following the fixed headers lets a too-large packet be refused from its header alone; the
+    connection is then aborted and amqtt sees the end of the stream, which ends the session
+    cleanly. The reader also records the CONNECT packet that the door reads and replays it to
+    amqtt, and it is the handle by which the broker drops a connection (:meth:`abort`).
     """
 
-    def __init__(self, stream: asyncio.StreamReader, max_packet_size: int, peer: object) -> None:
+    def __init__(
+        self,
+        stream: asyncio.StreamReader,
+        transport: asyncio.BaseTransport,
+        max_packet_size: int,
+        peer: object,
+    ) -> None:
         self._stream = stream
+        self._transport = transport
         self._max_packet_size = max_packet_size
         self._peer = peer
         self._recorded: bytearray | None = bytearray()
@@ -540,6 +553,11 @@ class _FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type
         self._header_len = 0  # bytes of the current fixed header seen; 0 at a packet boundary
         self._length = 0  # remaining length decoded so far
         self._multiplier = 1
+
+    def abort(self) -> None:
+        """Drop the connection now: nothing more is read, nothing more is sent."""
+        self._refused = True
+        self._transport.abort()
 
     def replay_connect(self) -> None:
         """Serve the bytes read so far (the CONNECT packet) again, then the stream."""
@@ -563,7 +581,7 @@ class _FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type
             return b""
         data = await (self._stream.readexactly(n) if n >= 0 else self._stream.read())
         if not self._follow(data):
-            self._refused = True
+            self.abort()
             return b""
         if self._recorded is not None:
             self._recorded += data

@@ -19,12 +19,15 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from iotvault import __version__
+from iotvault import accounts as account_services
 from iotvault.config import Settings, load_settings
+from iotvault.domain.accounts import Roles
 from iotvault.errors import ConfigError, IotVaultError, RecordDecryptionError
 from iotvault.runtime import context, delete_device, register_device, rotate_device_credential
+from iotvault.storage.accounts import ApiKeyRecord, GroupNotFoundError, GroupRecord, UserRecord
 
 app = typer.Typer(
     name="iotvault",
@@ -461,6 +464,426 @@ def events_tail(
                 if last
                 else list(reversed(ctx.store.last_events(device_id, count)))
             )
+
+
+# ---- users, groups, API keys ---------------------------------------------------------
+users_app = typer.Typer(
+    help="People who log in: passwords (argon2id), attributes, groups.", no_args_is_help=True
+)
+groups_app = typer.Typer(help="Groups: roles on a list of devices, and their members.", no_args_is_help=True)
+apikeys_app = typer.Typer(help="API keys for third-party programs (HTTP Basic).", no_args_is_help=True)
+seed_app = typer.Typer(help="Import the seed's user and userGroup documents.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+app.add_typer(groups_app, name="groups")
+app.add_typer(apikeys_app, name="apikeys")
+app.add_typer(seed_app, name="seed")
+
+YesOption = Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")]
+PasswordStdinOption = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
+]
+
+
+def _password_from_stdin() -> str:
+    line = sys.stdin.readline()
+    return line.removesuffix("\n").removesuffix("\r")
+
+
+def _attributes(pairs: list[str]) -> dict[str, str]:
+    attrs: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--attribute")
+        attrs[key] = value
+    return attrs
+
+
+def _user_doc(u: UserRecord) -> dict[str, Any]:
+    return {
+        "userName": u.user_name,
+        "displayName": u.display_name,
+        "attributes": dict(u.attributes),
+        "groups": list(u.groups),
+        "disabled": u.disabled,
+        "created": _iso(u.created_us),
+    }
+
+
+def _group_doc(g: GroupRecord) -> dict[str, Any]:
+    return {
+        "groupName": g.group_name,
+        "displayName": g.display_name,
+        "roleAdmin": g.roles.admin,
+        "roleReader": g.roles.reader,
+        "roleWriter": g.roles.writer,
+        "devices": list(g.devices),
+        "members": list(g.members),
+    }
+
+
+def _key_doc(k: ApiKeyRecord) -> dict[str, Any]:
+    def iso(us: int | None) -> str | None:
+        return _iso(us) if us is not None else None
+
+    return {
+        "key": k.key,
+        "description": k.description,
+        "roleAdmin": k.roles.admin,
+        "roleReader": k.roles.reader,
+        "roleWriter": k.roles.writer,
+        "devices": list(k.devices),
+        "groups": list(k.groups),
+        "expires": iso(k.expires_us),
+        "lastUsed": iso(k.last_used_us),
+        "revoked": iso(k.revoked_us),
+        "createdBy": k.created_by,
+        "created": iso(k.created_us),
+    }
+
+
+def _roles_text(roles: Roles) -> str:
+    return ", ".join(n.removeprefix("role").lower() for n in roles.names()) or "-"
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="userName")],
+    display_name: Annotated[str | None, typer.Option(help="Display name (default: NAME).")] = None,
+    group: Annotated[
+        list[str] | None, typer.Option("--group", "-g", help="A group to join (repeat).")
+    ] = None,
+    attribute: Annotated[
+        list[str] | None, typer.Option("--attribute", "-a", help="KEY=VALUE, e.g. Language=en (repeat).")
+    ] = None,
+    password_stdin: PasswordStdinOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Create a user; prints its generated password once (unless given on stdin)."""
+    given = _password_from_stdin() if password_stdin else None
+    attrs = _attributes(attribute or [])
+    with context(settings()) as ctx:
+        password = account_services.create_user(
+            ctx, name, display_name, password=given, attributes=attrs, groups=group or []
+        )
+        user = ctx.accounts.get_user(name)
+    assert user is not None  # noqa: S101 - just made
+    if json_out:
+        doc = _user_doc(user)
+        if given is None:
+            doc["password"] = password
+        out.print_json(json.dumps(doc))
+        return
+    out.print(f"created user {user.user_name}" + (f" in {', '.join(user.groups)}" if user.groups else ""))
+    if given is None:
+        out.print(f"password (shown once): {password}", highlight=False)
+
+
+@users_app.command("list")
+def users_list(json_out: JsonOption = False) -> None:
+    """List users (never their passwords)."""
+    with context(settings()) as ctx:
+        users = ctx.accounts.list_users()
+    if json_out:
+        out.print_json(json.dumps([_user_doc(u) for u in users]))
+        return
+    table = Table(Column("userName", overflow="fold"), "displayName", "groups", "disabled", "created")
+    for u in users:
+        table.add_row(
+            u.user_name, u.display_name, ", ".join(u.groups), "yes" if u.disabled else "", _iso(u.created_us)
+        )
+    out.print(table)
+
+
+@users_app.command("disable")
+def users_disable(name: Annotated[str, typer.Argument(metavar="NAME")]) -> None:
+    """Refuse the user's logins until it is enabled again."""
+    with context(settings()) as ctx:
+        account_services.update_user(ctx, name, disabled=True)
+    out.print(f"disabled {name}")
+
+
+@users_app.command("enable")
+def users_enable(name: Annotated[str, typer.Argument(metavar="NAME")]) -> None:
+    """Allow a disabled user to log in again."""
+    with context(settings()) as ctx:
+        account_services.update_user(ctx, name, disabled=False)
+    out.print(f"enabled {name}")
+
+
+@users_app.command("set-password")
+def users_set_password(
+    name: Annotated[str, typer.Argument(metavar="NAME")],
+    password_stdin: PasswordStdinOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Set a user's password: from stdin, or generated and printed once."""
+    with context(settings()) as ctx:
+        if password_stdin:
+            account_services.set_password(ctx, name, _password_from_stdin())
+            password = None
+        else:
+            password = account_services.reset_password(ctx, name)
+    if json_out:
+        out.print_json(json.dumps({"userName": name, **({"password": password} if password else {})}))
+    elif password is None:
+        out.print(f"password of {name} changed")
+    else:
+        out.print(f"new password of {name} (shown once): {password}", highlight=False)
+
+
+@users_app.command("delete")
+def users_delete(name: Annotated[str, typer.Argument(metavar="NAME")], yes: YesOption = False) -> None:
+    """Delete a user and its group memberships."""
+    if not yes:
+        typer.confirm(f"Delete user {name}?", abort=True)
+    with context(settings()) as ctx:
+        account_services.delete_user(ctx, name)
+    out.print(f"deleted user {name}")
+
+
+@groups_app.command("add")
+def groups_add(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="groupName")],
+    display_name: Annotated[str | None, typer.Option(help="Display name (default: NAME).")] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="roleAdmin: manage accounts and devices.")] = False,
+    reader: Annotated[bool, typer.Option("--reader", help="roleReader: read the group's devices.")] = False,
+    writer: Annotated[
+        bool, typer.Option("--writer", help="roleWriter: command the group's devices.")
+    ] = False,
+    device: Annotated[list[str] | None, typer.Option("--device", "-d", help="A deviceId (repeat).")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Create a group giving its roles on its devices to its members."""
+    with context(settings()) as ctx:
+        group = account_services.create_group(
+            ctx, name, display_name, roles=Roles(admin, reader, writer), devices=device or []
+        )
+    if json_out:
+        out.print_json(json.dumps(_group_doc(group)))
+    else:
+        out.print(
+            f"created group {group.group_name} (roles: {_roles_text(group.roles)}; "
+            f"{len(group.devices)} devices)"
+        )
+
+
+@groups_app.command("list")
+def groups_list(json_out: JsonOption = False) -> None:
+    """List groups with their roles, devices and members."""
+    with context(settings()) as ctx:
+        groups = ctx.accounts.list_groups()
+    if json_out:
+        out.print_json(json.dumps([_group_doc(g) for g in groups]))
+        return
+    table = Table(Column("groupName", overflow="fold"), "displayName", "roles", "devices", "members")
+    for g in groups:
+        table.add_row(
+            g.group_name, g.display_name, _roles_text(g.roles), ", ".join(g.devices), ", ".join(g.members)
+        )
+    out.print(table)
+
+
+@groups_app.command("delete")
+def groups_delete(name: Annotated[str, typer.Argument(metavar="NAME")], yes: YesOption = False) -> None:
+    """Delete a group: its members lose what it granted; API keys that named it forget it."""
+    if not yes:
+        typer.confirm(f"Delete group {name}?", abort=True)
+    with context(settings()) as ctx:
+        account_services.delete_group(ctx, name)
+    out.print(f"deleted group {name}")
+
+
+@groups_app.command("add-member")
+def groups_add_member(
+    group: Annotated[str, typer.Argument(metavar="GROUP")],
+    user: Annotated[str, typer.Argument(metavar="USER")],
+) -> None:
+    """Add a user to a group."""
+    with context(settings()) as ctx:
+        added = account_services.add_member(ctx, group, user)
+    out.print(f"{user} {'added to' if added else 'was already in'} {group}")
+
+
+@groups_app.command("remove-member")
+def groups_remove_member(
+    group: Annotated[str, typer.Argument(metavar="GROUP")],
+    user: Annotated[str, typer.Argument(metavar="USER")],
+) -> None:
+    """Remove a user from a group."""
+    with context(settings()) as ctx:
+        removed = account_services.remove_member(ctx, group, user)
+    out.print(f"{user} {'removed from' if removed else 'was not in'} {group}")
+
+
+@groups_app.command("add-device")
+def groups_add_device(
+    group: Annotated[str, typer.Argument(metavar="GROUP")],
+    device_id: Annotated[str, typer.Argument(metavar="DEVICE")],
+) -> None:
+    """Give a group's roles on a device (which need not be registered yet)."""
+    with context(settings()) as ctx:
+        added = account_services.add_group_device(ctx, group, device_id)
+    out.print(f"{device_id} {'added to' if added else 'was already in'} {group}")
+
+
+@groups_app.command("remove-device")
+def groups_remove_device(
+    group: Annotated[str, typer.Argument(metavar="GROUP")],
+    device_id: Annotated[str, typer.Argument(metavar="DEVICE")],
+) -> None:
+    """Take a device out of a group."""
+    with context(settings()) as ctx:
+        removed = account_services.remove_group_device(ctx, group, device_id)
+    out.print(f"{device_id} {'removed from' if removed else 'was not in'} {group}")
+
+
+@groups_app.command("set-roles")
+def groups_set_roles(
+    group: Annotated[str, typer.Argument(metavar="GROUP")],
+    admin: Annotated[bool | None, typer.Option("--admin/--no-admin", help="roleAdmin.")] = None,
+    reader: Annotated[bool | None, typer.Option("--reader/--no-reader", help="roleReader.")] = None,
+    writer: Annotated[bool | None, typer.Option("--writer/--no-writer", help="roleWriter.")] = None,
+) -> None:
+    """Change a group's roles; roles not named stay as they are."""
+    with context(settings()) as ctx:
+        current = ctx.accounts.get_group(group)
+        if current is None:
+            raise GroupNotFoundError(group)
+        r = current.roles
+        roles = Roles(
+            r.admin if admin is None else admin,
+            r.reader if reader is None else reader,
+            r.writer if writer is None else writer,
+        )
+        updated = account_services.update_group(ctx, group, roles=roles)
+    out.print(f"roles of {group}: {_roles_text(updated.roles)}")
+
+
+@apikeys_app.command("add")
+def apikeys_add(
+    reader: Annotated[bool, typer.Option("--reader", help="Read its devices' events.")] = False,
+    writer: Annotated[bool, typer.Option("--writer", help="Command its devices.")] = False,
+    admin: Annotated[bool, typer.Option("--admin", help="Manage accounts and devices.")] = False,
+    device: Annotated[list[str] | None, typer.Option("--device", "-d", help="A deviceId (repeat).")] = None,
+    group: Annotated[
+        list[str] | None, typer.Option("--group", "-g", help="A group whose devices it may use (repeat).")
+    ] = None,
+    expires_in: Annotated[
+        int | None, typer.Option("--expires-in", min=1, max=3650, metavar="DAYS", help="Expire after DAYS.")
+    ] = None,
+    description: Annotated[str, typer.Option(help="What the key is for.")] = "",
+    json_out: JsonOption = False,
+) -> None:
+    """Create an API key; prints its key and password once (only a hash is kept)."""
+    from iotvault.runtime import now_us
+
+    with context(settings()) as ctx:
+        expires = now_us() + expires_in * 86_400_000_000 if expires_in else None
+        new = account_services.create_api_key(
+            ctx,
+            roles=Roles(admin, reader, writer),
+            devices=device or [],
+            groups=group or [],
+            expires_us=expires,
+            description=description,
+            created_by="cli",
+        )
+        found = ctx.accounts.get_api_key(new.key)
+    assert found is not None  # noqa: S101 - just made
+    if json_out:
+        out.print_json(json.dumps({**_key_doc(found[0]), "password": new.password}))
+        return
+    out.print(f"created API key {new.key} (roles: {_roles_text(found[0].roles)})", highlight=False)
+    out.print(f"password (shown once): {new.password}", highlight=False)
+    out.print("use it as HTTP Basic credentials: Authorization: Basic base64(key:password)")
+
+
+@apikeys_app.command("list")
+def apikeys_list(json_out: JsonOption = False) -> None:
+    """List API keys (never their passwords)."""
+    with context(settings()) as ctx:
+        keys = ctx.accounts.list_api_keys()
+    if json_out:
+        out.print_json(json.dumps([_key_doc(k) for k in keys]))
+        return
+    table = Table(
+        Column("key", no_wrap=True, min_width=22),
+        "roles",
+        "devices",
+        "groups",
+        "expires",
+        "lastUsed",
+        "revoked",
+        "description",
+    )
+    for k in keys:
+        table.add_row(
+            k.key,
+            _roles_text(k.roles),
+            ", ".join(k.devices),
+            ", ".join(k.groups),
+            _iso(k.expires_us),
+            _iso(k.last_used_us),
+            _iso(k.revoked_us),
+            k.description,
+        )
+    out.print(table)
+
+
+@apikeys_app.command("revoke")
+def apikeys_revoke(key: Annotated[str, typer.Argument(metavar="KEY")]) -> None:
+    """Revoke an API key at once; it stays listed, marked revoked."""
+    with context(settings()) as ctx:
+        account_services.revoke_api_key(ctx, key)
+    out.print(f"revoked {key}", highlight=False)
+
+
+def _read_json(option: str, path: Path | None) -> Any:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(option, f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(option, f"{path} is not valid JSON: {exc}") from None
+
+
+@seed_app.command("import")
+def seed_import(
+    users: Annotated[
+        Path | None, typer.Option("--users", dir_okay=False, help="JSON of user documents.")
+    ] = None,
+    groups: Annotated[
+        Path | None, typer.Option("--groups", dir_okay=False, help="JSON of userGroup documents.")
+    ] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Create the seed's users and groups; existing ones are left unchanged. Generated passwords
+    are printed once."""
+    if users is None and groups is None:
+        raise typer.BadParameter("give --users, --groups or both")
+    users_doc, groups_doc = _read_json("--users", users), _read_json("--groups", groups)
+    with context(settings()) as ctx:
+        report = account_services.import_seed(ctx, users_doc, groups_doc)
+    if json_out:
+        out.print_json(
+            json.dumps(
+                {
+                    "groupsCreated": list(report.groups_created),
+                    "groupsSkipped": list(report.groups_skipped),
+                    "usersCreated": list(report.users_created),
+                    "usersSkipped": list(report.users_skipped),
+                    "passwords": dict(report.passwords),
+                }
+            )
+        )
+        return
+    out.print(f"groups: {len(report.groups_created)} created, {len(report.groups_skipped)} already existed")
+    out.print(f"users: {len(report.users_created)} created, {len(report.users_skipped)} already existed")
+    for name, password in report.passwords.items():
+        out.print(f"password of {name} (shown once): {password}", highlight=False)
 
 
 def run() -> None:

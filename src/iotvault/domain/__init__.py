@@ -1,1 +1,1 @@
-"""The pure core: identifiers, topics, events. No asyncio, SQL or HTTP imports here."""
+"""The pure core: identifiers, topics, events, accounts. No asyncio, SQL or HTTP imports here."""

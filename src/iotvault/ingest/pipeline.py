@@ -22,7 +22,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -133,6 +133,7 @@ class IngestPipeline:
         batch_ms: float = 5.0,
         max_payload_bytes: int = 65536,
         dedupe_window_s: float = 120.0,
+        on_commit: Callable[[set[str]], None] | None = None,
     ) -> None:
         self._store = store
         self._keyring = keyring
@@ -152,6 +153,8 @@ class IngestPipeline:
         self._last_cleanup = 0.0
         self._last_seen_flush = 0.0
         self._closing = False
+        self._on_commit = on_commit
+        self._committed_devices: set[str] = set()
 
     # ---- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> IngestPipeline:
@@ -232,6 +235,9 @@ class IngestPipeline:
             for p, outcome in zip(batch, outcomes, strict=True):
                 if not p.future.done():
                     p.future.set_result(outcome)
+            if self._on_commit is not None and self._committed_devices:
+                devices, self._committed_devices = self._committed_devices, set()
+                self._on_commit(devices)
 
     async def _commit_with_retry(
         self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]
@@ -359,6 +365,7 @@ class IngestPipeline:
         self._index.expire(now_mono)
         for d, at in seen.items():
             self._seen[d] = at
+        self._committed_devices |= seen.keys()
         m = self._metrics
         m.batches.inc()
         m.events_stored.inc(stored)

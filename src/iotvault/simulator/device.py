@@ -468,7 +468,7 @@ class SimulatedDevice:
         )
         client.set_auth_credentials(self._cred.device_id, self._cred.password)
         # before connect: gmqtt hands this allocator to the connection's protocol
-        client._package_handler.id_generator = session.ids  # noqa: SLF001 - see module docstring
+        client._package_handler.id_generator = session.ids
 
         def on_connect(_client: object, flags: int, _rc: int, _properties: object) -> None:
             session.session_present = bool(flags)

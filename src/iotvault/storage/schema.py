@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -24,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 metadata = MetaData()
@@ -90,4 +93,77 @@ ingest_inflight = Table(
     Column("consumer", String(128), nullable=False),
     Column("created_us", BigInteger, nullable=False),
     Column("entries", LargeBinary, nullable=False),
+)
+
+
+# ---- accounts (revision 0002) -------------------------------------------------------------
+# Memberships cascade with their user or group; a group's devices are plain ids, not foreign
+# keys, because a group may name a device before it registers (the seed's documents do), and
+# SqlStore.delete_device removes them so that a later device of the same id inherits nothing.
+# API keys keep their devices and groups as JSON lists: few rows, read whole on every check.
+users = Table(
+    "users",
+    metadata,
+    Column("user_name", String(64), primary_key=True),
+    Column("display_name", String(128), nullable=False, server_default=""),
+    Column("password_hash", String(256), nullable=False),
+    Column("attributes", Text, nullable=False, server_default="{}"),
+    Column("disabled", Boolean, nullable=False, server_default=false()),
+    Column("created_us", BigInteger, nullable=False),
+    Column("updated_us", BigInteger, nullable=False),
+)
+
+user_groups = Table(
+    "user_groups",
+    metadata,
+    Column("group_name", String(64), primary_key=True),
+    Column("display_name", String(128), nullable=False, server_default=""),
+    Column("role_admin", Boolean, nullable=False, server_default=false()),
+    Column("role_reader", Boolean, nullable=False, server_default=false()),
+    Column("role_writer", Boolean, nullable=False, server_default=false()),
+    Column("created_us", BigInteger, nullable=False),
+)
+
+group_members = Table(
+    "group_members",
+    metadata,
+    Column(
+        "group_name",
+        String(64),
+        ForeignKey("user_groups.group_name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("user_name", String(64), ForeignKey("users.user_name", ondelete="CASCADE"), primary_key=True),
+    Index("ix_group_members_user", "user_name"),
+)
+
+group_devices = Table(
+    "group_devices",
+    metadata,
+    Column(
+        "group_name",
+        String(64),
+        ForeignKey("user_groups.group_name", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("device_id", String(64), primary_key=True),
+    Index("ix_group_devices_device", "device_id"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("password_hash", String(128), nullable=False),
+    Column("description", String(256), nullable=False, server_default=""),
+    Column("role_admin", Boolean, nullable=False, server_default=false()),
+    Column("role_reader", Boolean, nullable=False, server_default=false()),
+    Column("role_writer", Boolean, nullable=False, server_default=false()),
+    Column("devices", Text, nullable=False, server_default="[]"),
+    Column("groups", Text, nullable=False, server_default="[]"),
+    Column("expires_us", BigInteger, nullable=True),
+    Column("last_used_us", BigInteger, nullable=True),
+    Column("revoked_us", BigInteger, nullable=True),
+    Column("created_by", String(64), nullable=False),
+    Column("created_us", BigInteger, nullable=False),
 )

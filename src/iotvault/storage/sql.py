@@ -24,7 +24,15 @@ from iotvault.storage.repository import (
     RejectedMessage,
     StoredEvent,
 )
-from iotvault.storage.schema import device_keys, devices, events, ingest_inflight, meta, rejected_messages
+from iotvault.storage.schema import (
+    device_keys,
+    devices,
+    events,
+    group_devices,
+    ingest_inflight,
+    meta,
+    rejected_messages,
+)
 
 
 def event_id_bound(unix_us: int, *, upper: bool) -> str:
@@ -129,8 +137,12 @@ class SqlStore:
             return list(conn.execute(select(devices.c.device_id).order_by(devices.c.device_id)).scalars())
 
     def delete_device(self, device_id: str) -> bool:
-        """Delete a device, its events and its data keys (crypto-shredding) in one transaction."""
+        """Delete a device, its events and its data keys (crypto-shredding) in one transaction.
+
+        Its group grants go too, so that a later device of the same id inherits none of them.
+        """
         with mapped_errors(self.url), self.engine.begin() as conn:
+            conn.execute(delete(group_devices).where(group_devices.c.device_id == device_id))
             conn.execute(delete(device_keys).where(device_keys.c.device_id == device_id))
             conn.execute(delete(events).where(events.c.device_id == device_id))
             return bool(conn.execute(delete(devices).where(devices.c.device_id == device_id)).rowcount)

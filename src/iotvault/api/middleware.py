@@ -1,0 +1,180 @@
+"""OWASP REST hardening applied to every request and response, as plain ASGI middleware.
+
+* security headers on every response (``Cache-Control: no-store``, ``nosniff``, frame denial,
+  a restrictive CSP for API answers, HSTS when the public URL is HTTPS);
+* credentials are refused in URLs (``?access_token=…`` and friends) with 400, so they never
+  land in access logs, browser history or proxies;
+* request bodies: ``Content-Type`` must be JSON for the JSON API (415), size is capped by
+  ``Content-Length`` and by counting the streamed body (413);
+* ``Accept`` must allow what the endpoint produces (406);
+* a per-address rate limit answers 429 with ``Retry-After`` before any work is done.
+
+Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``: it does not buffer streamed
+responses (Server-Sent Events) and costs less per request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+from iotvault.api.problems import PROBLEM_JSON, TITLES
+from iotvault.api.ratelimit import RateLimiter
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+CREDENTIAL_PARAMS = frozenset(
+    {"access_token", "id_token", "refresh_token", "api_key", "apikey", "password", "client_secret", "token"}
+)
+JSON_TYPES = ("application/json", "application/merge-patch+json", "application/problem+json")
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+_BASE_HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
+_API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+_HSTS = (b"strict-transport-security", b"max-age=63072000; includeSubDomains")
+
+
+def _accepts(accept: str, offered: str) -> bool:
+    """Whether an Accept header admits *offered* (q=0 excludes)."""
+    if not accept.strip():
+        return True
+    main = offered.split("/", 1)[0]
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params):
+            continue
+        if media in ("*/*", offered, f"{main}/*"):
+            return True
+        if offered == "application/json" and media == "application/problem+json":
+            return True
+    return False
+
+
+class Hardening:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body: int,
+        https: bool,
+        limiter: RateLimiter | None,
+        produces: Callable[[str], str | None],
+        json_body_paths: Callable[[str], bool],
+    ) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.headers = [*_BASE_HEADERS, *([_HSTS] if https else [])]
+        self.limiter = limiter
+        self.produces = produces
+        self.json_body_paths = json_body_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0911 - one check, one exit
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        extra = list(self.headers)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                message["headers"] = list(message.get("headers", [])) + [
+                    h for h in extra if h[0] not in present
+                ]
+                if b"content-security-policy" not in present and path.startswith(
+                    ("/iotf", "/healthz", "/readyz")
+                ):
+                    message["headers"].append(_API_CSP)
+            await send(message)
+
+        if self.limiter is not None:
+            client = scope.get("client")
+            retry = await self.limiter.hit_address(client[0] if client else "unknown")
+            if retry is not None:
+                await _problem(
+                    send_with_headers,
+                    429,
+                    "too many requests from this address",
+                    [(b"retry-after", str(retry).encode())],
+                )
+                return
+        query = scope.get("query_string", b"").decode("latin-1")
+        if query and any(k.lower() in CREDENTIAL_PARAMS for k, _ in parse_qsl(query, keep_blank_values=True)):
+            await _problem(
+                send_with_headers,
+                400,
+                "credentials are accepted only in the Authorization header, never in the URL",
+            )
+            return
+        produced = self.produces(path)
+        if produced is not None and not _accepts(headers.get("accept", ""), produced):
+            await _problem(send_with_headers, 406, f"this endpoint produces {produced}")
+            return
+        if method in BODY_METHODS and self.json_body_paths(path):
+            ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            length = headers.get("content-length")
+            if ctype not in JSON_TYPES and (ctype or (length not in (None, "0"))):
+                await _problem(send_with_headers, 415, "send the body as application/json")
+                return
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                await _problem(send_with_headers, 400, "invalid Content-Length")
+                return
+            if int(length) > self.max_body:
+                await _problem(send_with_headers, 413, f"the body is larger than {self.max_body} bytes")
+                return
+
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _BodyTooLargeError
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send_with_headers)
+        except _BodyTooLargeError:
+            await _problem(send_with_headers, 413, f"the body is larger than {self.max_body} bytes")
+
+
+class _BodyTooLargeError(Exception):
+    pass
+
+
+async def _problem(
+    send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps(
+        {"type": "about:blank", "title": TITLES.get(status, "Error"), "status": status, "detail": detail}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_JSON.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

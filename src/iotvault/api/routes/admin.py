@@ -1,0 +1,498 @@
+"""Administration: users, groups, devices, API keys, security events. ``roleAdmin`` only.
+
+Request bodies refuse unknown fields, so a caller cannot slip ``roleAdmin`` or ``groups`` into
+an update that does not offer them. Secrets (generated passwords, device credentials, API key
+passwords) appear once, in the answer to the request that made them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from pydantic import Field
+from starlette.concurrency import run_in_threadpool
+
+from iotvault import accounts
+from iotvault.api.deps import Requires
+from iotvault.api.problems import Problem
+from iotvault.api.routes.devices import DEVICE_ID, device_doc, iso
+from iotvault.api.schemas import ERRORS, Strict
+from iotvault.api.security import services
+from iotvault.auth.policy import Grant, Permission, Principal, within
+from iotvault.domain.accounts import Roles
+from iotvault.runtime import Context, delete_device, now_us, register_device, rotate_device_credential
+from iotvault.storage.accounts import ApiKeyRecord, GroupRecord, UserRecord
+
+router = APIRouter(prefix="/iotf", responses=ERRORS)
+
+NAME = r"^[A-Za-z0-9._@-]{1,64}$"
+UserNamePath = Annotated[str, Path(pattern=NAME)]
+GroupNamePath = Annotated[str, Path(pattern=NAME)]
+
+
+# ---- users ---------------------------------------------------------------------------
+def user_doc(u: UserRecord) -> dict[str, Any]:
+    return {
+        "userName": u.user_name,
+        "displayName": u.display_name,
+        "attributes": dict(u.attributes),
+        "groups": list(u.groups),
+        "disabled": u.disabled,
+        "created": iso(u.created_us),
+    }
+
+
+class UserCreate(Strict):
+    userName: str = Field(pattern=NAME)
+    displayName: str = Field("", max_length=128)
+    attributes: dict[str, str] = Field(default_factory=dict)
+    groups: list[str] = Field(default_factory=list, max_length=64)
+    password: str | None = Field(
+        None, min_length=12, max_length=256, description="omit to have one generated"
+    )
+
+
+class UserUpdate(Strict):
+    displayName: str | None = Field(None, max_length=128)
+    attributes: dict[str, str] | None = None
+    disabled: bool | None = None
+
+
+def _user_or_404(ctx: Context, name: str) -> UserRecord:
+    user = ctx.accounts.get_user(name)
+    if user is None:
+        raise Problem(404, "user not found")
+    return user
+
+
+@router.get("/users", tags=["users"], summary="List users")
+async def list_users(request: Request, _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)]) -> Any:
+    users = await run_in_threadpool(services(request).ctx.accounts.list_users)
+    return {"users": [user_doc(u) for u in users]}
+
+
+@router.post(
+    "/users", tags=["users"], status_code=201, summary="Create a user; a generated password is shown once"
+)
+async def create_user(
+    request: Request, body: UserCreate, _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)]
+) -> Any:
+    ctx = services(request).ctx
+
+    def run() -> dict[str, Any]:
+        password = accounts.create_user(
+            ctx,
+            body.userName,
+            body.displayName,
+            password=body.password,
+            attributes=body.attributes,
+            groups=body.groups,
+        )
+        doc = user_doc(_user_or_404(ctx, body.userName))
+        if body.password is None:
+            doc["password"] = password
+        return doc
+
+    return await run_in_threadpool(run)
+
+
+@router.get("/users/{userName}", tags=["users"], summary="One user")
+async def get_user(
+    request: Request,
+    userName: UserNamePath,
+    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
+) -> Any:
+    return user_doc(await run_in_threadpool(_user_or_404, services(request).ctx, userName))
+
+
+@router.patch("/users/{userName}", tags=["users"], summary="Change display name, attributes or disabled")
+async def update_user(
+    request: Request,
+    userName: UserNamePath,
+    body: UserUpdate,
+    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
+) -> Any:
+    ctx = services(request).ctx
+
+    def run() -> dict[str, Any]:
+        _user_or_404(ctx, userName)
+        return user_doc(
+            accounts.update_user(
+                ctx,
+                userName,
+                display_name=body.displayName,
+                attributes=body.attributes,
+                disabled=body.disabled,
+            )
+        )
+
+    return await run_in_threadpool(run)
+
+
+@router.delete("/users/{userName}", tags=["users"], status_code=204, summary="Delete a user")
+async def delete_user(
+    request: Request,
+    userName: UserNamePath,
+    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
+) -> Response:
+    ctx = services(request).ctx
+
+    def run() -> None:
+        _user_or_404(ctx, userName)
+        accounts.delete_user(ctx, userName)
+
+    await run_in_threadpool(run)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/users/{userName}/password", tags=["users"], summary="Set a new generated password (shown once)"
+)
+async def reset_password(
+    request: Request,
+    userName: UserNamePath,
+    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
+) -> Any:
+    ctx = services(request).ctx
+
+    def run() -> str:
+        _user_or_404(ctx, userName)
+        return accounts.reset_password(ctx, userName)
+
+    return {"userName": userName, "password": await run_in_threadpool(run)}
+
+
+# ---- groups --------------------------------------------------------------------------
+def group_doc(g: GroupRecord) -> dict[str, Any]:
+    return {
+        "groupName": g.group_name,
+        "displayName": g.display_name,
+        "roleAdmin": g.roles.admin,
+        "roleReader": g.roles.reader,
+        "roleWriter": g.roles.writer,
+        "devices": list(g.devices),
+        "members": list(g.members),
+    }
+
+
+class GroupCreate(Strict):
+    groupName: str = Field(pattern=NAME)
+    displayName: str = Field("", max_length=128)
+    roleAdmin: bool = False
+    roleReader: bool = False
+    roleWriter: bool = False
+    devices: list[str] = Field(default_factory=list, max_length=10_000)
+
+
+class GroupUpdate(Strict):
+    displayName: str | None = Field(None, max_length=128)
+    roleAdmin: bool | None = None
+    roleReader: bool | None = None
+    roleWriter: bool | None = None
+    devices: list[str] | None = Field(None, max_length=10_000)
+
+
+def _group_or_404(ctx: Context, name: str) -> GroupRecord:
+    group = ctx.accounts.get_group(name)
+    if group is None:
+        raise Problem(404, "group not found")
+    return group
+
+
+@router.get("/groups", tags=["groups"], summary="List groups")
+async def list_groups(
+    request: Request, _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)]
+) -> Any:
+    groups = await run_in_threadpool(services(request).ctx.accounts.list_groups)
+    return {"groups": [group_doc(g) for g in groups]}
+
+
+@router.post("/groups", tags=["groups"], status_code=201, summary="Create a group")
+async def create_group(
+    request: Request, body: GroupCreate, _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)]
+) -> Any:
+    ctx = services(request).ctx
+
+    def run() -> dict[str, Any]:
+        roles = Roles(admin=body.roleAdmin, reader=body.roleReader, writer=body.roleWriter)
+        return group_doc(
+            accounts.create_group(ctx, body.groupName, body.displayName, roles=roles, devices=body.devices)
+        )
+
+    return await run_in_threadpool(run)
+
+
+@router.get("/groups/{groupName}", tags=["groups"], summary="One group")
+async def get_group(
+    request: Request,
+    groupName: GroupNamePath,
+    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
+) -> Any:
+    return group_doc(await run_in_threadpool(_group_or_404, services(request).ctx, groupName))
+
+
+@router.patch("/groups/{groupName}", tags=["groups"], summary="Change roles, devices or display name")
+async def update_group(
+    request: Request,
+    groupName: GroupNamePath,
+    body: GroupUpdate,
+    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
+) -> Any:
+    ctx = services(request).ctx
+
+    def run() -> dict[str, Any]:
+        current = _group_or_404(ctx, groupName)
+        roles = None
+        if body.roleAdmin is not None or body.roleReader is not None or body.roleWriter is not None:
+            r = current.roles
+            roles = Roles(
+                admin=r.admin if body.roleAdmin is None else body.roleAdmin,
+                reader=r.reader if body.roleReader is None else body.roleReader,
+                writer=r.writer if body.roleWriter is None else body.roleWriter,
+            )
+        return group_doc(
+            accounts.update_group(
+                ctx, groupName, display_name=body.displayName, roles=roles, devices=body.devices
+            )
+        )
+
+    return await run_in_threadpool(run)
+
+
+@router.delete("/groups/{groupName}", tags=["groups"], status_code=204, summary="Delete a group")
+async def delete_group(
+    request: Request,
+    groupName: GroupNamePath,
+    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
+) -> Response:
+    ctx = services(request).ctx
+
+    def run() -> None:
+        _group_or_404(ctx, groupName)
+        accounts.delete_group(ctx, groupName)
+
+    await run_in_threadpool(run)
+    return Response(status_code=204)
+
+
+@router.put(
+    "/groups/{groupName}/members/{userName}", tags=["groups"], status_code=204, summary="Add a member"
+)
+async def add_member(
+    request: Request,
+    groupName: GroupNamePath,
+    userName: UserNamePath,
+    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
+) -> Response:
+    ctx = services(request).ctx
+
+    def run() -> None:
+        _group_or_404(ctx, groupName)
+        _user_or_404(ctx, userName)
+        accounts.add_member(ctx, groupName, userName)
+
+    await run_in_threadpool(run)
+    return Response(status_code=204)
+
+
+@router.delete(
+    "/groups/{groupName}/members/{userName}", tags=["groups"], status_code=204, summary="Remove a member"
+)
+async def remove_member(
+    request: Request,
+    groupName: GroupNamePath,
+    userName: UserNamePath,
+    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
+) -> Response:
+    ctx = services(request).ctx
+
+    def run() -> None:
+        _group_or_404(ctx, groupName)
+        accounts.remove_member(ctx, groupName, userName)
+
+    await run_in_threadpool(run)
+    return Response(status_code=204)
+
+
+# ---- device registry (administration, not data) --------------------------------------
+class DeviceCreate(Strict):
+    deviceId: str = Field(pattern=DEVICE_ID)
+    typeId: str = Field(pattern=DEVICE_ID)
+    metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict, max_length=64)
+
+
+class CredentialRotation(Strict):
+    graceSeconds: int = Field(0, ge=0, le=7 * 24 * 3600)
+
+
+@router.post(
+    "/devices",
+    tags=["device registry"],
+    status_code=201,
+    summary="Register a device; its MQTT credential is shown once",
+)
+async def register(
+    request: Request, body: DeviceCreate, _p: Annotated[Principal, Requires(Permission.DEVICES_MANAGE)]
+) -> Any:
+    ctx = services(request).ctx
+
+    def run() -> dict[str, Any]:
+        new = register_device(ctx, body.typeId, body.deviceId, body.metadata)
+        device = ctx.store.get_device(new.device_id)
+        assert device is not None  # noqa: S101 - just made
+        return {**device_doc(device), "password": new.credential}
+
+    return await run_in_threadpool(run)
+
+
+@router.delete(
+    "/devices/{deviceId}",
+    tags=["device registry"],
+    status_code=204,
+    summary="Delete a device, its events and its data keys",
+)
+async def unregister(
+    request: Request,
+    deviceId: Annotated[str, Path(pattern=DEVICE_ID)],
+    _p: Annotated[Principal, Requires(Permission.DEVICES_MANAGE)],
+) -> Response:
+    await run_in_threadpool(delete_device, services(request).ctx, deviceId)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/devices/{deviceId}/credential",
+    tags=["device registry"],
+    summary="Give a device a new MQTT credential (shown once)",
+)
+async def rotate_credential(
+    request: Request,
+    deviceId: Annotated[str, Path(pattern=DEVICE_ID)],
+    body: CredentialRotation,
+    _p: Annotated[Principal, Requires(Permission.DEVICES_MANAGE)],
+) -> Any:
+    cred = await run_in_threadpool(
+        rotate_device_credential, services(request).ctx, deviceId, grace_s=body.graceSeconds
+    )
+    return {"deviceId": deviceId, "password": cred}
+
+
+# ---- API keys ------------------------------------------------------------------------
+def key_doc(k: ApiKeyRecord) -> dict[str, Any]:
+    return {
+        "key": k.key,
+        "description": k.description,
+        "roleAdmin": k.roles.admin,
+        "roleReader": k.roles.reader,
+        "roleWriter": k.roles.writer,
+        "devices": list(k.devices),
+        "groups": list(k.groups),
+        "expires": iso(k.expires_us),
+        "lastUsed": iso(k.last_used_us),
+        "revoked": iso(k.revoked_us),
+        "createdBy": k.created_by,
+        "created": iso(k.created_us),
+    }
+
+
+class ApiKeyCreate(Strict):
+    description: str = Field("", max_length=256)
+    roleAdmin: bool = False
+    roleReader: bool = True
+    roleWriter: bool = False
+    devices: list[str] = Field(default_factory=list, max_length=10_000)
+    groups: list[str] = Field(default_factory=list, max_length=64)
+    expiresInSeconds: int | None = Field(None, ge=60, le=5 * 365 * 24 * 3600)
+
+
+@router.get("/apikeys", tags=["API keys"], summary="List API keys (never their passwords)")
+async def list_keys(request: Request, _p: Annotated[Principal, Requires(Permission.API_KEYS_MANAGE)]) -> Any:
+    keys = await run_in_threadpool(services(request).ctx.accounts.list_api_keys)
+    return {"apikeys": [key_doc(k) for k in keys]}
+
+
+@router.post(
+    "/apikeys", tags=["API keys"], status_code=201, summary="Create an API key; its password is shown once"
+)
+async def create_key(
+    request: Request,
+    body: ApiKeyCreate,
+    principal: Annotated[Principal, Requires(Permission.API_KEYS_MANAGE)],
+) -> Any:
+    ctx = services(request).ctx
+
+    def run() -> dict[str, Any]:
+        devices = set(body.devices)
+        for name in body.groups:
+            devices |= set(_group_or_404(ctx, name).devices)
+        grant = Grant(body.roleAdmin, body.roleReader, body.roleWriter, frozenset(devices))
+        wanted = Principal.from_grants("api_key", "new", [grant])
+        if not within(wanted, principal):
+            raise Problem(403, "an API key cannot hold more than its creator may grant")
+        expires = now_us() + body.expiresInSeconds * 1_000_000 if body.expiresInSeconds else None
+        key, password = accounts.create_api_key(
+            ctx,
+            roles=Roles(admin=body.roleAdmin, reader=body.roleReader, writer=body.roleWriter),
+            devices=tuple(body.devices),
+            groups=tuple(body.groups),
+            expires_us=expires,
+            description=body.description,
+            created_by=f"{principal.kind}:{principal.id}"[:64],
+        )
+        found = ctx.accounts.get_api_key(key)
+        assert found is not None  # noqa: S101 - just made
+        return {**key_doc(found[0]), "password": password}
+
+    return await run_in_threadpool(run)
+
+
+@router.delete("/apikeys/{key}", tags=["API keys"], status_code=204, summary="Revoke an API key")
+async def revoke_key(
+    request: Request,
+    key: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
+    _p: Annotated[Principal, Requires(Permission.API_KEYS_MANAGE)],
+) -> Response:
+    ctx = services(request).ctx
+    if not await run_in_threadpool(ctx.accounts.revoke_api_key, key, now_us()):
+        raise Problem(404, "API key not found")
+    return Response(status_code=204)
+
+
+# ---- security events -----------------------------------------------------------------
+@router.get(
+    "/security/events", tags=["security"], summary="Security events: rejected device messages, newest first"
+)
+async def security_events(
+    request: Request,
+    _p: Annotated[Principal, Requires(Permission.SECURITY_EVENTS_READ)],
+    count: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Any:
+    rows = await run_in_threadpool(services(request).ctx.store.list_rejected, count)
+    return {
+        "events": [
+            {
+                "timestamp": iso(r.received_us),
+                "kind": "ingest_rejected",
+                "reason": r.reason,
+                "deviceId": r.device_id,
+                "topic": r.topic,
+                "size": r.size,
+                "source": r.source,
+            }
+            for r in rows
+        ]
+    }
+
+
+# ---- the caller ----------------------------------------------------------------------
+@router.get("/me", tags=["users"], summary="Who the caller is and what it may do")
+async def me(principal: Annotated[Principal, Requires(Permission.SELF_READ)]) -> Any:
+    return {
+        "kind": principal.kind,
+        "id": principal.id,
+        "roleAdmin": principal.admin,
+        "groups": list(principal.groups),
+        "readable": sorted(principal.readable),
+        "writable": sorted(principal.writable),
+    }

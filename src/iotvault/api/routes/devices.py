@@ -1,0 +1,224 @@
+"""Device data: the list of readable devices, their latest events, pages of events, live events.
+
+Payloads are decrypted on the way out; a record that does not decrypt (tampered, or its key
+destroyed) is returned with ``payload: null`` and ``error`` set, never as garbage and never as
+a 500 for the whole page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from functools import partial
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from iotvault.api.deps import Requires
+from iotvault.api.problems import Problem
+from iotvault.api.schemas import ERRORS, DeviceOut, EventOut
+from iotvault.api.security import services
+from iotvault.auth.policy import Permission, Principal
+from iotvault.errors import CryptoError
+from iotvault.runtime import Context
+from iotvault.storage.repository import DeviceRecord, StoredEvent
+
+router = APIRouter(prefix="/iotf", tags=["devices"], responses=ERRORS)
+
+DEVICE_ID = r"^[A-Za-z0-9._-]{1,64}$"
+EVENT_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID, description="deviceId")]
+
+
+def iso(us: int | None) -> str | None:
+    if us is None:
+        return None
+    return (
+        datetime.fromtimestamp(us / 1_000_000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def device_doc(d: DeviceRecord) -> dict[str, Any]:
+    return {
+        "deviceId": d.device_id,
+        "typeId": d.type_id,
+        "status": d.status,
+        "lastSeen": iso(d.last_seen_us),
+        "metadata": dict(d.metadata),
+    }
+
+
+def event_doc(ctx: Context, e: StoredEvent) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "eventId": e.event_id,
+        "deviceId": e.device_id,
+        "typeId": e.type_id,
+        "eventType": e.event_type,
+        "format": e.fmt,
+        "timestamp": iso(e.received_us),
+    }
+    try:
+        doc["payload"] = json.loads(ctx.keyring.decrypt(e.device_id, e.event_id, e.payload))
+    except (CryptoError, ValueError):
+        doc["payload"] = None
+        doc["error"] = "the stored record does not decrypt"
+    return doc
+
+
+class DeviceList(BaseModel):
+    devices: list[DeviceOut]
+
+
+class DeviceEvents(BaseModel):
+    deviceId: str
+    events: list[EventOut]
+
+
+class EventPage(DeviceEvents):
+    next: str | None = Field(None, description="cursor for the next page: pass it as `before` (or `after`)")
+
+
+@router.get("/devices", summary="Devices the caller may read", response_model=DeviceList)
+async def list_devices(
+    request: Request, principal: Annotated[Principal, Requires(Permission.DEVICES_LIST)]
+) -> Any:
+    svc = services(request)
+    if not principal.readable:
+        return {"devices": []}
+    devices = await run_in_threadpool(svc.ctx.store.list_devices)
+    return {"devices": [device_doc(d) for d in devices if principal.can_read(d.device_id)]}
+
+
+def _device_or_404(ctx: Context, device_id: str) -> DeviceRecord:
+    device = ctx.store.get_device(device_id)
+    if device is None:
+        raise Problem(404, "device not found")
+    return device
+
+
+@router.get(
+    "/devices/{deviceId}",
+    summary="The latest events of a device, newest first",
+    response_model=DeviceEvents,
+)
+async def latest_events(
+    request: Request,
+    deviceId: DeviceIdPath,
+    _p: Annotated[Principal, Requires(Permission.DEVICE_EVENTS_READ)],
+    count: Annotated[int, Query(ge=1, le=1000, description="how many events")] = 50,
+) -> Any:
+    ctx = services(request).ctx
+
+    def load() -> list[dict[str, Any]]:
+        _device_or_404(ctx, deviceId)
+        return [event_doc(ctx, e) for e in ctx.store.last_events(deviceId, count)]
+
+    return {"deviceId": deviceId, "events": await run_in_threadpool(load)}
+
+
+def _to_us(value: datetime | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise Problem(422, f"{name} needs a time zone, e.g. 2026-11-22T10:00:00Z")
+    return int(value.timestamp() * 1_000_000)
+
+
+@router.get(
+    "/devices/{deviceId}/events",
+    summary="Events of a device, paged by cursor and filtered by time",
+    response_model=EventPage,
+)
+async def events_page(
+    request: Request,
+    deviceId: DeviceIdPath,
+    _p: Annotated[Principal, Requires(Permission.DEVICE_EVENTS_READ)],
+    count: Annotated[int, Query(ge=1, le=1000)] = 50,
+    before: Annotated[
+        str | None, Query(pattern=EVENT_ID, description="events older than this eventId")
+    ] = None,
+    after: Annotated[
+        str | None, Query(pattern=EVENT_ID, description="events newer than this eventId (oldest first)")
+    ] = None,
+    since: Annotated[datetime | None, Query(description="ISO 8601 time, inclusive")] = None,
+    until: Annotated[datetime | None, Query(description="ISO 8601 time, inclusive")] = None,
+) -> Any:
+    if before is not None and after is not None:
+        raise Problem(422, "give either before or after, not both")
+    since_us, until_us = _to_us(since, "since"), _to_us(until, "until")
+    ctx = services(request).ctx
+
+    def load() -> list[dict[str, Any]]:
+        _device_or_404(ctx, deviceId)
+        page = ctx.store.events_page(
+            deviceId, count=count, before=before, after=after, since_us=since_us, until_us=until_us
+        )
+        return [event_doc(ctx, e) for e in page]
+
+    events = await run_in_threadpool(load)
+    nxt = events[-1]["eventId"] if len(events) == count else None
+    return {"deviceId": deviceId, "events": events, "next": nxt}
+
+
+@router.get(
+    "/devices/{deviceId}/stream",
+    summary="Live events of a device (Server-Sent Events)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "a stream of `event` messages"}},
+)
+async def stream(
+    request: Request,
+    deviceId: DeviceIdPath,
+    _p: Annotated[Principal, Requires(Permission.DEVICE_EVENTS_READ)],
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", pattern=EVENT_ID)] = None,
+) -> StreamingResponse:
+    svc = services(request)
+    ctx = svc.ctx
+
+    def newest() -> str | None:
+        _device_or_404(ctx, deviceId)
+        latest = ctx.store.last_events(deviceId, 1)
+        return latest[0].event_id if latest else None
+
+    # "0" sorts before every event id: a device with no events yet streams all that arrive
+    cursor: str = last_event_id or await run_in_threadpool(newest) or "0"
+
+    async def events() -> AsyncIterator[bytes]:
+        nonlocal cursor
+        wake = svc.notifier.subscribe(deviceId)
+        try:
+            yield b": connected\n\nretry: 2000\n\n"
+            idle = 0.0
+            while not svc.stopping.is_set():
+                page = await run_in_threadpool(
+                    partial(ctx.store.events_page, deviceId, count=500, after=cursor)
+                )
+                for e in page:
+                    doc = await run_in_threadpool(event_doc, ctx, e)
+                    yield f"id: {e.event_id}\nevent: event\ndata: {json.dumps(doc)}\n\n".encode()
+                    cursor = e.event_id
+                if page:
+                    continue
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=svc.stream_poll_s)
+                idle += svc.stream_poll_s
+                if idle >= 15:
+                    idle = 0.0
+                    yield b": keep-alive\n\n"
+                if await request.is_disconnected():
+                    return
+        finally:
+            svc.notifier.unsubscribe(deviceId, wake)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"X-Accel-Buffering": "no", "Cache-Control": "no-store"},
+    )

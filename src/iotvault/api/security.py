@@ -1,0 +1,164 @@
+"""Authentication: the ``Authorization`` header becomes a :class:`~iotvault.auth.policy.Principal`.
+
+Accepted forms (the contract, and the seed's clients):
+
+* ``Bearer <access_token>`` or ``Bearer <access_token> <id_token>`` (App ID's form): JWTs
+  verified by :mod:`iotvault.auth.tokens` against the built-in provider or a configured
+  external issuer;
+* ``Basic base64(key:password)``: an API key (Cloudant's form).
+
+Failures all answer 401 with ``WWW-Authenticate`` and a short reason, and count against the
+caller's address; too many in a window answer 429 before any verification work is done.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import time
+from dataclasses import dataclass
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from iotvault.accounts import verify_api_key
+from iotvault.api.problems import Problem, unauthorized
+from iotvault.api.services import ApiServices
+from iotvault.auth.policy import ANONYMOUS_GROUP, Grant, Principal
+from iotvault.auth.tokens import InvalidTokenError, TokenClaims
+from iotvault.runtime import now_us
+
+MAX_HEADER = 16 * 1024
+CACHE_TTL_S = 5.0
+
+
+@dataclass
+class _Cached:
+    principal: Principal
+    until: float
+
+
+class _Failed(Exception):  # noqa: N818 - internal signal, never escapes this module
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def services(request: Request) -> ApiServices:
+    svc: ApiServices = request.app.state.services
+    return svc
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _group_grants(
+    svc: ApiServices, group_names: list[str] | tuple[str, ...]
+) -> tuple[list[Grant], list[str]]:
+    grants, found = [], []
+    for name in group_names:
+        g = svc.ctx.accounts.get_group(name)
+        if g is not None:
+            grants.append(Grant(g.roles.admin, g.roles.reader, g.roles.writer, frozenset(g.devices)))
+            found.append(g.group_name)
+    return grants, found
+
+
+def _principal_for_claims(svc: ApiServices, claims: TokenClaims) -> Principal:
+    if claims.anonymous:
+        grants, found = _group_grants(svc, [ANONYMOUS_GROUP])
+        return Principal.from_grants("anonymous", claims.subject, grants, found)
+    if claims.local:
+        name = claims.user_name or claims.subject
+        user = svc.ctx.accounts.get_user(name)
+        if user is None or user.disabled:
+            raise _Failed("unknown or disabled user")
+        groups = svc.ctx.accounts.groups_of_user(user.user_name)
+        grants = [Grant(g.roles.admin, g.roles.reader, g.roles.writer, frozenset(g.devices)) for g in groups]
+        return Principal.from_grants("user", user.user_name, grants, [g.group_name for g in groups])
+    grants, found = _group_grants(svc, claims.groups)
+    return Principal.from_grants("external", f"{claims.issuer}#{claims.subject}", grants, found)
+
+
+def _principal_for_api_key(svc: ApiServices, key: str, password: str) -> Principal:
+    record = verify_api_key(svc.ctx, key, password, now_us())
+    if record is None:
+        raise _Failed("invalid, expired or revoked API key")
+    devices: set[str] = set(record.devices)
+    for name in record.groups:
+        g = svc.ctx.accounts.get_group(name)
+        if g is not None:
+            devices |= set(g.devices)
+    grant = Grant(record.roles.admin, record.roles.reader, record.roles.writer, frozenset(devices))
+    return Principal.from_grants("api_key", record.key, [grant], record.groups)
+
+
+class Authenticator:
+    def __init__(self) -> None:
+        self._cache: dict[bytes, _Cached] = {}
+
+    async def _bearer(self, svc: ApiServices, value: str) -> Principal:
+        parts = value.split(" ")
+        if not 1 <= len(parts) <= 2 or not all(parts):
+            raise _Failed("expected 'Bearer <access_token>' or 'Bearer <access_token> <id_token>'")
+        if svc.verifier is None:
+            raise _Failed("bearer tokens are not configured")
+        digest = hashlib.sha256(value.encode()).digest()
+        hit = self._cache.get(digest)
+        now = time.monotonic()
+        if hit is not None and hit.until > now:
+            return hit.principal
+        try:
+            claims = await svc.verifier.verify(parts[0], parts[1] if len(parts) == 2 else None)
+        except InvalidTokenError as exc:
+            raise _Failed(f"invalid token: {exc.reason}") from None
+        principal = await run_in_threadpool(_principal_for_claims, svc, claims)
+        ttl = min(CACHE_TTL_S, max(0.0, claims.expires_at - time.time()))
+        if len(self._cache) > 10_000:
+            self._cache = {k: v for k, v in self._cache.items() if v.until > now}
+        self._cache[digest] = _Cached(principal, now + ttl)
+        return principal
+
+    @staticmethod
+    async def _basic(svc: ApiServices, value: str) -> Principal:
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise _Failed("malformed Basic credentials") from None
+        key, sep, password = decoded.partition(":")
+        if not sep or not key or not password or len(key) > 64 or len(password) > 256:
+            raise _Failed("malformed Basic credentials")
+        return await run_in_threadpool(_principal_for_api_key, svc, key, password)
+
+    async def __call__(self, request: Request) -> Principal:
+        svc = services(request)
+        address = client_address(request)
+        limiter = svc.limiter
+        if limiter is not None:
+            retry = await limiter.auth_blocked(address)
+            if retry is not None:
+                raise Problem(429, "too many failed authentications", headers={"Retry-After": str(retry)})
+        header = request.headers.get("authorization")
+        if header is None:
+            raise unauthorized()
+        scheme, _, value = header.strip().partition(" ")
+        try:
+            if len(header) > MAX_HEADER:
+                raise _Failed("Authorization header too large")  # noqa: TRY301 - handled just below
+            if scheme.lower() == "bearer":
+                principal = await self._bearer(svc, value.strip())
+            elif scheme.lower() == "basic":
+                principal = await self._basic(svc, value)
+            else:
+                raise _Failed("unsupported authorization scheme")  # noqa: TRY301 - handled just below
+        except _Failed as exc:
+            if limiter is not None:
+                await limiter.auth_failed(address)
+            raise unauthorized(exc.reason) from None
+        if limiter is not None:
+            retry = await limiter.hit_principal(f"{principal.kind}:{principal.id}")
+            if retry is not None:
+                raise Problem(429, "rate limit exceeded", headers={"Retry-After": str(retry)})
+        request.state.principal = principal
+        return principal
