@@ -134,9 +134,7 @@ def test_device_lifecycle_and_secret_shown_once(tmp_path: Path) -> None:
     assert "does not exist" in one_line_error(iotvault("events", "tail", "k-1", env=env))
 
 
-def test_serve_health_metrics_and_sigterm(
-    tmp_path: Path, server_factory: list[ServerProcess]
-) -> None:
+def test_serve_health_metrics_and_sigterm(tmp_path: Path, server_factory: list[ServerProcess]) -> None:
     env = server_env(tmp_path)
     server = ServerProcess(env, tmp_path / "server.log")
     server_factory.append(server)

@@ -109,13 +109,6 @@ async def devices() -> AsyncIterator[Callable[..., Device]]:
             await device.client.disconnect()
 
 
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    async with asyncio.timeout(TIMEOUT):
-        while not condition():
-            await asyncio.sleep(0.01)
-    assert condition(), what
-
-
 def connect_packet(client_id: str, keepalive: int) -> bytes:
     cid = client_id.encode()
     body = b"\x00\x04MQTT\x04\x02" + struct.pack("!HH", keepalive, len(cid)) + cid
@@ -143,11 +136,12 @@ async def raw_connect(port: int, client_id: str, keepalive: int = 30) -> tuple[A
 async def test_publish_is_acknowledged_and_forwarded_only_after_the_hook(
     devices: Callable[..., Device], qos: int
 ) -> None:
-    release = asyncio.Event()
+    called, release = asyncio.Event(), asyncio.Event()
     seen: list[InboundPublish] = []
 
     async def store(message: InboundPublish) -> None:
         seen.append(message)
+        called.set()
         await release.wait()
 
     topic = f"iot-2/type/sensor/id/dev-1/evt/reading/fmt/json/q{qos}"
@@ -159,7 +153,7 @@ async def test_publish_is_acknowledged_and_forwarded_only_after_the_hook(
         await device.connect(broker.port, username="dev-1", password="secret")
 
         device.client.publish(topic, b'{"t": 21.5}', qos=qos)
-        await eventually(lambda: bool(seen), "the hook was not called")
+        await asyncio.wait_for(called.wait(), TIMEOUT)
         await asyncio.sleep(QUIET)
         assert not device.storage.is_empty, "acknowledged before the hook finished"
         assert watcher.messages.empty(), "forwarded before the hook finished"
@@ -235,7 +229,9 @@ async def test_authenticate_refuses_a_bad_password(devices: Callable[..., Device
         assert presence == [("dev-3", "dev-3", True)]
 
 
-async def test_refused_client_cannot_take_over_a_connected_device(devices: Callable[..., Device]) -> None:
+async def test_refused_client_cannot_disturb_a_connected_device(devices: Callable[..., Device]) -> None:
+    # amqtt on its own authenticates late: a CONNECT with the wrong password would first take
+    # over the device's persistent session (disconnecting it), or delete it (clean session).
     stored: list[InboundPublish] = []
     presence: list[bool] = []
 
@@ -248,16 +244,20 @@ async def test_refused_client_cannot_take_over_a_connected_device(devices: Calla
     async def on_connection(client_id: str, username: str | None, connected: bool) -> None:
         presence.append(connected)
 
+    command_topic = "iot-2/type/sensor/id/dev-4/cmd/reboot/fmt/json"
     async with EmbeddedBroker(
         HOST, 0, authenticate=authenticate, on_publish=store, on_connection=on_connection
     ) as broker:
         device = devices("dev-4", clean_session=False)
         await device.connect(broker.port, username="dev-4", password="right")
-        for clean_session in (True, False):
+        assert await device.subscribe(command_topic) == (1,)
+        for clean_session in (False, True):
             intruder = devices("dev-4", clean_session=clean_session)
             with pytest.raises(MQTTConnectError):
                 await intruder.connect(broker.port, username="dev-4", password="wrong")
 
+        await broker.publish(command_topic, b"{}")
+        assert await asyncio.wait_for(device.messages.get(), TIMEOUT) == (command_topic, b"{}", 1)
         device.client.publish("iot-2/type/sensor/id/dev-4/evt/reading/fmt/json", b"{}", qos=1)
         await device.acknowledged()
         assert not device.disconnected.is_set()

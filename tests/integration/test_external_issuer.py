@@ -7,6 +7,7 @@ iotvault asks.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import threading
@@ -71,7 +72,11 @@ class Issuer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="test-issuer", daemon=True)
+        self.thread = threading.Thread(
+            target=functools.partial(self.server.serve_forever, poll_interval=0.05),
+            name="test-issuer",
+            daemon=True,
+        )
 
     def rotate(self) -> None:
         number = int(str(self.key.kid).split("-")[1]) + 1

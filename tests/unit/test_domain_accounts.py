@@ -107,6 +107,10 @@ def test_passwords_have_bounds() -> None:
         check_password("x" * 1025)
     with pytest.raises(ValidationError):
         check_password(None)
+    with pytest.raises(ValidationError, match="Unicode"):
+        check_password("long enough \ud800 password")
+    with pytest.raises(ValidationError, match="Unicode"):
+        check_display_name("lone \udfff")
 
 
 def test_device_and_group_lists_are_validated_deduplicated_sorted() -> None:

@@ -537,7 +537,7 @@ class _FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type
     def __init__(
         self,
         stream: asyncio.StreamReader,
-        transport: asyncio.BaseTransport,
+        transport: asyncio.WriteTransport,
         max_packet_size: int,
         peer: object,
     ) -> None:

@@ -36,6 +36,14 @@ MAX_PASSWORD: Final = 1024
 API_KEY_PREFIX: Final = "k-"
 
 
+def _check_encodable(field: str, value: str) -> None:
+    """Lone surrogates (possible in a decoded JSON string) have no UTF-8 form to store or hash."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(field, "must be valid Unicode text") from None
+
+
 def check_name(field: str, value: object) -> str:
     """Return ``value`` if it is a valid user or group name, else raise ValidationError."""
     if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
@@ -55,6 +63,7 @@ def check_text(field: str, value: object, *, max_len: int) -> str:
         raise ValidationError(field, f"must be at most {max_len} characters")
     if _CONTROL_RE.search(value):
         raise ValidationError(field, "must not contain control characters")
+    _check_encodable(field, value)
     return value
 
 
@@ -85,6 +94,7 @@ def check_password(value: object) -> str:
         raise ValidationError("password", "must be a string")
     if not MIN_PASSWORD <= len(value) <= MAX_PASSWORD:
         raise ValidationError("password", f"must be {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+    _check_encodable("password", value)
     return value
 
 

@@ -62,8 +62,12 @@ class EventIdFactory:
         self._counter = 0
 
     def new(self) -> str:
+        return self.new_at(time.time_ns() // 1_000_000)
+
+    def new_at(self, unix_ms: int) -> str:
+        """An id for the given time (still strictly after every id this factory made)."""
         with self._lock:
-            ms = time.time_ns() // 1_000_000
+            ms = unix_ms
             if ms <= self._last_ms:
                 ms = self._last_ms
                 self._counter += 1

@@ -29,7 +29,7 @@ from enum import StrEnum
 from types import TracebackType
 
 from iotvault.crypto.keyring import KeyRing
-from iotvault.domain.ids import EventIdFactory
+from iotvault.domain.ids import EventIdFactory, event_id_millis
 from iotvault.domain.topics import CommandTopic, EventTopic, StatusTopic, parse_topic
 from iotvault.errors import DataKeyNotFoundError, IotVaultError, TopicError
 from iotvault.ingest.dedupe import InflightIndex, digest, pack, unpack
@@ -105,6 +105,7 @@ def parse_status(payload: bytes) -> str | None:
 class _Pending:
     msg: Inbound
     received_us: int
+    event_id: str
     future: asyncio.Future[Outcome]
 
 
@@ -198,7 +199,10 @@ class IngestPipeline:
         if self._closing:
             raise asyncio.CancelledError
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(msg, time.time_ns() // 1000, fut))
+        # the event id is made on arrival and the receive time is read from it, so the two
+        # always agree and a time range can be served from the (device_id, event_id) key
+        event_id = self._ids.new()
+        self._pending.append(_Pending(msg, event_id_millis(event_id) * 1000, event_id, fut))
         if len(self._pending) == 1:
             self._wake.set()
         if len(self._pending) >= self._batch_size:
@@ -328,7 +332,7 @@ class IngestPipeline:
             except (ValueError, RecursionError):  # a 1 KB "[[[[…" must not stop ingest
                 reject(p, Reason.INVALID_JSON, topic.device_id)
                 continue
-            event_id = self._ids.new()
+            event_id = p.event_id
             try:
                 record = self._keyring.encrypt(topic.device_id, event_id, msg.payload)
             except DataKeyNotFoundError:  # deleted since the cache entry was made
