@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet
 
@@ -61,18 +62,7 @@ class Api:
     events: dict[str, list[str]] = field(default_factory=dict)  # device -> event ids, oldest first
 
     def token(self, sub: str, **overrides: Any) -> str:
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "iss": ISSUER,
-            "aud": AUDIENCE,
-            "sub": sub,
-            "preferred_username": sub,
-            "iat": now,
-            "exp": now + 300,
-        }
-        claims.update(overrides)
-        header = {"alg": "ES256", "kid": self.key.kid}
-        return jwt.encode(header, {k: v for k, v in claims.items() if v is not None}, self.key)
+        return mint(self.key, sub, **overrides)
 
     def auth(self, user: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(user)}"}
@@ -109,14 +99,44 @@ def seed(ctx: Context, events_per_device: int = 60) -> dict[str, list[str]]:
     return out
 
 
-@asynccontextmanager
-async def running_api(
+@dataclass
+class Built:
+    app: FastAPI
+    ctx: Context
+    key: ECKey
+    svc: ApiServices
+    events: dict[str, list[str]]
+
+    def token(self, sub: str, **overrides: Any) -> str:
+        return mint(self.key, sub, **overrides)
+
+    def close(self) -> None:
+        self.svc.stopping.set()
+        self.ctx.close()
+
+
+def mint(key: ECKey, sub: str, **overrides: Any) -> str:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": sub,
+        "preferred_username": sub,
+        "iat": now,
+        "exp": now + 300,
+    }
+    claims.update(overrides)
+    header = {"alg": "ES256", "kid": key.kid}
+    return jwt.encode(header, {k: v for k, v in claims.items() if v is not None}, key)
+
+
+def build_api(
     tmp_path: Path,
     database_url: str | None = None,
     *,
     limits: tuple[str, str, str] | None = None,
     **settings: str,
-) -> AsyncIterator[Api]:
+) -> Built:
     env = {"IOTVAULT_DATA_DIR": str(tmp_path / "data")}
     if database_url:
         env["IOTVAULT_DATABASE_URL"] = database_url
@@ -124,13 +144,8 @@ async def running_api(
     s = load_settings(environ=env)
     ctx = open_context(s)
     key = ECKey.generate_key("P-256", parameters={"kid": f"test-{uuid.uuid4().hex[:8]}"}, private=True)
-    verifier = TokenVerifier(
-        [
-            IssuerConfig(
-                issuer=ISSUER, audience=AUDIENCE, keys=StaticKeys(public_keyset(KeySet([key]))), local=True
-            )
-        ]
-    )
+    keys = StaticKeys(public_keyset(KeySet([key])))
+    verifier = TokenVerifier([IssuerConfig(issuer=ISSUER, audience=AUDIENCE, keys=keys, local=True)])
     per_ip, per_principal, failures = limits or ("100000/minute", "100000/minute", "100000/minute")
     svc = ApiServices(
         settings=s,
@@ -141,14 +156,24 @@ async def running_api(
         stream_poll_s=0.2,
     )
     events = seed(ctx)
-    app = create_app(svc)
-    transport = httpx.ASGITransport(app=app)
+    return Built(create_app(svc), ctx, key, svc, events)
+
+
+@asynccontextmanager
+async def running_api(
+    tmp_path: Path,
+    database_url: str | None = None,
+    *,
+    limits: tuple[str, str, str] | None = None,
+    **settings: str,
+) -> AsyncIterator[Api]:
+    built = build_api(tmp_path, database_url, limits=limits, **settings)
+    transport = httpx.ASGITransport(app=built.app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield Api(ctx, client, key, events)
+            yield Api(built.ctx, client, built.key, built.events)
     finally:
-        svc.stopping.set()
-        ctx.close()
+        built.close()
 
 
 def api_key_for(

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 HOST = "127.0.0.1"
 TIMEOUT = 5.0
 QUIET = 0.3  # how long "nothing happens" is watched for; localhost answers in milliseconds
+NEVER = -2  # gmqtt reconnects while its failed attempts <= reconnect_retries; -1 is "always"
 BROKER_LOGGER = "iotvault.broker.embedded"
 
 
@@ -52,23 +53,21 @@ class Device:
         *,
         clean_session: bool = True,
         storage: PersistentStorage | None = None,
-        reconnect_delay: float = 60,
+        reconnect_delay: float | None = None,
     ) -> None:
         self.storage = storage if storage is not None else PersistentStorage()
         self.client = Client(client_id, clean_session=clean_session, persistent_storage=self.storage)
-        self.client.set_config({"reconnect_delay": reconnect_delay})
-        self.connected = asyncio.Event()
+        if reconnect_delay is None:  # no automatic reconnection, unless the test wants it
+            self.client.set_config({"reconnect_retries": NEVER})
+        else:
+            self.client.set_config({"reconnect_delay": reconnect_delay})
         self.disconnected = asyncio.Event()
         self.unacked_when_disconnected: int | None = None
         self.messages: asyncio.Queue[tuple[str, bytes, int]] = asyncio.Queue()
         self.subacks: asyncio.Queue[tuple[int, ...]] = asyncio.Queue()
-        self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
-
-    def _on_connect(self, client: Any, flags: int, rc: int, properties: Any) -> None:
-        self.connected.set()
 
     def _on_disconnect(self, client: Any, packet: Any, exc: Any = None) -> None:
         self.unacked_when_disconnected = len(self.storage.get_all())
@@ -93,20 +92,36 @@ class Device:
     async def acknowledged(self) -> None:
         await asyncio.wait_for(self.storage.wait_empty(), TIMEOUT)
 
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):  # it may never have connected, or been refused
+            await self.client.disconnect()
 
-@pytest.fixture
-async def devices() -> AsyncIterator[Callable[..., Device]]:
-    made: list[Device] = []
 
-    def make(client_id: str, **kwargs: Any) -> Device:
+class Mqtt:
+    """Makes brokers and devices; the devices disconnect before their broker stops, as they
+    would in life (otherwise gmqtt schedules reconnects that outlive the test)."""
+
+    def __init__(self) -> None:
+        self._devices: list[Device] = []
+
+    def device(self, client_id: str, **kwargs: Any) -> Device:
         device = Device(client_id, **kwargs)
-        made.append(device)
+        self._devices.append(device)
         return device
 
-    yield make
-    for device in made:
-        with contextlib.suppress(Exception):
-            await device.client.disconnect()
+    @contextlib.asynccontextmanager
+    async def broker(self, **kwargs: Any) -> AsyncIterator[EmbeddedBroker]:
+        async with EmbeddedBroker(HOST, 0, **kwargs) as broker:
+            try:
+                yield broker
+            finally:
+                for device in self._devices:
+                    await device.close()
+
+
+@pytest.fixture
+def mqtt() -> Mqtt:
+    return Mqtt()
 
 
 def connect_packet(client_id: str, keepalive: int) -> bytes:
@@ -133,9 +148,7 @@ async def raw_connect(port: int, client_id: str, keepalive: int = 30) -> tuple[A
 
 
 @pytest.mark.parametrize("qos", [1, 2])
-async def test_publish_is_acknowledged_and_forwarded_only_after_the_hook(
-    devices: Callable[..., Device], qos: int
-) -> None:
+async def test_publish_is_acknowledged_and_forwarded_only_after_the_hook(mqtt: Mqtt, qos: int) -> None:
     called, release = asyncio.Event(), asyncio.Event()
     seen: list[InboundPublish] = []
 
@@ -145,11 +158,11 @@ async def test_publish_is_acknowledged_and_forwarded_only_after_the_hook(
         await release.wait()
 
     topic = f"iot-2/type/sensor/id/dev-1/evt/reading/fmt/json/q{qos}"
-    async with EmbeddedBroker(HOST, 0, on_publish=store) as broker:
-        watcher = devices("watcher")
+    async with mqtt.broker(on_publish=store) as broker:
+        watcher = mqtt.device("watcher")
         await watcher.connect(broker.port)
         assert await watcher.subscribe(topic, qos=1) == (1,)
-        device = devices("dev-1")
+        device = mqtt.device("dev-1")
         await device.connect(broker.port, username="dev-1", password="secret")
 
         device.client.publish(topic, b'{"t": 21.5}', qos=qos)
@@ -175,7 +188,7 @@ async def test_publish_is_acknowledged_and_forwarded_only_after_the_hook(
 
 
 async def test_failing_hook_withholds_the_ack_and_the_resend_is_stored(
-    devices: Callable[..., Device], caplog: pytest.LogCaptureFixture
+    mqtt: Mqtt, caplog: pytest.LogCaptureFixture
 ) -> None:
     attempts: list[InboundPublish] = []
 
@@ -186,9 +199,9 @@ async def test_failing_hook_withholds_the_ack_and_the_resend_is_stored(
 
     topic = "iot-2/type/sensor/id/dev-2/evt/reading/fmt/json"
     payload = b'{"secret-reading": 42}'
-    async with EmbeddedBroker(HOST, 0, on_publish=store) as broker:
+    async with mqtt.broker(on_publish=store) as broker:
         # A persistent session, as a device that wants redelivery uses [MQTT-4.4.0-1].
-        device = devices("dev-2", clean_session=False, storage=DupMarkingStorage(), reconnect_delay=0.1)
+        device = mqtt.device("dev-2", clean_session=False, storage=DupMarkingStorage(), reconnect_delay=0.1)
         await device.connect(broker.port)
         device.client.publish(topic, payload, qos=1)
 
@@ -206,7 +219,7 @@ async def test_failing_hook_withholds_the_ack_and_the_resend_is_stored(
     assert all("secret-reading" not in r.getMessage() for r in caplog.records)
 
 
-async def test_authenticate_refuses_a_bad_password(devices: Callable[..., Device]) -> None:
+async def test_authenticate_refuses_a_bad_password(mqtt: Mqtt) -> None:
     asked: list[tuple[str, str | None, str | None]] = []
     presence: list[tuple[str, str | None, bool]] = []
 
@@ -217,19 +230,19 @@ async def test_authenticate_refuses_a_bad_password(devices: Callable[..., Device
     async def on_connection(client_id: str, username: str | None, connected: bool) -> None:
         presence.append((client_id, username, connected))
 
-    async with EmbeddedBroker(HOST, 0, authenticate=authenticate, on_connection=on_connection) as broker:
-        intruder = devices("dev-3")
+    async with mqtt.broker(authenticate=authenticate, on_connection=on_connection) as broker:
+        intruder = mqtt.device("dev-3")
         with pytest.raises(MQTTConnectError):
             await intruder.connect(broker.port, username="dev-3", password="wrong")
         assert asked == [("dev-3", "dev-3", "wrong")]
         assert presence == []
 
-        device = devices("dev-3")
+        device = mqtt.device("dev-3")
         await device.connect(broker.port, username="dev-3", password="right")
         assert presence == [("dev-3", "dev-3", True)]
 
 
-async def test_refused_client_cannot_disturb_a_connected_device(devices: Callable[..., Device]) -> None:
+async def test_refused_client_cannot_disturb_a_connected_device(mqtt: Mqtt) -> None:
     # amqtt on its own authenticates late: a CONNECT with the wrong password would first take
     # over the device's persistent session (disconnecting it), or delete it (clean session).
     stored: list[InboundPublish] = []
@@ -245,14 +258,14 @@ async def test_refused_client_cannot_disturb_a_connected_device(devices: Callabl
         presence.append(connected)
 
     command_topic = "iot-2/type/sensor/id/dev-4/cmd/reboot/fmt/json"
-    async with EmbeddedBroker(
-        HOST, 0, authenticate=authenticate, on_publish=store, on_connection=on_connection
+    async with mqtt.broker(
+        authenticate=authenticate, on_publish=store, on_connection=on_connection
     ) as broker:
-        device = devices("dev-4", clean_session=False)
+        device = mqtt.device("dev-4", clean_session=False)
         await device.connect(broker.port, username="dev-4", password="right")
         assert await device.subscribe(command_topic) == (1,)
         for clean_session in (False, True):
-            intruder = devices("dev-4", clean_session=clean_session)
+            intruder = mqtt.device("dev-4", clean_session=clean_session)
             with pytest.raises(MQTTConnectError):
                 await intruder.connect(broker.port, username="dev-4", password="wrong")
 
@@ -265,7 +278,7 @@ async def test_refused_client_cannot_disturb_a_connected_device(devices: Callabl
         assert presence == [True]
 
 
-async def test_authorize_refuses_forbidden_publish_and_subscribe(devices: Callable[..., Device]) -> None:
+async def test_authorize_refuses_forbidden_publish_and_subscribe(mqtt: Mqtt) -> None:
     asked: list[tuple[str, str | None, str, TopicAction]] = []
     stored: list[InboundPublish] = []
 
@@ -276,13 +289,13 @@ async def test_authorize_refuses_forbidden_publish_and_subscribe(devices: Callab
     async def store(message: InboundPublish) -> None:
         stored.append(message)
 
-    async with EmbeddedBroker(HOST, 0, on_publish=store, authorize=authorize) as broker:
-        subscriber = devices("dev-5")
+    async with mqtt.broker(on_publish=store, authorize=authorize) as broker:
+        subscriber = mqtt.device("dev-5")
         await subscriber.connect(broker.port)
         assert await subscriber.subscribe("own/dev-6/#") == (0x80,)
         assert await subscriber.subscribe("own/dev-5/#") == (1,)
 
-        publisher = devices("dev-6")
+        publisher = mqtt.device("dev-6")
         await publisher.connect(broker.port)
         publisher.client.publish("own/dev-5/cmd", b"{}", qos=1)
         await asyncio.wait_for(publisher.disconnected.wait(), TIMEOUT)
@@ -290,7 +303,7 @@ async def test_authorize_refuses_forbidden_publish_and_subscribe(devices: Callab
         await asyncio.sleep(QUIET)
         assert subscriber.messages.empty()
 
-        allowed = devices("dev-5b")
+        allowed = mqtt.device("dev-5b")
         await allowed.connect(broker.port)
         allowed.client.publish("own/dev-5b/evt", b"{}", qos=1)
         await allowed.acknowledged()
@@ -300,14 +313,36 @@ async def test_authorize_refuses_forbidden_publish_and_subscribe(devices: Callab
     assert ("dev-6", None, "own/dev-5/cmd", "publish") in asked
 
 
-async def test_on_connection_sees_connect_and_disconnect(devices: Callable[..., Device]) -> None:
+async def test_reconnecting_client_replaces_its_previous_connection(mqtt: Mqtt) -> None:
+    # A device that lost its network connects again before the broker noticed [MQTT-3.1.4-2].
+    presence: list[bool] = []
+
+    async def on_connection(client_id: str, username: str | None, connected: bool) -> None:
+        presence.append(connected)
+
+    command_topic = "iot-2/type/sensor/id/dev-11/cmd/reboot/fmt/json"
+    async with mqtt.broker(on_connection=on_connection) as broker:
+        before = mqtt.device("dev-11", clean_session=False)
+        await before.connect(broker.port)
+        assert await before.subscribe(command_topic) == (1,)
+
+        after = mqtt.device("dev-11", clean_session=False)
+        await after.connect(broker.port)
+        await asyncio.wait_for(before.disconnected.wait(), TIMEOUT)
+        await broker.publish(command_topic, b"{}")
+        assert await asyncio.wait_for(after.messages.get(), TIMEOUT) == (command_topic, b"{}", 1)
+        assert not after.disconnected.is_set()
+        assert presence == [True]
+
+
+async def test_on_connection_sees_connect_and_disconnect(mqtt: Mqtt) -> None:
     presence: asyncio.Queue[tuple[str, str | None, bool]] = asyncio.Queue()
 
     async def on_connection(client_id: str, username: str | None, connected: bool) -> None:
         presence.put_nowait((client_id, username, connected))
 
-    async with EmbeddedBroker(HOST, 0, on_connection=on_connection) as broker:
-        device = devices("dev-7")
+    async with mqtt.broker(on_connection=on_connection) as broker:
+        device = mqtt.device("dev-7")
         await device.connect(broker.port, username="dev-7", password="x")
         assert await asyncio.wait_for(presence.get(), TIMEOUT) == ("dev-7", "dev-7", True)
         await device.client.disconnect()
@@ -363,18 +398,18 @@ async def test_port_in_use_raises_port_in_use_error(caplog: pytest.LogCaptureFix
         taken.bind((HOST, 0))
         taken.listen()
         port = taken.getsockname()[1]
-        broker = EmbeddedBroker(HOST, port)
         with pytest.raises(PortInUseError, match=rf"\b{port}\b") as caught:
-            await broker.__aenter__()
+            async with EmbeddedBroker(HOST, port):
+                pass
     assert caught.value.port == port
     assert caught.value.setting == "IOTVAULT_MQTT_PORT"
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-async def test_publish_from_the_broker_reaches_a_subscriber(devices: Callable[..., Device]) -> None:
+async def test_publish_from_the_broker_reaches_a_subscriber(mqtt: Mqtt) -> None:
     topic = "iot-2/type/sensor/id/dev-10/cmd/reboot/fmt/json"
-    async with EmbeddedBroker(HOST, 0) as broker:
-        device = devices("dev-10")
+    async with mqtt.broker() as broker:
+        device = mqtt.device("dev-10")
         await device.connect(broker.port)
         assert await device.subscribe(topic, qos=1) == (1,)
         await broker.publish(topic, b'{"delay": 0}', qos=1)

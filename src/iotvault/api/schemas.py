@@ -26,6 +26,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     403: _problem("authenticated, but not allowed"),
     404: _problem("not found, or not visible to the caller"),
     406: _problem("the Accept header excludes what this endpoint produces"),
+    409: _problem("conflict, e.g. the name is taken"),
     413: _problem("request body too large"),
     415: _problem("the body must be application/json"),
     422: _problem("invalid parameters or body"),

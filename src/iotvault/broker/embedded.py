@@ -45,12 +45,19 @@ a fixed header announces a packet larger than ``max_packet_size`` bytes, before 
 read. (MQTT 3.1.1 has no way to say why.) The ingest pipeline has its own, smaller, limit on
 event payloads.
 
+**One connection per client id.** When a client id connects again while its previous
+connection is still open (a device that lost its network reconnects before the broker noticed),
+the broker closes the previous connection and waits for amqtt to finish it *before* amqtt sees
+the new one [MQTT-3.1.4-2]. amqtt 0.12 would not close it at all with a clean session, and with
+a persistent session its own take-over lets the old connection's ending mark the shared session
+disconnected after the new connection started, so messages for the device were queued instead of
+delivered.
+
 **Presence.** ``on_connection(client_id, username, connected)`` is called when a client id
 goes from no connection to one (``True``) and back (``False``), whether it disconnected, was
 dropped, or was silent for 1.5 times its keep-alive (amqtt 0.12 never drops silent clients;
-this module does, [MQTT-3.1.2-24]). Calls are serialised, so they arrive in order. amqtt does
-not close an older connection when a client reconnects with a clean session; counting
-connections keeps the presence right meanwhile.
+this module does, [MQTT-3.1.2-24]). A reconnection that replaces a connection is not reported.
+Calls are serialised, so they arrive in order.
 
 **Quiet, explicit amqtt.** The ``amqtt`` and ``transitions`` loggers are set to WARNING unless
 someone configured them; amqtt's plugins are listed explicitly, so nothing is loaded from entry
@@ -70,7 +77,8 @@ tests in ``tests/integration/test_embedded_broker.py`` exercise all of them):
 1. ``Broker._handle_client_session(reader, writer, session, handler, server, listener_name)`` —
    overridden. amqtt calls it once per connection, after CONNECT, with that connection's
    ``BrokerProtocolHandler``: the one place where the handler exists and no PUBLISH has been
-   read yet. The override installs the hooks below and reports presence around ``super()``.
+   read yet. The override installs the hooks below, ends a previous connection of the same
+   client id, and reports presence around ``super()``.
 2. ``ProtocolHandler._handle_message_flow(app_message)`` — replaced on each handler *instance*.
    Every incoming PUBLISH goes through it (from ``handle_publish``, one task per packet), and
    it is what queues the message for delivery and then sends PUBACK
@@ -141,6 +149,7 @@ CONNECT_TIMEOUT: Final = 10.0
 """Seconds a new connection has to send its CONNECT packet."""
 
 _SHUTDOWN_GRACE: Final = 10.0  # seconds __aexit__ waits for running hooks and connections
+_TAKE_OVER_GRACE: Final = 5.0  # seconds a new connection waits for its predecessor to end
 _LISTENER: Final = "default"  # amqtt requires a listener of this name
 _PORT_SETTING: Final = "IOTVAULT_MQTT_PORT"
 _QUIETED_LOGGERS: Final = ("amqtt", "transitions")  # transitions is amqtt's state machine
@@ -207,6 +216,7 @@ class EmbeddedBroker:
         # open connections (their tasks and readers) and running publish hooks, for shutdown
         self._connections: set[asyncio.Future[Any]] = set()
         self._readers: set[_FramedReader] = set()
+        self._by_client: dict[str, set[_FramedReader]] = {}  # connections inside amqtt
         self._hooks: set[asyncio.Future[Any]] = set()
         self._online: dict[str, int] = {}
         self._presence_lock = asyncio.Lock()
@@ -293,6 +303,7 @@ class EmbeddedBroker:
             self._connections.add(task)
         peer = stream_writer.get_extra_info("peername")
         reader = _FramedReader(stream_reader, stream_writer.transport, self._max_packet_size, peer)
+        reader.task = task
         self._readers.add(reader)
         writer = StreamWriterAdapter(stream_writer)
         try:
@@ -431,10 +442,26 @@ class EmbeddedBroker:
         return False
 
     @contextlib.asynccontextmanager
-    async def _presence(self, client_id: str, username: str | None) -> AsyncIterator[None]:
-        await self._count_connection(client_id, username, +1)
+    async def _connection(
+        self, client_id: str, username: str | None, reader: _FramedReader
+    ) -> AsyncIterator[None]:
+        """Presence and registration of one connection that amqtt serves; ends its predecessor."""
+        await self._count_connection(client_id, username, +1)  # first, so a take-over does not flap
         try:
-            yield
+            live = self._by_client.setdefault(client_id, set())
+            ending = [old.task for old in live if old.task is not None]
+            for old in live:
+                _log.info("MQTT client %r connected again; closing its previous connection", client_id)
+                old.abort()
+            live.add(reader)
+            if ending:
+                await asyncio.wait(ending, timeout=_TAKE_OVER_GRACE)
+            try:
+                yield
+            finally:
+                live.discard(reader)
+                if not live and self._by_client.get(client_id) is live:
+                    del self._by_client[client_id]
         finally:
             await self._count_connection(client_id, username, -1)
 
@@ -474,7 +501,7 @@ class _AmqttBroker(Broker):  # type: ignore[misc]  # amqtt ships no type informa
         if not isinstance(reader, _FramedReader):  # every connection comes through the door
             raise TypeError(f"unexpected amqtt reader {type(reader).__name__}")
         self._owner._install(handler, client_session, reader)
-        async with self._owner._presence(client_session.client_id, client_session.username):
+        async with self._owner._connection(client_session.client_id, client_session.username, reader):
             await super()._handle_client_session(
                 reader, writer, client_session, handler, server, listener_name
             )
@@ -548,6 +575,7 @@ class _FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type
         self._recorded: bytearray | None = bytearray()
         self._replay = b""
         self._refused = False
+        self.task: asyncio.Future[Any] | None = None  # the connection's task, to wait for its end
         # framing state
         self._body_left = 0  # bytes of the current packet's body still to come
         self._header_len = 0  # bytes of the current fixed header seen; 0 at a packet boundary
