@@ -1,6 +1,7 @@
 """The one error tree of iotvault.
 
-Every error iotvault raises on purpose derives from :class:`IotVaultError`. Third-party
+Every error iotvault raises on purpose derives from :class:`IotVaultError`. Classes marked
+with a module in parentheses below live beside the code that raises them. Third-party
 exceptions (SQLAlchemy, gmqtt, amqtt, cryptography, OS errors) are translated into this tree at
 the adapter that calls the library, with ``raise Mapped(...) from exc``, so that the core and
 the command line only ever see these classes. Each error carries the data a program needs as
@@ -21,9 +22,14 @@ attributes and a message a person can act on.
     │   ├── DatabaseUnavailableError the database cannot be reached
     │   ├── SchemaError              the schema is missing or not at the expected revision
     │   ├── DeviceExistsError
-    │   └── DeviceNotFoundError
+    │   ├── DeviceNotFoundError
+    │   └── (storage.accounts) UserExistsError, UserNotFoundError, GroupExistsError,
+    │       GroupNotFoundError, ApiKeyExistsError, ApiKeyNotFoundError
+    ├── (auth.tokens) InvalidTokenError        a bearer token is refused (.reason is safe to show)
+    ├── (ingest.pipeline) IngestFailedError    a batch failed for a reason other than an outage
     ├── BrokerError
-    │   └── BrokerUnavailableError   the MQTT broker cannot be reached
+    │   ├── BrokerUnavailableError   the MQTT broker cannot be reached
+    │   └── (simulator.device) DeviceRefusedError  the broker refused a device's credentials
     └── PortInUseError               a listening port (HTTP or embedded MQTT) is taken
 """
 

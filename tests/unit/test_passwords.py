@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from functools import partial
@@ -81,22 +80,24 @@ def test_generated_passwords_are_random_and_url_safe() -> None:
         assert set(p) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
-def _median_seconds(fn: Callable[[], object], runs: int = 5) -> float:
+def _fastest_seconds(fn: Callable[[], object], runs: int = 5) -> float:
+    """The fastest of a few runs: other load on the machine only ever adds time, so the
+    minimum is the figure least disturbed by a busy CI machine."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def test_unknown_user_costs_about_as_much_as_a_wrong_password() -> None:
     stored = hash_password("the right password")
     verify_password(None, "warm up")
     verify_password(stored, "warm up")
-    unknown = _median_seconds(lambda: verify_password(None, "a guess"))
-    wrong = _median_seconds(lambda: verify_password(stored, "a guess"))
+    unknown = _fastest_seconds(lambda: verify_password(None, "a guess"))
+    wrong = _fastest_seconds(lambda: verify_password(stored, "a guess"))
     assert 0.5 <= unknown / wrong <= 2.0, (unknown, wrong)
     for malformed in ("garbage", "$argon2id$garbage", "$argon2id$v=19$m=65536,t=2,p=1$!!!$???"):
-        took = _median_seconds(partial(verify_password, malformed, "a guess"), runs=3)
+        took = _fastest_seconds(partial(verify_password, malformed, "a guess"), runs=5)
         assert 0.5 <= took / wrong <= 2.0, (malformed, took, wrong)

@@ -18,7 +18,7 @@ the message again when it reconnects. So a crash of iotvault never loses an ackn
 - amqtt handles each PUBLISH in its own task, so hooks for one client run concurrently (good
   for batching) and may finish, and be acknowledged, out of order.
 - The hook runs to completion even if the device disconnects meanwhile (it is shielded from
-  cancellation); ``__aexit__`` waits for running hooks.
+  cancellation); ``__aexit__`` waits up to 10 seconds for running hooks.
 - QoS 0 messages go through the hook too; there is nothing to withhold, but a failing hook
   still drops the connection.
 
@@ -65,8 +65,12 @@ points (no ``$SYS`` topics, no anonymous-auth plugin).
 
 Known limits: amqtt keeps sessions, retained messages and messages queued for offline
 subscribers in memory only, so a restart loses them (events are safe — they were stored before
-they were acknowledged — but a command queued for an offline device is lost). iotvault's own
-:meth:`EmbeddedBroker.publish` delivers at the QoS it is given even to a subscriber granted less.
+they were acknowledged — but a command queued for an offline device is lost). Nothing bounds how
+many PUBLISHes one client has in flight (MQTT 3.1.1 has no receive maximum). amqtt forwards to
+subscribers from a single queue that falls behind during bursts; forwarding is not on the
+acknowledgement path, and what is still queued at shutdown is dropped (amqtt logs "messages not
+broadcasted"). iotvault's own :meth:`EmbeddedBroker.publish` delivers at the QoS it is given, even
+to a subscriber that was granted less.
 
 amqtt internals relied on
 =========================
@@ -483,7 +487,7 @@ class EmbeddedBroker:
 
 
 class _AmqttBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
-    """amqtt's broker with iotvault's per-connection hooks (internals 1, 4 and 5 above)."""
+    """amqtt's broker, with iotvault's hooks installed on each connection (internal 1 above)."""
 
     def __init__(self, config: Any, owner: EmbeddedBroker) -> None:
         super().__init__(config)
