@@ -35,6 +35,9 @@ from iotvault.storage.repository import BatchWrite, StoredEvent
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "iotvault"
+EXTERNAL_ISSUER = "https://external.test"
+EXTERNAL_AUDIENCE = "iotvault-api"
+EXTERNAL_KEY = ECKey.generate_key("P-256", parameters={"kid": "ext-1"}, private=True)
 
 # group -> (roles, devices); user -> groups
 GROUPS: dict[str, tuple[Roles, tuple[str, ...]]] = {
@@ -117,9 +120,10 @@ class Built:
 
 def mint(key: ECKey, sub: str, **overrides: Any) -> str:
     now = int(time.time())
+    external = key is EXTERNAL_KEY
     claims: dict[str, Any] = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
+        "iss": EXTERNAL_ISSUER if external else ISSUER,
+        "aud": EXTERNAL_AUDIENCE if external else AUDIENCE,
         "sub": sub,
         "preferred_username": sub,
         "iat": now,
@@ -145,7 +149,15 @@ def build_api(
     ctx = open_context(s)
     key = ECKey.generate_key("P-256", parameters={"kid": f"test-{uuid.uuid4().hex[:8]}"}, private=True)
     keys = StaticKeys(public_keyset(KeySet([key])))
-    verifier = TokenVerifier([IssuerConfig(issuer=ISSUER, audience=AUDIENCE, keys=keys, local=True)])
+    external = IssuerConfig(
+        issuer=EXTERNAL_ISSUER,
+        audience=EXTERNAL_AUDIENCE,
+        keys=StaticKeys(public_keyset(KeySet([EXTERNAL_KEY]))),
+        groups_claim="roles",
+    )
+    verifier = TokenVerifier(
+        [IssuerConfig(issuer=ISSUER, audience=AUDIENCE, keys=keys, local=True), external]
+    )
     per_ip, per_principal, failures = limits or ("100000/minute", "100000/minute", "100000/minute")
     svc = ApiServices(
         settings=s,

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from apifixture import Api, api_key_for, running_api
+from apifixture import AUDIENCE, EXTERNAL_KEY, Api, api_key_for, mint, running_api
 from fastapi.routing import APIRoute
 from helpers import free_port
 from joserfc import jwt
@@ -240,6 +240,26 @@ async def test_seed_form_access_and_id_token(sqlite_api: Api) -> None:
     assert [d["deviceId"] for d in r.json()["devices"]] == ["d1"]
     r = await a.client.get("/iotf/devices", headers={"Authorization": f"Bearer {access} {a.token('bob')}"})
     assert r.status_code == 401  # the ID token names someone else
+
+
+async def test_external_issuer_users_map_to_local_groups_by_claim(sqlite_api: Api) -> None:
+    a = sqlite_api
+
+    async def ids(token: str) -> tuple[int, list[str]]:
+        r = await a.client.get("/iotf/devices", headers={"Authorization": f"Bearer {token}"})
+        return r.status_code, [d["deviceId"] for d in r.json().get("devices", [])]
+
+    assert await ids(mint(EXTERNAL_KEY, "ext-user-1", roles=["readers-2"])) == (200, ["d2"])
+    assert await ids(mint(EXTERNAL_KEY, "ext-user-2", roles=["no-such-group"])) == (200, [])
+    # an external user named like a local one gets the external user's rights, not alice's
+    assert await ids(mint(EXTERNAL_KEY, "alice", preferred_username="alice")) == (200, [])
+    me = await a.client.get(
+        "/iotf/me", headers={"Authorization": f"Bearer {mint(EXTERNAL_KEY, 'x', roles=['admins'])}"}
+    )
+    assert me.json()["kind"] == "external"
+    assert me.json()["roleAdmin"] is True
+    # the external issuer's audience is its own: a token for the local audience is refused
+    assert (await ids(mint(EXTERNAL_KEY, "x", aud=AUDIENCE)))[0] == 401
 
 
 async def test_disabled_user_and_anonymous(sqlite_api: Api) -> None:
