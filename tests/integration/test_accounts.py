@@ -62,7 +62,7 @@ def test_migration_matches_the_table_definitions(database_url: str) -> None:
         migrate.upgrade(engine, "0001")
         assert migrate.current_revision(engine) == "0001"
         migrate.upgrade(engine)
-        assert migrate.current_revision(engine) == migrate.head_revision() == "0002"
+        assert migrate.current_revision(engine) == migrate.head_revision()
         assert {"users", "user_groups", "group_members", "group_devices", "api_keys"} <= set(
             inspect(engine).get_table_names()
         )

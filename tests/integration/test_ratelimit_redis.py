@@ -41,6 +41,8 @@ async def test_two_nodes_share_one_budget(redis_url: str) -> None:
     assert await node_b.auth_failed(address) is None
     assert await node_a.auth_blocked(address) is not None  # node A sees node B's failure
     assert await node_b.auth_blocked(address) is not None
+    await node_a.close()
+    await node_b.close()
 
 
 # redis-py leaves the refused connection's writer for the garbage collector to close
@@ -54,3 +56,4 @@ async def test_unreachable_redis_fails_open() -> None:
     )
     assert await limiter.hit_principal("anyone") is None
     assert await limiter.hit_principal("anyone") is None
+    await limiter.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
@@ -24,15 +25,24 @@ class RateLimiter:
         self, *, per_address: str, per_principal: str, auth_failures: str, redis_url: str = ""
     ) -> None:
         storage: Storage
+        self._pool: Any = None
         if redis_url:
+            # the optional "redis" extra; a pool of our own so that close() can release it
+            import redis.asyncio  # noqa: PLC0415
+
+            self._pool = redis.asyncio.ConnectionPool.from_url(redis_url)
             uri = "async+" + redis_url if not redis_url.startswith("async+") else redis_url
-            storage = RedisStorage(uri, implementation="redispy")
+            storage = RedisStorage(uri, implementation="redispy", connection_pool=self._pool)
         else:
             storage = MemoryStorage()
         self._limiter = FixedWindowRateLimiter(storage)
         self._address: RateLimitItem = parse(per_address)
         self._principal: RateLimitItem = parse(per_principal)
         self._failures: RateLimitItem = parse(auth_failures)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.disconnect()
 
     async def _hit(self, item: RateLimitItem, *key: str) -> int | None:
         try:
