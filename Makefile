@@ -10,7 +10,7 @@ PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --g
 # What pip-audit prints when it could not ask its vulnerability service about every package
 AUDIT_UNCHECKED := could not be audited|requests\.exceptions|ConnectionError|Max retries|ServiceError|timed out
 
-.PHONY: help venv check test test-fast demo clean lock upgrade audit wheel
+.PHONY: help venv check test test-fast demo clean lock upgrade audit wheel bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -24,8 +24,8 @@ $(BIN)/iotvault: pyproject.toml requirements/dev.txt
 venv: $(BIN)/iotvault  ## create .venv with iotvault and the development tools
 
 check: venv  ## lint (ruff), format check, type check (mypy strict on src/), bandit on src/
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 	$(BANDIT)
 
@@ -37,6 +37,11 @@ test-fast: venv  ## unit tests only
 
 demo: venv  ## run the demo (embedded broker, SQLite, simulated devices)
 	$(BIN)/iotvault demo
+
+# BENCHMARKS.md: what it measures, the figures, the profiles. BENCH_FLAGS="--repeat 3" on a
+# shared machine; "--smoke" for a quick check of the harness; "--soak 10" for the memory run.
+bench: venv  ## benchmarks, each figure beside a same-run baseline (needs Mosquitto, PostgreSQL)
+	$(BIN)/python -m bench $(BENCH_FLAGS)
 
 lock: venv  ## re-lock requirements/ after a change to pyproject.toml (other pins stay)
 	$(PIP_COMPILE) $(LOCK_FLAGS) --extra postgres --extra redis \

@@ -66,6 +66,13 @@ class Settings:
     rate_limit_per_ip: str = "1200/minute"
     rate_limit_per_principal: str = "600/minute"
     rate_limit_auth_failures: str = "30/minute"  # failed authentications per client address
+    # the built-in OpenID Connect provider (iotvault.identity)
+    oidc_access_token_ttl_s: int = 300  # access and ID tokens
+    oidc_refresh_token_ttl_s: int = 30 * 86_400  # a token family's whole life, rotations included
+    oidc_session_ttl_s: int = 8 * 3600  # the browser's login session
+    oidc_login_max_failures: int = 5  # failed logins of one user name before a lockout
+    oidc_lockout_s: int = 900  # the lockout, and the window the failures are counted in
+    oidc_anonymous_rate: str = "20/hour"  # anonymous logins per client address
     # ingest tuning; defaults measured on a 2-core machine, see BENCHMARKS.md
     ingest_batch_size: int = 500
     ingest_batch_ms: float = 5.0
@@ -74,6 +81,15 @@ class Settings:
     max_payload_bytes: int = 65536
     key_cache_ttl_s: float = 5.0
     sqlite_synchronous: str = "full"
+    # device security: broker accounts, TLS, commands (README, "Device security")
+    broker_admin_username: str = ""  # Mosquitto dynamic-security admin: the broker follows the registry
+    broker_admin_password: str = field(default="", repr=False)
+    broker_ca_file: str = ""  # CA certificates that verify an mqtts:// broker (default: the system's)
+    mqtt_tls_cert_file: str = ""  # embedded broker: serve MQTT over TLS with this certificate chain
+    mqtt_tls_key_file: str = ""  # ... and this private key
+    mqtt_max_packet_bytes: int = 262_144  # embedded broker: a larger packet ends the connection
+    command_expiry_s: int = 300  # a command's lifetime unless the request says otherwise
+    broker_log_file: str = ""  # Mosquitto's log (log_type all): its refusals become security events
 
     # ---- derived values -------------------------------------------------------------
     @property
@@ -101,6 +117,13 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "ingest_batch_size": (1, 100_000),
     "max_payload_bytes": (2, 16 * 1024 * 1024),
     "max_request_bytes": (1024, 64 * 1024 * 1024),
+    "mqtt_max_packet_bytes": (1024, 268_435_455),
+    "command_expiry_s": (1, 7 * 86_400),
+    "oidc_access_token_ttl_s": (60, 3600),
+    "oidc_refresh_token_ttl_s": (3600, 365 * 86_400),
+    "oidc_session_ttl_s": (300, 30 * 86_400),
+    "oidc_login_max_failures": (1, 100),
+    "oidc_lockout_s": (10, 86_400),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "ingest_batch_ms": (0.1, 10_000.0),
@@ -198,7 +221,12 @@ def _validate(s: Settings) -> Settings:  # noqa: PLR0912 - one flat list of chec
             raise ConfigError(name, f"{getattr(s, name)!r} is not one of {', '.join(choices)}")
     parse_broker_url(s.broker_url)
     _check_database_url(s.database_url)
-    for name in ("rate_limit_per_ip", "rate_limit_per_principal", "rate_limit_auth_failures"):
+    for name in (
+        "rate_limit_per_ip",
+        "rate_limit_per_principal",
+        "rate_limit_auth_failures",
+        "oidc_anonymous_rate",
+    ):
         _check_rate(name, getattr(s, name))
     for origin in s.cors_origin_list:
         o = urlsplit(origin)
@@ -215,8 +243,12 @@ def _validate(s: Settings) -> Settings:  # noqa: PLR0912 - one flat list of chec
     pub = urlsplit(s.public_url)
     if pub.scheme not in ("http", "https") or not pub.hostname:
         raise ConfigError("public_url", f"expected an http(s):// URL, got {s.public_url!r}")
+    if pub.query or pub.fragment or pub.username or pub.password:
+        # it is the OpenID Connect issuer (RFC 8414: no query or fragment)
+        raise ConfigError("public_url", "must not have a query, a fragment or credentials")
     if s.redis_url and urlsplit(s.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis_url", "expected redis://host:port/db")
+    _check_device_security(s)
     return s
 
 
@@ -249,3 +281,26 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
         if exc.setting in known and env_name in env:
             raise ConfigError(env_name, exc.reason) from None
         raise
+
+
+def _check_device_security(s: Settings) -> None:
+    """Broker accounts and TLS: settings that only make sense together, and files that exist."""
+    if s.broker_admin_username or s.broker_admin_password:
+        if parse_broker_url(s.broker_url).embedded:
+            raise ConfigError(
+                "broker_admin_username", "is for an external broker (Mosquitto); the embedded one needs none"
+            )
+        if not (s.broker_admin_username and s.broker_admin_password):
+            raise ConfigError(
+                "broker_admin_password" if s.broker_admin_username else "broker_admin_username",
+                "broker_admin_username and broker_admin_password go together",
+            )
+    if bool(s.mqtt_tls_cert_file) != bool(s.mqtt_tls_key_file):
+        raise ConfigError(
+            "mqtt_tls_key_file" if s.mqtt_tls_cert_file else "mqtt_tls_cert_file",
+            "mqtt_tls_cert_file and mqtt_tls_key_file go together",
+        )
+    for name in ("broker_ca_file", "mqtt_tls_cert_file", "mqtt_tls_key_file"):
+        value = getattr(s, name)
+        if value and not Path(value).expanduser().is_file():
+            raise ConfigError(name, f"{value} is not a readable file")

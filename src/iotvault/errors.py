@@ -17,19 +17,29 @@ attributes and a message a person can act on.
     │   ├── MasterKeyError           the master key file is missing, unreadable or wrong
     │   ├── KeyUnwrapError           a wrapped data key does not open with the master key
     │   ├── DataKeyNotFoundError     no data key (or it was destroyed: crypto-shredding)
-    │   └── RecordDecryptionError    a stored record was tampered with or moved
+    │   ├── RecordDecryptionError    a stored record was tampered with or moved
+    │   └── SignatureError           a signed command does not verify (unsigned, forged, wrong key)
     ├── StorageError
     │   ├── DatabaseUnavailableError the database cannot be reached
     │   ├── SchemaError              the schema is missing or not at the expected revision
     │   ├── DeviceExistsError
     │   ├── DeviceNotFoundError
+    │   ├── CommandNotFoundError     no such command of that device
     │   └── (storage.accounts) UserExistsError, UserNotFoundError, GroupExistsError,
     │       GroupNotFoundError, ApiKeyExistsError, ApiKeyNotFoundError
     ├── (auth.tokens) InvalidTokenError        a bearer token is refused (.reason is safe to show)
     ├── (ingest.pipeline) IngestFailedError    a batch failed for a reason other than an outage
     ├── BrokerError
     │   ├── BrokerUnavailableError   the MQTT broker cannot be reached
+    │   ├── BrokerAdminError         the broker refused an account change (Mosquitto dynamic security)
     │   └── (simulator.device) DeviceRefusedError  the broker refused a device's credentials
+    ├── CommandError                 a command to a device cannot be made or sent
+    │   └── CommandRejectedError     a device refuses a command (.reason: unsigned, expired, replayed…)
+    ├── IdentityError                the built-in OpenID Connect provider (iotvault.identity)
+    │   ├── OAuthError               a protocol request is refused (.error: the RFC 6749 error code)
+    │   ├── ClientNotFoundError      no OAuth client of that id
+    │   ├── ClientExistsError        an OAuth client of that id exists already
+    │   └── (identity.login) LoginError  `iotvault login` cannot reach the provider
     └── PortInUseError               a listening port (HTTP or embedded MQTT) is taken
 """
 
@@ -156,3 +166,77 @@ class PortInUseError(IotVaultError):
         self.port = port
         self.setting = setting
         super().__init__(f"port {port} on {host} is already in use; choose another with {setting}")
+
+
+class IdentityError(IotVaultError):
+    """Base of the errors of the built-in OpenID Connect provider."""
+
+
+class OAuthError(IdentityError):
+    """A request to the OpenID Connect provider is refused, in the protocol's own terms.
+
+    ``error`` is the RFC 6749 / OpenID Connect / RFC 8628 error code (``invalid_grant``,
+    ``invalid_client``, ``authorization_pending``, ...), ``description`` a short reason that is
+    safe to show to the client, ``status`` the HTTP status the token-style endpoints answer with.
+    """
+
+    def __init__(self, error: str, description: str = "", *, status: int = 400) -> None:
+        self.error = error
+        self.description = description
+        self.status = status
+        super().__init__(f"{error}: {description}" if description else error)
+
+
+class ClientNotFoundError(IdentityError):
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        super().__init__(f"OAuth client {client_id!r} does not exist")
+
+
+class ClientExistsError(IdentityError):
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        super().__init__(f"OAuth client {client_id!r} already exists")
+
+
+# ---- device security: signed commands and broker accounts ---------------------------------
+class SignatureError(CryptoError):
+    """A signed document does not verify: missing, malformed, forged, or made with another key."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"signature check failed: {reason}")
+
+
+class CommandNotFoundError(StorageError):
+    def __init__(self, device_id: str, command_id: str) -> None:
+        self.device_id = device_id
+        self.command_id = command_id
+        super().__init__(f"command {command_id!r} of device {device_id!r} does not exist")
+
+
+class BrokerAdminError(BrokerError):
+    """The broker refused an account change (a Mosquitto dynamic-security command failed)."""
+
+    def __init__(self, command: str, reason: str) -> None:
+        self.command = command
+        self.reason = reason
+        super().__init__(f"the MQTT broker refused {command}: {reason}")
+
+
+class CommandError(IotVaultError):
+    """A command to a device cannot be made or sent."""
+
+
+class CommandRejectedError(CommandError):
+    """A device refuses a command; ``reason`` is the short word it reports in its ``cmdack``.
+
+    Raised by the device SDK's checks (``unsigned``, ``bad_signature``, ``expired``,
+    ``replayed``, …) and by a device's own handler to refuse a command it understood.
+    """
+
+    def __init__(self, reason: str, command_id: str | None = None, detail: str = "") -> None:
+        self.reason = reason
+        self.command_id = command_id
+        self.detail = detail
+        super().__init__(f"command refused: {reason}" + (f" ({detail})" if detail else ""))

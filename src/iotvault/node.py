@@ -25,10 +25,12 @@ from iotvault.api.ratelimit import RateLimiter
 from iotvault.api.services import ApiServices, EventNotifier
 from iotvault.auth.tokens import IssuerConfig, RemoteJwks, TokenVerifier
 from iotvault.broker.embedded import EmbeddedBroker, InboundPublish
+from iotvault.broker.wiring import start_broker_side
+from iotvault.commands.service import CommandService
 from iotvault.config import Settings
 from iotvault.errors import PortInUseError
+from iotvault.identity import Identity
 from iotvault.ingest.pipeline import Inbound, IngestPipeline
-from iotvault.ingest.subscriber import BrokerSubscriber
 from iotvault.metrics import Metrics
 from iotvault.runtime import Context, open_context
 
@@ -51,7 +53,10 @@ class _Server(uvicorn.Server):
 
 def bind_socket(host: str, port: int, setting: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets whose proto is TCP, and
+    # a connection accepted here carries this socket's proto. Without it each keep-alive
+    # response waited ~40 ms for the client's delayed ACK (Nagle): ~23 requests/s a connection.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -65,11 +70,13 @@ def bind_socket(host: str, port: int, setting: str) -> socket.socket:
     return sock
 
 
-def build_verifier(s: Settings) -> TokenVerifier | None:
+def build_verifier(s: Settings, identity: Identity | None = None) -> TokenVerifier | None:
     """The issuers whose access tokens the API accepts.
 
-    The built-in OpenID Connect provider adds its own issuer here when it lands; until then
-    only an external issuer (``IOTVAULT_OIDC_EXTERNAL_ISSUER``) can be configured.
+    The built-in OpenID Connect provider (``identity``): issuer ``IOTVAULT_PUBLIC_URL``, audience
+    ``<public URL>/iotf`` (:func:`iotvault.identity.api_audience`), its own signing keys, and its
+    revocations honoured (:class:`~iotvault.identity.ProviderVerifier`). And an external issuer
+    when ``IOTVAULT_OIDC_EXTERNAL_ISSUER`` is set.
     """
     issuers = []
     if s.oidc_external_issuer:
@@ -81,6 +88,8 @@ def build_verifier(s: Settings) -> TokenVerifier | None:
                 groups_claim=s.oidc_external_groups_claim,
             )
         )
+    if identity is not None:
+        return identity.api_verifier(issuers)
     return TokenVerifier(issuers) if issuers else None
 
 
@@ -139,23 +148,19 @@ class Node:
                         on_commit=self.notifier.notify,
                     )
                 )
-                broker = s.broker
-                if broker.embedded:
-                    self.broker = await stack.enter_async_context(
-                        EmbeddedBroker(s.mqtt_host, s.mqtt_port, on_publish=self._embedded_hook)
-                    )
-                else:
-                    await stack.enter_async_context(
-                        BrokerSubscriber(broker, self.pipeline, client_id=s.ingest_client_id)
-                    )
+            # the embedded broker (device accounts, topic rules) or the external one's subscriber,
+            # and how commands are sent: iotvault.broker.wiring
+            broker_side = await start_broker_side(stack, s, self.ctx, self.pipeline, self._embedded_hook)
+            self.broker = broker_side.broker
             server_task: asyncio.Task[None] | None = None
             server: _Server | None = None
             if http_sock is not None:
+                identity = Identity(s, self.ctx)
                 svc = ApiServices(
                     settings=s,
                     ctx=self.ctx,
                     metrics=self.metrics,
-                    verifier=build_verifier(s),
+                    verifier=build_verifier(s, identity),
                     limiter=RateLimiter(
                         per_address=s.rate_limit_per_ip,
                         per_principal=s.rate_limit_per_principal,
@@ -165,7 +170,12 @@ class Node:
                     notifier=self.notifier,
                 )
                 stack.callback(svc.stopping.set)
-                app = create_app(svc, ready=self.is_ready)
+                if svc.limiter is not None:
+                    stack.push_async_callback(svc.limiter.close)
+                app = create_app(svc, ready=self.is_ready, identity=identity)
+                app.state.commands = CommandService(
+                    self.ctx, broker_side.publish, default_expiry_s=s.command_expiry_s
+                )
                 config = uvicorn.Config(
                     app, log_level="warning", access_log=False, server_header=False, lifespan="off"
                 )

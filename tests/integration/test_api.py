@@ -16,7 +16,7 @@ import httpx
 import pytest
 import uvicorn
 from apifixture import AUDIENCE, EXTERNAL_KEY, Api, api_key_for, mint, running_api
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from helpers import free_port
 from joserfc import jwt
 from joserfc.jwk import ECKey
@@ -50,22 +50,27 @@ async def sqlite_api(tmp_path: Path) -> AsyncIterator[Api]:
 async def test_every_route_declares_a_permission_or_is_public(sqlite_api: Api) -> None:
     app = sqlite_api.client._transport.app  # type: ignore[attr-defined]
     unprotected = []
-    for route in app.routes:
+    paths = set()
+    # the locked FastAPI keeps an included router's routes in a nested context, not in app.routes:
+    # walk them all, with the paths their prefixes give them
+    for context in iter_route_contexts(app.routes):
+        route = context.original_route
         if not isinstance(route, APIRoute):
             continue
         for method in route.methods:
+            paths.add((method, context.path))
             declared = [
                 d.call.permission  # type: ignore[union-attr]
                 for d in route.dependant.dependencies
                 if hasattr(d.call, "permission")
             ]
-            if (method, route.path) in PUBLIC_ROUTES:
-                assert not declared, f"{method} {route.path} is listed public but declares {declared}"
+            if (method, context.path) in PUBLIC_ROUTES:
+                assert not declared, f"{method} {context.path} is listed public but declares {declared}"
             elif len(declared) != 1:
-                unprotected.append(f"{method} {route.path}")
+                unprotected.append(f"{method} {context.path}")
     assert not unprotected, f"routes without exactly one declared permission: {unprotected}"
+    assert ("GET", "/iotf/devices") in paths  # the walk reached the routers' routes
     # and the public list names only routes that exist
-    paths = {(m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in r.methods}
     assert PUBLIC_ROUTES - {("GET", "/openapi.json")} <= paths
 
 

@@ -2,7 +2,8 @@
 
 ``create_app(services)`` builds the whole HTTP surface from already-opened resources; nothing
 is created at import time. Every route either declares the permission it needs
-(``Requires(Permission.X)``) or is listed in :data:`PUBLIC_ROUTES`; a test enforces that.
+(``Requires(Permission.X)``) or is listed in :data:`PUBLIC_ROUTES`; a test enforces that. The
+OpenID Connect provider's endpoints (:mod:`iotvault.api.routes.oidc`) are public by nature.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from iotvault import __version__
 from iotvault.api import problems
 from iotvault.api.middleware import Hardening
-from iotvault.api.routes import admin, devices
+from iotvault.api.routes import admin, commands, devices, oidc, oidc_admin
 from iotvault.api.services import ApiServices
+from iotvault.identity import Identity
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -29,6 +31,7 @@ PUBLIC_ROUTES = frozenset(
         ("GET", "/metrics"),
         ("GET", "/openapi.json"),
     }
+    | oidc.OIDC_ROUTES
 )
 
 
@@ -42,7 +45,11 @@ def _json_body(path: str) -> bool:
     return path.startswith("/iotf/")
 
 
-def create_app(svc: ApiServices, *, ready: Callable[[], bool] = lambda: True) -> FastAPI:
+def create_app(
+    svc: ApiServices, *, ready: Callable[[], bool] = lambda: True, identity: Identity | None = None
+) -> FastAPI:
+    """``identity`` is the OpenID Connect provider, which the node builds with ``svc.verifier``
+    (:func:`iotvault.node.build_verifier`); without it, one is made here on ``svc.ctx``."""
     settings = svc.settings
     app = FastAPI(
         title="iotvault",
@@ -56,6 +63,7 @@ def create_app(svc: ApiServices, *, ready: Callable[[], bool] = lambda: True) ->
         redoc_url=None,
     )
     app.state.services = svc
+    app.state.identity = identity if identity is not None else Identity(settings, svc.ctx)
     problems.install(app)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness")
@@ -77,7 +85,10 @@ def create_app(svc: ApiServices, *, ready: Callable[[], bool] = lambda: True) ->
         return PlainTextResponse(svc.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     app.include_router(devices.router)
+    app.include_router(commands.router)
     app.include_router(admin.router)
+    app.include_router(oidc_admin.router)
+    app.include_router(oidc.router)
 
     if settings.cors_origin_list:
         app.add_middleware(

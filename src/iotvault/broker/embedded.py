@@ -59,6 +59,13 @@ dropped, or was silent for 1.5 times its keep-alive (amqtt 0.12 never drops sile
 this module does, [MQTT-3.1.2-24]). A reconnection that replaces a connection is not reported.
 Calls are serialised, so they arrive in order.
 
+**Refusals, throttling, TLS.** Every refused login, will topic, PUBLISH and SUBSCRIBE is told to
+``on_denied`` (a :class:`Denial` with the client's address). With a ``throttle``
+(:class:`iotvault.broker.throttle.LoginThrottle`) the door counts failed logins per address and
+client id and refuses, without calling ``authenticate``, while one is over its limit.
+:meth:`EmbeddedBroker.disconnect` ends a client's connections (a revoked device). ``ssl`` makes
+the listener speak TLS.
+
 **Quiet, explicit amqtt.** The ``amqtt`` and ``transitions`` loggers are set to WARNING unless
 someone configured them; amqtt's plugins are listed explicitly, so nothing is loaded from entry
 points (no ``$SYS`` topics, no anonymous-auth plugin).
@@ -134,12 +141,17 @@ from amqtt.session import IncomingApplicationMessage
 from iotvault.errors import PortInUseError
 
 if TYPE_CHECKING:
+    from ssl import SSLContext
     from types import TracebackType
+
+    from iotvault.broker.throttle import LoginThrottle
 
 __all__ = [
     "CONNECT_TIMEOUT",
     "Authenticator",
     "ConnectionHook",
+    "Denial",
+    "DenialHook",
     "EmbeddedBroker",
     "InboundPublish",
     "PublishHook",
@@ -188,6 +200,22 @@ ConnectionHook = Callable[[str, str | None, bool], Awaitable[None]]
 """``(client_id, username, connected)``."""
 
 
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Something the broker refused: a login, a PUBLISH or a SUBSCRIBE."""
+
+    action: Literal["connect", "publish", "subscribe"]
+    client_id: str
+    username: str | None
+    peer: str  # host:port of the client, or "-" when amqtt does not say
+    reason: str  # "bad credentials", "throttled", "will topic", "not allowed"
+    topic: str | None = None
+
+
+DenialHook = Callable[[Denial], None]
+"""Told of every refusal; must return at once (it runs on the broker's path)."""
+
+
 class EmbeddedBroker:
     """An MQTT 3.1.1 broker inside the process; ``async with`` starts and stops it.
 
@@ -205,6 +233,9 @@ class EmbeddedBroker:
         authorize: TopicAuthorizer | None = None,
         on_connection: ConnectionHook | None = None,
         max_packet_size: int = 256 * 1024,
+        on_denied: DenialHook | None = None,
+        throttle: LoginThrottle | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
         if max_packet_size < 2:
             raise ValueError(f"max_packet_size must be at least 2 bytes, not {max_packet_size}")
@@ -224,6 +255,9 @@ class EmbeddedBroker:
         self._hooks: set[asyncio.Future[Any]] = set()
         self._online: dict[str, int] = {}
         self._presence_lock = asyncio.Lock()
+        self._on_denied = on_denied
+        self._throttle = throttle
+        self._ssl = ssl
 
     @property
     def port(self) -> int:
@@ -240,7 +274,9 @@ class EmbeddedBroker:
         self._amqtt = _AmqttBroker(self._amqtt_config(), self)
         await self._amqtt.start()
         try:
-            self._server = await asyncio.start_server(self._serve_connection, self._host, self._port)
+            self._server = await asyncio.start_server(
+                self._serve_connection, self._host, self._port, ssl=self._ssl
+            )
         except OSError as exc:
             await self._amqtt.shutdown()
             self._amqtt = None
@@ -339,7 +375,7 @@ class EmbeddedBroker:
             _log.info("MQTT connection from %s closed during CONNECT", _addr(peer))
             return
         # Protocol errors (wrong name or level, ...) are amqtt's to answer, with the right code.
-        if connect.proto_name == "MQTT" and connect.proto_level == 4 and not await self._admit(connect):
+        if connect.proto_name == "MQTT" and connect.proto_level == 4 and not await self._admit(connect, peer):
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
             return
         reader.replay_connect()
@@ -347,24 +383,59 @@ class EmbeddedBroker:
         if amqtt is not None:
             await amqtt.external_connected(reader, writer, _LISTENER)
 
-    async def _admit(self, connect: Any) -> bool:
+    async def _admit(self, connect: Any, peer: object) -> bool:
         client_id: str = connect.client_id
         username: str | None = connect.username
+        address = _host(peer)
+
+        def refuse(reason: str, topic: str | None = None) -> bool:
+            self._denied(Denial("connect", client_id, username, _addr(peer), reason, topic))
+            return False
+
+        throttle = self._throttle
+        if throttle is not None and (wait := throttle.blocked(address, client_id)) is not None:
+            _log.info(
+                "MQTT client %r from %s refused: too many failed logins (%.0fs)", client_id, address, wait
+            )
+            return refuse("throttled")
         try:
             if self._authenticate is not None and not await self._authenticate(
                 client_id, username, connect.password
             ):
-                _log.info("MQTT client %r refused: authentication failed", client_id)
-                return False
+                _log.info("MQTT client %r from %s refused: authentication failed", client_id, address)
+                if throttle is not None:
+                    throttle.failed(address, client_id)
+                return refuse("bad credentials")
             will_topic: str | None = connect.will_topic if connect.will_flag else None
             if will_topic is not None and not await self._may(client_id, username, will_topic, "publish"):
                 _log.warning("MQTT client %r refused: will topic %r is not allowed", client_id, will_topic)
-                return False
+                return refuse("will topic", will_topic)
         except Exception as exc:  # noqa: BLE001 -- fail closed, and say so
             _log.warning("MQTT client %r refused: admission check failed (%s)", client_id, type(exc).__name__)
             _log.debug("admission check error details", exc_info=exc)
-            return False
+            return refuse("admission check failed")
+        if throttle is not None:
+            throttle.succeeded(address, client_id)
         return True
+
+    def _denied(self, denial: Denial) -> None:
+        if self._on_denied is None:
+            return
+        try:
+            self._on_denied(denial)
+        except Exception as exc:  # noqa: BLE001 -- reporting must never break the broker
+            _log.warning("denial hook failed (%s)", type(exc).__name__)
+            _log.debug("denial hook error details", exc_info=exc)
+
+    def disconnect(self, client_id: str) -> int:
+        """End every connection of ``client_id`` now (its will is published); return how many.
+
+        For a device whose credential was revoked or deleted while it was connected.
+        """
+        readers = list(self._by_client.get(client_id, ()))
+        for reader in readers:
+            reader.abort()
+        return len(readers)
 
     async def _may(self, client_id: str, username: str | None, topic: str, action: TopicAction) -> bool:
         if action != "subscribe" and _topic_problem(topic):
@@ -409,6 +480,7 @@ class EmbeddedBroker:
             _log.debug("authorization error details", exc_info=exc)
             return self._drop(reader, client_id, f"authorization failed ({type(exc).__name__})", topic)
         if not allowed:
+            self._denied(Denial("publish", client_id, username, _addr(reader.peer), "not allowed", topic))
             return self._drop(reader, client_id, "publish not allowed", topic)
         if self._on_publish is None:
             return True
@@ -543,7 +615,7 @@ class _TopicPolicyPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships 
         broker: EmbeddedBroker = self.context.config.broker
         verb: TopicAction = "subscribe" if action == Action.SUBSCRIBE else "receive"
         try:
-            return await broker._may(session.client_id, session.username, topic, verb)
+            allowed = await broker._may(session.client_id, session.username, topic, verb)
         except Exception as exc:  # noqa: BLE001 -- fail closed
             _log.warning(
                 "MQTT client %r: %s check for %r failed (%s); refusing",
@@ -554,6 +626,12 @@ class _TopicPolicyPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships 
             )
             _log.debug("authorization error details", exc_info=exc)
             return False
+        if not allowed and verb == "subscribe":
+            peer = f"{getattr(session, 'remote_address', '-')}:{getattr(session, 'remote_port', '-')}"
+            broker._denied(
+                Denial("subscribe", session.client_id, session.username, peer, "not allowed", topic)
+            )
+        return bool(allowed)
 
 
 class _FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type information
@@ -576,6 +654,7 @@ class _FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type
         self._transport = transport
         self._max_packet_size = max_packet_size
         self._peer = peer
+        self.peer = peer  # the client's address, for reports
         self._recorded: bytearray | None = bytearray()
         self._replay = b""
         self._refused = False
@@ -662,6 +741,12 @@ def _topic_problem(topic: str) -> str | None:
     if "\x00" in topic:
         return "NUL character in topic"
     return None
+
+
+def _host(peer: object) -> str:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer)
 
 
 def _addr(peer: object) -> str:

@@ -176,6 +176,7 @@ def demo(
                 creds.append(DeviceCredential(device_id, type_id, new.credential))
             else:  # stored only as a hash: give the simulator a fresh one
                 creds.append(DeviceCredential(device_id, type_id, rotate_device_credential(ctx, device_id)))
+    commands, _ = _simulator_extras(s)
     err.print(f"demo devices: {', '.join(d for _, d in DEMO_DEVICES)} (credentials held by the simulator)")
     err.print(f"watch them arrive: iotvault events tail {DEMO_DEVICES[0][1]} --follow")
 
@@ -193,7 +194,10 @@ def demo(
         err.print(f"iotvault demo ready: HTTP on http://{s.http_host}:{s.http_port}, MQTT on port {port}")
         sim = asyncio.create_task(
             run_simulation(
-                s.mqtt_host, port, SimulationPlan(devices=creds, rate=rate, count=None, event_type="reading")
+                s.mqtt_host,
+                port,
+                SimulationPlan(devices=creds, rate=rate, count=None, event_type="reading"),
+                commands=commands,
             )
         )
         done, _ = await asyncio.wait({node_task, sim}, return_when=asyncio.FIRST_COMPLETED)
@@ -219,6 +223,15 @@ def simulate(
     credentials: Annotated[
         Path | None,
         typer.Option(help="JSON list of {deviceId, typeId, password} instead of registering devices."),
+    ] = None,
+    command_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--command-key",
+            dir_okay=False,
+            help="Platform public key (PEM) to verify commands with; default: this installation's "
+            "(with --credentials and no key, the devices take no commands).",
+        ),
     ] = None,
     host: Annotated[str | None, typer.Option(help="Broker host (default: from the settings).")] = None,
     port: Annotated[int | None, typer.Option(help="Broker port (default: from the settings).")] = None,
@@ -253,6 +266,7 @@ def simulate(
     b = s.broker
     h = host or (s.mqtt_host if b.embedded else b.host)
     p = port or (s.mqtt_port if b.embedded else b.port)
+    commands, device_ssl = _simulator_extras(s, command_key, registry=credentials is None)
     plan = SimulationPlan(devices=creds, rate=rate, count=count or None, event_type="reading")
     total = len(creds) * count if count else None
     with Progress(
@@ -269,7 +283,9 @@ def simulate(
         def on_progress(published: int, acknowledged: int) -> None:
             progress.update(task, completed=acknowledged)
 
-        report = asyncio.run(run_simulation(h, p, plan, on_progress=on_progress))
+        report = asyncio.run(
+            run_simulation(h, p, plan, on_progress=on_progress, ssl=device_ssl, commands=commands)
+        )
     err.print(
         f"published {report.published}, acknowledged {report.acknowledged} in {report.elapsed:.1f}s "
         f"({report.acknowledged / max(report.elapsed, 1e-9):.0f} events/s)"
@@ -302,10 +318,24 @@ def db_upgrade() -> None:
 @keys_app.command("rotate")
 def keys_rotate(
     reencrypt: Annotated[bool, typer.Option(help="Also rewrite stored events under the new keys.")] = False,
+    signing: Annotated[
+        bool,
+        typer.Option(
+            "--signing",
+            help="Rotate the OpenID Connect token-signing key instead of the device data keys; "
+            "the old key stays in the JWKS until the tokens it signed have expired.",
+        ),
+    ] = False,
     json_out: JsonOption = False,
 ) -> None:
-    """Start a new data-key version for every device; old events stay readable."""
+    """Start a new data-key version for every device (old events stay readable), or with
+    --signing a new token-signing key for the OpenID Connect provider."""
+    if signing and reencrypt:
+        raise typer.BadParameter("--signing rotates the token-signing key only; run --reencrypt on its own")
     s = settings()
+    if signing:
+        _rotate_signing_key(s, json_out)
+        return
     with context(s) as ctx:
         ids = ctx.store.device_ids()
         versions = {d: ctx.keyring.rotate(d) for d in ids}
@@ -317,6 +347,23 @@ def keys_rotate(
             f"rotated the data keys of {len(versions)} devices"
             + (f"; re-encrypted {rewritten} events" if reencrypt else "")
         )
+
+
+def _rotate_signing_key(s: Settings, json_out: bool) -> None:
+    from iotvault.identity import IdentityProvider
+
+    with context(s) as ctx:
+        provider = IdentityProvider(s, ctx)
+        kid, retired, until = provider.keys.rotate()
+        provider.housekeeping(force=True)  # drops keys whose tokens have all expired
+    if json_out:
+        out.print_json(
+            json.dumps({"signing": {"kid": kid, "retired": retired, "publishedUntil": _iso(until)}})
+        )
+        return
+    out.print(f"token-signing key {kid} signs from now on", highlight=False)
+    if retired:
+        out.print(f"{', '.join(retired)} stay published until {_iso(until)}", highlight=False)
 
 
 def _reencrypt(ctx: Any, device_ids: list[str]) -> int:
@@ -884,6 +931,257 @@ def seed_import(
     out.print(f"users: {len(report.users_created)} created, {len(report.users_skipped)} already existed")
     for name, password in report.passwords.items():
         out.print(f"password of {name} (shown once): {password}", highlight=False)
+
+
+# ---- OAuth clients and login ---------------------------------------------------------
+clients_app = typer.Typer(
+    help="OAuth clients of the built-in OpenID Connect provider (apps, web apps, CLIs).", no_args_is_help=True
+)
+app.add_typer(clients_app, name="clients")
+
+
+def _client_doc(c: Any) -> dict[str, Any]:
+    return {
+        "clientId": c.client_id,
+        "displayName": c.display_name,
+        "confidential": not c.public,
+        "redirectUris": list(c.redirect_uris),
+        "postLogoutRedirectUris": list(c.post_logout_redirect_uris),
+        "grantTypes": list(c.grant_types),
+        "allowAnonymous": c.allow_anonymous,
+        "createdBy": c.created_by,
+        "created": _iso(c.created_us),
+    }
+
+
+@clients_app.command("add")
+def clients_add(
+    client_id: Annotated[str, typer.Argument(metavar="CLIENT_ID", help="clientId, e.g. iotvault-mobile")],
+    name: Annotated[str, typer.Option("--name", help="Shown on the login page (default: CLIENT_ID).")] = "",
+    redirect_uri: Annotated[
+        list[str] | None,
+        typer.Option("--redirect-uri", "-r", help="Exact redirect URI for the code flow (repeat)."),
+    ] = None,
+    post_logout_redirect_uri: Annotated[
+        list[str] | None,
+        typer.Option("--post-logout-redirect-uri", help="Where logout may send the browser back (repeat)."),
+    ] = None,
+    confidential: Annotated[
+        bool,
+        typer.Option("--confidential", help="A server-side app: gets a secret (HTTP Basic), shown once."),
+    ] = False,
+    device: Annotated[
+        bool, typer.Option("--device", help="Allow the device authorization grant (terminals, headless).")
+    ] = False,
+    refresh: Annotated[bool, typer.Option("--refresh/--no-refresh", help="Issue refresh tokens.")] = True,
+    anonymous: Annotated[
+        bool, typer.Option("--anonymous", help='Offer anonymous login (tokens with amr ["anon"]).')
+    ] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Register an OAuth client; a confidential client's secret is printed once."""
+    from iotvault.identity import IdentityProvider
+    from iotvault.identity.clients import AUTHORIZATION_CODE, DEVICE_CODE, REFRESH_TOKEN, add_client
+
+    grants = ([AUTHORIZATION_CODE] if redirect_uri else []) + ([DEVICE_CODE] if device else [])
+    if not grants:
+        raise typer.BadParameter("give --redirect-uri (browser and app logins), --device, or both")
+    if refresh:
+        grants.append(REFRESH_TOKEN)
+    with context(settings()) as ctx:
+        new = add_client(
+            IdentityProvider(ctx.settings, ctx).store,
+            client_id,
+            display_name=name,
+            confidential=confidential,
+            redirect_uris=redirect_uri or [],
+            post_logout_redirect_uris=post_logout_redirect_uri or [],
+            grant_types=grants,
+            allow_anonymous=anonymous,
+            created_by="cli",
+        )
+    if json_out:
+        doc = _client_doc(new.client)
+        if new.secret is not None:
+            doc["clientSecret"] = new.secret
+        out.print_json(json.dumps(doc))
+        return
+    kind = "confidential" if confidential else "public (PKCE)"
+    out.print(f"registered {kind} client {new.client.client_id}", highlight=False)
+    if new.secret is not None:
+        out.print(f"client secret (shown once): {new.secret}", highlight=False)
+
+
+@clients_app.command("list")
+def clients_list(json_out: JsonOption = False) -> None:
+    """List OAuth clients (never their secrets)."""
+    from iotvault.identity import IdentityProvider
+
+    with context(settings()) as ctx:
+        clients = IdentityProvider(ctx.settings, ctx).store.list_clients()
+    if json_out:
+        out.print_json(json.dumps([_client_doc(c) for c in clients]))
+        return
+    table = Table(
+        Column("clientId", overflow="fold"), "type", "grants", "redirectUris", "anonymous", "created"
+    )
+    for c in clients:
+        grants = ", ".join(g.rsplit(":", 1)[-1] for g in c.grant_types)
+        table.add_row(
+            c.client_id,
+            "public" if c.public else "confidential",
+            grants,
+            "\n".join(c.redirect_uris),
+            "yes" if c.allow_anonymous else "",
+            _iso(c.created_us),
+        )
+    out.print(table)
+
+
+@clients_app.command("remove")
+def clients_remove(
+    client_id: Annotated[str, typer.Argument(metavar="CLIENT_ID")], yes: YesOption = False
+) -> None:
+    """Remove an OAuth client; every token it holds is revoked."""
+    from iotvault.identity import IdentityProvider
+    from iotvault.identity.clients import remove_client
+
+    if not yes:
+        typer.confirm(f"Remove client {client_id} and revoke its tokens?", abort=True)
+    with context(settings()) as ctx:
+        remove_client(IdentityProvider(ctx.settings, ctx).store, client_id)
+    out.print(f"removed client {client_id}; its tokens are revoked", highlight=False)
+
+
+@app.command()
+def login(
+    url: Annotated[
+        str | None, typer.Option(help="iotvault's public URL, the issuer (default: IOTVAULT_PUBLIC_URL).")
+    ] = None,
+    client_id: Annotated[
+        str, typer.Option("--client-id", help="The OAuth client to log in as.")
+    ] = "iotvault-cli",
+    scope: Annotated[str, typer.Option(help="Scopes to ask for.")] = "openid profile offline_access",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            dir_okay=False,
+            help="Where to save the tokens (0600). Default: $XDG_CONFIG_HOME/iotvault/token.json",
+        ),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the tokens as JSON instead of saving them.")
+    ] = False,
+) -> None:
+    """Log in from a terminal with the device authorization grant (RFC 8628)."""
+    from iotvault.identity.login import Verification, default_token_file, device_login, save_tokens, whoami
+
+    issuer = url or settings().public_url
+
+    def show(v: Verification) -> None:
+        err.print(f"To log in, open {v.uri} in a browser and enter the code {v.user_code}", highlight=False)
+        if v.uri_complete:
+            err.print(f"(or open {v.uri_complete})", highlight=False)
+        err.print(f"waiting for you to allow it (the code expires in {v.expires_in // 60} minutes)...")
+
+    tokens = device_login(issuer, client_id=client_id, scope=scope, show=show)
+    if json_out:
+        sys.stdout.write(json.dumps(tokens) + "\n")
+        return
+    path = output or default_token_file()
+    save_tokens(path, tokens)
+    who = whoami(issuer, tokens)
+    err.print(f"logged in{f' as {who}' if who else ''}; tokens saved to {path}", highlight=False)
+
+
+# ---- device security: certificates, the command key, revocation ---------------------------
+def _simulator_extras(s: Settings, key_file: Path | None = None, *, registry: bool = True) -> tuple[Any, Any]:
+    """Simulated devices obey signed commands (replay state under the data dir) and, with a
+    TLS broker, verify it with ``broker_ca_file``.
+
+    The platform key comes from ``key_file`` (PEM), else from this installation's database —
+    unless the devices are not this installation's (``registry`` false): then they take no
+    commands rather than trust a key made up on the spot.
+    """
+    from iotvault.broker.tls import client_context
+    from iotvault.commands.keys import command_signing_key
+    from iotvault.crypto.signing import CommandPublicKey
+    from iotvault.simulator import CommandSupport
+
+    commands = None
+    if key_file is not None:
+        try:
+            key = CommandPublicKey.from_text(key_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError("--command-key", f"{key_file}: not a public key ({exc})") from None
+        commands = CommandSupport(key, s.data_dir / "simulator")
+    elif registry:
+        with context(s) as ctx:
+            key = command_signing_key(ctx.store, ctx.master).public
+        commands = CommandSupport(key, s.data_dir / "simulator")
+    b = s.broker
+    tls = (not b.embedded and b.tls) or (b.embedded and bool(s.mqtt_tls_cert_file))
+    return commands, client_context(s.broker_ca_file) if tls else None
+
+
+@app.command()
+def certs(
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR", file_okay=False, help="Where to write ca.pem, ca.key, server.pem, server.key."
+        ),
+    ],
+    host: Annotated[
+        list[str], typer.Option("--host", help="A host name or IP address the broker is reached at (repeat).")
+    ],
+    days: Annotated[
+        int, typer.Option(min=1, max=825, help="Validity of the server certificate, in days.")
+    ] = 397,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing server certificate.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Make a private CA (or reuse the one in DIR) and a TLS server certificate for the MQTT broker."""
+    from iotvault.certs import write_certs
+
+    files = write_certs(directory, host, days=days, force=force)
+    if json_out:
+        doc = {k: str(getattr(files, k)) for k in ("ca_cert", "ca_key", "server_cert", "server_key")}
+        out.print_json(json.dumps({**doc, "caCreated": files.ca_created}))
+        return
+    out.print(f"{'created' if files.ca_created else 'reused'} the CA: {files.ca_cert} (key {files.ca_key})")
+    out.print(f"server certificate for {', '.join(host)}: {files.server_cert} (key {files.server_key})")
+    out.print("give ca.pem to devices and set IOTVAULT_BROKER_CA_FILE to it; keep ca.key offline")
+
+
+@devices_app.command("command-key")
+def devices_command_key(json_out: JsonOption = False) -> None:
+    """Print the public key devices verify commands with (PEM; --json adds its kid and JWK)."""
+    from iotvault.commands.keys import command_signing_key
+
+    with context(settings()) as ctx:
+        key = command_signing_key(ctx.store, ctx.master).public
+    if json_out:
+        out.print_json(json.dumps({"kid": key.kid, "alg": "EdDSA", "pem": key.pem(), "jwk": key.jwk()}))
+        return
+    sys.stdout.write(key.pem())
+
+
+@devices_app.command("revoke-credential")
+def devices_revoke_credential(
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Refuse every credential of a device (also one in its grace period) until it is rotated."""
+    from iotvault.runtime import revoke_device_credential
+
+    if not yes:
+        typer.confirm(f"Disconnect {device_id} and refuse its credentials?", abort=True)
+    with context(settings()) as ctx:
+        revoke_device_credential(ctx, device_id)
+    out.print(f"revoked the credentials of {device_id}; rotate-credential gives it a new one")
 
 
 def run() -> None:

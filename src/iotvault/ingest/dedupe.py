@@ -25,8 +25,8 @@ redelivery.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import deque
-from dataclasses import dataclass
 
 ENTRY = 18  # 2 bytes packet id + 16 bytes digest
 
@@ -46,19 +46,21 @@ def unpack(blob: bytes) -> list[tuple[int, bytes]]:
     ]
 
 
-@dataclass(slots=True)
-class _Entry:
-    digest: bytes
-    expires: float
-
-
 class InflightIndex:
-    """In-memory view of the committed-but-maybe-unacknowledged messages, per sender."""
+    """In-memory view of the committed-but-maybe-unacknowledged messages, per sender.
+
+    It holds every message committed within the window: at 10,000 events/s and 120 s, over a
+    million. Two choices keep that cheap. An entry is a ``(digest, expires)`` tuple, which the
+    garbage collector stops tracking (a bytes and a float hold no references), where an object
+    per entry made every full collection walk them all and doubled the cost of ingest's
+    bookkeeping. And expiry is kept per batch — one record of the packet ids a sender had in
+    one commit, two bytes each — rather than a tuple per message.
+    """
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
-        self._by_consumer: dict[str, dict[int, _Entry]] = {}
-        self._expiry: deque[tuple[float, str, int]] = deque()
+        self._by_consumer: dict[str, dict[int, tuple[bytes, float]]] = {}
+        self._expiry: deque[tuple[float, str, array[int]]] = deque()
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_consumer.values())
@@ -71,20 +73,30 @@ class InflightIndex:
         entry = entries.pop(packet_id, None)
         # any arrival with this packet id ends the old entry: either it is the redelivery,
         # or the sender reused the id, which it does only after it got our acknowledgement
-        return entry is not None and dup and entry.digest == h
+        return entry is not None and dup and entry[0] == h
 
     def remember(self, consumer: str, packet_id: int, h: bytes, now: float) -> None:
+        self.remember_all(consumer, [(packet_id, h)], now)
+
+    def remember_all(self, consumer: str, entries: list[tuple[int, bytes]], now: float) -> None:
+        """Remember one sender's messages of one commit: ``(packet id, digest)`` pairs."""
         expires = now + self.window_s
-        self._by_consumer.setdefault(consumer, {})[packet_id] = _Entry(h, expires)
-        self._expiry.append((expires, consumer, packet_id))
+        held = self._by_consumer.get(consumer)
+        if held is None:
+            held = self._by_consumer[consumer] = {}
+        for packet_id, h in entries:
+            held[packet_id] = (h, expires)
+        self._expiry.append((expires, consumer, array("H", [packet_id for packet_id, _ in entries])))
 
     def expire(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] <= now:
-            _, consumer, pid = self._expiry.popleft()
-            entries = self._by_consumer.get(consumer)
-            if entries is not None:
-                entry = entries.get(pid)
-                if entry is not None and entry.expires <= now:
-                    del entries[pid]
-                if not entries:
-                    del self._by_consumer[consumer]
+            _, consumer, packet_ids = self._expiry.popleft()
+            held = self._by_consumer.get(consumer)
+            if held is None:
+                continue
+            for packet_id in packet_ids:
+                entry = held.get(packet_id)
+                if entry is not None and entry[1] <= now:  # not renewed since
+                    del held[packet_id]
+            if not held:
+                del self._by_consumer[consumer]

@@ -11,6 +11,10 @@ If the commit fails (database gone), the same batch is retried with backoff and 
 message in it is acknowledged until it succeeds; the broker holds further messages back once
 its in-flight window is full, which is the back-pressure.
 
+A device's answer to a command (event type ``cmdack``) is not stored as an event: it updates
+its command's status in the same transaction as the rest of its batch
+(:func:`iotvault.commands.documents.parse_command_ack`, ``BatchWrite.command_acks``).
+
 Nothing here logs a payload.
 """
 
@@ -28,13 +32,20 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
 
+from iotvault.commands.documents import parse_command_ack
 from iotvault.crypto.keyring import KeyRing
 from iotvault.domain.ids import EventIdFactory, event_id_millis
-from iotvault.domain.topics import CommandTopic, EventTopic, StatusTopic, parse_topic
+from iotvault.domain.topics import CommandTopic, EventTopic, StatusTopic, Topic, parse_topic
 from iotvault.errors import DataKeyNotFoundError, IotVaultError, TopicError
 from iotvault.ingest.dedupe import InflightIndex, digest, pack, unpack
 from iotvault.metrics import Metrics
-from iotvault.storage.repository import BatchWrite, InflightRecord, RejectedMessage, StoredEvent
+from iotvault.storage.repository import (
+    BatchWrite,
+    CommandAck,
+    InflightRecord,
+    RejectedMessage,
+    StoredEvent,
+)
 from iotvault.storage.sql import SqlStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +60,7 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"
     STATUS = "status"
     REJECTED = "rejected"
+    COMMAND_ACK = "command_ack"  # a device's answer to a command: applied to it, not stored
 
 
 class Reason(StrEnum):
@@ -62,6 +74,10 @@ class Reason(StrEnum):
     UNKNOWN_DEVICE = "unknown_device"
     TYPE_MISMATCH = "type_mismatch"
     BAD_STATUS = "bad_status"
+    BAD_COMMAND_ACK = "bad_command_ack"
+
+
+_TOPIC_CACHE = 50_000  # parsed topics kept by a pipeline (a few MB at most)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +120,7 @@ def parse_status(payload: bytes) -> str | None:
 @dataclass(slots=True)
 class _Pending:
     msg: Inbound
-    received_us: int
-    event_id: str
+    received_us: int  # arrival, in whole milliseconds; a stored event's is read from its id
     future: asyncio.Future[Outcome]
 
 
@@ -145,11 +160,17 @@ class IngestPipeline:
         self._index = InflightIndex(dedupe_window_s)
         self._ids = EventIdFactory()
         self._devices = _DeviceCache()
+        self._topics: dict[str, Topic] = {}
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotvault-writer")
+        # batches cut and waiting for the writer: one at most, so that the next batch is ready
+        # when a commit ends but messages still join the batch after it while both are busy
+        self._batches: asyncio.Queue[list[_Pending]] = asyncio.Queue(maxsize=1)
+        self._in_flight: list[list[_Pending]] = []  # batches given to the writer, oldest first
         self._task: asyncio.Task[None] | None = None
+        self._committer: asyncio.Task[None] | None = None
         self._seen: dict[str, int] = {}
         self._last_cleanup = 0.0
         self._last_seen_flush = 0.0
@@ -164,14 +185,14 @@ class IngestPipeline:
         now = time.monotonic()
         for rec in records:
             # entries from before this start may be redelivered as soon as senders reconnect
-            for pid, h in unpack(rec.entries):
-                self._index.remember(rec.consumer, pid, h, now)
+            self._index.remember_all(rec.consumer, unpack(rec.entries), now)
         if records:
             log.info(
                 "ingest: %d committed-but-unconfirmed messages from the last run kept for dedupe",
                 len(self._index),
             )
         self._task = asyncio.create_task(self._run(), name="iotvault-ingest-batcher")
+        self._committer = asyncio.create_task(self._commit_batches(), name="iotvault-ingest-committer")
         return self
 
     async def __aexit__(
@@ -180,13 +201,18 @@ class IngestPipeline:
         # no wake-up here: Python 3.11's wait_for can swallow a cancel that races a wake-up;
         # the loop also checks _closing
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for p in self._pending:
+        for task in (self._task, self._committer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        # not acknowledged: whatever of these was committed is recognised when it comes again
+        while not self._batches.empty():
+            self._in_flight.append(self._batches.get_nowait())
+        for p in [p for batch in self._in_flight for p in batch] + self._pending:
             if not p.future.done():
                 p.future.cancel()
+        self._in_flight.clear()
         self._pending.clear()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(IotVaultError):
@@ -196,21 +222,35 @@ class IngestPipeline:
     # ---- the transport's entry point -------------------------------------------------
     async def submit(self, msg: Inbound) -> Outcome:
         """Return once the message is durably handled (stored, applied, recorded or deduped)."""
-        if self._closing:
-            raise asyncio.CancelledError
+        return await self.enqueue(msg)
+
+    def enqueue(self, msg: Inbound) -> asyncio.Future[Outcome]:
+        """Queue a message; the future completes once it is durably handled.
+
+        For transports that acknowledge from a callback rather than a task per message (the
+        external-broker subscriber). The future is cancelled if the pipeline is closing.
+        """
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        # the event id is made on arrival and the receive time is read from it, so the two
-        # always agree and a time range can be served from the (device_id, event_id) key
-        event_id = self._ids.new()
-        self._pending.append(_Pending(msg, event_id_millis(event_id) * 1000, event_id, fut))
-        if len(self._pending) == 1:
+        if self._closing:
+            fut.cancel()
+            return fut
+        # the event id is made in the writer thread from this arrival time (_commit): a UUIDv7
+        # costs two os.urandom calls, and each released the GIL to the writer from this loop
+        self._pending.append(_Pending(msg, time.time_ns() // 1_000_000 * 1000, fut))
+        n = len(self._pending)
+        if n == 1:
             self._wake.set()
-        if len(self._pending) >= self._batch_size:
+        if n == self._batch_size:  # the queue grows one by one: it passes this size exactly
             self._full.set()
-        return await fut
+        return fut
 
     # ---- batching loop ---------------------------------------------------------------
     async def _run(self) -> None:
+        """Cut batches: when ``batch_size`` messages wait, or ``batch_ms`` after the first one.
+
+        A cut batch waits in ``_batches`` (one at most) for :meth:`_commit_batches`; while it
+        waits, newer messages gather for the batch after it.
+        """
         loop = asyncio.get_running_loop()
         while not self._closing:
             if not self._pending:
@@ -218,7 +258,8 @@ class IngestPipeline:
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                 except TimeoutError:
-                    await loop.run_in_executor(self._executor, self._housekeeping)
+                    if not self._in_flight and self._batches.empty():
+                        await loop.run_in_executor(self._executor, self._housekeeping)
                     continue
             if len(self._pending) < self._batch_size:
                 self._full.clear()
@@ -226,15 +267,38 @@ class IngestPipeline:
                     await asyncio.wait_for(self._full.wait(), timeout=self._batch_s)
             batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
             batch = [p for p in batch if not p.future.done()]  # a cancelled submit needs no answer
-            if not batch:
-                continue
+            if batch:
+                await self._batches.put(batch)
+
+    async def _commit_batches(self) -> None:
+        """Commit the batches in order, and answer each one's messages.
+
+        The next batch goes to the writer thread *before* this one's messages are answered
+        (hundreds of futures, and the PUBACKs they release), so the writer does not sit idle
+        while the event loop does that: in the profiles it had been idle a fifth of the time.
+        """
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[list[Outcome]] | None = None
+        while True:
+            if started is None:
+                self._in_flight.append(await self._batches.get())
+                started = loop.run_in_executor(self._executor, self._commit, self._in_flight[0])
+            batch = self._in_flight[0]
             try:
-                outcomes = await self._commit_with_retry(loop, batch)
+                outcomes = await self._settle(loop, batch, started)
             except Exception as exc:  # a bug, not an outage: fail these messages, keep ingesting
                 log.exception("ingest: batch of %d messages failed; they are not acknowledged", len(batch))
+                outcomes = None
+                failure = IngestFailedError(str(exc))
+            started = None
+            if not self._batches.empty():
+                self._in_flight.append(self._batches.get_nowait())
+                started = loop.run_in_executor(self._executor, self._commit, self._in_flight[1])
+            self._in_flight.pop(0)
+            if outcomes is None:
                 for p in batch:
                     if not p.future.done():
-                        p.future.set_exception(IngestFailedError(str(exc)))
+                        p.future.set_exception(failure)
                 continue
             for p, outcome in zip(batch, outcomes, strict=True):
                 if not p.future.done():
@@ -243,13 +307,14 @@ class IngestPipeline:
                 devices, self._committed_devices = self._committed_devices, set()
                 self._on_commit(devices)
 
-    async def _commit_with_retry(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]
+    async def _settle(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], attempt: asyncio.Future[list[Outcome]]
     ) -> list[Outcome]:
+        """The outcome of a commit already started; while the database is out, retry it."""
         delay = 0.1
         while True:
             try:
-                return await loop.run_in_executor(self._executor, self._commit, batch)
+                return await attempt
             except IotVaultError as exc:
                 self._metrics.commit_failures.inc()
                 log.warning(
@@ -257,6 +322,7 @@ class IngestPipeline:
                 )
             await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
             delay = min(delay * 2, 10.0)
+            attempt = loop.run_in_executor(self._executor, self._commit, batch)
 
     # ---- the writer thread -----------------------------------------------------------
     def _device_type(self, device_id: str) -> str | None:
@@ -268,6 +334,20 @@ class IngestPipeline:
         type_id = dev.type_id if dev is not None else None
         self._devices.entries[device_id] = (type_id, now + self._devices.ttl_s)
         return type_id
+
+    def _parse_topic(self, topic: str) -> Topic:
+        """``parse_topic``, remembered: a fleet publishes on few topics per device.
+
+        Parsing validates four identifiers, about 2.7 µs a message; a hit costs a dict look-up.
+        Only valid topics are kept, at most ``_TOPIC_CACHE`` of them (then it starts afresh).
+        """
+        parsed = self._topics.get(topic)
+        if parsed is None:
+            parsed = parse_topic(topic)
+            if len(self._topics) >= _TOPIC_CACHE:
+                self._topics.clear()
+            self._topics[topic] = parsed
+        return parsed
 
     def _commit(self, batch: list[_Pending]) -> list[Outcome]:  # noqa: PLR0912, PLR0915 - one flat pass per message
         out = BatchWrite()
@@ -297,7 +377,7 @@ class IngestPipeline:
                     continue
                 entries.setdefault(msg.consumer, []).append((msg.packet_id, h))
             try:
-                topic = parse_topic(msg.topic)
+                topic = self._parse_topic(msg.topic)
             except TopicError:
                 reject(p, Reason.BAD_TOPIC)
                 continue
@@ -332,7 +412,29 @@ class IngestPipeline:
             except (ValueError, RecursionError):  # a 1 KB "[[[[…" must not stop ingest
                 reject(p, Reason.INVALID_JSON, topic.device_id)
                 continue
-            event_id = p.event_id
+            if topic.is_command_ack:  # updates its command in this batch's transaction
+                ack = parse_command_ack(msg.payload)
+                if ack is None:
+                    reject(p, Reason.BAD_COMMAND_ACK, topic.device_id)
+                    continue
+                out.command_acks.append(
+                    CommandAck(
+                        topic.device_id,
+                        ack.command_id,
+                        ack.status,
+                        ack.reason,
+                        p.received_us,
+                        verified=ack.verified,
+                    )
+                )
+                seen[topic.device_id] = p.received_us
+                outcomes.append(Outcome.COMMAND_ACK)
+                continue
+            # ids are made in arrival order, and the receive time is read back from the id, so
+            # the two always agree and a time range can be served from the (device_id,
+            # event_id) key
+            event_id = self._ids.new_at(p.received_us // 1000)
+            received_us = event_id_millis(event_id) * 1000
             try:
                 record = self._keyring.encrypt(topic.device_id, event_id, msg.payload)
             except DataKeyNotFoundError:  # deleted since the cache entry was made
@@ -346,11 +448,11 @@ class IngestPipeline:
                     topic.type_id,
                     topic.event_type,
                     topic.fmt,
-                    p.received_us,
+                    received_us,
                     record,
                 )
             )
-            seen[topic.device_id] = p.received_us
+            seen[topic.device_id] = received_us
             outcomes.append(Outcome.STORED)
             stored += 1
 
@@ -364,8 +466,7 @@ class IngestPipeline:
         if out.delete_inflight_before_us is not None:
             self._last_cleanup = now_mono
         for consumer, es in entries.items():
-            for pid, h in es:
-                self._index.remember(consumer, pid, h, now_mono)
+            self._index.remember_all(consumer, es, now_mono)
         self._index.expire(now_mono)
         for d, at in seen.items():
             self._seen[d] = at

@@ -6,14 +6,23 @@ the integration tests.
 """
 
 from iotvault.simulator.device import DeviceCredential, DeviceRefusedError, SimulatedDevice
-from iotvault.simulator.run import SimulationPlan, SimulationReport, make_payload, run_simulation
+from iotvault.simulator.run import (
+    CommandSupport,
+    SimulationPlan,
+    SimulationReport,
+    make_payload,
+    obey,
+    run_simulation,
+)
 
 __all__ = [
+    "CommandSupport",
     "DeviceCredential",
     "DeviceRefusedError",
     "SimulatedDevice",
     "SimulationPlan",
     "SimulationReport",
     "make_payload",
+    "obey",
     "run_simulation",
 ]

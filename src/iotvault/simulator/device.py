@@ -33,7 +33,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from ssl import SSLCertVerificationError, SSLContext
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from gmqtt import Client, Message, MQTTConnectError
 from gmqtt.mqtt.constants import MQTTv311
@@ -42,6 +42,9 @@ from gmqtt.mqtt.utils import IdGenerator
 from iotvault.domain.ids import check_identifier
 from iotvault.domain.topics import EventTopic, StatusTopic
 from iotvault.errors import BrokerError, ValidationError
+
+if TYPE_CHECKING:
+    from iotvault.device.processor import CommandProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +216,7 @@ class SimulatedDevice:
         reconnect_min: float = 0.1,
         reconnect_max: float = 5.0,
         max_unacked: int = 1000,
+        commands: CommandProcessor | None = None,
     ) -> None:
         if not 1 <= max_unacked <= 60_000:
             # Every unacknowledged event holds one of the 65535 MQTT packet ids.
@@ -229,6 +233,11 @@ class SimulatedDevice:
         self._reconnect_max = reconnect_max
         self._max_unacked = max_unacked
         self._status_topic = str(StatusTopic(cred.type_id, cred.device_id))
+        # commands (iotvault.device): subscribed after every connect, answered as cmdack events
+        self._commands = commands
+        self._command_filter = f"iot-2/type/{cred.type_id}/id/{cred.device_id}/cmd/+/fmt/json"
+        self._command_tasks: set[asyncio.Task[None]] = set()
+        self._commands_ready = asyncio.Event()  # the command subscription of this connection holds
         self._event_topics: dict[str, str] = {}
 
         self._outbox: dict[int, _Outgoing] = {}
@@ -331,6 +340,21 @@ class SimulatedDevice:
         if session is not None and session.usable:
             self._send(session, outgoing, key)
 
+    async def wait_commands_ready(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109  # answers a bool
+        """Wait until the broker has confirmed the command subscription; False if *timeout* passes.
+
+        Commands sent before that reach the device only if its session already held the
+        subscription (a reconnect with a persistent session).
+        """
+        if self._commands is None:
+            raise RuntimeError(f"{self!r} does not take commands")
+        try:
+            async with asyncio.timeout(timeout):
+                await self._commands_ready.wait()
+        except TimeoutError:
+            return False
+        return True
+
     async def wait_acknowledged(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109  # the API answers a bool
         """Wait until every event published so far is acknowledged; False if *timeout* passes."""
         if self._failure is not None:
@@ -352,7 +376,11 @@ class SimulatedDevice:
         """
         if self._closed:
             return
+        if self._command_tasks:  # answers to commands being handled are queued first
+            await asyncio.wait(set(self._command_tasks), timeout=2.0)
         self._closed = True
+        for task in self._command_tasks:
+            task.cancel()
         session = self._session
         if session is not None and session.usable:
             self._send(session, _Outgoing(self._status_topic, _DISCONNECTED), None)
@@ -387,6 +415,27 @@ class SimulatedDevice:
             session.ids.pinned = None
         outgoing.sent = True
         outgoing.mid = session.tracker.last_mid
+
+    def _on_command_message(
+        self, _client: object, topic: str, payload: bytes, _qos: int, _properties: object
+    ) -> int:
+        """A command arrived: answer it in a task (gmqtt has already acknowledged it)."""
+        task = asyncio.create_task(self._answer_command(topic, payload), name=f"command {self.device_id}")
+        self._command_tasks.add(task)
+        task.add_done_callback(self._command_tasks.discard)
+        return 0
+
+    async def _answer_command(self, topic: str, payload: bytes) -> None:
+        commands = self._commands
+        if commands is None or self._closed:
+            return
+        ack = await commands.process(topic, payload)
+        try:
+            await self.publish_event("cmdack", ack.to_json())
+        except (BrokerError, RuntimeError) as exc:  # closed or failed meanwhile
+            logger.warning(
+                "device %s: answer to command %s not sent: %s", self.device_id, ack.command_id, exc
+            )
 
     def _on_puback(self, key: int) -> None:
         if self._outbox.pop(key, None) is None:
@@ -478,6 +527,9 @@ class SimulatedDevice:
 
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
+        if self._commands is not None:
+            client.on_message = self._on_command_message
+            client.on_subscribe = lambda *_args: self._commands_ready.set()
         session.client = client
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -510,6 +562,9 @@ class SimulatedDevice:
         )
         session.ids.reserve({o.mid for o in self._outbox.values() if o.mid is not None})
         self._send(session, _Outgoing(self._status_topic, _CONNECTED), None)
+        if self._commands is not None:
+            self._commands_ready.clear()
+            session.client.subscribe(self._command_filter, qos=1)
         for key, outgoing in list(self._outbox.items()):
             self._send(session, outgoing, key)
         self._settled.set()

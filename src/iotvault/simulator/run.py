@@ -11,11 +11,17 @@ import logging
 import math
 import random
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from ssl import SSLContext
+from typing import Any
 
+from iotvault.crypto.signing import CommandPublicKey
+from iotvault.device.processor import CommandProcessor, Handler
+from iotvault.device.replay import ReplayGuard
+from iotvault.device.verify import Command, CommandVerifier
 from iotvault.domain.ids import check_identifier
 from iotvault.errors import IotVaultError, ValidationError
 from iotvault.simulator.device import DeviceCredential, SimulatedDevice
@@ -49,6 +55,33 @@ class SimulationPlan:
                 # Two connections with one client id would take each other over forever.
                 raise ValidationError("devices", f"deviceId {cred.device_id!r} appears twice")
             seen.add(cred.device_id)
+
+
+def obey(command: Command) -> Mapping[str, Any]:
+    """What a simulated device does with a verified command: reports that it obeyed."""
+    logger.info("device %s obeys %s (seq %d)", command.device_id, command.name, command.seq)
+    return {"obeyed": command.name}
+
+
+@dataclass(frozen=True)
+class CommandSupport:
+    """Simulated devices verify and answer signed commands (:mod:`iotvault.device`).
+
+    ``state_dir`` holds one replay-state file per device (``<deviceId>.json``), so a device
+    refuses replays across runs; None keeps the state in memory.
+    """
+
+    platform_key: CommandPublicKey
+    state_dir: Path | None = None
+    handler: Handler | None = obey
+
+    def processor(self, cred: DeviceCredential) -> CommandProcessor:
+        state = self.state_dir / f"{cred.device_id}.json" if self.state_dir is not None else None
+        return CommandProcessor(
+            CommandVerifier(self.platform_key, cred.device_id, type_id=cred.type_id),
+            ReplayGuard(state, cred.device_id),
+            self.handler,
+        )
 
 
 @dataclass
@@ -95,6 +128,7 @@ async def run_simulation(
     ssl: SSLContext | None = None,
     on_progress: ProgressCallback | None = None,
     ack_timeout: float = 120.0,
+    commands: CommandSupport | None = None,
 ) -> SimulationReport:
     """Connect every device at once, publish the plan, wait for every acknowledgement, close.
 
@@ -104,7 +138,12 @@ async def run_simulation(
     With ``count=None`` it publishes until cancelled, then closes the devices and re-raises.
     """
     loop = asyncio.get_running_loop()
-    devices = [SimulatedDevice(cred, host, port, ssl=ssl) for cred in plan.devices]
+    devices = [
+        SimulatedDevice(
+            cred, host, port, ssl=ssl, commands=commands.processor(cred) if commands is not None else None
+        )
+        for cred in plan.devices
+    ]
     started = loop.time()
     elapsed = 0.0
     finished = asyncio.Event()

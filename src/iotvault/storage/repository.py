@@ -56,6 +56,58 @@ class InflightRecord:
     id: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class CommandAck:
+    """A device's answer (``cmdack``) to one of its commands, applied with the batch holding it."""
+
+    device_id: str
+    command_id: str
+    status: str  # acknowledged | rejected | expired
+    reason: str | None
+    at_us: int
+    verified: bool = True  # False: the device could not verify what it refused; never applied
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    """A command sent to a device (``commands`` table); the payload is kept only as a digest."""
+
+    command_id: str
+    device_id: str
+    type_id: str
+    command: str
+    seq: int
+    status: str  # sent | acknowledged | rejected | failed (expired is derived when read)
+    reason: str | None
+    payload_sha256: str
+    issued_us: int
+    expires_us: int
+    updated_us: int
+    sent_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCredentials:
+    """What the broker needs to admit a device: its type and credential hashes."""
+
+    device_id: str
+    type_id: str
+    credential_hash: str | None
+    previous_credential_hash: str | None
+    previous_expires_us: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityEvent:
+    """One row of ``security_events``; ``detail`` is small JSON, never a payload or a secret."""
+
+    at_us: int
+    kind: str
+    subject: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    id: int | None = None
+
+
 @dataclass(slots=True)
 class BatchWrite:
     """Everything one ingest batch changes, committed in one transaction."""
@@ -65,6 +117,7 @@ class BatchWrite:
     statuses: dict[str, tuple[str, int]] = field(default_factory=dict)  # device -> (status, at_us)
     inflight: list[InflightRecord] = field(default_factory=list)
     delete_inflight_before_us: int | None = None
+    command_acks: list[CommandAck] = field(default_factory=list)
 
 
 class DeviceStore(Protocol):

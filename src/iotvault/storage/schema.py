@@ -167,3 +167,189 @@ api_keys = Table(
     Column("created_by", String(64), nullable=False),
     Column("created_us", BigInteger, nullable=False),
 )
+
+
+# ---- the OpenID Connect provider (revision 0004) -------------------------------------------
+# Secrets (refresh tokens, authorization and device codes, session cookies) are stored only as
+# SHA-256 hashes of 256-bit random values; signing keys only wrapped by the master key. A
+# "grant" is one token family: what one login gave one client. Every token it issues names it
+# (claim ``sid``), so revoking the grant ends its refresh tokens and, at the API, its access
+# tokens. Users are referenced by name without foreign keys, like group devices: a deleted or
+# re-created user fails the ``user_stamp`` check (``users.updated_us`` at login) instead.
+oidc_clients = Table(
+    "oidc_clients",
+    metadata,
+    Column("client_id", String(64), primary_key=True),
+    Column("display_name", String(128), nullable=False, server_default=""),
+    Column("secret_hash", String(128), nullable=True),  # NULL: a public client (PKCE, no secret)
+    Column("redirect_uris", Text, nullable=False, server_default="[]"),
+    Column("post_logout_redirect_uris", Text, nullable=False, server_default="[]"),
+    Column("grant_types", Text, nullable=False, server_default="[]"),
+    Column("allow_anonymous", Boolean, nullable=False, server_default=false()),
+    Column("created_by", String(64), nullable=False, server_default=""),
+    Column("created_us", BigInteger, nullable=False),
+)
+
+oidc_signing_keys = Table(
+    "oidc_signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("alg", String(16), nullable=False),
+    Column("public_jwk", Text, nullable=False),
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("retired_us", BigInteger, nullable=True),  # a newer key signs since
+    Column("publish_until_us", BigInteger, nullable=True),  # in the JWKS until its tokens expired
+)
+
+oidc_sessions = Table(
+    "oidc_sessions",
+    metadata,
+    Column("session_id", String(32), primary_key=True),
+    Column("token_hash", String(64), nullable=False),
+    Column("user_name", String(64), nullable=False),
+    Column("user_stamp", BigInteger, nullable=False),
+    Column("amr", String(64), nullable=False),
+    Column("auth_time_us", BigInteger, nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+    Column("ended_us", BigInteger, nullable=True),
+    Column("end_reason", String(32), nullable=True),
+    Index("ix_oidc_sessions_token", "token_hash", unique=True),
+    Index("ix_oidc_sessions_user", "user_name"),
+)
+
+oidc_auth_requests = Table(
+    "oidc_auth_requests",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("params", Text, nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+    Column("completed_us", BigInteger, nullable=True),
+)
+
+oidc_grants = Table(
+    "oidc_grants",
+    metadata,
+    Column("grant_id", String(32), primary_key=True),
+    Column("client_id", String(64), nullable=False),
+    Column("session_id", String(32), nullable=True),
+    Column("user_name", String(64), nullable=True),  # NULL for anonymous
+    Column("user_stamp", BigInteger, nullable=True),
+    Column("subject", String(64), nullable=False),
+    Column("anonymous", Boolean, nullable=False, server_default=false()),
+    Column("scope", String(512), nullable=False, server_default=""),
+    Column("amr", String(64), nullable=False),
+    Column("auth_time_us", BigInteger, nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+    Column("revoked_us", BigInteger, nullable=True),
+    Column("revoke_reason", String(32), nullable=True),
+    Index("ix_oidc_grants_session", "session_id"),
+    Index("ix_oidc_grants_user", "user_name"),
+)
+
+oidc_codes = Table(
+    "oidc_codes",
+    metadata,
+    Column("code_hash", String(64), primary_key=True),
+    Column("client_id", String(64), nullable=False),
+    Column("redirect_uri", Text, nullable=False),
+    Column("code_challenge", String(128), nullable=True),
+    Column("nonce", String(512), nullable=True),
+    Column("scope", String(512), nullable=False, server_default=""),
+    Column("session_id", String(32), nullable=True),
+    Column("user_name", String(64), nullable=True),
+    Column("user_stamp", BigInteger, nullable=True),
+    Column("subject", String(64), nullable=False),
+    Column("anonymous", Boolean, nullable=False, server_default=false()),
+    Column("amr", String(64), nullable=False),
+    Column("auth_time_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+    Column("used_us", BigInteger, nullable=True),
+    Column("grant_id", String(32), nullable=True),  # what the exchange issued: revoked on reuse
+)
+
+oidc_refresh_tokens = Table(
+    "oidc_refresh_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("grant_id", String(32), nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+    Column("used_us", BigInteger, nullable=True),  # rotated: presenting it again is a replay
+    Index("ix_oidc_refresh_tokens_grant", "grant_id"),
+)
+
+oidc_device_codes = Table(
+    "oidc_device_codes",
+    metadata,
+    Column("device_code_hash", String(64), primary_key=True),
+    Column("user_code_hash", String(64), nullable=False),
+    Column("client_id", String(64), nullable=False),
+    Column("scope", String(512), nullable=False, server_default=""),
+    Column("created_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+    Column("interval_s", Integer, nullable=False),
+    Column("last_poll_us", BigInteger, nullable=True),
+    Column("status", String(16), nullable=False),  # pending, approved, denied, consumed
+    Column("user_name", String(64), nullable=True),
+    Column("user_stamp", BigInteger, nullable=True),
+    Column("auth_time_us", BigInteger, nullable=True),
+    Index("ix_oidc_device_codes_user_code", "user_code_hash", unique=True),
+)
+
+# Failed logins, lockouts, replayed codes and refresh tokens, anonymous logins. The login
+# throttle counts these rows, so it holds across several API nodes on one database.
+identity_events = Table(
+    "identity_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at_us", BigInteger, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("user_name", String(64), nullable=True),
+    Column("client_id", String(64), nullable=True),
+    Column("address", String(64), nullable=True),
+    Column("detail", String(256), nullable=False, server_default=""),
+    Index("ix_identity_events_at", "at_us"),
+    Index("ix_identity_events_user", "kind", "user_name", "at_us"),
+    Index("ix_identity_events_address", "kind", "address", "at_us"),
+)
+
+
+# ---- device security (revision 0003) --------------------------------------------------------
+# Every command sent to a device, kept after the device is deleted: it is the audit trail of who
+# commanded what, and it keeps a device's command counter (``seq``) rising if the id is ever
+# registered again. The payload itself is not kept, only its SHA-256.
+commands = Table(
+    "commands",
+    metadata,
+    Column("command_id", String(36), primary_key=True),
+    Column("device_id", String(64), nullable=False),
+    Column("type_id", String(64), nullable=False),
+    Column("command", String(64), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", String(200), nullable=True),
+    Column("payload_sha256", String(64), nullable=False),
+    Column("issued_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+    Column("updated_us", BigInteger, nullable=False),
+    Column("sent_by", String(128), nullable=False),
+    Index("ix_commands_device_seq", "device_id", "seq", unique=True),
+)
+
+# Failed device logins, throttled addresses, topic denials, revoked sessions, commands sent and
+# commands devices refused. ``detail`` is a small JSON object, never a payload or a secret.
+security_events = Table(
+    "security_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at_us", BigInteger, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("subject", String(128), nullable=False),
+    Column("detail", Text, nullable=False, server_default="{}"),
+    Index("ix_security_events_at", "at_us"),
+)

@@ -461,16 +461,21 @@ async def revoke_key(
 
 # ---- security events -----------------------------------------------------------------
 @router.get(
-    "/security/events", tags=["security"], summary="Security events: rejected device messages, newest first"
+    "/security/events",
+    tags=["security"],
+    summary="Security events: rejected device messages, refused logins and topics, commands; newest first",
 )
 async def security_events(
     request: Request,
     _p: Annotated[Principal, Requires(Permission.SECURITY_EVENTS_READ)],
     count: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Any:
-    rows = await run_in_threadpool(services(request).ctx.store.list_rejected, count)
-    return {
-        "events": [
+    store = services(request).ctx.store
+    rows = await run_in_threadpool(store.list_rejected, count)
+    others = await run_in_threadpool(store.list_security_events, count)
+    events: list[tuple[int, dict[str, Any]]] = [
+        (
+            r.received_us,
             {
                 "timestamp": iso(r.received_us),
                 "kind": "ingest_rejected",
@@ -479,10 +484,17 @@ async def security_events(
                 "topic": r.topic,
                 "size": r.size,
                 "source": r.source,
-            }
-            for r in rows
-        ]
-    }
+            },
+        )
+        for r in rows
+    ]
+    # broker and command events (security_events): kind, subject, and their small detail
+    events += [
+        (e.at_us, {**e.detail, "timestamp": iso(e.at_us), "kind": e.kind, "subject": e.subject})
+        for e in others
+    ]
+    events.sort(key=lambda item: item[0], reverse=True)
+    return {"events": [doc for _, doc in events[:count]]}
 
 
 # ---- the caller ----------------------------------------------------------------------

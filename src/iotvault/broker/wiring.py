@@ -1,0 +1,186 @@
+"""What a node starts on the broker side, from the settings: one place, used by :mod:`iotvault.node`.
+
+=========================  ==================================================================
+node                       broker side
+=========================  ==================================================================
+embedded, runs ingest      the embedded broker with device authentication, topic rules,
+                           login throttling, security events and presence
+                           (:class:`~iotvault.broker.authority.DeviceAuthority`); commands go
+                           out through the broker itself
+embedded, API only         commands go to the embedded broker of the ingest node, over MQTT,
+                           as iotvault's service account
+external (Mosquitto)       ingest subscribes as iotvault's account; with a dynamic-security
+                           admin configured, that account and its role are made at start and
+                           stale device accounts removed; commands go out as the same account
+=========================  ==================================================================
+
+iotvault's account: the user and password of ``IOTVAULT_BROKER_URL`` if it names one, else
+``iotvault:service`` with a password kept in the database (:mod:`iotvault.commands.keys`) —
+which the embedded broker and a dynamic-security bootstrap both know, so nothing needs
+configuring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+from iotvault.broker.acl import SERVICE_USERNAME
+from iotvault.broker.authority import DeviceAuthority
+from iotvault.broker.embedded import EmbeddedBroker, PublishHook
+from iotvault.broker.mosquitto_log import MosquittoLogWatcher
+from iotvault.broker.publisher import CommandPublisher
+from iotvault.broker.security_log import SecurityEventLog
+from iotvault.broker.throttle import LoginThrottle
+from iotvault.broker.tls import client_context, server_context
+from iotvault.commands.keys import broker_service_password
+from iotvault.config import Settings
+from iotvault.domain.topics import StatusTopic
+from iotvault.ingest.pipeline import Inbound, IngestPipeline
+from iotvault.ingest.subscriber import BrokerSubscriber
+from iotvault.runtime import Context
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+REVALIDATE_S: Final = 5.0
+"""How often connected devices' credentials are re-checked against the registry."""
+
+_ONLINE: Final = b'{"status":"connected"}'
+_OFFLINE: Final = b'{"status":"disconnected"}'
+
+
+@dataclass
+class BrokerSide:
+    broker: EmbeddedBroker | None  # the embedded broker, when this node runs it
+    publish: Publish  # how this node sends a command
+    authority: DeviceAuthority | None = None
+    events: SecurityEventLog | None = None
+
+
+async def start_broker_side(
+    stack: AsyncExitStack,
+    s: Settings,
+    ctx: Context,
+    pipeline: IngestPipeline | None,
+    on_publish: PublishHook | None,
+) -> BrokerSide:
+    service_password = await asyncio.to_thread(broker_service_password, ctx.store, ctx.master)
+    if s.broker.embedded:
+        if pipeline is not None:
+            return await _embedded(
+                stack, s, ctx, pipeline, on_publish=on_publish, service_password=service_password
+            )
+        client_ssl = client_context(s.broker_ca_file) if s.mqtt_tls_cert_file else None
+        publisher = CommandPublisher(
+            s.mqtt_host,
+            s.mqtt_port,
+            username=SERVICE_USERNAME,
+            password=service_password,
+            ssl_context=client_ssl,
+        )
+        stack.push_async_callback(publisher.close)
+        return BrokerSide(None, publisher.publish)
+    return await _external(stack, s, ctx, pipeline, service_password)
+
+
+async def _embedded(
+    stack: AsyncExitStack,
+    s: Settings,
+    ctx: Context,
+    pipeline: IngestPipeline,
+    *,
+    on_publish: PublishHook | None,
+    service_password: str,
+) -> BrokerSide:
+    events = await stack.enter_async_context(SecurityEventLog(ctx.store))
+    await asyncio.to_thread(ctx.store.mark_all_offline)  # nobody is connected to a new broker
+    pending: set[asyncio.Task[object]] = set()
+
+    async def on_status(device_id: str, type_id: str, online: bool) -> None:
+        # Not awaited: presence must not hold up connections behind a batch commit.
+        message = Inbound(
+            str(StatusTopic(type_id, device_id)), _ONLINE if online else _OFFLINE, 0, False, None, "broker"
+        )
+        task: asyncio.Task[object] = asyncio.ensure_future(pipeline.submit(message))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    authority = DeviceAuthority(
+        ctx.store, service_password=service_password, events=events, on_status=on_status
+    )
+    broker = await stack.enter_async_context(
+        EmbeddedBroker(
+            s.mqtt_host,
+            s.mqtt_port,
+            on_publish=on_publish,
+            authenticate=authority.authenticate,
+            authorize=authority.authorize,
+            on_connection=authority.on_connection,
+            on_denied=authority.on_denied,
+            throttle=LoginThrottle(),
+            max_packet_size=s.mqtt_max_packet_bytes,
+            ssl=server_context(s.mqtt_tls_cert_file, s.mqtt_tls_key_file) if s.mqtt_tls_cert_file else None,
+        )
+    )
+
+    async def settle_presence() -> None:
+        if pending:
+            await asyncio.wait(set(pending), timeout=5.0)
+
+    stack.push_async_callback(settle_presence)
+    await _background(stack, authority.keep_checking(broker, REVALIDATE_S), "iotvault-sessions")
+    return BrokerSide(broker, broker.publish, authority, events)
+
+
+async def _background(stack: AsyncExitStack, coro: Coroutine[Any, Any, None], name: str) -> None:
+    """Run ``coro`` until the stack unwinds."""
+    task = asyncio.create_task(coro, name=name)
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)
+
+
+async def _external(
+    stack: AsyncExitStack, s: Settings, ctx: Context, pipeline: IngestPipeline | None, service_password: str
+) -> BrokerSide:
+    b = s.broker
+    client_ssl: ssl.SSLContext | None = client_context(s.broker_ca_file) if b.tls else None
+    accounts = ctx.device_accounts
+    if b.username:
+        username, password = b.username, b.password or ""
+    elif accounts is not None:
+        username, password = SERVICE_USERNAME, service_password
+    else:
+        username, password = "", ""  # an open broker: connect without credentials, as before
+    bootstrap = getattr(accounts, "bootstrap", None)
+    if pipeline is not None and bootstrap is not None:
+        await bootstrap(username, password)
+        reconcile = getattr(accounts, "reconcile", None)
+        if reconcile is not None:
+            await reconcile(await asyncio.to_thread(ctx.store.device_ids))
+    if pipeline is not None and s.broker_log_file:
+        events = await stack.enter_async_context(SecurityEventLog(ctx.store))
+        watcher = MosquittoLogWatcher(s.broker_log_file, events)
+        await _background(stack, watcher.run(), "iotvault-mosquitto-log")
+    if pipeline is not None:
+        address = replace(b, username=username or None, password=password or None)
+        await stack.enter_async_context(
+            BrokerSubscriber(address, pipeline, client_id=s.ingest_client_id, ssl_context=client_ssl)
+        )
+    if not username:
+        log.warning("commands: the broker %s is used without credentials", b.display)
+    publisher = CommandPublisher(b.host, b.port, username=username, password=password, ssl_context=client_ssl)
+    stack.push_async_callback(publisher.close)
+    return BrokerSide(None, publisher.publish)

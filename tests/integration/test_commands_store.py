@@ -1,0 +1,116 @@
+"""Commands and security events in the database (SQLite and PostgreSQL), and ``cmdack`` ingest."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from iotvault.commands.documents import Ack
+from iotvault.commands.service import CommandService, effective_status
+from iotvault.config import load_settings
+from iotvault.ingest.pipeline import Inbound, IngestPipeline, Outcome
+from iotvault.metrics import Metrics
+from iotvault.runtime import Context, context, delete_device, now_us, register_device
+from iotvault.storage.repository import SecurityEvent
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def ctx(tmp_path: Path, database_url: str) -> Iterator[Context]:
+    settings = load_settings(
+        environ={"IOTVAULT_DATA_DIR": str(tmp_path / "data"), "IOTVAULT_DATABASE_URL": database_url}
+    )
+    with context(settings) as c:
+        yield c
+
+
+def test_commands_are_numbered_per_device_and_survive_the_device(ctx: Context) -> None:
+    register_device(ctx, "thermo", "a")
+    register_device(ctx, "thermo", "b")
+    service = CommandService(ctx)
+    seqs: list[int] = []
+    lock = threading.Lock()
+
+    def send(device: str) -> None:
+        out = service.prepare(device, "ping", {}, sent_by="test")
+        if device == "a":
+            with lock:
+                seqs.append(out.record.seq)
+
+    threads = [threading.Thread(target=send, args=("a",)) for _ in range(16)]
+    threads += [threading.Thread(target=send, args=("b",))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seqs) == list(range(1, 17))  # concurrent senders never share a number
+    delete_device(ctx, "a")
+    register_device(ctx, "thermo", "a")  # the same id again: its counter goes on rising
+    assert service.prepare("a", "ping", {}, sent_by="test").record.seq == 17
+
+
+async def test_cmdack_updates_its_command_in_the_batch_and_nothing_else(ctx: Context) -> None:
+    register_device(ctx, "thermo", "a")
+    register_device(ctx, "thermo", "b")
+    service = CommandService(ctx)
+    first = service.prepare("a", "open", {"x": 1}, sent_by="user:bob").record
+    second = service.prepare("a", "open", {"x": 2}, sent_by="user:bob").record
+    expired = service.prepare("a", "open", {"x": 3}, sent_by="user:bob", expires_in_s=1).record
+
+    def ack(device: str, body: Ack | bytes) -> Inbound:
+        payload = body if isinstance(body, bytes) else json.dumps(body.to_json()).encode()
+        return Inbound(f"iot-2/type/thermo/id/{device}/evt/cmdack/fmt/json", payload, 1, False, None, device)
+
+    async with IngestPipeline(ctx.store, ctx.keyring, Metrics(), batch_ms=50) as pipeline:
+        outcomes = await asyncio.gather(
+            pipeline.submit(ack("b", Ack(first.command_id, True))),  # another device: not applied
+            pipeline.submit(ack("a", Ack(first.command_id, True, result={"ok": 1}))),
+            pipeline.submit(ack("a", Ack(first.command_id, False, "replayed"))),  # a second answer
+            pipeline.submit(ack("a", Ack(second.command_id, False, "bad_signature", verified=False))),
+            pipeline.submit(ack("a", Ack(None, False, "unsigned", verified=False))),
+            pipeline.submit(ack("a", b'{"status": "done"}')),
+            pipeline.submit(
+                Inbound("iot-2/type/thermo/id/a/evt/reading/fmt/json", b'{"t": 1}', 1, False, None, "a")
+            ),
+        )
+    assert outcomes == [Outcome.COMMAND_ACK] * 5 + [Outcome.REJECTED, Outcome.STORED]
+    assert ctx.store.get_command("a", first.command_id).status == "acknowledged"  # type: ignore[union-attr]
+    # an unverified refusal does not touch the command it names
+    assert ctx.store.get_command("a", second.command_id).status == "sent"  # type: ignore[union-attr]
+    assert ctx.store.get_command("b", first.command_id) is None
+    assert ctx.store.count_events("a") == 1  # answers are not events
+    assert ctx.store.rejected_counts() == {"bad_command_ack": 1}
+    events = [e for e in ctx.store.list_security_events() if e.kind != "command"]
+    summary = sorted((e.kind, e.subject, e.detail["reason"], e.detail["matched"]) for e in events)
+    assert summary == sorted(
+        [
+            ("command_ack_unmatched", "b", None, False),
+            ("command_rejected", "a", "replayed", False),
+            ("command_rejected", "a", "bad_signature", False),
+            ("command_rejected", "a", "unsigned", False),
+        ]
+    )
+    audit = ctx.store.list_security_events(kinds=["command"])
+    assert {e.subject for e in audit} == {"user:bob"}
+    assert len(audit) == 3
+    record = ctx.store.get_command("a", expired.command_id)
+    assert record is not None
+    assert effective_status(record, now_us()) == "sent"
+    assert effective_status(record, record.expires_us + 1) == "expired"
+
+
+def test_security_events_round_trip(ctx: Context) -> None:
+    ctx.store.add_security_events(
+        [SecurityEvent(now_us(), "login_failed", "x" * 500, {"address": "10.0.0.1:1", "n": 1})]
+    )
+    (e,) = ctx.store.list_security_events(kinds=["login_failed"])
+    assert e.subject == "x" * 128
+    assert e.detail == {"address": "10.0.0.1:1", "n": 1}
+    assert ctx.store.list_security_events(kinds=["nothing"]) == []
+    assert isinstance(e.id, int)
