@@ -189,6 +189,11 @@ def test_demo_runs_and_data_arrives(tmp_path: Path) -> None:
             proc.wait()
     log_text = (tmp_path / "demo.log").read_text()
     assert "Traceback" not in log_text, log_text
+    # demo users are made on first start, their generated passwords printed once
+    assert "demo user 'demo' created; password (shown once): " in log_text
+    assert "demo user 'admin' created" in log_text
+    users = json.loads(iotvault("users", "list", "--json", env=env).stdout)
+    assert {u["userName"] for u in users} >= {"demo", "admin"}
 
 
 def test_simulate_command_with_progress(tmp_path: Path, server_factory: list[ServerProcess]) -> None:

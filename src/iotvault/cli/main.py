@@ -138,6 +138,29 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def _demo_accounts(ctx: Any) -> list[tuple[str, str]]:
+    """On first start: a group that reads and commands the demo devices, an admin group, and
+    one user in each. Returns the (user, generated password) pairs made now."""
+    from iotvault.accounts import create_group, create_user
+    from iotvault.domain.accounts import Roles
+
+    made: list[tuple[str, str]] = []
+    if ctx.accounts.get_group("demo-operators") is None:
+        create_group(
+            ctx,
+            "demo-operators",
+            "Demo operators",
+            roles=Roles(reader=True, writer=True),
+            devices=[d for _, d in DEMO_DEVICES],
+        )
+    if ctx.accounts.get_group("demo-admins") is None:
+        create_group(ctx, "demo-admins", "Demo administrators", roles=Roles(admin=True))
+    for user, group in (("demo", "demo-operators"), ("admin", "demo-admins")):
+        if ctx.accounts.get_user(user) is None:
+            made.append((user, create_user(ctx, user, user.title(), groups=[group])))
+    return made
+
+
 DEMO_DEVICES = (
     ("demo-sensor", "demo-thermo-1"),
     ("demo-sensor", "demo-thermo-2"),
@@ -176,6 +199,9 @@ def demo(
                 creds.append(DeviceCredential(device_id, type_id, new.credential))
             else:  # stored only as a hash: give the simulator a fresh one
                 creds.append(DeviceCredential(device_id, type_id, rotate_device_credential(ctx, device_id)))
+        accounts_made = _demo_accounts(ctx)
+    for user, password in accounts_made:
+        err.print(f"demo user {user!r} created; password (shown once): {password}", highlight=False)
     commands, _ = _simulator_extras(s)
     err.print(f"demo devices: {', '.join(d for _, d in DEMO_DEVICES)} (credentials held by the simulator)")
     err.print(f"watch them arrive: iotvault events tail {DEMO_DEVICES[0][1]} --follow")
