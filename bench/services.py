@@ -177,8 +177,9 @@ class Child:
         return self.proc.pid
 
     def _pump(self) -> None:
-        for line in self.proc.stdout or ():
-            self._lines.put(line)
+        with contextlib.suppress(ValueError, OSError):  # stdout closed by stop()
+            for line in self.proc.stdout or ():
+                self._lines.put(line)
         self._lines.put(None)
 
     def send(self, line: str) -> None:

@@ -51,8 +51,8 @@ DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID, description="deviceId")]
 def iso(us: int | None) -> str | None:
     """Microseconds since the epoch as ``2026-11-22T10:00:00.123Z`` (UTC, milliseconds).
 
-    Integer arithmetic and ``time.strftime``: a third of the cost of going through
-    ``datetime``, and it runs for every event the API returns.
+    Integer arithmetic and ``time.strftime``, for every event the API returns: exact (no
+    float division) and a quarter cheaper than going through ``datetime``.
     """
     if us is None:
         return None
