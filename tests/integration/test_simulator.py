@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +25,8 @@ from pathlib import Path
 import pytest
 from gmqtt import Client, Subscription
 from gmqtt.mqtt.constants import MQTTv311
+from helpers import mosquitto_binary as find_mosquitto
+from helpers import unavailable
 
 from iotvault.domain.topics import EventTopic, StatusTopic, parse_topic
 from iotvault.errors import ValidationError
@@ -54,17 +55,10 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="session")
 def mosquitto_binary() -> str:
-    # Debian installs it in sbin, which a non-root PATH may leave out.
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
-    found = shutil.which("mosquitto", path=search)
+    found = find_mosquitto()
     if found is None:
-        reason = (
-            "the mosquitto binary is not installed (e.g. apt-get install mosquitto): "
-            "the simulator's integration tests need a real MQTT broker"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable("the mosquitto binary is not installed (apt-get install mosquitto)")
+    assert found is not None
     return found
 
 
