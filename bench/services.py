@@ -35,6 +35,10 @@ class BenchError(Exception):
     """A benchmark could not be run as described (a service missing, a process failing)."""
 
 
+class PortTimeoutError(BenchError, TimeoutError):
+    """Nothing listens on a port after the time allowed (a TimeoutError for the tests too)."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -48,7 +52,17 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise BenchError(f"nothing listens on port {port} after {timeout}s")
+    raise PortTimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Ask a child to end (SIGTERM) and wait; after ``timeout`` seconds, kill it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def tail(path: Path, n: int = 2000) -> str:
@@ -60,9 +74,10 @@ def tail(path: Path, n: int = 2000) -> str:
 
 # ---- Mosquitto --------------------------------------------------------------------------
 def mosquitto_binary() -> str | None:
-    return shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
+    """The mosquitto executable: on PATH, or where Debian (``/usr/sbin``) and source builds
+    (``/usr/local/sbin``) install it, directories a user's PATH often lacks."""
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "/usr/local/sbin"])
+    return shutil.which("mosquitto", path=path)
 
 
 def mosquitto_version() -> str:
@@ -74,14 +89,20 @@ def mosquitto_version() -> str:
 
 
 class Mosquitto:
-    """A Mosquitto of our own, configured as README.md tells deployments to configure it."""
+    """A Mosquitto of our own, configured as README.md tells deployments to configure it.
 
-    def __init__(self, workdir: Path) -> None:
+    Anonymous on 127.0.0.1, persistent, and with no limit on the queue of an offline persistent
+    session (iotvault's ingest is one: it must not lose queued messages). The benchmarks use it
+    as a context manager on a port of its own choosing; the tests' session broker
+    (``tests/helpers.py``) starts and stops it on a port they chose.
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Mosquitto:
+    def start(self) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise BenchError("the mosquitto binary is not installed")
@@ -101,17 +122,18 @@ class Mosquitto:
             [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout=10)
+            self.proc = None
+
+    def __enter__(self) -> Mosquitto:
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
+        self.stop()
 
 
 # ---- PostgreSQL -------------------------------------------------------------------------
@@ -224,12 +246,7 @@ class Child:
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout)
         for stream in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(OSError):
                 if stream is not None:
@@ -273,12 +290,7 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout=30)
             self.proc = None
 
 

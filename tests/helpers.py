@@ -1,10 +1,12 @@
-"""Helpers shared by the tests: real services and an iotvault server process."""
+"""Helpers shared by the tests: real services and an iotvault server process.
+
+Mosquitto, ports and stopping a child are the benchmark harness's (:mod:`bench.services`):
+one broker configuration for both, the one README.md gives deployments.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bench import services as bench_services  # bench/ is on the tests' path (pytest pythonpath)
+from bench.services import free_port, mosquitto_binary, stop_process, wait_port
+
+__all__ = [
+    "IN_CI",
+    "PG_ADMIN_URL",
+    "Mosquitto",
+    "ServerProcess",
+    "free_port",
+    "mosquitto_binary",
+    "server_env",
+    "unavailable",
+    "wait_port",
+]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PG_ADMIN_URL = os.environ.get("IOTVAULT_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -24,58 +40,11 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"SERVICE UNAVAILABLE: {reason}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class Mosquitto(bench_services.Mosquitto):
+    """The benchmarks' open, persistent Mosquitto, on a port the caller chose."""
 
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
-
-
-def mosquitto_binary() -> str | None:
-    return shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-
-
-@dataclass
-class Mosquitto:
-    port: int
-    workdir: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = mosquitto_binary() or "mosquitto"
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.workdir}/\n"
-            "autosave_interval 1\n"
-            # an offline persistent session (iotvault's ingest) must not lose queued messages
-            "max_queued_messages 0\n"
-            "max_inflight_messages 0\n"
-            f"log_dest file {self.workdir}/mosquitto.log\n"
-        )
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
+    def __init__(self, port: int, workdir: Path) -> None:
+        super().__init__(workdir, port)
 
 
 @dataclass
@@ -114,12 +83,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout=15)
             self.proc = None
 
 

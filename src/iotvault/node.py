@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import signal
 import socket
@@ -35,6 +36,29 @@ from iotvault.metrics import Metrics
 from iotvault.runtime import Context, open_context
 
 log = logging.getLogger(__name__)
+
+
+GC_THRESHOLD = (20_000, 20, 20)
+"""Collector thresholds of a serving process (Python's default: 700, 10, 10).
+
+Ingest keeps tens of thousands of small objects alive for the tens of milliseconds a batch
+takes to commit: they survive the young generations and, with the default thresholds, trigger
+a full collection of the whole heap every few thousand events (7 full collections, 0.7-0.8 s,
+in a 60,000-event run). With these thresholds, and the start-up objects frozen out of the
+collector's sight, ingest used about a fifth less CPU per event (BENCHMARKS.md). Reference
+cycles are still collected, only less often; memory over a 10-minute run stays flat.
+"""
+
+
+def tune_gc_for_serving() -> None:
+    """Set :data:`GC_THRESHOLD` and freeze what start-up made: for ``iotvault serve`` only.
+
+    A process-wide decision, so the command that owns the process makes it, once the node is
+    up (the objects made by imports and start-up live as long as the process).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 class Role(StrEnum):

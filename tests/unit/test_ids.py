@@ -220,3 +220,12 @@ def test_event_id_millis_is_the_time_the_id_was_made() -> None:
 def test_event_id_millis_reads_a_known_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(time, "time_ns", lambda: 1_234_567_890_123_999_999)
     assert event_id_millis(EventIdFactory().new()) == 1_234_567_890_123
+
+
+@given(st.integers(min_value=0, max_value=(1 << 48) - 1))
+def test_event_ids_are_canonical_and_carry_their_time_at_any_millisecond(unix_ms: int) -> None:
+    # leading zero digits included: the id is formatted without going through uuid.UUID
+    event_id = EventIdFactory().new_at(unix_ms)
+    assert len(event_id) == 36
+    assert_uuid7(event_id)
+    assert event_id_millis(event_id) == unix_ms

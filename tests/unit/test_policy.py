@@ -14,6 +14,7 @@ from iotvault.auth.policy import (
     Permission,
     Principal,
     authorize,
+    may_grant,
     within,
 )
 
@@ -91,3 +92,26 @@ def test_within_is_subset_of_rights(
     ceiling = principal(Grant(ca, True, False, frozenset(cr)), Grant(False, False, True, frozenset(cw)))
     key = principal(Grant(ka, True, False, frozenset(kr)), Grant(False, False, True, frozenset(kw)))
     assert within(key, ceiling) == ((not ka or ca) and kr <= cr and kw <= cw)
+
+
+def test_an_api_key_gets_no_more_than_its_creator_holds() -> None:
+    def key(admin: bool, reader: bool, writer: bool, *devices: str) -> Grant:
+        return Grant(admin, reader, writer, frozenset(devices))
+
+    assert may_grant(READER, key(False, True, False, "d1"))
+    assert not may_grant(READER, key(False, True, False, "d1", "d2"))  # a device it cannot read
+    assert not may_grant(READER, key(False, True, True, "d1"))  # commanding what it only reads
+    assert may_grant(WRITER, key(False, False, True, "d1"))
+    assert not may_grant(WRITER, key(True, False, False))  # roleAdmin needs an admin creator
+    assert may_grant(ADMIN, key(True, False, False))
+    assert not may_grant(ADMIN, key(True, True, False, "d1"))  # admin grants no device data
+    assert may_grant(NOBODY, key(False, True, True))  # roles over no device hold nothing
+
+
+@given(ids, ids, st.booleans(), ids, st.booleans(), st.booleans(), st.booleans())
+def test_may_grant_is_within_the_creators_rights(
+    cr: set[str], cw: set[str], ca: bool, devices: set[str], admin: bool, reader: bool, writer: bool
+) -> None:
+    creator = principal(Grant(ca, True, False, frozenset(cr)), Grant(False, False, True, frozenset(cw)))
+    expected = (not admin or ca) and (not reader or devices <= cr) and (not writer or devices <= cw)
+    assert may_grant(creator, Grant(admin, reader, writer, frozenset(devices))) == expected

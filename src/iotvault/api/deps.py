@@ -1,9 +1,10 @@
-"""Dependencies for routes: who is calling, and is it allowed.
+"""Dependencies for routes: who is calling, is it allowed, and the node's services.
 
 ``Requires(Permission.X)`` is the only way a route gets a principal; it authenticates, asks
 :func:`iotvault.auth.policy.authorize` (with the path's ``deviceId`` for device permissions)
 and turns the decision into 404 or 403. A test walks every route and fails if one neither
-declares a permission nor is listed as public.
+declares a permission nor is listed as public. ``Ctx`` is the node's runtime context (stores,
+key ring) for routes that call the services of :mod:`iotvault.accounts` and :mod:`iotvault.runtime`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPBasic, HTTPBearer
 
 from iotvault.api.problems import Problem, not_found
-from iotvault.api.security import Authenticator
+from iotvault.api.security import Authenticator, services
 from iotvault.auth.policy import DEVICE_PERMISSIONS, Decision, Permission, Principal, authorize
+from iotvault.runtime import Context
 
 _authenticate = Authenticator()
 # declared only so that the OpenAPI document shows both schemes; the header is parsed above
@@ -43,3 +45,10 @@ def Requires(permission: Permission) -> Any:  # noqa: N802 - reads as a declarat
 
     check.permission = permission  # type: ignore[attr-defined]  # read by the route-walk test
     return Depends(check)
+
+
+def _context(request: Request) -> Context:
+    return services(request).ctx
+
+
+Ctx = Annotated[Context, Depends(_context)]

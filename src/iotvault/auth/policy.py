@@ -125,3 +125,9 @@ def within(child: Principal, ceiling: Principal) -> bool:
         and child.readable <= ceiling.readable
         and child.writable <= ceiling.writable
     )
+
+
+def may_grant(creator: Principal, grant: Grant) -> bool:
+    """Whether *creator* may make an API key holding *grant* (its roles over its devices, the
+    devices of the groups it names included): a key never holds more than its maker."""
+    return within(Principal.from_grants("api_key", "new", [grant]), creator)

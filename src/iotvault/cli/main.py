@@ -13,6 +13,7 @@ import logging
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,10 +25,11 @@ from rich.table import Column, Table
 from iotvault import __version__
 from iotvault import accounts as account_services
 from iotvault.config import Settings, load_settings
+from iotvault.documents import api_key_doc, client_doc, group_doc, iso, user_doc
 from iotvault.domain.accounts import Roles
 from iotvault.errors import ConfigError, IotVaultError, RecordDecryptionError
-from iotvault.runtime import context, delete_device, register_device, rotate_device_credential
-from iotvault.storage.accounts import ApiKeyRecord, GroupNotFoundError, GroupRecord, UserRecord
+from iotvault.runtime import Context, context, delete_device, register_device, rotate_device_credential
+from iotvault.storage.accounts import GroupNotFoundError
 
 app = typer.Typer(
     name="iotvault",
@@ -59,6 +61,12 @@ ConfigOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+YesOption = Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")]
+IdArg = Annotated[str, typer.Argument(metavar="ID")]
+NameArg = Annotated[str, typer.Argument(metavar="NAME")]
+GroupArg = Annotated[str, typer.Argument(metavar="GROUP")]
+UserArg = Annotated[str, typer.Argument(metavar="USER")]
+DeviceArg = Annotated[str, typer.Argument(metavar="DEVICE")]
 
 
 class _State:
@@ -86,9 +94,8 @@ def _setup_logging(level: str) -> None:
 
 
 def _iso(us: int | None) -> str:
-    if us is None:
-        return "-"
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(us / 1e6)) + f".{(us // 1000) % 1000:03d}Z"
+    """A time for a person: as in the JSON documents, and ``-`` for none."""
+    return iso(us) or "-"
 
 
 # ---- serve / demo / simulate ---------------------------------------------------------
@@ -103,7 +110,7 @@ def serve(
     role: Annotated[str, typer.Option(help="all, api (HTTP only) or ingest (ingest only).")] = "all",
 ) -> None:
     """Run one node: HTTP API, ingest worker and (with broker 'embedded') the MQTT broker."""
-    from iotvault.node import Node, Role  # imported here: the admin commands need none of it
+    from iotvault.node import Node, Role, tune_gc_for_serving  # the admin commands need none of it
 
     try:
         r = Role(role)
@@ -121,6 +128,7 @@ def serve(
         elif r in (Role.ALL, Role.INGEST):
             parts.append(f"ingesting from {s.broker.display}")
         err.print(f"iotvault {__version__} ready: " + ", ".join(parts), highlight=False)
+        tune_gc_for_serving()
 
     try:
         asyncio.run(Node(s, r).run(ready))
@@ -466,7 +474,7 @@ def devices_list(json_out: JsonOption = False) -> None:
 
 @devices_app.command("rotate-credential")
 def devices_rotate(
-    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    device_id: IdArg,
     grace: Annotated[int, typer.Option(min=0, help="Seconds the old credential stays valid.")] = 0,
     json_out: JsonOption = False,
 ) -> None:
@@ -480,10 +488,7 @@ def devices_rotate(
 
 
 @devices_app.command("delete")
-def devices_delete(
-    device_id: Annotated[str, typer.Argument(metavar="ID")],
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
-) -> None:
+def devices_delete(device_id: IdArg, yes: YesOption = False) -> None:
     """Delete a device, its events and its data keys (crypto-shredding)."""
     if not yes:
         typer.confirm(f"Delete {device_id}, all its events and its keys? This cannot be undone", abort=True)
@@ -495,7 +500,7 @@ def devices_delete(
 # ---- events --------------------------------------------------------------------------
 @events_app.command("tail")
 def events_tail(
-    device_id: Annotated[str, typer.Argument(metavar="DEVICE")],
+    device_id: DeviceArg,
     count: Annotated[int, typer.Option(min=1, max=1000, help="How many of the latest events.")] = 10,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
     json_out: JsonOption = False,
@@ -551,7 +556,6 @@ app.add_typer(groups_app, name="groups")
 app.add_typer(apikeys_app, name="apikeys")
 app.add_typer(seed_app, name="seed")
 
-YesOption = Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")]
 PasswordStdinOption = Annotated[
     bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
 ]
@@ -570,49 +574,6 @@ def _attributes(pairs: list[str]) -> dict[str, str]:
             raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--attribute")
         attrs[key] = value
     return attrs
-
-
-def _user_doc(u: UserRecord) -> dict[str, Any]:
-    return {
-        "userName": u.user_name,
-        "displayName": u.display_name,
-        "attributes": dict(u.attributes),
-        "groups": list(u.groups),
-        "disabled": u.disabled,
-        "created": _iso(u.created_us),
-    }
-
-
-def _group_doc(g: GroupRecord) -> dict[str, Any]:
-    return {
-        "groupName": g.group_name,
-        "displayName": g.display_name,
-        "roleAdmin": g.roles.admin,
-        "roleReader": g.roles.reader,
-        "roleWriter": g.roles.writer,
-        "devices": list(g.devices),
-        "members": list(g.members),
-    }
-
-
-def _key_doc(k: ApiKeyRecord) -> dict[str, Any]:
-    def iso(us: int | None) -> str | None:
-        return _iso(us) if us is not None else None
-
-    return {
-        "key": k.key,
-        "description": k.description,
-        "roleAdmin": k.roles.admin,
-        "roleReader": k.roles.reader,
-        "roleWriter": k.roles.writer,
-        "devices": list(k.devices),
-        "groups": list(k.groups),
-        "expires": iso(k.expires_us),
-        "lastUsed": iso(k.last_used_us),
-        "revoked": iso(k.revoked_us),
-        "createdBy": k.created_by,
-        "created": iso(k.created_us),
-    }
 
 
 def _roles_text(roles: Roles) -> str:
@@ -642,7 +603,7 @@ def users_add(
         user = ctx.accounts.get_user(name)
     assert user is not None  # noqa: S101 - just made
     if json_out:
-        doc = _user_doc(user)
+        doc = user_doc(user)
         if given is None:
             doc["password"] = password
         out.print_json(json.dumps(doc))
@@ -658,7 +619,7 @@ def users_list(json_out: JsonOption = False) -> None:
     with context(settings()) as ctx:
         users = ctx.accounts.list_users()
     if json_out:
-        out.print_json(json.dumps([_user_doc(u) for u in users]))
+        out.print_json(json.dumps([user_doc(u) for u in users]))
         return
     table = Table(Column("userName", overflow="fold"), "displayName", "groups", "disabled", "created")
     for u in users:
@@ -668,25 +629,27 @@ def users_list(json_out: JsonOption = False) -> None:
     out.print(table)
 
 
-@users_app.command("disable")
-def users_disable(name: Annotated[str, typer.Argument(metavar="NAME")]) -> None:
-    """Refuse the user's logins until it is enabled again."""
+def _set_disabled(name: str, *, disabled: bool) -> None:
     with context(settings()) as ctx:
-        account_services.update_user(ctx, name, disabled=True)
-    out.print(f"disabled {name}")
+        account_services.update_user(ctx, name, disabled=disabled)
+    out.print(f"{'disabled' if disabled else 'enabled'} {name}")
+
+
+@users_app.command("disable")
+def users_disable(name: NameArg) -> None:
+    """Refuse the user's logins until it is enabled again."""
+    _set_disabled(name, disabled=True)
 
 
 @users_app.command("enable")
-def users_enable(name: Annotated[str, typer.Argument(metavar="NAME")]) -> None:
+def users_enable(name: NameArg) -> None:
     """Allow a disabled user to log in again."""
-    with context(settings()) as ctx:
-        account_services.update_user(ctx, name, disabled=False)
-    out.print(f"enabled {name}")
+    _set_disabled(name, disabled=False)
 
 
 @users_app.command("set-password")
 def users_set_password(
-    name: Annotated[str, typer.Argument(metavar="NAME")],
+    name: NameArg,
     password_stdin: PasswordStdinOption = False,
     json_out: JsonOption = False,
 ) -> None:
@@ -706,7 +669,7 @@ def users_set_password(
 
 
 @users_app.command("delete")
-def users_delete(name: Annotated[str, typer.Argument(metavar="NAME")], yes: YesOption = False) -> None:
+def users_delete(name: NameArg, yes: YesOption = False) -> None:
     """Delete a user and its group memberships."""
     if not yes:
         typer.confirm(f"Delete user {name}?", abort=True)
@@ -733,7 +696,7 @@ def groups_add(
             ctx, name, display_name, roles=Roles(admin, reader, writer), devices=device or []
         )
     if json_out:
-        out.print_json(json.dumps(_group_doc(group)))
+        out.print_json(json.dumps(group_doc(group)))
     else:
         out.print(
             f"created group {group.group_name} (roles: {_roles_text(group.roles)}; "
@@ -747,7 +710,7 @@ def groups_list(json_out: JsonOption = False) -> None:
     with context(settings()) as ctx:
         groups = ctx.accounts.list_groups()
     if json_out:
-        out.print_json(json.dumps([_group_doc(g) for g in groups]))
+        out.print_json(json.dumps([group_doc(g) for g in groups]))
         return
     table = Table(Column("groupName", overflow="fold"), "displayName", "roles", "devices", "members")
     for g in groups:
@@ -758,7 +721,7 @@ def groups_list(json_out: JsonOption = False) -> None:
 
 
 @groups_app.command("delete")
-def groups_delete(name: Annotated[str, typer.Argument(metavar="NAME")], yes: YesOption = False) -> None:
+def groups_delete(name: NameArg, yes: YesOption = False) -> None:
     """Delete a group: its members lose what it granted; API keys that named it forget it."""
     if not yes:
         typer.confirm(f"Delete group {name}?", abort=True)
@@ -767,53 +730,46 @@ def groups_delete(name: Annotated[str, typer.Argument(metavar="NAME")], yes: Yes
     out.print(f"deleted group {name}")
 
 
-@groups_app.command("add-member")
-def groups_add_member(
-    group: Annotated[str, typer.Argument(metavar="GROUP")],
-    user: Annotated[str, typer.Argument(metavar="USER")],
+def _change_group(
+    change: Callable[[Context, str, str], bool], group: str, item: str, *, adding: bool
 ) -> None:
-    """Add a user to a group."""
+    """Add a member or device to a group, or take it out; say whether anything changed."""
     with context(settings()) as ctx:
-        added = account_services.add_member(ctx, group, user)
-    out.print(f"{user} {'added to' if added else 'was already in'} {group}")
+        changed = change(ctx, group, item)
+    if adding:
+        outcome = "added to" if changed else "was already in"
+    else:
+        outcome = "removed from" if changed else "was not in"
+    out.print(f"{item} {outcome} {group}")
+
+
+@groups_app.command("add-member")
+def groups_add_member(group: GroupArg, user: UserArg) -> None:
+    """Add a user to a group."""
+    _change_group(account_services.add_member, group, user, adding=True)
 
 
 @groups_app.command("remove-member")
-def groups_remove_member(
-    group: Annotated[str, typer.Argument(metavar="GROUP")],
-    user: Annotated[str, typer.Argument(metavar="USER")],
-) -> None:
+def groups_remove_member(group: GroupArg, user: UserArg) -> None:
     """Remove a user from a group."""
-    with context(settings()) as ctx:
-        removed = account_services.remove_member(ctx, group, user)
-    out.print(f"{user} {'removed from' if removed else 'was not in'} {group}")
+    _change_group(account_services.remove_member, group, user, adding=False)
 
 
 @groups_app.command("add-device")
-def groups_add_device(
-    group: Annotated[str, typer.Argument(metavar="GROUP")],
-    device_id: Annotated[str, typer.Argument(metavar="DEVICE")],
-) -> None:
+def groups_add_device(group: GroupArg, device_id: DeviceArg) -> None:
     """Give a group's roles on a device (which need not be registered yet)."""
-    with context(settings()) as ctx:
-        added = account_services.add_group_device(ctx, group, device_id)
-    out.print(f"{device_id} {'added to' if added else 'was already in'} {group}")
+    _change_group(account_services.add_group_device, group, device_id, adding=True)
 
 
 @groups_app.command("remove-device")
-def groups_remove_device(
-    group: Annotated[str, typer.Argument(metavar="GROUP")],
-    device_id: Annotated[str, typer.Argument(metavar="DEVICE")],
-) -> None:
+def groups_remove_device(group: GroupArg, device_id: DeviceArg) -> None:
     """Take a device out of a group."""
-    with context(settings()) as ctx:
-        removed = account_services.remove_group_device(ctx, group, device_id)
-    out.print(f"{device_id} {'removed from' if removed else 'was not in'} {group}")
+    _change_group(account_services.remove_group_device, group, device_id, adding=False)
 
 
 @groups_app.command("set-roles")
 def groups_set_roles(
-    group: Annotated[str, typer.Argument(metavar="GROUP")],
+    group: GroupArg,
     admin: Annotated[bool | None, typer.Option("--admin/--no-admin", help="roleAdmin.")] = None,
     reader: Annotated[bool | None, typer.Option("--reader/--no-reader", help="roleReader.")] = None,
     writer: Annotated[bool | None, typer.Option("--writer/--no-writer", help="roleWriter.")] = None,
@@ -865,7 +821,7 @@ def apikeys_add(
         found = ctx.accounts.get_api_key(new.key)
     assert found is not None  # noqa: S101 - just made
     if json_out:
-        out.print_json(json.dumps({**_key_doc(found[0]), "password": new.password}))
+        out.print_json(json.dumps({**api_key_doc(found[0]), "password": new.password}))
         return
     out.print(f"created API key {new.key} (roles: {_roles_text(found[0].roles)})", highlight=False)
     out.print(f"password (shown once): {new.password}", highlight=False)
@@ -878,7 +834,7 @@ def apikeys_list(json_out: JsonOption = False) -> None:
     with context(settings()) as ctx:
         keys = ctx.accounts.list_api_keys()
     if json_out:
-        out.print_json(json.dumps([_key_doc(k) for k in keys]))
+        out.print_json(json.dumps([api_key_doc(k) for k in keys]))
         return
     table = Table(
         Column("key", no_wrap=True, min_width=22),
@@ -966,20 +922,6 @@ clients_app = typer.Typer(
 app.add_typer(clients_app, name="clients")
 
 
-def _client_doc(c: Any) -> dict[str, Any]:
-    return {
-        "clientId": c.client_id,
-        "displayName": c.display_name,
-        "confidential": not c.public,
-        "redirectUris": list(c.redirect_uris),
-        "postLogoutRedirectUris": list(c.post_logout_redirect_uris),
-        "grantTypes": list(c.grant_types),
-        "allowAnonymous": c.allow_anonymous,
-        "createdBy": c.created_by,
-        "created": _iso(c.created_us),
-    }
-
-
 @clients_app.command("add")
 def clients_add(
     client_id: Annotated[str, typer.Argument(metavar="CLIENT_ID", help="clientId, e.g. iotvault-mobile")],
@@ -1027,7 +969,7 @@ def clients_add(
             created_by="cli",
         )
     if json_out:
-        doc = _client_doc(new.client)
+        doc = client_doc(new.client)
         if new.secret is not None:
             doc["clientSecret"] = new.secret
         out.print_json(json.dumps(doc))
@@ -1046,7 +988,7 @@ def clients_list(json_out: JsonOption = False) -> None:
     with context(settings()) as ctx:
         clients = IdentityProvider(ctx.settings, ctx).store.list_clients()
     if json_out:
-        out.print_json(json.dumps([_client_doc(c) for c in clients]))
+        out.print_json(json.dumps([client_doc(c) for c in clients]))
         return
     table = Table(
         Column("clientId", overflow="fold"), "type", "grants", "redirectUris", "anonymous", "created"
@@ -1196,10 +1138,7 @@ def devices_command_key(json_out: JsonOption = False) -> None:
 
 
 @devices_app.command("revoke-credential")
-def devices_revoke_credential(
-    device_id: Annotated[str, typer.Argument(metavar="ID")],
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
-) -> None:
+def devices_revoke_credential(device_id: IdArg, yes: YesOption = False) -> None:
     """Refuse every credential of a device (also one in its grace period) until it is rotated."""
     from iotvault.runtime import revoke_device_credential
 

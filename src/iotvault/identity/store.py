@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
 from iotvault.errors import ClientExistsError
-from iotvault.storage.db import mapped_errors, redact
+from iotvault.storage.db import EngineStore
 from iotvault.storage.schema import (
     identity_events,
     oidc_auth_requests,
@@ -233,17 +233,13 @@ def _device(row: Row[Any]) -> DeviceCodeRecord:
     )
 
 
-class IdentityStore:
+class IdentityStore(EngineStore):
     """The provider's tables on one SQLAlchemy engine (the one the other stores use)."""
-
-    def __init__(self, engine: Engine, url: str) -> None:
-        self.engine = engine
-        self.url = redact(url)
 
     # ---- clients -----------------------------------------------------------------------
     def add_client(self, record: ClientRecord, secret_hash: str | None) -> None:
         try:
-            with mapped_errors(self.url), self.engine.begin() as conn:
+            with self.begin() as conn:
                 conn.execute(
                     insert(oidc_clients).values(
                         client_id=record.client_id,
@@ -262,18 +258,17 @@ class IdentityStore:
 
     def get_client(self, client_id: str) -> tuple[ClientRecord, str | None] | None:
         """The client and its secret hash (None for a public client: to check, never to show)."""
-        with mapped_errors(self.url), self.engine.connect() as conn:
-            row = conn.execute(select(oidc_clients).where(oidc_clients.c.client_id == client_id)).first()
+        row = self.first(select(oidc_clients).where(oidc_clients.c.client_id == client_id))
         return (_client(row), row.secret_hash) if row is not None else None
 
     def list_clients(self) -> list[ClientRecord]:
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(select(oidc_clients).order_by(oidc_clients.c.client_id)).all()
         return [_client(r) for r in rows]
 
     def delete_client(self, client_id: str, at_us: int) -> bool:
         """Delete a client and end everything it holds: grants revoked, codes deleted."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 update(oidc_grants)
                 .where(oidc_grants.c.client_id == client_id, oidc_grants.c.revoked_us.is_(None))
@@ -288,7 +283,7 @@ class IdentityStore:
     # ---- signing keys ------------------------------------------------------------------
     def signing_keys(self) -> list[SigningKeyRecord]:
         """Every stored key, newest first."""
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(
                 select(oidc_signing_keys).order_by(
                     oidc_signing_keys.c.created_us.desc(), oidc_signing_keys.c.kid.desc()
@@ -310,7 +305,7 @@ class IdentityStore:
     def add_signing_key(self, record: SigningKeyRecord, *, retire_others_until_us: int | None) -> None:
         """Store a new key; with ``retire_others_until_us``, the keys signing until now stop
         signing and stay published until then (in the same transaction)."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             if retire_others_until_us is not None:
                 conn.execute(
                     update(oidc_signing_keys)
@@ -331,19 +326,18 @@ class IdentityStore:
 
     # ---- users (read only: the provider never changes an account) ---------------------
     def user_state(self, user_name: str) -> UserState | None:
-        with mapped_errors(self.url), self.engine.connect() as conn:
-            row = conn.execute(
-                select(users.c.updated_us, users.c.created_us, users.c.disabled).where(
-                    users.c.user_name == user_name
-                )
-            ).first()
+        row = self.first(
+            select(users.c.updated_us, users.c.created_us, users.c.disabled).where(
+                users.c.user_name == user_name
+            )
+        )
         if row is None:
             return None
         return UserState(updated_us=row.updated_us, created_us=row.created_us, disabled=bool(row.disabled))
 
     # ---- browser sessions --------------------------------------------------------------
     def add_session(self, record: SessionRecord, token_hash: str) -> None:
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 insert(oidc_sessions).values(
                     session_id=record.session_id,
@@ -358,18 +352,16 @@ class IdentityStore:
             )
 
     def session_by_token(self, token_hash: str) -> SessionRecord | None:
-        with mapped_errors(self.url), self.engine.connect() as conn:
-            row = conn.execute(select(oidc_sessions).where(oidc_sessions.c.token_hash == token_hash)).first()
+        row = self.first(select(oidc_sessions).where(oidc_sessions.c.token_hash == token_hash))
         return _session(row) if row is not None else None
 
     def get_session(self, session_id: str) -> SessionRecord | None:
-        with mapped_errors(self.url), self.engine.connect() as conn:
-            row = conn.execute(select(oidc_sessions).where(oidc_sessions.c.session_id == session_id)).first()
+        row = self.first(select(oidc_sessions).where(oidc_sessions.c.session_id == session_id))
         return _session(row) if row is not None else None
 
     def renew_session(self, session_id: str, token_hash: str, record: SessionRecord) -> bool:
         """Give a live session a new cookie and login time (a re-login of the same user)."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             return bool(
                 conn.execute(
                     update(oidc_sessions)
@@ -386,7 +378,7 @@ class IdentityStore:
 
     def end_session(self, session_id: str, at_us: int, reason: str) -> None:
         """End a browser session and revoke every grant made in it, in one transaction."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 update(oidc_sessions)
                 .where(oidc_sessions.c.session_id == session_id, oidc_sessions.c.ended_us.is_(None))
@@ -396,7 +388,7 @@ class IdentityStore:
 
     # ---- pending authorization requests ------------------------------------------------
     def add_auth_request(self, record: AuthRequestRecord) -> None:
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 insert(oidc_auth_requests).values(
                     request_id=record.request_id,
@@ -408,10 +400,7 @@ class IdentityStore:
             )
 
     def get_auth_request(self, request_id: str) -> AuthRequestRecord | None:
-        with mapped_errors(self.url), self.engine.connect() as conn:
-            row = conn.execute(
-                select(oidc_auth_requests).where(oidc_auth_requests.c.request_id == request_id)
-            ).first()
+        row = self.first(select(oidc_auth_requests).where(oidc_auth_requests.c.request_id == request_id))
         if row is None:
             return None
         return AuthRequestRecord(
@@ -425,7 +414,7 @@ class IdentityStore:
 
     def complete_auth_request(self, request_id: str, at_us: int) -> bool:
         """Mark a request done; False if it already was (a form posted twice)."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             return bool(
                 conn.execute(
                     update(oidc_auth_requests)
@@ -439,7 +428,7 @@ class IdentityStore:
 
     # ---- authorization codes -----------------------------------------------------------
     def add_code(self, code_hash: str, record: CodeRecord) -> None:
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 insert(oidc_codes).values(
                     code_hash=code_hash,
@@ -456,7 +445,7 @@ class IdentityStore:
     def use_code(self, code_hash: str, client_id: str, at_us: int) -> tuple[CodeRecord, bool] | None:
         """The code and whether this call was its first use (which it records), or None when
         there is no such code for ``client_id`` (another client's code is left untouched)."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             row = conn.execute(select(oidc_codes).where(oidc_codes.c.code_hash == code_hash)).first()
             if row is None or row.client_id != client_id:
                 return None
@@ -490,7 +479,7 @@ class IdentityStore:
         code_hash: str | None = None,
     ) -> None:
         """Store a grant with its first refresh token; ``code_hash`` records that the code made it."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 insert(oidc_grants).values(
                     grant_id=record.grant_id,
@@ -518,13 +507,12 @@ class IdentityStore:
                 )
 
     def get_grant(self, grant_id: str) -> GrantRecord | None:
-        with mapped_errors(self.url), self.engine.connect() as conn:
-            row = conn.execute(select(oidc_grants).where(oidc_grants.c.grant_id == grant_id)).first()
+        row = self.first(select(oidc_grants).where(oidc_grants.c.grant_id == grant_id))
         return _grant(row) if row is not None else None
 
     def revoke_grant(self, grant_id: str, at_us: int, reason: str) -> bool:
         """Revoke a grant (its refresh tokens die with it); False if it was already revoked."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             return self._revoke_grants(conn, oidc_grants.c.grant_id == grant_id, at_us, reason) > 0
 
     @staticmethod
@@ -539,21 +527,20 @@ class IdentityStore:
 
     def refresh_token(self, token_hash: str) -> tuple[str, int, int | None] | None:
         """``(grant_id, expires_us, used_us)`` of a refresh token, or None."""
-        with mapped_errors(self.url), self.engine.connect() as conn:
-            row = conn.execute(
-                select(
-                    oidc_refresh_tokens.c.grant_id,
-                    oidc_refresh_tokens.c.expires_us,
-                    oidc_refresh_tokens.c.used_us,
-                ).where(oidc_refresh_tokens.c.token_hash == token_hash)
-            ).first()
+        row = self.first(
+            select(
+                oidc_refresh_tokens.c.grant_id,
+                oidc_refresh_tokens.c.expires_us,
+                oidc_refresh_tokens.c.used_us,
+            ).where(oidc_refresh_tokens.c.token_hash == token_hash)
+        )
         return (row.grant_id, row.expires_us, row.used_us) if row is not None else None
 
     def rotate_refresh_token(
         self, old_hash: str, new_hash: str, grant_id: str, at_us: int, expires_us: int
     ) -> bool:
         """Spend ``old_hash`` and store its successor; False if it was already spent (a replay)."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             spent = conn.execute(
                 update(oidc_refresh_tokens)
                 .where(oidc_refresh_tokens.c.token_hash == old_hash, oidc_refresh_tokens.c.used_us.is_(None))
@@ -570,7 +557,7 @@ class IdentityStore:
 
     # ---- device codes (RFC 8628) -------------------------------------------------------
     def add_device_code(self, record: DeviceCodeRecord, user_code_hash: str) -> None:
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 insert(oidc_device_codes).values(
                     device_code_hash=record.device_code_hash,
@@ -585,17 +572,15 @@ class IdentityStore:
             )
 
     def device_code(self, device_code_hash: str) -> DeviceCodeRecord | None:
-        with mapped_errors(self.url), self.engine.connect() as conn:
-            row = conn.execute(
-                select(oidc_device_codes).where(oidc_device_codes.c.device_code_hash == device_code_hash)
-            ).first()
+        row = self.first(
+            select(oidc_device_codes).where(oidc_device_codes.c.device_code_hash == device_code_hash)
+        )
         return _device(row) if row is not None else None
 
     def device_code_by_user_code(self, user_code_hash: str) -> DeviceCodeRecord | None:
-        with mapped_errors(self.url), self.engine.connect() as conn:
-            row = conn.execute(
-                select(oidc_device_codes).where(oidc_device_codes.c.user_code_hash == user_code_hash)
-            ).first()
+        row = self.first(
+            select(oidc_device_codes).where(oidc_device_codes.c.user_code_hash == user_code_hash)
+        )
         return _device(row) if row is not None else None
 
     def decide_device_code(
@@ -611,7 +596,7 @@ class IdentityStore:
         values: dict[str, Any] = {"status": "approved" if approved else "denied"}
         if approved:
             values.update(user_name=user_name, user_stamp=user_stamp, auth_time_us=auth_time_us)
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             return bool(
                 conn.execute(
                     update(oidc_device_codes)
@@ -628,7 +613,7 @@ class IdentityStore:
         values: dict[str, Any] = {"last_poll_us": at_us}
         if slow_down:
             values["interval_s"] = oidc_device_codes.c.interval_s + 5
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 update(oidc_device_codes)
                 .where(oidc_device_codes.c.device_code_hash == device_code_hash)
@@ -637,7 +622,7 @@ class IdentityStore:
 
     def consume_device_code(self, device_code_hash: str) -> bool:
         """Spend an approved device code; False if another poll already did."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             return bool(
                 conn.execute(
                     update(oidc_device_codes)
@@ -651,7 +636,7 @@ class IdentityStore:
 
     # ---- identity events ---------------------------------------------------------------
     def add_event(self, event: IdentityEvent) -> None:
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 insert(identity_events).values(
                     at_us=event.at_us,
@@ -675,7 +660,7 @@ class IdentityStore:
             q = q.where(identity_events.c.user_name == user_name[:64])
         if address is not None:
             q = q.where(identity_events.c.address == address[:64])
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             count, latest = conn.execute(q).one()
         return int(count), latest
 
@@ -683,7 +668,7 @@ class IdentityStore:
         q = select(identity_events).order_by(identity_events.c.at_us.desc(), identity_events.c.id.desc())
         if kinds:
             q = q.where(identity_events.c.kind.in_(list(kinds)))
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(q.limit(count)).all()
         return [IdentityEvent(r.at_us, r.kind, r.user_name, r.client_id, r.address, r.detail) for r in rows]
 
@@ -692,7 +677,7 @@ class IdentityStore:
         """Delete what can no longer be used, and old events; returns the counts per table."""
         spent = now_us - SPENT_RETENTION_US
         removed: dict[str, int] = {}
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
 
             def run(name: str, statement: Any) -> None:
                 removed[name] = int(conn.execute(statement).rowcount)
@@ -746,7 +731,7 @@ class IdentityStore:
             q = q.where(oidc_grants.c.user_name == user_name)
         if client_id is not None:
             q = q.where(oidc_grants.c.client_id == client_id)
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(q.order_by(oidc_grants.c.created_us)).all()
         return [_grant(r) for r in rows]
 
@@ -755,7 +740,7 @@ class IdentityStore:
         names = list(user_names)
         if not names:
             return 0
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             ended = conn.execute(
                 update(oidc_sessions)
                 .where(oidc_sessions.c.user_name.in_(names), oidc_sessions.c.ended_us.is_(None))

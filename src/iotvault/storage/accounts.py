@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, insert, or_, select, update
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
 from iotvault.domain.accounts import Roles
 from iotvault.errors import StorageError
-from iotvault.storage.db import mapped_errors, redact
+from iotvault.storage.db import EngineStore
 from iotvault.storage.schema import api_keys, group_devices, group_members, user_groups, users
 
 # An API key's last use is recorded at most once a minute: a busy key must not turn every
@@ -138,12 +138,8 @@ def _api_key(row: Row[Any]) -> ApiKeyRecord:
 _API_KEY_COLUMNS = [c for c in api_keys.c if c.name != "password_hash"]
 
 
-class AccountStore:
+class AccountStore(EngineStore):
     """Users, groups and API keys on one SQLAlchemy engine (the one :class:`SqlStore` uses)."""
-
-    def __init__(self, engine: Engine, url: str) -> None:
-        self.engine = engine
-        self.url = redact(url)
 
     # ---- helpers -----------------------------------------------------------------------
     @staticmethod
@@ -230,7 +226,7 @@ class AccountStore:
         at = _now_us() if at_us is None else at_us
         group_names = sorted(set(groups))
         try:
-            with mapped_errors(self.url), self.engine.begin() as conn:
+            with self.begin() as conn:
                 conn.execute(
                     insert(users).values(
                         user_name=user_name,
@@ -252,7 +248,7 @@ class AccountStore:
             raise UserExistsError(user_name) from None
 
     def get_user(self, user_name: str) -> UserRecord | None:
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             row = conn.execute(select(users).where(users.c.user_name == user_name)).first()
             if row is None:
                 return None
@@ -276,13 +272,13 @@ class AccountStore:
 
     def password_hash(self, user_name: str) -> str | None:
         """The stored password hash, or None for an unknown user (to be checked, not shown)."""
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             return conn.execute(
                 select(users.c.password_hash).where(users.c.user_name == user_name)
             ).scalar_one_or_none()
 
     def list_users(self) -> list[UserRecord]:
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(select(users).order_by(users.c.user_name)).all()
             memberships: dict[str, list[str]] = defaultdict(list)
             for group_name, user_name in conn.execute(
@@ -309,12 +305,12 @@ class AccountStore:
             values["attributes"] = _dumps(dict(attributes))
         if disabled is not None:
             values["disabled"] = disabled
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             if not conn.execute(update(users).where(users.c.user_name == user_name).values(values)).rowcount:
                 raise UserNotFoundError(user_name)
 
     def set_password_hash(self, user_name: str, password_hash: str) -> None:
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             updated = conn.execute(
                 update(users)
                 .where(users.c.user_name == user_name)
@@ -325,7 +321,7 @@ class AccountStore:
 
     def delete_user(self, user_name: str) -> bool:
         """Delete a user and its memberships; False if there was no such user."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(delete(group_members).where(group_members.c.user_name == user_name))
             return bool(conn.execute(delete(users).where(users.c.user_name == user_name)).rowcount)
 
@@ -341,7 +337,7 @@ class AccountStore:
     ) -> None:
         device_ids = sorted(set(devices))
         try:
-            with mapped_errors(self.url), self.engine.begin() as conn:
+            with self.begin() as conn:
                 conn.execute(
                     insert(user_groups).values(
                         group_name=group_name,
@@ -359,12 +355,12 @@ class AccountStore:
             raise GroupExistsError(group_name) from None
 
     def get_group(self, group_name: str) -> GroupRecord | None:
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             row = conn.execute(select(user_groups).where(user_groups.c.group_name == group_name)).first()
             return self._groups(conn, [row])[0] if row is not None else None
 
     def list_groups(self) -> list[GroupRecord]:
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(select(user_groups).order_by(user_groups.c.group_name)).all()
             return self._groups(conn, rows)
 
@@ -382,7 +378,7 @@ class AccountStore:
             values["display_name"] = display_name
         if roles is not None:
             values.update(_role_values(roles))
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             if not self._group_exists(conn, group_name):
                 raise GroupNotFoundError(group_name)
             if values:
@@ -398,7 +394,7 @@ class AccountStore:
 
     def delete_group(self, group_name: str) -> bool:
         """Delete a group, its memberships and device grants, and its name from API keys."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(delete(group_members).where(group_members.c.group_name == group_name))
             conn.execute(delete(group_devices).where(group_devices.c.group_name == group_name))
             # a later group of the same name must not inherit the keys that named this one
@@ -410,7 +406,7 @@ class AccountStore:
     def add_member(self, group_name: str, user_name: str) -> bool:
         """Make ``user_name`` a member of ``group_name``; False if it already was."""
         try:
-            with mapped_errors(self.url), self.engine.begin() as conn:
+            with self.begin() as conn:
                 if not self._group_exists(conn, group_name):
                     raise GroupNotFoundError(group_name)
                 if not self._user_exists(conn, user_name):
@@ -429,7 +425,7 @@ class AccountStore:
 
     def remove_member(self, group_name: str, user_name: str) -> bool:
         """False if ``user_name`` was not a member (GroupNotFoundError if no such group)."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             if not self._group_exists(conn, group_name):
                 raise GroupNotFoundError(group_name)
             return bool(
@@ -443,7 +439,7 @@ class AccountStore:
     def add_group_device(self, group_name: str, device_id: str) -> bool:
         """Grant ``group_name``'s roles on ``device_id``; False if it already had them."""
         try:
-            with mapped_errors(self.url), self.engine.begin() as conn:
+            with self.begin() as conn:
                 if not self._group_exists(conn, group_name):
                     raise GroupNotFoundError(group_name)
                 exists = conn.execute(
@@ -459,7 +455,7 @@ class AccountStore:
             return False
 
     def remove_group_device(self, group_name: str, device_id: str) -> bool:
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             if not self._group_exists(conn, group_name):
                 raise GroupNotFoundError(group_name)
             return bool(
@@ -472,7 +468,7 @@ class AccountStore:
 
     def groups_of_user(self, user_name: str) -> list[GroupRecord]:
         """The groups ``user_name`` belongs to, by name: what its rights are the union of."""
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(
                 select(user_groups)
                 .join(group_members, group_members.c.group_name == user_groups.c.group_name)
@@ -486,7 +482,7 @@ class AccountStore:
         names = sorted(set(group_names))
         if not names:
             return []
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(
                 select(user_groups)
                 .where(user_groups.c.group_name.in_(names))
@@ -496,7 +492,7 @@ class AccountStore:
 
     def groups_granting(self, device_id: str) -> list[GroupRecord]:
         """The groups whose device list names ``device_id``."""
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(
                 select(user_groups)
                 .join(group_devices, group_devices.c.group_name == user_groups.c.group_name)
@@ -508,14 +504,14 @@ class AccountStore:
     def forget_device(self, device_id: str) -> None:
         """Remove ``device_id`` from every group and API key, so a later device of the same id
         inherits no grant. (SqlStore.delete_device also drops the group rows with the device.)"""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(delete(group_devices).where(group_devices.c.device_id == device_id))
             self._strip_from_api_keys(conn, "devices", device_id)
 
     # ---- API keys ----------------------------------------------------------------------
     def add_api_key(self, record: ApiKeyRecord, password_hash: str) -> None:
         try:
-            with mapped_errors(self.url), self.engine.begin() as conn:
+            with self.begin() as conn:
                 conn.execute(
                     insert(api_keys).values(
                         key=record.key,
@@ -536,12 +532,11 @@ class AccountStore:
 
     def get_api_key(self, key: str) -> tuple[ApiKeyRecord, str] | None:
         """The key's record and its password hash (to check, never to show), or None."""
-        with mapped_errors(self.url), self.engine.connect() as conn:
-            row = conn.execute(select(api_keys).where(api_keys.c.key == key)).first()
+        row = self.first(select(api_keys).where(api_keys.c.key == key))
         return (_api_key(row), row.password_hash) if row is not None else None
 
     def list_api_keys(self) -> list[ApiKeyRecord]:
-        with mapped_errors(self.url), self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(
                 select(*_API_KEY_COLUMNS).order_by(api_keys.c.created_us, api_keys.c.key)
             ).all()
@@ -549,7 +544,7 @@ class AccountStore:
 
     def revoke_api_key(self, key: str, at_us: int) -> bool:
         """Revoke a key (once: a second revocation keeps the first time); False if unknown."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             if conn.execute(
                 update(api_keys)
                 .where(api_keys.c.key == key, api_keys.c.revoked_us.is_(None))
@@ -560,7 +555,7 @@ class AccountStore:
 
     def touch_api_key(self, key: str, at_us: int) -> bool:
         """Record a use at ``at_us``, at most once a minute; True if the row was written."""
-        with mapped_errors(self.url), self.engine.begin() as conn:
+        with self.begin() as conn:
             return bool(
                 conn.execute(
                     update(api_keys)

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy import Select, create_engine, event
+from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from iotvault.errors import ConfigError, DatabaseUnavailableError
@@ -91,6 +91,37 @@ def mapped_errors(url: str) -> Iterator[None]:
         if exc.connection_invalidated:
             raise DatabaseUnavailableError(redact(url), "connection lost") from exc
         raise
+
+
+class EngineStore:
+    """A store on a node's one engine, whose connections speak the error tree.
+
+    :class:`~iotvault.storage.sql.SqlStore`, :class:`~iotvault.storage.accounts.AccountStore`
+    and :class:`~iotvault.identity.store.IdentityStore` share the engine and this set-up: every
+    statement runs inside :meth:`connect` (reads) or :meth:`begin` (one transaction), so a lost
+    database surfaces as :class:`DatabaseUnavailableError` naming the URL without its password.
+    """
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        self.engine = engine
+        self.url = redact(url)
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A connection for reads; whatever it began is rolled back when the block ends."""
+        with mapped_errors(self.url), self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        with mapped_errors(self.url), self.engine.begin() as conn:
+            yield conn
+
+    def first(self, statement: Select[Any]) -> Row[Any] | None:
+        """The first row a query finds, or None: the one-row read most lookups are."""
+        with self.connect() as conn:
+            return conn.execute(statement).first()
 
 
 def check_connection(engine: Engine, url: str) -> None:

@@ -2,47 +2,50 @@
 
 Request bodies refuse unknown fields, so a caller cannot slip ``roleAdmin`` or ``groups`` into
 an update that does not offer them. Secrets (generated passwords, device credentials, API key
-passwords) appear once, in the answer to the request that made them.
+passwords) appear once, in the answer to the request that made them. The documents are those
+of :mod:`iotvault.documents`, which ``iotvault … --json`` prints too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Response
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from iotvault import accounts
-from iotvault.api.deps import Requires
+from iotvault.api.deps import Ctx, Requires
 from iotvault.api.problems import Problem
-from iotvault.api.routes.devices import DEVICE_ID, device_doc, iso
+from iotvault.api.routes.devices import DEVICE_ID, device_doc
 from iotvault.api.schemas import ERRORS, Strict
-from iotvault.api.security import services
-from iotvault.auth.policy import Grant, Permission, Principal, within
+from iotvault.auth.policy import Grant, Permission, Principal, may_grant
+from iotvault.documents import api_key_doc, group_doc, iso, user_doc
 from iotvault.domain.accounts import Roles
 from iotvault.runtime import Context, delete_device, now_us, register_device, rotate_device_credential
-from iotvault.storage.accounts import ApiKeyRecord, GroupRecord, UserRecord
+from iotvault.storage.accounts import GroupRecord, UserRecord
 
 router = APIRouter(prefix="/iotf", responses=ERRORS)
 
 NAME = r"^[A-Za-z0-9._@-]{1,64}$"
 UserNamePath = Annotated[str, Path(pattern=NAME)]
 GroupNamePath = Annotated[str, Path(pattern=NAME)]
+# not devices.DeviceIdPath: that one would add a description to these routes' OpenAPI parameter
+_DevicePath = Annotated[str, Path(pattern=DEVICE_ID)]
+
+AccountsAdmin = Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)]
+DevicesAdmin = Annotated[Principal, Requires(Permission.DEVICES_MANAGE)]
+ApiKeysAdmin = Annotated[Principal, Requires(Permission.API_KEYS_MANAGE)]
+
+
+async def _no_content(change: Callable[[], object]) -> Response:
+    """Run a change in a worker thread (it blocks on the database) and answer 204."""
+    await run_in_threadpool(change)
+    return Response(status_code=204)
 
 
 # ---- users ---------------------------------------------------------------------------
-def user_doc(u: UserRecord) -> dict[str, Any]:
-    return {
-        "userName": u.user_name,
-        "displayName": u.display_name,
-        "attributes": dict(u.attributes),
-        "groups": list(u.groups),
-        "disabled": u.disabled,
-        "created": iso(u.created_us),
-    }
-
-
 class UserCreate(Strict):
     userName: str = Field(pattern=NAME)
     displayName: str = Field("", max_length=128)
@@ -67,19 +70,15 @@ def _user_or_404(ctx: Context, name: str) -> UserRecord:
 
 
 @router.get("/users", tags=["users"], summary="List users")
-async def list_users(request: Request, _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)]) -> Any:
-    users = await run_in_threadpool(services(request).ctx.accounts.list_users)
+async def list_users(ctx: Ctx, _p: AccountsAdmin) -> Any:
+    users = await run_in_threadpool(ctx.accounts.list_users)
     return {"users": [user_doc(u) for u in users]}
 
 
 @router.post(
     "/users", tags=["users"], status_code=201, summary="Create a user; a generated password is shown once"
 )
-async def create_user(
-    request: Request, body: UserCreate, _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)]
-) -> Any:
-    ctx = services(request).ctx
-
+async def create_user(ctx: Ctx, body: UserCreate, _p: AccountsAdmin) -> Any:
     def run() -> dict[str, Any]:
         password = accounts.create_user(
             ctx,
@@ -98,23 +97,12 @@ async def create_user(
 
 
 @router.get("/users/{userName}", tags=["users"], summary="One user")
-async def get_user(
-    request: Request,
-    userName: UserNamePath,
-    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
-) -> Any:
-    return user_doc(await run_in_threadpool(_user_or_404, services(request).ctx, userName))
+async def get_user(ctx: Ctx, userName: UserNamePath, _p: AccountsAdmin) -> Any:
+    return user_doc(await run_in_threadpool(_user_or_404, ctx, userName))
 
 
 @router.patch("/users/{userName}", tags=["users"], summary="Change display name, attributes or disabled")
-async def update_user(
-    request: Request,
-    userName: UserNamePath,
-    body: UserUpdate,
-    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
-) -> Any:
-    ctx = services(request).ctx
-
+async def update_user(ctx: Ctx, userName: UserNamePath, body: UserUpdate, _p: AccountsAdmin) -> Any:
     def run() -> dict[str, Any]:
         _user_or_404(ctx, userName)
         return user_doc(
@@ -131,31 +119,18 @@ async def update_user(
 
 
 @router.delete("/users/{userName}", tags=["users"], status_code=204, summary="Delete a user")
-async def delete_user(
-    request: Request,
-    userName: UserNamePath,
-    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
-) -> Response:
-    ctx = services(request).ctx
-
+async def delete_user(ctx: Ctx, userName: UserNamePath, _p: AccountsAdmin) -> Response:
     def run() -> None:
         _user_or_404(ctx, userName)
         accounts.delete_user(ctx, userName)
 
-    await run_in_threadpool(run)
-    return Response(status_code=204)
+    return await _no_content(run)
 
 
 @router.post(
     "/users/{userName}/password", tags=["users"], summary="Set a new generated password (shown once)"
 )
-async def reset_password(
-    request: Request,
-    userName: UserNamePath,
-    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
-) -> Any:
-    ctx = services(request).ctx
-
+async def reset_password(ctx: Ctx, userName: UserNamePath, _p: AccountsAdmin) -> Any:
     def run() -> str:
         _user_or_404(ctx, userName)
         return accounts.reset_password(ctx, userName)
@@ -164,18 +139,6 @@ async def reset_password(
 
 
 # ---- groups --------------------------------------------------------------------------
-def group_doc(g: GroupRecord) -> dict[str, Any]:
-    return {
-        "groupName": g.group_name,
-        "displayName": g.display_name,
-        "roleAdmin": g.roles.admin,
-        "roleReader": g.roles.reader,
-        "roleWriter": g.roles.writer,
-        "devices": list(g.devices),
-        "members": list(g.members),
-    }
-
-
 class GroupCreate(Strict):
     groupName: str = Field(pattern=NAME)
     displayName: str = Field("", max_length=128)
@@ -201,19 +164,13 @@ def _group_or_404(ctx: Context, name: str) -> GroupRecord:
 
 
 @router.get("/groups", tags=["groups"], summary="List groups")
-async def list_groups(
-    request: Request, _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)]
-) -> Any:
-    groups = await run_in_threadpool(services(request).ctx.accounts.list_groups)
+async def list_groups(ctx: Ctx, _p: AccountsAdmin) -> Any:
+    groups = await run_in_threadpool(ctx.accounts.list_groups)
     return {"groups": [group_doc(g) for g in groups]}
 
 
 @router.post("/groups", tags=["groups"], status_code=201, summary="Create a group")
-async def create_group(
-    request: Request, body: GroupCreate, _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)]
-) -> Any:
-    ctx = services(request).ctx
-
+async def create_group(ctx: Ctx, body: GroupCreate, _p: AccountsAdmin) -> Any:
     def run() -> dict[str, Any]:
         roles = Roles(admin=body.roleAdmin, reader=body.roleReader, writer=body.roleWriter)
         return group_doc(
@@ -224,23 +181,12 @@ async def create_group(
 
 
 @router.get("/groups/{groupName}", tags=["groups"], summary="One group")
-async def get_group(
-    request: Request,
-    groupName: GroupNamePath,
-    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
-) -> Any:
-    return group_doc(await run_in_threadpool(_group_or_404, services(request).ctx, groupName))
+async def get_group(ctx: Ctx, groupName: GroupNamePath, _p: AccountsAdmin) -> Any:
+    return group_doc(await run_in_threadpool(_group_or_404, ctx, groupName))
 
 
 @router.patch("/groups/{groupName}", tags=["groups"], summary="Change roles, devices or display name")
-async def update_group(
-    request: Request,
-    groupName: GroupNamePath,
-    body: GroupUpdate,
-    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
-) -> Any:
-    ctx = services(request).ctx
-
+async def update_group(ctx: Ctx, groupName: GroupNamePath, body: GroupUpdate, _p: AccountsAdmin) -> Any:
     def run() -> dict[str, Any]:
         current = _group_or_404(ctx, groupName)
         roles = None
@@ -261,58 +207,39 @@ async def update_group(
 
 
 @router.delete("/groups/{groupName}", tags=["groups"], status_code=204, summary="Delete a group")
-async def delete_group(
-    request: Request,
-    groupName: GroupNamePath,
-    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
-) -> Response:
-    ctx = services(request).ctx
-
+async def delete_group(ctx: Ctx, groupName: GroupNamePath, _p: AccountsAdmin) -> Response:
     def run() -> None:
         _group_or_404(ctx, groupName)
         accounts.delete_group(ctx, groupName)
 
-    await run_in_threadpool(run)
-    return Response(status_code=204)
+    return await _no_content(run)
 
 
 @router.put(
     "/groups/{groupName}/members/{userName}", tags=["groups"], status_code=204, summary="Add a member"
 )
 async def add_member(
-    request: Request,
-    groupName: GroupNamePath,
-    userName: UserNamePath,
-    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
+    ctx: Ctx, groupName: GroupNamePath, userName: UserNamePath, _p: AccountsAdmin
 ) -> Response:
-    ctx = services(request).ctx
-
     def run() -> None:
         _group_or_404(ctx, groupName)
         _user_or_404(ctx, userName)
         accounts.add_member(ctx, groupName, userName)
 
-    await run_in_threadpool(run)
-    return Response(status_code=204)
+    return await _no_content(run)
 
 
 @router.delete(
     "/groups/{groupName}/members/{userName}", tags=["groups"], status_code=204, summary="Remove a member"
 )
 async def remove_member(
-    request: Request,
-    groupName: GroupNamePath,
-    userName: UserNamePath,
-    _p: Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)],
+    ctx: Ctx, groupName: GroupNamePath, userName: UserNamePath, _p: AccountsAdmin
 ) -> Response:
-    ctx = services(request).ctx
-
     def run() -> None:
         _group_or_404(ctx, groupName)
         accounts.remove_member(ctx, groupName, userName)
 
-    await run_in_threadpool(run)
-    return Response(status_code=204)
+    return await _no_content(run)
 
 
 # ---- device registry (administration, not data) --------------------------------------
@@ -332,11 +259,7 @@ class CredentialRotation(Strict):
     status_code=201,
     summary="Register a device; its MQTT credential is shown once",
 )
-async def register(
-    request: Request, body: DeviceCreate, _p: Annotated[Principal, Requires(Permission.DEVICES_MANAGE)]
-) -> Any:
-    ctx = services(request).ctx
-
+async def register(ctx: Ctx, body: DeviceCreate, _p: DevicesAdmin) -> Any:
     def run() -> dict[str, Any]:
         new = register_device(ctx, body.typeId, body.deviceId, body.metadata)
         device = ctx.store.get_device(new.device_id)
@@ -352,13 +275,8 @@ async def register(
     status_code=204,
     summary="Delete a device, its events and its data keys",
 )
-async def unregister(
-    request: Request,
-    deviceId: Annotated[str, Path(pattern=DEVICE_ID)],
-    _p: Annotated[Principal, Requires(Permission.DEVICES_MANAGE)],
-) -> Response:
-    await run_in_threadpool(delete_device, services(request).ctx, deviceId)
-    return Response(status_code=204)
+async def unregister(ctx: Ctx, deviceId: _DevicePath, _p: DevicesAdmin) -> Response:
+    return await _no_content(lambda: delete_device(ctx, deviceId))
 
 
 @router.post(
@@ -367,35 +285,13 @@ async def unregister(
     summary="Give a device a new MQTT credential (shown once)",
 )
 async def rotate_credential(
-    request: Request,
-    deviceId: Annotated[str, Path(pattern=DEVICE_ID)],
-    body: CredentialRotation,
-    _p: Annotated[Principal, Requires(Permission.DEVICES_MANAGE)],
+    ctx: Ctx, deviceId: _DevicePath, body: CredentialRotation, _p: DevicesAdmin
 ) -> Any:
-    cred = await run_in_threadpool(
-        rotate_device_credential, services(request).ctx, deviceId, grace_s=body.graceSeconds
-    )
+    cred = await run_in_threadpool(rotate_device_credential, ctx, deviceId, grace_s=body.graceSeconds)
     return {"deviceId": deviceId, "password": cred}
 
 
 # ---- API keys ------------------------------------------------------------------------
-def key_doc(k: ApiKeyRecord) -> dict[str, Any]:
-    return {
-        "key": k.key,
-        "description": k.description,
-        "roleAdmin": k.roles.admin,
-        "roleReader": k.roles.reader,
-        "roleWriter": k.roles.writer,
-        "devices": list(k.devices),
-        "groups": list(k.groups),
-        "expires": iso(k.expires_us),
-        "lastUsed": iso(k.last_used_us),
-        "revoked": iso(k.revoked_us),
-        "createdBy": k.created_by,
-        "created": iso(k.created_us),
-    }
-
-
 class ApiKeyCreate(Strict):
     description: str = Field("", max_length=256)
     roleAdmin: bool = False
@@ -407,28 +303,22 @@ class ApiKeyCreate(Strict):
 
 
 @router.get("/apikeys", tags=["API keys"], summary="List API keys (never their passwords)")
-async def list_keys(request: Request, _p: Annotated[Principal, Requires(Permission.API_KEYS_MANAGE)]) -> Any:
-    keys = await run_in_threadpool(services(request).ctx.accounts.list_api_keys)
-    return {"apikeys": [key_doc(k) for k in keys]}
+async def list_keys(ctx: Ctx, _p: ApiKeysAdmin) -> Any:
+    keys = await run_in_threadpool(ctx.accounts.list_api_keys)
+    return {"apikeys": [api_key_doc(k) for k in keys]}
 
 
 @router.post(
     "/apikeys", tags=["API keys"], status_code=201, summary="Create an API key; its password is shown once"
 )
-async def create_key(
-    request: Request,
-    body: ApiKeyCreate,
-    principal: Annotated[Principal, Requires(Permission.API_KEYS_MANAGE)],
-) -> Any:
-    ctx = services(request).ctx
-
+async def create_key(ctx: Ctx, body: ApiKeyCreate, principal: ApiKeysAdmin) -> Any:
     def run() -> dict[str, Any]:
         devices = set(body.devices)
         for name in body.groups:
             devices |= set(_group_or_404(ctx, name).devices)
-        grant = Grant(body.roleAdmin, body.roleReader, body.roleWriter, frozenset(devices))
-        wanted = Principal.from_grants("api_key", "new", [grant])
-        if not within(wanted, principal):
+        if not may_grant(
+            principal, Grant(body.roleAdmin, body.roleReader, body.roleWriter, frozenset(devices))
+        ):
             raise Problem(403, "an API key cannot hold more than its creator may grant")
         expires = now_us() + body.expiresInSeconds * 1_000_000 if body.expiresInSeconds else None
         key, password = accounts.create_api_key(
@@ -442,18 +332,15 @@ async def create_key(
         )
         found = ctx.accounts.get_api_key(key)
         assert found is not None  # noqa: S101 - just made
-        return {**key_doc(found[0]), "password": password}
+        return {**api_key_doc(found[0]), "password": password}
 
     return await run_in_threadpool(run)
 
 
 @router.delete("/apikeys/{key}", tags=["API keys"], status_code=204, summary="Revoke an API key")
 async def revoke_key(
-    request: Request,
-    key: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
-    _p: Annotated[Principal, Requires(Permission.API_KEYS_MANAGE)],
+    ctx: Ctx, key: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")], _p: ApiKeysAdmin
 ) -> Response:
-    ctx = services(request).ctx
     if not await run_in_threadpool(ctx.accounts.revoke_api_key, key, now_us()):
         raise Problem(404, "API key not found")
     return Response(status_code=204)
@@ -466,11 +353,11 @@ async def revoke_key(
     summary="Security events: rejected device messages, refused logins and topics, commands; newest first",
 )
 async def security_events(
-    request: Request,
+    ctx: Ctx,
     _p: Annotated[Principal, Requires(Permission.SECURITY_EVENTS_READ)],
     count: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Any:
-    store = services(request).ctx.store
+    store = ctx.store
     rows = await run_in_threadpool(store.list_rejected, count)
     others = await run_in_threadpool(store.list_security_events, count)
     events: list[tuple[int, dict[str, Any]]] = [

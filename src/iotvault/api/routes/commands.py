@@ -16,11 +16,12 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from iotvault.api.deps import Requires
-from iotvault.api.routes.devices import DEVICE_ID, iso
+from iotvault.api.routes.devices import DEVICE_ID
 from iotvault.api.schemas import ERRORS, Strict
 from iotvault.api.security import services
 from iotvault.auth.policy import Permission, Principal
 from iotvault.commands.service import MAX_EXPIRY_S, CommandService, effective_status
+from iotvault.documents import iso
 from iotvault.runtime import now_us
 from iotvault.storage.repository import CommandRecord
 

@@ -20,6 +20,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from iotvault.api.security import client_address
@@ -213,13 +214,16 @@ _AUTHORIZE_PARAMS: Final = (
 )  # fmt: skip
 
 
+_AUTHORIZE_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    302: _redirect("to the login page, or back to the client with a code or an error"),
+    **_PAGE_ERRORS,
+}
+
+
 @router.get(
     PATHS["authorization"],
     summary="Authorization endpoint (code flow with PKCE S256)",
-    responses={
-        302: _redirect("to the login page, or back to the client with a code or an error"),
-        **_PAGE_ERRORS,
-    },
+    responses=_AUTHORIZE_RESPONSES,
     openapi_extra=_query(*_AUTHORIZE_PARAMS),
 )
 async def authorize(request: Request) -> Response:
@@ -229,10 +233,7 @@ async def authorize(request: Request) -> Response:
 @router.post(
     PATHS["authorization"],
     summary="Authorization endpoint, parameters as a form (OpenID Connect Core 3.1.2.1)",
-    responses={
-        302: _redirect("to the login page, or back to the client with a code or an error"),
-        **_PAGE_ERRORS,
-    },
+    responses=_AUTHORIZE_RESPONSES,
     openapi_extra=_form(*_AUTHORIZE_PARAMS),
 )
 async def authorize_form(request: Request) -> Response:
@@ -394,25 +395,11 @@ async def userinfo_post(request: Request) -> Response:
     return await _userinfo(request)
 
 
-# (method, path) of every route above, for iotvault.api.app.PUBLIC_ROUTES
+# (method, path) of every route above, for iotvault.api.app.PUBLIC_ROUTES: read off the router,
+# so that a route added here cannot be left out of the list
 OIDC_ROUTES: Final = frozenset(
-    {
-        ("GET", PATHS["discovery"]),
-        ("GET", PATHS["jwks"]),
-        ("GET", PATHS["authorization"]),
-        ("POST", PATHS["authorization"]),
-        ("GET", PATHS["login"]),
-        ("POST", PATHS["login"]),
-        ("GET", PATHS["end_session"]),
-        ("POST", PATHS["end_session"]),
-        ("GET", PATHS["device"]),
-        ("POST", PATHS["device"]),
-        ("GET", PATHS["device_confirm"]),
-        ("POST", PATHS["device_confirm"]),
-        ("POST", PATHS["token"]),
-        ("POST", PATHS["device_authorization"]),
-        ("POST", PATHS["revocation"]),
-        ("GET", PATHS["userinfo"]),
-        ("POST", PATHS["userinfo"]),
-    }
+    (method, route.path)
+    for route in router.routes
+    if isinstance(route, APIRoute)
+    for method in route.methods or ()
 )

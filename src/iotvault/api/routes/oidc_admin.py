@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from iotvault.api.deps import Requires
-from iotvault.api.routes.devices import iso
+from iotvault.api.routes.oidc import identity
 from iotvault.api.schemas import ERRORS, Strict
 from iotvault.auth.policy import Permission, Principal
-from iotvault.identity import Identity
+from iotvault.documents import client_doc
 from iotvault.identity.clients import (
     AUTHORIZATION_CODE,
     GRANT_TYPES,
@@ -27,31 +27,20 @@ from iotvault.identity.clients import (
     get_client,
     remove_client,
 )
-from iotvault.identity.store import ClientRecord
+from iotvault.identity.store import IdentityStore
 
 router = APIRouter(prefix="/iotf", responses=ERRORS)
 
 CLIENT_ID = r"^[A-Za-z0-9._-]{1,64}$"
 ClientIdPath = Annotated[str, Path(pattern=CLIENT_ID, description="clientId")]
+ClientsAdmin = Annotated[Principal, Requires(Permission.CLIENTS_MANAGE)]
 
 
-def _identity(request: Request) -> Identity:
-    found: Identity = request.app.state.identity
-    return found
+def _client_store(request: Request) -> IdentityStore:
+    return identity(request).provider.store
 
 
-def client_doc(c: ClientRecord) -> dict[str, Any]:
-    return {
-        "clientId": c.client_id,
-        "displayName": c.display_name,
-        "confidential": not c.public,
-        "redirectUris": list(c.redirect_uris),
-        "postLogoutRedirectUris": list(c.post_logout_redirect_uris),
-        "grantTypes": list(c.grant_types),
-        "allowAnonymous": c.allow_anonymous,
-        "createdBy": c.created_by,
-        "created": iso(c.created_us),
-    }
+ClientStore = Annotated[IdentityStore, Depends(_client_store)]
 
 
 class ClientCreate(Strict):
@@ -69,10 +58,8 @@ class ClientCreate(Strict):
 
 
 @router.get("/clients", tags=["OAuth clients"], summary="List OAuth clients (never their secrets)")
-async def list_clients(
-    request: Request, _p: Annotated[Principal, Requires(Permission.CLIENTS_MANAGE)]
-) -> Any:
-    clients = await run_in_threadpool(_identity(request).provider.store.list_clients)
+async def list_clients(store: ClientStore, _p: ClientsAdmin) -> Any:
+    clients = await run_in_threadpool(store.list_clients)
     return {"clients": [client_doc(c) for c in clients]}
 
 
@@ -82,13 +69,7 @@ async def list_clients(
     status_code=201,
     summary="Register an OAuth client; a confidential client's secret is shown once",
 )
-async def create_client(
-    request: Request,
-    body: ClientCreate,
-    principal: Annotated[Principal, Requires(Permission.CLIENTS_MANAGE)],
-) -> Any:
-    store = _identity(request).provider.store
-
+async def create_client(store: ClientStore, body: ClientCreate, principal: ClientsAdmin) -> Any:
     def run() -> dict[str, Any]:
         new = add_client(
             store,
@@ -110,12 +91,8 @@ async def create_client(
 
 
 @router.get("/clients/{clientId}", tags=["OAuth clients"], summary="One OAuth client")
-async def get_one(
-    request: Request,
-    clientId: ClientIdPath,
-    _p: Annotated[Principal, Requires(Permission.CLIENTS_MANAGE)],
-) -> Any:
-    return client_doc(await run_in_threadpool(get_client, _identity(request).provider.store, clientId))
+async def get_one(store: ClientStore, clientId: ClientIdPath, _p: ClientsAdmin) -> Any:
+    return client_doc(await run_in_threadpool(get_client, store, clientId))
 
 
 @router.delete(
@@ -124,10 +101,6 @@ async def get_one(
     status_code=204,
     summary="Remove an OAuth client; every grant it holds is revoked",
 )
-async def delete_client(
-    request: Request,
-    clientId: ClientIdPath,
-    _p: Annotated[Principal, Requires(Permission.CLIENTS_MANAGE)],
-) -> Response:
-    await run_in_threadpool(remove_client, _identity(request).provider.store, clientId)
+async def delete_client(store: ClientStore, clientId: ClientIdPath, _p: ClientsAdmin) -> Response:
+    await run_in_threadpool(remove_client, store, clientId)
     return Response(status_code=204)

@@ -1,0 +1,54 @@
+"""The JSON documents the admin API returns and ``iotvault … --json`` prints, and the engine set-up
+the stores share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import create_engine
+
+from iotvault.documents import api_key_doc, group_doc, iso
+from iotvault.domain.accounts import Roles
+from iotvault.errors import DatabaseUnavailableError
+from iotvault.storage.accounts import ApiKeyRecord, GroupRecord
+from iotvault.storage.db import EngineStore
+
+# 2026-11-22T10:00:00.123456Z
+AT_US = 1_795_341_600_123_456
+
+
+def test_times_are_utc_with_milliseconds() -> None:
+    assert iso(AT_US) == "2026-11-22T10:00:00.123Z"
+    assert iso(0) == "1970-01-01T00:00:00.000Z"
+    assert iso(999_999) == "1970-01-01T00:00:00.999Z"  # truncated, never rounded up a second
+    assert iso(None) is None
+
+
+@given(st.integers(min_value=0, max_value=4_102_444_800_000_000))  # up to the year 2100
+def test_times_sort_as_the_instants_do(us: int) -> None:
+    assert iso(us) <= iso(us + 1_000) <= iso(us + 1_000_000)  # type: ignore[operator]
+
+
+def test_groups_and_api_keys_name_their_roles_alike() -> None:
+    roles = Roles(admin=False, reader=True, writer=True)
+    group = group_doc(GroupRecord("ops", "Operators", roles, ("d1",), ("alice",)))
+    key = api_key_doc(ApiKeyRecord("k-1", "export", roles, ("d1",), ("ops",), None, None, None, "cli", AT_US))
+    wanted = {"roleAdmin": False, "roleReader": True, "roleWriter": True}
+    assert {k: group[k] for k in wanted} == wanted == {k: key[k] for k in wanted}
+    assert list(group)[2:5] == list(wanted)  # in the seed's order, after the names
+    assert key["created"] == "2026-11-22T10:00:00.123Z"
+    assert key["expires"] is key["lastUsed"] is key["revoked"] is None
+    assert "password" not in key
+
+
+def test_a_store_names_an_unreachable_database_without_its_password(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/no/such/dir/x.db")  # sqlite cannot open it
+    store = EngineStore(engine, "postgresql://iotvault:s3cret@db.example/iotvault")
+    for connection in (store.connect, store.begin):
+        with pytest.raises(DatabaseUnavailableError) as caught, connection() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        assert caught.value.url == "postgresql://iotvault:***@db.example/iotvault"
+    engine.dispose()
