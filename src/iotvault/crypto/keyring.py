@@ -9,6 +9,12 @@ records (in backups too) cannot be decrypted: crypto-shredding.
 
 The store it reads is any :class:`~iotvault.storage.repository.KeyStore`; the ring itself does
 no SQL.
+
+:meth:`KeyRing.encrypt` and :meth:`KeyRing.decrypt` run once per event, so on a cache hit they
+do no more than one lock-free cache lookup (see :mod:`.keycache`) and one call to the positional
+record functions of :mod:`.cipher`, which stay the only definition of the format. Misses go to
+the store and are rare: once per device and ttl for sealing, once per device and version for
+opening.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from iotvault.crypto.cipher import decrypt_event, encrypt_event, record_key_version
-from iotvault.crypto.keycache import DataKeyCache
+from iotvault.crypto.cipher import open_record, record_key_version, seal_record
+from iotvault.crypto.keycache import CurrentKey, DataKeyCache
 from iotvault.crypto.master_key import MasterKey, generate_data_key
 from iotvault.errors import DataKeyNotFoundError
 from iotvault.storage.repository import KeyStore
@@ -28,11 +34,28 @@ FINGERPRINT_META = "master_key_fingerprint"
 
 
 class KeyRing:
-    def __init__(self, master: MasterKey, store: KeyStore, *, cache_ttl_s: float = 5.0) -> None:
+    """Seals and opens event records with the right data key of each device.
+
+    ``cache`` is injectable so that tests can give it a clock of their own.
+    """
+
+    def __init__(
+        self,
+        master: MasterKey,
+        store: KeyStore,
+        *,
+        cache_ttl_s: float = 5.0,
+        cache: DataKeyCache | None = None,
+    ) -> None:
         self._master = master
         self._store = store
         self._ttl = cache_ttl_s
-        self._cache = DataKeyCache()
+        self._cache = DataKeyCache() if cache is None else cache
+        # The per-event path reads these through instance attributes, bound once.
+        self._current_entry = self._cache.current_entry
+        self._cached_key = self._cache.cached_key
+        self._clock = self._cache.clock
+        self._load_for_record = self._load
 
     # ---- key management --------------------------------------------------------------
     def new_device_key(self, device_id: str, version: int = 1) -> bytes:
@@ -51,49 +74,51 @@ class KeyRing:
         self._cache.forget_device(device_id)
 
     # ---- use -------------------------------------------------------------------------
-    def _aead(self, device_id: str, version: int, wrapped: bytes) -> AESGCM:
-        aead = AESGCM(self._master.unwrap_data_key(device_id, version, wrapped))
-        self._cache.put(device_id, version, aead)
-        return aead
-
     def current(self, device_id: str) -> tuple[int, AESGCM]:
-        hit = self._cache.current(device_id)
-        if hit is not None:
-            return hit
-        latest = self._store.latest_data_key(device_id)
-        if latest is None:
-            raise DataKeyNotFoundError(device_id)
-        version, wrapped = latest
-        aead = self._cache.get(device_id, version) or self._aead(device_id, version, wrapped)
-        self._cache.set_current(device_id, version, aead, ttl_seconds=self._ttl)
-        return version, aead
+        key = self._cache.sealing_key(device_id) or self._load_current(device_id)[0]
+        return key.version, key.aead
 
     def for_version(self, device_id: str) -> Callable[[int], AESGCM]:
         def lookup(version: int) -> AESGCM:
             hit = self._cache.get(device_id, version)
-            if hit is not None:
-                return hit
-            wrapped = self._store.data_keys(device_id).get(version)
-            if wrapped is None:
-                raise DataKeyNotFoundError(device_id, version)
-            return self._aead(device_id, version, wrapped)
+            return self._load(device_id, version) if hit is None else hit
 
         return lookup
 
     def encrypt(self, device_id: str, event_id: str, plaintext: bytes) -> bytes:
-        version, aead = self.current(device_id)
-        return encrypt_event(
-            aead, device_id=device_id, event_id=event_id, key_version=version, plaintext=plaintext
-        )
+        # DataKeyCache.sealing_key, inlined: this runs once per event.
+        entry = self._current_entry(device_id)
+        if entry is None or self._clock() >= entry[1]:
+            entry = self._load_current(device_id)
+        return seal_record(entry[0], event_id, plaintext)
 
     def decrypt(self, device_id: str, event_id: str, record: bytes) -> bytes:
-        return decrypt_event(
-            self.for_version(device_id), device_id=device_id, event_id=event_id, record=record
-        )
+        return open_record(self._cached_key, self._load_for_record, device_id, event_id, record)
 
     def needs_reencrypt(self, device_id: str, event_id: str, record: bytes) -> bool:
         current, _ = self.current(device_id)
         return record_key_version(record, device_id=device_id, event_id=event_id) != current
+
+    # ---- cache misses ----------------------------------------------------------------
+    def _load(self, device_id: str, version: int) -> AESGCM:
+        generation = self._cache.generation  # before the read: see DataKeyCache.put
+        wrapped = self._store.data_keys(device_id).get(version)
+        if wrapped is None:
+            raise DataKeyNotFoundError(device_id, version)
+        aead = AESGCM(self._master.unwrap_data_key(device_id, version, wrapped))
+        self._cache.put(device_id, version, aead, generation=generation)
+        return aead
+
+    def _load_current(self, device_id: str) -> CurrentKey:
+        generation = self._cache.generation
+        latest = self._store.latest_data_key(device_id)
+        if latest is None:
+            raise DataKeyNotFoundError(device_id)
+        version, wrapped = latest
+        aead = self._cache.get(device_id, version) or AESGCM(
+            self._master.unwrap_data_key(device_id, version, wrapped)
+        )
+        return self._cache.set_current(device_id, version, aead, ttl_seconds=self._ttl, generation=generation)
 
 
 def now_us() -> int:
