@@ -7,13 +7,17 @@ strict JSON parser, with the payloads that Python's own parser lets in but JSON 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 from apifixture import Api, running_api
+from helpers import free_port
 
 from iotvault.accounts import create_group, create_user
 from iotvault.api.routes.devices import DeviceEvents, EventPage
@@ -33,7 +37,11 @@ ODD_PAYLOADS: list[tuple[bytes, Any]] = [
     ('{"s": "é ✓ 𝄞"}'.encode(), {"s": "é ✓ 𝄞"}),
     (b'{"n": 123456789012345678901234567890}', {"n": 123456789012345678901234567890}),
     (b'{"k": 1, "k": 2}', {"k": 2}),
+    (b'{\n  "a": [1,\r\n 2.25]\n}\n', {"a": [1, 2.25]}),
+    ('{"utf16": true}'.encode("utf-16"), {"utf16": True}),  # Python's parser reads UTF-16 too
 ]
+# a lone surrogate as an object key: no JSON writer can spell it, so the event says so
+UNWRITABLE = b'{"\\ud800": 1}'
 
 
 def strict_json(body: bytes) -> Any:
@@ -86,6 +94,8 @@ async def test_odd_payloads_come_back_as_valid_json_in_the_documented_shape(api:
     for eid, want in expected.items():
         assert got[eid]["payload"] == want, eid
         assert got[eid]["error"] is None
+    big = r.content.decode().count("123456789012345678901234567890")
+    assert big == 1  # the exact digits, not a float
     assert [e["eventId"] for e in doc["events"][: len(made)]] == made[::-1]  # newest first
 
     r = await api.client.get(
@@ -130,3 +140,48 @@ async def test_empty_device_is_an_empty_page_and_a_missing_one_is_404(api: Api) 
         r = await api.client.get(path, headers=auth)  # granted, but never registered
         assert r.status_code == 404, (path, r.text)
         assert r.headers["content-type"] == "application/problem+json"
+
+
+async def test_a_payload_no_json_writer_can_spell_is_reported_on_its_event(api: Api) -> None:
+    [bad] = store_payloads(api, "d1", [UNWRITABLE])
+    r = await api.client.get("/iotf/devices/d1", params={"count": 3}, headers=api.auth("alice"))
+    assert r.status_code == 200, r.text
+    events = strict_json(r.content)["events"]
+    assert events[0]["eventId"] == bad
+    assert events[0]["payload"] is None
+    assert events[0]["error"] == "the stored payload is not JSON"
+    assert all(e["error"] is None for e in events[1:])  # the rest of the page is unaffected
+
+
+async def test_live_events_are_one_sse_line_each_whatever_the_payload_spacing(api: Api) -> None:
+    app = api.client._transport.app  # type: ignore[attr-defined]
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
+            await asyncio.sleep(0.02)
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http,
+            http.stream("GET", "/iotf/devices/d1/stream", headers=api.auth("alice")) as resp,
+        ):
+            assert resp.status_code == 200
+            sent = [b'{\n "a": 1,\r\n "b": "x\\ny"\n}', b'{"t": NaN}']
+            made = store_payloads(api, "d1", sent)
+            got: list[dict[str, Any]] = []
+            async with asyncio.timeout(10):
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: "):
+                        got.append(strict_json(line[6:].encode()))
+                        if len(got) == len(sent):
+                            break
+                    else:  # nothing but the SSE fields: no stray line of a payload
+                        assert line == "" or line.startswith(("id: ", "event: ", ":", "retry: ")), line
+            assert [e["eventId"] for e in got] == made
+            assert got[0]["payload"] == {"a": 1, "b": "x\ny"}
+            assert got[1]["payload"] == {"t": None}
+    finally:
+        server.should_exit = True
+        await task

@@ -172,6 +172,8 @@ async def test_invalid_messages_are_recorded_not_stored_and_ingest_goes_on(
     client = await connected()
     good = f"iot-2/type/thermo/id/{device}/evt/reading/fmt/json"
     client.publish(good.replace("reading", "bad"), b"{not json", qos=1)
+    client.publish(good, b'{"t": NaN}', qos=1)  # Python's json reads it; JSON has no NaN
+    client.publish(good, '{"utf16": 1}'.encode("utf-16"), qos=1)  # JSON text is UTF-8
     client.publish(good, b'{"big": "' + b"x" * 2000 + b'"}', qos=1)
     client.publish(good.replace("reading", "cmdack"), b'{"status": "maybe"}', qos=1)
     client.publish(f"iot-2/type/thermo/id/{device}/mon", b'{"status": "connected"}', qos=1)
@@ -187,7 +189,7 @@ async def test_invalid_messages_are_recorded_not_stored_and_ingest_goes_on(
         if not client.is_connected:  # the embedded broker drops a client that oversteps
             client = await connected()
         client.publish(topic, b'{"a": 1}', qos=1)
-    expected_rejected = {"invalid_json": 1, "too_large": 1, "bad_command_ack": 1}
+    expected_rejected = {"invalid_json": 3, "too_large": 1, "bad_command_ack": 1}
     if broker_kind == "mosquitto":
         expected_rejected |= {"unknown_device": 1, "type_mismatch": 1}
     deadline = time.monotonic() + 20

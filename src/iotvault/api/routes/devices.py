@@ -16,6 +16,7 @@ from datetime import datetime
 from functools import partial
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
@@ -59,6 +60,10 @@ def device_doc(d: DeviceRecord) -> dict[str, Any]:
     }
 
 
+UNDECRYPTABLE = "the stored record does not decrypt"
+NOT_JSON = "the stored payload is not JSON"
+
+
 def event_doc(ctx: Context, e: StoredEvent) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "eventId": e.event_id,
@@ -71,35 +76,67 @@ def event_doc(ctx: Context, e: StoredEvent) -> dict[str, Any]:
         "error": None,
     }
     try:
-        doc["payload"] = json.loads(ctx.keyring.decrypt(e.device_id, e.event_id, e.payload))
-    except (CryptoError, ValueError, RecursionError):
-        doc["error"] = "the stored record does not decrypt"
+        plain = ctx.keyring.decrypt(e.device_id, e.event_id, e.payload)
+    except CryptoError:
+        doc["error"] = UNDECRYPTABLE
+        return doc
+    try:
+        doc["payload"] = payload_json(plain)
+    except (ValueError, TypeError, RecursionError):
+        doc["error"] = NOT_JSON
     return doc
 
 
-def _finite(value: Any) -> Any:
-    """*value* with every NaN and infinity replaced by null, as JSON has neither."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
+def payload_json(plain: bytes) -> Any:
+    """A stored payload, ready for :func:`to_json`.
+
+    Ingest stores only payloads that parse as JSON, so nearly every one is strict RFC 8259
+    text: then it is checked with orjson (UTF-8, one complete value, no ``NaN``) and goes into
+    the page as it is, without being turned into Python objects and back; a complete JSON
+    value cannot break out of its place in the page. Records stored before ingest used orjson
+    may hold what only Python's parser accepts: non-finite numbers become null (as the
+    response model had them), integers beyond 64 bits and lone surrogates (``"\\ud800"``)
+    keep their exact JSON spelling. What cannot be written even so raises ``TypeError``.
+    """
+    try:
+        orjson.loads(plain)
+    except orjson.JSONDecodeError:
+        value = _jsonable(json.loads(plain))
+        orjson.dumps(value)  # TypeError if some part still cannot be written (a surrogate in a key)
+        return value
+    return orjson.Fragment(plain)
+
+
+def _jsonable(value: Any) -> Any:
+    """What Python's JSON parser made, in a form orjson writes as valid JSON."""
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if type(value) is int and not -(2**63) <= value < 2**64:
+        return orjson.Fragment(str(value).encode())
+    if isinstance(value, str) and not _is_utf8(value):  # a lone surrogate: its escaped spelling
+        return orjson.Fragment(json.dumps(value).encode())
     return value
 
 
-def to_json(body: Any) -> str:
-    """Device data as JSON text that every client can parse, whatever the payloads hold.
-
-    Payloads are what devices sent, and Python's parser lets through two things JSON has
-    not: non-finite numbers (``NaN``, ``1e400``), which become null here, and lone surrogates
-    (``"\\ud800"``), which stay escaped because the text is ASCII, so no page is ever
-    unencodable.
-    """
+def _is_utf8(text: str) -> bool:
     try:
-        return json.dumps(body, separators=(",", ":"), allow_nan=False)
-    except ValueError:  # rare: a non-finite number somewhere in a payload
-        return json.dumps(_finite(body), separators=(",", ":"), allow_nan=False)
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def to_json(body: Any) -> bytes:
+    """Device data as UTF-8 JSON; payloads made by :func:`payload_json` go in as they are.
+
+    Its only line breaks are whitespace between tokens (JSON escapes them inside strings), so
+    a Server-Sent Events line may replace them with spaces.
+    """
+    return orjson.dumps(body)
 
 
 def json_body(body: dict[str, Any]) -> bytes:
@@ -109,7 +146,7 @@ def json_body(body: dict[str, Any]) -> bytes:
     (a quarter of a last-50 request); they are built here in exactly the model's shape, which
     the schema tests check against the OpenAPI document.
     """
-    return to_json(body).encode("ascii")
+    return to_json(body)
 
 
 class DeviceList(BaseModel):
@@ -258,7 +295,8 @@ async def stream(
                 )
                 for e in page:
                     doc = await run_in_threadpool(event_doc, ctx, e)
-                    yield f"id: {e.event_id}\nevent: event\ndata: {to_json(doc)}\n\n".encode()
+                    data = to_json(doc).replace(b"\n", b" ").replace(b"\r", b" ")  # one SSE line
+                    yield b"id: " + e.event_id.encode() + b"\nevent: event\ndata: " + data + b"\n\n"
                     cursor = e.event_id
                 if page:
                     continue
