@@ -130,6 +130,10 @@ def test_roles() -> None:
     assert Roles(reader=True).within(Roles(reader=True, writer=True))
     assert not Roles(admin=True).within(Roles(reader=True, writer=True))
     assert Roles(True, True, True).names() == ("roleAdmin", "roleReader", "roleWriter")
+    # a change names only what changes; None leaves a role as it is
+    assert Roles(reader=True).changed(writer=True) == Roles(reader=True, writer=True)
+    assert Roles(True, True, True).changed(admin=False, writer=None) == Roles(reader=True, writer=True)
+    assert Roles(admin=True).changed() == Roles(admin=True)
     with pytest.raises(ValidationError):
         Roles(admin="true")  # type: ignore[arg-type]
     with pytest.raises(AttributeError):

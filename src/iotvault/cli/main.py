@@ -779,12 +779,7 @@ def groups_set_roles(
         current = ctx.accounts.get_group(group)
         if current is None:
             raise GroupNotFoundError(group)
-        r = current.roles
-        roles = Roles(
-            r.admin if admin is None else admin,
-            r.reader if reader is None else reader,
-            r.writer if writer is None else writer,
-        )
+        roles = current.roles.changed(admin=admin, reader=reader, writer=writer)
         updated = account_services.update_group(ctx, group, roles=roles)
     out.print(f"roles of {group}: {_roles_text(updated.roles)}")
 

@@ -173,6 +173,16 @@ class Roles:
     def __and__(self, other: Roles) -> Roles:
         return Roles(self.admin and other.admin, self.reader and other.reader, self.writer and other.writer)
 
+    def changed(
+        self, *, admin: bool | None = None, reader: bool | None = None, writer: bool | None = None
+    ) -> Roles:
+        """These roles with the ones given changed; a role given as None stays as it is."""
+        return Roles(
+            self.admin if admin is None else admin,
+            self.reader if reader is None else reader,
+            self.writer if writer is None else writer,
+        )
+
     def within(self, other: Roles) -> bool:
         """Whether every role of ``self`` is also held by ``other`` (no more than it may grant)."""
         return (self & other) == self

@@ -191,11 +191,8 @@ async def update_group(ctx: Ctx, groupName: GroupNamePath, body: GroupUpdate, _p
         current = _group_or_404(ctx, groupName)
         roles = None
         if body.roleAdmin is not None or body.roleReader is not None or body.roleWriter is not None:
-            r = current.roles
-            roles = Roles(
-                admin=r.admin if body.roleAdmin is None else body.roleAdmin,
-                reader=r.reader if body.roleReader is None else body.roleReader,
-                writer=r.writer if body.roleWriter is None else body.roleWriter,
+            roles = current.roles.changed(
+                admin=body.roleAdmin, reader=body.roleReader, writer=body.roleWriter
             )
         return group_doc(
             accounts.update_group(
