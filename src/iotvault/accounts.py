@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, NamedTuple
 
+from iotvault.auth.policy import Grant
 from iotvault.crypto.passwords import generate_password, hash_password, needs_rehash, verify_password
 from iotvault.crypto.tokens import hash_secret, new_secret, verify_secret
 from iotvault.domain.accounts import (
@@ -258,6 +259,24 @@ def create_api_key(
     )
     ctx.accounts.add_api_key(record, hash_secret(new.password))
     return new
+
+
+def api_key_grant(
+    ctx: Context, roles: Roles, devices: Iterable[str], groups: Iterable[str], *, strict: bool = False
+) -> Grant:
+    """What an API key holds: its roles on its own devices and on its groups' devices.
+
+    Groups are read now, so a device added to a group is granted to its keys at once. A group
+    deleted since grants nothing; ``strict`` (creating a key) refuses it instead.
+    """
+    granted = set(devices)
+    for name in groups:
+        group = ctx.accounts.get_group(name)
+        if group is not None:
+            granted |= set(group.devices)
+        elif strict:
+            raise GroupNotFoundError(name)
+    return Grant(roles.admin, roles.reader, roles.writer, frozenset(granted))
 
 
 def verify_api_key(ctx: Context, key: str, password: str, now_us: int) -> ApiKeyRecord | None:

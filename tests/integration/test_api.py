@@ -315,6 +315,15 @@ async def test_api_keys_basic_auth_revocation_expiry_and_ceiling(api: Api) -> No
         "/iotf/apikeys", json={"roleReader": True, "devices": ["d1"]}, headers=a.auth("root")
     )
     assert r.status_code == 403
+    # a key through a group holds the group's devices, and only a group that exists
+    r = await a.client.post(
+        "/iotf/apikeys", json={"roleReader": True, "groups": ["no-such-group"]}, headers=a.auth("olga")
+    )
+    assert (r.status_code, r.json()["detail"]) == (404, "group not found")
+    r = await a.client.post(
+        "/iotf/apikeys", json={"roleReader": True, "groups": ["readers-2"]}, headers=a.auth("olga")
+    )
+    assert r.status_code == 403  # readers-2 holds d2, which olga cannot grant
     # revoked
     assert (
         await a.client.delete(f"/iotf/apikeys/{created['key']}", headers=a.auth("olga"))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from iotvault.accounts import verify_api_key
+from iotvault.accounts import api_key_grant, verify_api_key
 from iotvault.api.problems import Problem, unauthorized
 from iotvault.api.services import ApiServices
 from iotvault.auth.policy import ANONYMOUS_GROUP, Grant, Principal
@@ -85,12 +85,7 @@ def _principal_for_api_key(svc: ApiServices, key: str, password: str) -> Princip
     record = verify_api_key(svc.ctx, key, password, now_us())
     if record is None:
         raise _Failed("invalid, expired or revoked API key")
-    devices: set[str] = set(record.devices)
-    for name in record.groups:
-        g = svc.ctx.accounts.get_group(name)
-        if g is not None:
-            devices |= set(g.devices)
-    grant = Grant(record.roles.admin, record.roles.reader, record.roles.writer, frozenset(devices))
+    grant = api_key_grant(svc.ctx, record.roles, record.devices, record.groups)
     return Principal.from_grants("api_key", record.key, [grant], record.groups)
 
 

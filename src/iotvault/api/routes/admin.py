@@ -20,11 +20,11 @@ from iotvault.api.deps import Ctx, Requires
 from iotvault.api.problems import Problem
 from iotvault.api.routes.devices import DEVICE_ID, device_doc
 from iotvault.api.schemas import ERRORS, Strict
-from iotvault.auth.policy import Grant, Permission, Principal, may_grant
+from iotvault.auth.policy import Permission, Principal, may_grant
 from iotvault.documents import api_key_doc, group_doc, iso, user_doc
 from iotvault.domain.accounts import Roles
 from iotvault.runtime import Context, delete_device, now_us, register_device, rotate_device_credential
-from iotvault.storage.accounts import GroupRecord, UserRecord
+from iotvault.storage.accounts import GroupNotFoundError, GroupRecord, UserRecord
 
 router = APIRouter(prefix="/iotf", responses=ERRORS)
 
@@ -310,17 +310,17 @@ async def list_keys(ctx: Ctx, _p: ApiKeysAdmin) -> Any:
 )
 async def create_key(ctx: Ctx, body: ApiKeyCreate, principal: ApiKeysAdmin) -> Any:
     def run() -> dict[str, Any]:
-        devices = set(body.devices)
-        for name in body.groups:
-            devices |= set(_group_or_404(ctx, name).devices)
-        if not may_grant(
-            principal, Grant(body.roleAdmin, body.roleReader, body.roleWriter, frozenset(devices))
-        ):
+        roles = Roles(admin=body.roleAdmin, reader=body.roleReader, writer=body.roleWriter)
+        try:
+            grant = accounts.api_key_grant(ctx, roles, body.devices, body.groups, strict=True)
+        except GroupNotFoundError:
+            raise Problem(404, "group not found") from None
+        if not may_grant(principal, grant):
             raise Problem(403, "an API key cannot hold more than its creator may grant")
         expires = now_us() + body.expiresInSeconds * 1_000_000 if body.expiresInSeconds else None
         key, password = accounts.create_api_key(
             ctx,
-            roles=Roles(admin=body.roleAdmin, reader=body.roleReader, writer=body.roleWriter),
+            roles=roles,
             devices=tuple(body.devices),
             groups=tuple(body.groups),
             expires_us=expires,
