@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +25,10 @@ class DeviceRecord:
     created_us: int
 
 
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
+class StoredEvent(NamedTuple):
+    """One stored event. A named tuple rather than a frozen dataclass: ingest makes one per
+    event and a page read 50 at a time, and a tuple is made in a third of the time."""
+
     device_id: str
     event_id: str
     type_id: str

@@ -356,8 +356,8 @@ class SqlStore(EngineStore):
             params["b_until_us"] = until_us
         with mapped_errors(self.url), self.engine.connect() as conn:
             rows = conn.execute(stmt, params).all()
-        # positional: the columns are listed in StoredEvent's order by _page_query
-        return [StoredEvent(d, e, t, et, f, us, bytes(p)) for d, e, t, et, f, us, p in rows]
+        # the columns in StoredEvent's order (_page_query); both drivers return BLOB/bytea as bytes
+        return [StoredEvent._make(row) for row in rows]
 
     def count_events(self, device_id: str | None = None) -> int:
         q = select(func.count()).select_from(events)
