@@ -31,7 +31,7 @@ from iotvault.commands.service import CommandService
 from iotvault.config import Settings
 from iotvault.errors import PortInUseError
 from iotvault.identity import Identity
-from iotvault.ingest.pipeline import Inbound, IngestPipeline
+from iotvault.ingest.pipeline import Inbound, IngestPipeline, Outcome
 from iotvault.metrics import Metrics
 from iotvault.runtime import Context, open_context
 
@@ -139,9 +139,11 @@ class Node:
     def is_ready(self) -> bool:
         return self._ready
 
-    async def _embedded_hook(self, p: InboundPublish) -> None:
+    def _embedded_hook(self, p: InboundPublish) -> asyncio.Future[Outcome]:
+        # The pipeline's own future (what ``submit`` awaits), not a coroutine: the broker then
+        # needs no task per message to run the hook (iotvault.broker.embedded, PublishHook).
         assert self.pipeline is not None  # noqa: S101 - the broker starts after the pipeline
-        await self.pipeline.submit(
+        return self.pipeline.enqueue(
             Inbound(p.topic, p.payload, p.qos, p.dup, p.packet_id if p.qos else None, p.client_id)
         )
 

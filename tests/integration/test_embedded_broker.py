@@ -219,6 +219,132 @@ async def test_failing_hook_withholds_the_ack_and_the_resend_is_stored(
     assert all("secret-reading" not in r.getMessage() for r in caplog.records)
 
 
+def publish_packet(topic: str, payload: bytes, qos: int, packet_id: int = 7) -> bytes:
+    packet_id_field = struct.pack("!H", packet_id) if qos else b""
+    body = struct.pack("!H", len(topic)) + topic.encode() + packet_id_field + payload
+    return bytes([0x30 | qos << 1]) + remaining_length(len(body)) + body
+
+
+async def nothing_arrives(reader: asyncio.StreamReader) -> bool:
+    try:
+        await asyncio.wait_for(reader.read(1), QUIET)
+    except TimeoutError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+async def test_the_hook_runs_to_completion_when_the_device_leaves_meanwhile(
+    qos: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A device that publishes and disconnects at once (QoS 0, typically): the event is stored.
+    called, release, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    finished: list[bytes] = []
+
+    async def store(message: InboundPublish) -> None:
+        called.set()
+        await release.wait()
+        finished.append(message.payload)
+        done.set()
+
+    async with EmbeddedBroker(HOST, 0, on_publish=store) as broker:
+        reader, writer = await raw_connect(broker.port, "dev-12")
+        writer.write(publish_packet("iot-2/type/sensor/id/dev-12/evt/e/fmt/json", b"{}", qos))
+        writer.write(b"\xe0\x00")  # DISCONNECT
+        await asyncio.wait_for(called.wait(), TIMEOUT)
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # the broker closed it
+        writer.close()
+        await asyncio.sleep(QUIET)  # amqtt has ended the session
+        release.set()
+        await asyncio.wait_for(done.wait(), TIMEOUT)
+    assert finished == [b"{}"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_hook_may_hand_over_a_future_and_its_outcome_decides_the_ack() -> None:
+    # iotvault's own hook returns the ingest pipeline's future rather than a coroutine.
+    pending: asyncio.Queue[asyncio.Future[object]] = asyncio.Queue()
+
+    def store(message: InboundPublish) -> asyncio.Future[object]:
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        pending.put_nowait(future)
+        return future
+
+    topic = "iot-2/type/sensor/id/dev-13/evt/e/fmt/json"
+    async with EmbeddedBroker(HOST, 0, on_publish=store) as broker:
+        reader, writer = await raw_connect(broker.port, "dev-13")
+        writer.write(publish_packet(topic, b"{}", 1, packet_id=7))
+        writer.write(publish_packet(topic, b"{}", 1, packet_id=8))
+        first = await asyncio.wait_for(pending.get(), TIMEOUT)
+        second = await asyncio.wait_for(pending.get(), TIMEOUT)
+        assert await nothing_arrives(reader), "acknowledged before the hook finished"
+        second.set_result("stored")  # hooks may finish, and be acknowledged, out of order
+        assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT) == b"\x40\x02\x00\x08"
+        first.set_exception(ConnectionError("database unavailable"))
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"", "a failed message was acknowledged"
+        writer.close()
+
+
+async def test_a_hook_that_raises_at_once_withholds_the_ack() -> None:
+    def store(message: InboundPublish) -> asyncio.Future[object]:
+        raise RuntimeError("not ready")
+
+    async with EmbeddedBroker(HOST, 0, on_publish=store) as broker:
+        reader, writer = await raw_connect(broker.port, "dev-14")
+        writer.write(publish_packet("iot-2/type/sensor/id/dev-14/evt/e/fmt/json", b"{}", 1))
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        writer.close()
+
+
+async def test_a_subscription_made_while_the_hook_runs_still_receives_the_message(mqtt: Mqtt) -> None:
+    called, release = asyncio.Event(), asyncio.Event()
+
+    async def store(message: InboundPublish) -> None:
+        called.set()
+        await release.wait()
+
+    topic = "iot-2/type/sensor/id/dev-15/evt/reading/fmt/json"
+    async with mqtt.broker(on_publish=store) as broker:
+        device = mqtt.device("dev-15")
+        await device.connect(broker.port)
+        device.client.publish(topic, b"{}", qos=1)
+        await asyncio.wait_for(called.wait(), TIMEOUT)  # nobody subscribed yet
+        watcher = mqtt.device("watcher-15")
+        await watcher.connect(broker.port)
+        assert await watcher.subscribe("iot-2/type/sensor/id/+/evt/#", qos=1) == (1,)
+        release.set()
+        await device.acknowledged()
+        assert await asyncio.wait_for(watcher.messages.get(), TIMEOUT) == (topic, b"{}", 1)
+
+
+async def test_a_client_that_sends_its_packets_with_the_connect_is_served() -> None:
+    stored: list[bytes] = []
+
+    async def store(message: InboundPublish) -> None:
+        stored.append(message.payload)
+
+    topic = "iot-2/type/sensor/id/dev-16/evt/e/fmt/json"
+    async with EmbeddedBroker(HOST, 0, on_publish=store) as broker:
+        reader, writer = await asyncio.open_connection(HOST, broker.port)
+        writer.write(connect_packet("dev-16", 30) + publish_packet(topic, b"[1]", 1, packet_id=1))
+        writer.write(publish_packet(topic, b"[2]", 1, packet_id=2))
+        answer = await asyncio.wait_for(reader.readexactly(12), TIMEOUT)
+        assert answer[:4] == b"\x20\x02\x00\x00"  # CONNACK
+        assert sorted([answer[4:8], answer[8:12]]) == [b"\x40\x02\x00\x01", b"\x40\x02\x00\x02"]
+        writer.close()
+    assert sorted(stored) == [b"[1]", b"[2]"]
+
+
+async def test_a_client_that_keeps_talking_within_its_keepalive_stays() -> None:
+    async with EmbeddedBroker(HOST, 0) as broker:
+        reader, writer = await raw_connect(broker.port, "dev-17", keepalive=1)
+        for _ in range(4):  # 2 s: beyond 1.5 x keep-alive
+            await asyncio.sleep(0.5)
+            writer.write(b"\xc0\x00")  # PINGREQ
+            assert await asyncio.wait_for(reader.readexactly(2), TIMEOUT) == b"\xd0\x00"  # PINGRESP
+        writer.close()
+
+
 async def test_authenticate_refuses_a_bad_password(mqtt: Mqtt) -> None:
     asked: list[tuple[str, str | None, str | None]] = []
     presence: list[tuple[str, str | None, bool]] = []

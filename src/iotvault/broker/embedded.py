@@ -4,11 +4,12 @@ What it adds to amqtt
 =====================
 
 **Acknowledged means stored.** amqtt acknowledges an incoming QoS 1 PUBLISH as soon as it has
-queued the message in memory. Here the broker awaits ``on_publish`` — iotvault's hook, which
-stores the event and commits it — *before* it sends the PUBACK (QoS 1) or PUBREC (QoS 2), and
-before the message is forwarded to subscribers. If the hook raises, nothing is acknowledged:
-the connection is dropped, one warning is logged (never the payload), and the device sends
-the message again when it reconnects. So a crash of iotvault never loses an acknowledged event.
+queued the message in memory. Here ``on_publish`` — iotvault's hook, which stores the event
+and commits it — must have completed *before* the broker sends the PUBACK (QoS 1) or PUBREC
+(QoS 2), and before the message is forwarded to subscribers. If the hook fails, nothing is
+acknowledged: the connection is dropped, one warning is logged (never the payload), and the
+device sends the message again when it reconnects. So a crash of iotvault never loses an
+acknowledged event.
 
 - Redelivery needs a persistent session: MQTT 3.1.1 makes a client resend unacknowledged
   messages only when it reconnects with clean session 0 [MQTT-4.4.0-1] (gmqtt, for one, drops
@@ -17,10 +18,25 @@ the message again when it reconnects. So a crash of iotvault never loses an ackn
   idempotent. Do not rely on ``dup``: gmqtt 0.8, for one, resends without setting it.
 - amqtt handles each PUBLISH in its own task, so hooks for one client run concurrently (good
   for batching) and may finish, and be acknowledged, out of order.
-- The hook runs to completion even if the device disconnects meanwhile (it is shielded from
-  cancellation); ``__aexit__`` waits up to 10 seconds for running hooks.
+- The hook may return an ``asyncio.Future``, which is used as it is (iotvault's returns the
+  ingest pipeline's, so no task is made per message); a coroutine runs as a task.
+- The hook runs to completion even if the device disconnects meanwhile: for QoS 0 and 1
+  nothing awaits it (its completion sends the PUBACK), and for QoS 2 and retained messages
+  the task that waits for it is shielded from it. ``__aexit__`` waits up to 10 seconds for
+  running hooks.
 - QoS 0 messages go through the hook too; there is nothing to withhold, but a failing hook
   still drops the connection.
+
+**The path of a PUBLISH, cheaply.** amqtt's task for the packet checks the topic, starts the
+hook and, for QoS 0 and 1, ends there. The hook's completion answers the message: if it is not
+retained and no subscription can match its topic (:class:`_FilterIndex`: the filters granted
+since the start), the broker writes the PUBACK itself — all amqtt would do for it besides
+queueing it for a delivery loop (four futures per message) and broadcast tasks that find no
+subscriber; otherwise amqtt's own flow delivers and acknowledges it. On iotvault's topics
+devices subscribe to their commands only, so events and status messages take the short way.
+What one turn of the event loop writes to a connection (the PUBACKs of a committed batch) goes
+out in one ``send()``; the socket is read in chunks from which amqtt's many small reads are
+cut; and a client's keep-alive is kept by one timer per connection, not one per packet.
 
 **Admission at the door.** The broker accepts TCP connections itself, reads the CONNECT
 packet, and asks ``authenticate`` (and ``authorize`` for the will topic) before amqtt sees
@@ -94,15 +110,21 @@ tests in ``tests/integration/test_embedded_broker.py`` exercise all of them):
    Every incoming PUBLISH goes through it (from ``handle_publish``, one task per packet), and
    it is what queues the message for delivery and then sends PUBACK
    (``_handle_qos1_message_flow``) or PUBREC (``_handle_qos2_message_flow``). The wrapper runs
-   the topic checks and the hook first. Incoming QoS 2 messages that amqtt replays from
-   ``session.inflight_in`` after a reconnect already have ``pubrec_packet`` set and are not
-   hooked twice.
+   the topic checks and the hook first. For an incoming QoS 0 or 1 message that is not
+   retained and that no granted subscription can match, the flow is not called at all and the
+   broker writes the PUBACK itself, on the same writer. That relies on amqtt forwarding only to
+   subscriptions whose filter matches the topic, and adding subscriptions only in
+   ``Broker.add_subscription``, after asking the topic plugin (``Action.SUBSCRIBE``), which
+   notes the filter. Incoming QoS 2 messages that amqtt replays from ``session.inflight_in``
+   after a reconnect already have ``pubrec_packet`` set and are not hooked twice.
 3. ``IncomingApplicationMessage`` (``topic``, ``data``, ``qos``, ``retain``, ``packet_id``,
    ``pubrec_packet``, ``publish_packet.dup_flag``) and ``Session`` (``client_id``,
    ``username``, ``keep_alive``).
-4. ``BrokerProtocolHandler.handle_read_timeout()`` — a no-op in amqtt 0.12; replaced per
-   instance to drop a silent client, and ``Session.keep_alive`` (amqtt's read timeout) is set
-   to 1.5 times the client's keep-alive.
+4. ``Session.keep_alive`` is amqtt's read timeout: ``ProtocolHandler.attach`` and the start of
+   its reader loop read it, and the loop wraps every packet read in ``asyncio.wait_for`` with
+   it (a task and a timer per packet), then calls ``handle_read_timeout()``, a no-op in amqtt
+   0.12. It is set to 0 before amqtt attaches the handler, and the reader drops a connection
+   that is silent for 1.5 times the client's keep-alive itself.
 5. How amqtt ends a connection when its reader sees end-of-stream: the reader loop stops,
    the client loop publishes the will, stops the handler and ends the session. To drop a
    connection (and at shutdown) the broker aborts the TCP transport and lets amqtt take that
@@ -114,7 +136,8 @@ tests in ``tests/integration/test_embedded_broker.py`` exercise all of them):
 Everything else is amqtt's public surface: ``Broker(config)``, ``start``, ``shutdown``,
 ``external_connected`` with a listener of type ``external``, ``internal_message_broadcast``,
 ``BrokerConfig.plugins`` with ``BaseAuthPlugin`` and ``BaseTopicPlugin``, ``ConnectPacket``,
-``ConnackPacket``, ``ReaderAdapter`` and ``StreamWriterAdapter``.
+``ConnackPacket``, ``ReaderAdapter`` and ``StreamWriterAdapter`` (subclassed: its
+``is_closed`` flag and ``close()``).
 """
 
 from __future__ import annotations
@@ -122,8 +145,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
-import math
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -134,6 +158,7 @@ from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.packet import CONNECT, MQTTFixedHeader
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import IncomingApplicationMessage
@@ -169,6 +194,12 @@ _TAKE_OVER_GRACE: Final = 5.0  # seconds a new connection waits for its predeces
 _LISTENER: Final = "default"  # amqtt requires a listener of this name
 _PORT_SETTING: Final = "IOTVAULT_MQTT_PORT"
 _QUIETED_LOGGERS: Final = ("amqtt", "transitions")  # transitions is amqtt's state machine
+_FLUSH_AT: Final = 64 * 1024  # bytes a connection's writer gathers before it writes at once
+_READ_CHUNK: Final = 64 * 1024  # bytes a connection's reader asks the stream for at once
+_MAX_FILTER_KEYS: Final = 250_000  # see _FilterIndex
+_PUBACK: Final = struct.Struct("!BBH")  # packet type 4, remaining length 2, packet id
+
+_Flow = Callable[[Any], Awaitable[None]]  # amqtt's ProtocolHandler._handle_message_flow
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +218,13 @@ class InboundPublish:
 
 TopicAction = Literal["publish", "subscribe", "receive"]
 
-PublishHook = Callable[[InboundPublish], Awaitable[None]]
-"""Stores the message; returns once it is committed. Raising withholds the acknowledgement."""
+PublishHook = Callable[[InboundPublish], Awaitable[object]]
+"""Stores the message; its awaitable completes once it is committed (the result is ignored).
+
+Raising, or an awaitable that fails, withholds the acknowledgement. An ``asyncio.Future`` is
+used as it is (iotvault's hook returns the ingest pipeline's); anything else (a coroutine)
+runs as a task.
+"""
 
 Authenticator = Callable[[str, str | None, str | None], Awaitable[bool]]
 """``(client_id, username, password) -> allowed``."""
@@ -252,7 +288,8 @@ class EmbeddedBroker:
         self._connections: set[asyncio.Future[Any]] = set()
         self._readers: set[_FramedReader] = set()
         self._by_client: dict[str, set[_FramedReader]] = {}  # connections inside amqtt
-        self._hooks: set[asyncio.Future[Any]] = set()
+        self._hooks: set[asyncio.Future[Any]] = set()  # and the forwarding tasks they start
+        self._subscribed = _FilterIndex()
         self._online: dict[str, int] = {}
         self._presence_lock = asyncio.Lock()
         self._on_denied = on_denied
@@ -342,10 +379,10 @@ class EmbeddedBroker:
         if task is not None:
             self._connections.add(task)
         peer = stream_writer.get_extra_info("peername")
-        reader = _FramedReader(stream_reader, stream_writer.transport, self._max_packet_size, peer)
+        writer = _BufferedWriter(stream_writer)
+        reader = _FramedReader(stream_reader, writer, self._max_packet_size, peer)
         reader.task = task
         self._readers.add(reader)
-        writer = StreamWriterAdapter(stream_writer)
         try:
             await self._admit_and_serve(reader, writer, peer)
         except asyncio.CancelledError:
@@ -354,6 +391,7 @@ class EmbeddedBroker:
             _log.warning("MQTT connection from %s ended on an error: %s", _addr(peer), type(exc).__name__)
             _log.debug("MQTT connection error details", exc_info=exc)
         finally:
+            reader.stop_watching()
             with contextlib.suppress(OSError, RuntimeError):
                 await writer.close()
             self._readers.discard(reader)
@@ -447,7 +485,7 @@ class EmbeddedBroker:
     # -- per connection, inside amqtt ---------------------------------------------------------
 
     def _install(self, handler: Any, session: Any, reader: _FramedReader) -> None:
-        """Put the publish checks and the hook in front of amqtt's acknowledgement."""
+        """Put the publish checks and the hook in front of amqtt's acknowledgement; keep time."""
         amqtt_flow = handler._handle_message_flow
 
         async def message_flow(message: Any) -> None:
@@ -456,21 +494,25 @@ class EmbeddedBroker:
             if (
                 isinstance(message, IncomingApplicationMessage)
                 and message.pubrec_packet is None
-                and not await self._accept(reader, session, message)
+                and not await self._accept(reader, session, message, amqtt_flow)
             ):
-                return  # not acknowledged; the connection is being dropped
+                return  # refused (the connection is being dropped), or answered once stored
             await amqtt_flow(message)
 
-        def read_timeout() -> None:
-            _log.info("MQTT client %r silent for too long; dropping the connection", session.client_id)
-            reader.abort()
-
         handler._handle_message_flow = message_flow
-        handler.handle_read_timeout = read_timeout
-        if session.keep_alive > 0:  # amqtt's read timeout; the spec allows 1.5 x keep-alive
-            session.keep_alive = math.ceil(session.keep_alive * 1.5)
+        # amqtt's read timeout (Session.keep_alive) wraps every packet read in asyncio.wait_for:
+        # a task and a timer per packet. The reader keeps time instead, and amqtt, told 0, reads
+        # without one. The spec allows 1.5 x keep-alive before the connection must end.
+        if session.keep_alive > 0:
+            reader.watch_silence(session.keep_alive * 1.5, session.client_id)
+        session.keep_alive = 0
 
-    async def _accept(self, reader: _FramedReader, session: Any, message: Any) -> bool:
+    async def _accept(self, reader: _FramedReader, session: Any, message: Any, amqtt_flow: _Flow) -> bool:
+        """Check an incoming PUBLISH and hand it to the hook; True if amqtt's flow is to run now.
+
+        False: refused (the connection is being dropped), or left to :meth:`_stored`, which
+        answers it once the hook has completed.
+        """
         client_id: str = session.client_id
         username: str | None = session.username
         topic: str = message.topic
@@ -495,8 +537,30 @@ class EmbeddedBroker:
             dup=bool(publish_packet is not None and publish_packet.dup_flag),
             packet_id=message.packet_id,
         )
-        hook = asyncio.ensure_future(self._on_publish(inbound))
+        try:
+            running = self._on_publish(inbound)
+            # iotvault's hook hands over the ingest pipeline's own future; a coroutine gets a task
+            hook = running if isinstance(running, asyncio.Future) else asyncio.ensure_future(running)
+        except Exception as exc:  # noqa: BLE001 -- any failure means "not stored": do not ack
+            _log.debug("publish hook error details", exc_info=exc)
+            return self._drop(reader, client_id, f"publish hook failed ({type(exc).__name__})", topic)
         self._hooks.add(hook)
+        if message.qos == QOS_2 or message.retain:
+            return await self._wait_for_hook(reader, client_id, topic, hook)
+        # QoS 0 and 1: nothing waits for the hook. Its completion answers the message
+        # (_stored), so this task ends here, and since nothing awaits the hook, nothing can
+        # cancel it: it runs to completion even if the device disconnects meanwhile.
+        hook.add_done_callback(functools.partial(self._stored, reader, client_id, message, amqtt_flow))
+        return False
+
+    async def _wait_for_hook(
+        self, reader: _FramedReader, client_id: str, topic: str, hook: asyncio.Future[Any]
+    ) -> bool:
+        """For amqtt's own flow (PUBREC and PUBREL, or keeping a retained message) after the hook.
+
+        The flow runs in this task once the hook is done; the shield keeps a dropped
+        connection's cancellation of this task from reaching the hook.
+        """
         hook.add_done_callback(self._hooks.discard)
         try:
             await asyncio.shield(hook)
@@ -506,6 +570,42 @@ class EmbeddedBroker:
             _log.debug("publish hook error details", exc_info=exc)
             return self._drop(reader, client_id, f"publish hook failed ({type(exc).__name__})", topic)
         return True
+
+    def _stored(
+        self,
+        reader: _FramedReader,
+        client_id: str,
+        message: Any,
+        amqtt_flow: _Flow,
+        hook: asyncio.Future[Any],
+    ) -> None:
+        """The hook of a QoS 0 or 1 PUBLISH is done: acknowledge, forward, or drop the connection."""
+        self._hooks.discard(hook)
+        if hook.cancelled():
+            failure = "publish hook cancelled"
+        elif (exc := hook.exception()) is not None:
+            _log.debug("publish hook error details", exc_info=exc)
+            failure = f"publish hook failed ({type(exc).__name__})"
+        elif reader.closed:
+            return  # the device went meanwhile: stored, not acknowledged, so it sends it again
+        elif self._subscribed.may_match(message.topic):
+            # Someone may receive it: amqtt's flow queues it for its subscribers and then
+            # acknowledges it, in a task as amqtt's own handling would be. Decided now, not
+            # before the hook, so that a subscription made meanwhile still gets the message.
+            forward = asyncio.ensure_future(_forward(amqtt_flow, message))
+            self._hooks.add(forward)
+            forward.add_done_callback(self._hooks.discard)
+            return
+        else:
+            # What amqtt's flow would do for a message nobody receives, without its queue,
+            # delivery loop and broadcast tasks: a PUBACK (QoS 1) or nothing (QoS 0).
+            if message.qos == QOS_1:
+                reader.send(_PUBACK.pack(0x40, 2, message.packet_id))
+            return
+        if reader.closed:
+            _log.debug("MQTT client %r: %s after the connection ended", client_id, failure)
+            return
+        self._drop(reader, client_id, failure, message.topic)
 
     def _drop(self, reader: _FramedReader, client_id: str, reason: str, topic: str) -> bool:
         _log.warning(
@@ -626,6 +726,8 @@ class _TopicPolicyPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships 
             )
             _log.debug("authorization error details", exc_info=exc)
             return False
+        if allowed and verb == "subscribe":
+            broker._subscribed.add(topic)  # before amqtt adds the subscription
         if not allowed and verb == "subscribe":
             peer = f"{getattr(session, 'remote_address', '-')}:{getattr(session, 'remote_port', '-')}"
             broker._denied(
@@ -634,31 +736,83 @@ class _TopicPolicyPlugin(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships 
         return bool(allowed)
 
 
+class _BufferedWriter(StreamWriterAdapter):  # type: ignore[misc]  # amqtt ships no type information
+    """amqtt's writer for one connection, which sends what one turn of the event loop wrote at once.
+
+    The PUBACKs of a committed batch are written in the same turn of the loop; one ``send()``
+    each had been a system call per message, and each call let the ingest writer thread take
+    the GIL. Bytes go out in the order they were written (everything for the connection goes
+    through here), at the next turn of the loop, or at once when ``_FLUSH_AT`` bytes wait and
+    amqtt asks to drain; ``close()`` sends what waits first. After an abort nothing is sent.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        super().__init__(writer)
+        self.transport = writer.transport
+        self._loop = asyncio.get_running_loop()
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        if self.is_closed:
+            return
+        if not self._chunks:
+            self._loop.call_soon(self.flush)
+        self._chunks.append(data)
+        self._size += len(data)
+
+    def flush(self) -> None:
+        if not self._chunks:
+            return
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        if not self.transport.is_closing():  # aborted: a write would only count lost calls
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._size >= _FLUSH_AT:
+            self.flush()
+        await super().drain()  # back-pressure (and a lost connection) as StreamWriter has them
+
+    async def close(self) -> None:
+        self.flush()
+        await super().close()
+
+
 class _FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type information
     """The byte stream as amqtt reads it, with the MQTT framing followed on the way.
 
     Following the fixed headers lets a too-large packet be refused from its header alone; the
     connection is then aborted and amqtt sees the end of the stream, which ends the session
     cleanly. The reader also records the CONNECT packet that the door reads and replays it to
-    amqtt, and it is the handle by which the broker drops a connection (:meth:`abort`).
+    amqtt, and it is the handle by which the broker drops a connection (:meth:`abort`), sends
+    a PUBACK of its own (:meth:`send`) and ends a silent one (:meth:`watch_silence`).
     """
 
     def __init__(
         self,
         stream: asyncio.StreamReader,
-        transport: asyncio.WriteTransport,
+        writer: _BufferedWriter,
         max_packet_size: int,
         peer: object,
     ) -> None:
         self._stream = stream
-        self._transport = transport
+        self._writer = writer
+        self._transport = writer.transport
+        self._loop = asyncio.get_running_loop()
         self._max_packet_size = max_packet_size
         self._peer = peer
         self.peer = peer  # the client's address, for reports
         self._recorded: bytearray | None = bytearray()
-        self._replay = b""
         self._refused = False
         self.task: asyncio.Future[Any] | None = None  # the connection's task, to wait for its end
+        self._chunk = b""  # read from the stream, not yet given to amqtt from _pos on
+        self._pos = 0
+        self._heard = 0.0  # loop time of the last read that returned data
+        self._silence_limit = 0.0
+        self._silence_timer: asyncio.TimerHandle | None = None
+        self._client_id = ""
         # framing state
         self._body_left = 0  # bytes of the current packet's body still to come
         self._header_len = 0  # bytes of the current fixed header seen; 0 at a packet boundary
@@ -666,31 +820,69 @@ class _FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type
         self._multiplier = 1
 
     def abort(self) -> None:
-        """Drop the connection now: nothing more is read, nothing more is sent."""
+        """Drop the connection now: nothing more is read, nothing more is sent.
+
+        What was written before (acknowledgements of stored messages) is sent first, as it
+        would have been without the writer's gathering.
+        """
         self._refused = True
+        self.stop_watching()
+        self._writer.flush()
         self._transport.abort()
+
+    @property
+    def closed(self) -> bool:
+        """Dropped, or closing: what is sent now would not arrive."""
+        return self._refused or self._transport.is_closing()
+
+    def send(self, packet: bytes) -> None:
+        """Send ``packet`` in order with what amqtt sends on this connection."""
+        self._writer.write(packet)
+
+    def watch_silence(self, limit_s: float, client_id: str) -> None:
+        """Drop the connection once nothing has been read from it for ``limit_s`` seconds.
+
+        One timer per connection, pushed back only when it fires: a read just notes the time.
+        """
+        self._silence_limit, self._client_id = limit_s, client_id
+        self._heard = self._loop.time()
+        self._silence_timer = self._loop.call_later(limit_s, self._check_silence)
+
+    def stop_watching(self) -> None:
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
+
+    def _check_silence(self) -> None:
+        quiet = self._loop.time() - self._heard
+        if quiet < self._silence_limit:
+            self._silence_timer = self._loop.call_later(self._silence_limit - quiet, self._check_silence)
+            return
+        self._silence_timer = None
+        _log.info("MQTT client %r silent for too long; dropping the connection", self._client_id)
+        self.abort()
 
     def replay_connect(self) -> None:
         """Serve the bytes read so far (the CONNECT packet) again, then the stream."""
         if self._recorded is not None:
-            self._replay, self._recorded = bytes(self._recorded), None
+            # the framing, followed again over the same bytes, ends where it is now
+            self._chunk = bytes(self._recorded) + self._chunk[self._pos :]
+            self._pos, self._recorded = 0, None
 
     async def read(self, n: int = -1) -> bytes:
-        if self._replay:
-            if 0 <= n <= len(self._replay):
-                data, self._replay = self._replay[:n], self._replay[n:]
-                return data
-            head, self._replay = self._replay, b""
-            return head + await self._read_stream(n - len(head) if n >= 0 else -1)
-        return await self._read_stream(n)
-
-    def feed_eof(self) -> None:
-        self._stream.feed_eof()
-
-    async def _read_stream(self, n: int) -> bytes:
         if self._refused:
             return b""
-        data = await (self._stream.readexactly(n) if n >= 0 else self._stream.read())
+        # amqtt reads a PUBLISH in six or more small reads (a byte at a time for the fixed
+        # header); StreamReader.readexactly for each cost more than amqtt's parsing itself.
+        # The stream is read in chunks instead, and small reads are cut from the chunk.
+        chunk, pos = self._chunk, self._pos
+        if 0 <= n <= len(chunk) - pos:
+            data = chunk[pos : pos + n]
+            self._pos = pos = pos + n
+            if pos == len(chunk):  # all given out: do not keep a read-ahead chunk alive
+                self._chunk, self._pos = b"", 0
+        else:
+            data = await self._refill(n)
         if not self._follow(data):
             self.abort()
             return b""
@@ -698,8 +890,34 @@ class _FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type
             self._recorded += data
         return data
 
+    def feed_eof(self) -> None:
+        self._stream.feed_eof()
+
+    async def _refill(self, n: int) -> bytes:
+        """``n`` bytes (``-1``: all until the end), what is left of the chunk first; read ahead."""
+        parts = [self._chunk[self._pos :]]
+        self._chunk, self._pos = b"", 0
+        if n < 0:
+            parts.append(await self._stream.read())
+            self._heard = self._loop.time()
+            return b"".join(parts)
+        have = len(parts[0])
+        while have < n:
+            more = await self._stream.read(max(_READ_CHUNK, n - have))
+            if not more:
+                raise asyncio.IncompleteReadError(b"".join(parts), n)  # as readexactly would
+            self._heard = self._loop.time()
+            parts.append(more)
+            have += len(more)
+        chunk = b"".join(parts)
+        self._chunk, self._pos = chunk, n
+        return chunk[:n]
+
     def _follow(self, data: bytes) -> bool:
         """Advance the framing over ``data``; False if a packet is over the size limit."""
+        if len(data) <= self._body_left:  # inside a packet's body, as most reads are
+            self._body_left -= len(data)
+            return True
         i, end = 0, len(data)
         while i < end:
             if self._body_left:
@@ -728,6 +946,59 @@ class _FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no type
             if not byte & 0x80:  # the remaining length is complete
                 self._body_left, self._header_len = self._length, 0
         return True
+
+
+class _FilterIndex:
+    """Could anyone receive a topic? The filters of the subscriptions granted since the start.
+
+    A superset of amqtt's live subscriptions: a filter is noted when its SUBSCRIBE is
+    authorized, and never forgotten (an unsubscribe or a deleted session is not seen). Each
+    filter is kept as its literal part, up to the first wildcard; since a wildcard takes a
+    whole level, a topic a filter matches starts with that part at a level boundary, or is it
+    (``a/b`` for ``a/b``), or is it less the final ``/`` (``a`` for ``a/#``). So a topic for
+    which no such key is noted has no subscriber. A device's command filter
+    ``iot-2/type/T/id/D/cmd/+/fmt/json`` is kept as ``iot-2/type/T/id/D/cmd/``, which no event
+    or status topic starts with. Past ``_MAX_FILTER_KEYS`` keys the index stops noting and
+    answers "maybe" to everything: amqtt's own forwarding, as without the index.
+    """
+
+    def __init__(self) -> None:
+        self._keys: set[str] = set()
+        self._full = False
+
+    def add(self, topic_filter: str) -> None:
+        cut = len(topic_filter)
+        for wildcard in "+#":
+            at = topic_filter.find(wildcard)
+            if 0 <= at < cut:
+                cut = at
+        if len(self._keys) >= _MAX_FILTER_KEYS:
+            self._full = True
+        else:
+            self._keys.add(topic_filter[:cut])
+
+    def may_match(self, topic: str) -> bool:
+        keys = self._keys
+        if self._full:
+            return True
+        if not keys:
+            return False
+        if "" in keys or topic in keys or topic + "/" in keys:
+            return True
+        at = topic.find("/")
+        while at >= 0:
+            if topic[: at + 1] in keys:
+                return True
+            at = topic.find("/", at + 1)
+        return False
+
+
+async def _forward(amqtt_flow: _Flow, message: Any) -> None:
+    """amqtt's flow for a stored message that a subscriber may receive: deliver, then acknowledge."""
+    try:
+        await amqtt_flow(message)
+    except Exception as exc:  # noqa: BLE001 -- the connection is ending; the device resends it
+        _log.debug("MQTT delivery of a stored message failed", exc_info=exc)
 
 
 def _topic_problem(topic: str) -> str | None:
