@@ -6,6 +6,7 @@ until the built-in OpenID Connect provider issues them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 from fastapi import FastAPI
+from helpers import free_port
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet
 
@@ -86,20 +89,42 @@ def seed(ctx: Context, events_per_device: int = 60) -> dict[str, list[str]]:
         for i in range(events_per_device):
             eid = ids.new_at(base_ms + i * 1000)  # one event a second, as ingest would stamp them
             body = json.dumps({"d": {"seq": i, "device": device_id}}).encode()
-            batch.events.append(
-                StoredEvent(
-                    device_id,
-                    eid,
-                    "thermo",
-                    "reading",
-                    "json",
-                    event_id_millis(eid) * 1000,
-                    ctx.keyring.encrypt(device_id, eid, body),
-                )
-            )
+            batch.events.append(stored_event(ctx, device_id, eid, body))
             out.setdefault(device_id, []).append(eid)
         ctx.store.write_batch(batch)
     return out
+
+
+def stored_event(ctx: Context, device_id: str, event_id: str, body: bytes) -> StoredEvent:
+    """A ``thermo`` reading sealed as ingest would seal it, its time read from its id."""
+    return StoredEvent(
+        device_id,
+        event_id,
+        "thermo",
+        "reading",
+        "json",
+        event_id_millis(event_id) * 1000,
+        ctx.keyring.encrypt(device_id, event_id, body),
+    )
+
+
+@asynccontextmanager
+async def serving(app: FastAPI) -> AsyncIterator[str]:
+    """The app behind a real uvicorn on a free port (live streams need one); yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn has no started event
+            await asyncio.sleep(0.02)
+        if task.done():
+            task.result()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 @dataclass

@@ -14,10 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from apifixture import AUDIENCE, EXTERNAL_KEY, Api, api_key_for, mint, running_api
+from apifixture import AUDIENCE, EXTERNAL_KEY, Api, api_key_for, mint, running_api, serving
 from fastapi.routing import APIRoute, iter_route_contexts
-from helpers import free_port
 from joserfc import jwt
 from joserfc.jwk import ECKey
 from sqlalchemy import update
@@ -477,50 +475,38 @@ async def test_openapi_documents_security_and_errors(sqlite_api: Api) -> None:
 async def test_stream_delivers_new_events_only_to_readers(sqlite_api: Api) -> None:
     a = sqlite_api
     app = a.client._transport.app  # type: ignore[attr-defined]
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
-            await asyncio.sleep(0.02)
-        base = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
-            r = await http.get("/iotf/devices/d2/stream", headers=a.auth("alice"))
-            assert r.status_code == 404
-            async with http.stream("GET", "/iotf/devices/d1/stream", headers=a.auth("alice")) as resp:
-                assert resp.status_code == 200
-                assert resp.headers["content-type"].startswith("text/event-stream")
-                ids = EventIdFactory()
-                eid = ids.new()
-                body = b'{"d": {"seq": 1000}}'
-                a.ctx.store.write_batch(
-                    BatchWrite(
-                        events=[
-                            StoredEvent(
-                                "d1",
-                                eid,
-                                "thermo",
-                                "reading",
-                                "json",
-                                now_us(),
-                                a.ctx.keyring.encrypt("d1", eid, body),
-                            )
-                        ]
-                    )
+    async with serving(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as http:
+        r = await http.get("/iotf/devices/d2/stream", headers=a.auth("alice"))
+        assert r.status_code == 404
+        async with http.stream("GET", "/iotf/devices/d1/stream", headers=a.auth("alice")) as resp:
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            ids = EventIdFactory()
+            eid = ids.new()
+            body = b'{"d": {"seq": 1000}}'
+            a.ctx.store.write_batch(
+                BatchWrite(
+                    events=[
+                        StoredEvent(
+                            "d1",
+                            eid,
+                            "thermo",
+                            "reading",
+                            "json",
+                            now_us(),
+                            a.ctx.keyring.encrypt("d1", eid, body),
+                        )
+                    ]
                 )
-                got: list[dict[str, Any]] = []
-                async with asyncio.timeout(10):
-                    async for line in resp.aiter_lines():
-                        if line.startswith("data: "):
-                            got.append(json.loads(line[6:]))
-                            break
-                assert got[0]["eventId"] == eid
-                assert got[0]["payload"] == {"d": {"seq": 1000}}
-    finally:
-        server.should_exit = True
-        await task
+            )
+            got: list[dict[str, Any]] = []
+            async with asyncio.timeout(10):
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: "):
+                        got.append(json.loads(line[6:]))
+                        break
+            assert got[0]["eventId"] == eid
+            assert got[0]["payload"] == {"d": {"seq": 1000}}
 
 
 async def test_app_factory_builds_nothing_at_import() -> None:

@@ -15,16 +15,14 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from apifixture import Api, running_api
-from helpers import free_port
+from apifixture import Api, running_api, serving, stored_event
 
 from iotvault.accounts import create_group, create_user
 from iotvault.api.routes.devices import DeviceEvents, EventPage
 from iotvault.domain.accounts import Roles
-from iotvault.domain.ids import EventIdFactory, event_id_millis
+from iotvault.domain.ids import EventIdFactory
 from iotvault.runtime import register_device
-from iotvault.storage.repository import BatchWrite, StoredEvent
+from iotvault.storage.repository import BatchWrite
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -65,17 +63,7 @@ def store_payloads(api: Api, device_id: str, payloads: list[bytes]) -> list[str]
     made = []
     for body in payloads:
         eid = ids.new()
-        batch.events.append(
-            StoredEvent(
-                device_id,
-                eid,
-                "thermo",
-                "reading",
-                "json",
-                event_id_millis(eid) * 1000,
-                api.ctx.keyring.encrypt(device_id, eid, body),
-            )
-        )
+        batch.events.append(stored_event(api.ctx, device_id, eid, body))
         made.append(eid)
     api.ctx.store.write_batch(batch)
     return made
@@ -155,33 +143,23 @@ async def test_a_payload_no_json_writer_can_spell_is_reported_on_its_event(api: 
 
 async def test_live_events_are_one_sse_line_each_whatever_the_payload_spacing(api: Api) -> None:
     app = api.client._transport.app  # type: ignore[attr-defined]
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
-            await asyncio.sleep(0.02)
-        async with (
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http,
-            http.stream("GET", "/iotf/devices/d1/stream", headers=api.auth("alice")) as resp,
-        ):
-            assert resp.status_code == 200
-            sent = [b'{\n "a": 1,\r\n "b": "x\\ny"\n}', b'{"t": NaN}']
-            made = store_payloads(api, "d1", sent)
-            got: list[dict[str, Any]] = []
-            async with asyncio.timeout(10):
-                async for line in resp.aiter_lines():
-                    if line.startswith("data: "):
-                        got.append(strict_json(line[6:].encode()))
-                        if len(got) == len(sent):
-                            break
-                    else:  # nothing but the SSE fields: no stray line of a payload
-                        assert line == "" or line.startswith(("id: ", "event: ", ":", "retry: ")), line
-            assert [e["eventId"] for e in got] == made
-            assert got[0]["payload"] == {"a": 1, "b": "x\ny"}
-            assert got[1]["payload"] == {"t": None}
-    finally:
-        server.should_exit = True
-        await task
+    async with (
+        serving(app) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as http,
+        http.stream("GET", "/iotf/devices/d1/stream", headers=api.auth("alice")) as resp,
+    ):
+        assert resp.status_code == 200
+        sent = [b'{\n "a": 1,\r\n "b": "x\\ny"\n}', b'{"t": NaN}']
+        made = store_payloads(api, "d1", sent)
+        got: list[dict[str, Any]] = []
+        async with asyncio.timeout(10):
+            async for line in resp.aiter_lines():
+                if line.startswith("data: "):
+                    got.append(strict_json(line[6:].encode()))
+                    if len(got) == len(sent):
+                        break
+                else:  # nothing but the SSE fields: no stray line of a payload
+                    assert line == "" or line.startswith(("id: ", "event: ", ":", "retry: ")), line
+        assert [e["eventId"] for e in got] == made
+        assert got[0]["payload"] == {"a": 1, "b": "x\ny"}
+        assert got[1]["payload"] == {"t": None}
