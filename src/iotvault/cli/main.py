@@ -8,8 +8,10 @@ the moment they are made, and never again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import socket
 import sys
 import time
@@ -169,6 +171,14 @@ def _demo_accounts(ctx: Any) -> list[tuple[str, str]]:
     return made
 
 
+def _on_stop_signals(callback: Callable[[], object]) -> None:
+    """Run ``callback`` on SIGINT and SIGTERM, in place of what the running loop had."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(sig, callback)
+
+
 DEMO_DEVICES = (
     ("demo-sensor", "demo-thermo-1"),
     ("demo-sensor", "demo-thermo-2"),
@@ -234,10 +244,14 @@ def demo(
                 commands=commands,
             )
         )
+        # Ctrl-C: the simulated devices disconnect first, then the node stops, so no device
+        # sees its broker vanish under it (this replaces the node's own signal handlers)
+        _on_stop_signals(sim.cancel)
         done, _ = await asyncio.wait({node_task, sim}, return_when=asyncio.FIRST_COMPLETED)
         sim.cancel()
+        await asyncio.gather(sim, return_exceptions=True)  # its devices say "disconnected", leave
         node.stop()
-        await asyncio.gather(node_task, sim, return_exceptions=True)
+        await asyncio.gather(node_task, return_exceptions=True)
         for t in done:
             if t is node_task:
                 t.result()
