@@ -9,15 +9,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-from helpers import PG_ADMIN_URL, Mosquitto, ServerProcess, free_port, mosquitto_binary, unavailable
+from helpers import PG_ADMIN_URL, Mosquitto, ServerProcess, free_port, pg_admin_connect, require_mosquitto
 
 
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    if mosquitto_binary() is None:
-        unavailable("the mosquitto binary is not installed (apt-get install mosquitto)")
+    require_mosquitto()
     m = Mosquitto(free_port(), tmp_path_factory.mktemp("mosquitto"))
     m.start()
     yield m
@@ -25,23 +23,15 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 
 
 # ---- PostgreSQL ---------------------------------------------------------------------
-def _pg_admin_connect() -> psycopg.Connection[tuple[object, ...]]:
-    try:
-        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        unavailable(f"PostgreSQL at {PG_ADMIN_URL.split('@')[-1]} does not answer: {str(exc).strip()[:120]}")
-        raise
-
-
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test."""
     name = f"iotvault_t_{uuid.uuid4().hex[:12]}"
-    with _pg_admin_connect() as conn:
+    with pg_admin_connect() as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"
-    with _pg_admin_connect() as conn:
+    with pg_admin_connect() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -12,7 +12,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
+import psycopg
 import pytest
 from bench import services as bench_services  # bench/ is on the tests' path (pytest pythonpath)
 from bench.services import free_port, mosquitto_binary, stop_process, wait_port
@@ -24,20 +26,48 @@ __all__ = [
     "ServerProcess",
     "free_port",
     "mosquitto_binary",
+    "pg_admin_connect",
+    "require_mosquitto",
     "server_env",
     "unavailable",
     "wait_port",
 ]
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
+
+def is_ci(value: str | None) -> bool:
+    """Whether a ``CI`` environment value means "running in CI" (``true``, ``1``, ``yes``)."""
+    return (value or "").strip().lower() in ("true", "1", "yes")
+
+
+IN_CI = is_ci(os.environ.get("CI"))
 PG_ADMIN_URL = os.environ.get("IOTVAULT_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def unavailable(reason: str) -> None:
-    """Skip with a loud reason, or fail under CI."""
-    if IN_CI:
+def unavailable(reason: str, *, in_ci: bool | None = None) -> NoReturn:
+    """Fail under CI, where every service must be there; elsewhere skip with a loud reason.
+
+    The only place a test may skip for a missing service: PostgreSQL, Redis and Mosquitto are
+    installed in CI, so there a missing one is a broken machine, never a reason to go green.
+    """
+    if IN_CI if in_ci is None else in_ci:
         pytest.fail(f"required service unavailable under CI: {reason}")
     pytest.skip(f"SERVICE UNAVAILABLE: {reason}")
+
+
+def require_mosquitto() -> str:
+    """The mosquitto binary, or :func:`unavailable`."""
+    found = mosquitto_binary()
+    if found is None:
+        unavailable("the mosquitto binary is not installed (apt-get install mosquitto)")
+    return found
+
+
+def pg_admin_connect() -> psycopg.Connection[tuple[object, ...]]:
+    """An autocommit connection to the PostgreSQL the tests use, or :func:`unavailable`."""
+    try:
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        unavailable(f"PostgreSQL at {PG_ADMIN_URL.split('@')[-1]} does not answer: {str(exc).strip()[:120]}")
 
 
 class Mosquitto(bench_services.Mosquitto):

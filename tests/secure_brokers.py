@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import free_port, mosquitto_binary, unavailable, wait_port
+from helpers import free_port, require_mosquitto, unavailable, wait_port
 
 PLUGIN_NAME = "mosquitto_dynamic_security.so"
 _PLACES = (
@@ -47,14 +47,10 @@ def dynsec_plugin() -> str | None:
 
 
 def require_dynsec() -> tuple[str, str]:
-    binary = mosquitto_binary()
-    if binary is None:
-        unavailable("the mosquitto binary is not installed (apt-get install mosquitto)")
+    binary = require_mosquitto()
     plugin = dynsec_plugin()
     if plugin is None:
         unavailable(f"Mosquitto's dynamic-security plugin ({PLUGIN_NAME}) was not found")
-    assert binary is not None
-    assert plugin is not None
     return binary, plugin
 
 

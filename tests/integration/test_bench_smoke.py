@@ -13,9 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg
 import pytest
-from helpers import PG_ADMIN_URL, mosquitto_binary, unavailable
+from helpers import pg_admin_connect, require_mosquitto
 
 pytestmark = [
     pytest.mark.integration,
@@ -31,13 +30,9 @@ NUMBER = r"[\d,]+(?:\.\d+)?"
 
 
 def _services() -> None:
-    if mosquitto_binary() is None:
-        unavailable("the mosquitto binary is not installed (apt-get install mosquitto)")
-    try:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.OperationalError as exc:
-        unavailable(f"PostgreSQL at {PG_ADMIN_URL.split('@')[-1]} does not answer: {str(exc).strip()[:120]}")
+    require_mosquitto()
+    with pg_admin_connect() as conn:
+        conn.execute("SELECT 1")
 
 
 def _line(out: str, pattern: str) -> re.Match[str]:

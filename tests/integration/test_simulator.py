@@ -25,8 +25,7 @@ from pathlib import Path
 import pytest
 from gmqtt import Client, Subscription
 from gmqtt.mqtt.constants import MQTTv311
-from helpers import mosquitto_binary as find_mosquitto
-from helpers import unavailable
+from helpers import require_mosquitto
 
 from iotvault.domain.topics import EventTopic, StatusTopic, parse_topic
 from iotvault.errors import ValidationError
@@ -55,11 +54,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="session")
 def mosquitto_binary() -> str:
-    found = find_mosquitto()
-    if found is None:
-        unavailable("the mosquitto binary is not installed (apt-get install mosquitto)")
-    assert found is not None
-    return found
+    return require_mosquitto()
 
 
 def _free_port() -> int:
