@@ -133,20 +133,14 @@ def _is_utf8(text: str) -> bool:
 def to_json(body: Any) -> bytes:
     """Device data as UTF-8 JSON; payloads made by :func:`payload_json` go in as they are.
 
-    Its only line breaks are whitespace between tokens (JSON escapes them inside strings), so
-    a Server-Sent Events line may replace them with spaces.
+    The device-data routes build their bodies with this instead of returning them through
+    the response model: FastAPI would validate the documents and serialise them again (a
+    quarter of a last-50 request); they are built here in exactly the model's shape, which
+    the schema tests check against the OpenAPI document. Its only line breaks are whitespace
+    between tokens (JSON escapes them inside strings), so a Server-Sent Events line may
+    replace them with spaces.
     """
     return orjson.dumps(body)
-
-
-def json_body(body: dict[str, Any]) -> bytes:
-    """The body of a device-data response, built by the route: these routes skip the model.
-
-    FastAPI would validate the documents against the response model and serialise them again
-    (a quarter of a last-50 request); they are built here in exactly the model's shape, which
-    the schema tests check against the OpenAPI document.
-    """
-    return to_json(body)
 
 
 class DeviceList(BaseModel):
@@ -211,7 +205,7 @@ async def latest_events(
         page = ctx.store.last_events(deviceId, count)
         if not page:  # a device's events go with it, so only an empty page asks whether it exists
             _device_or_404(ctx, deviceId)
-        return json_body({"deviceId": deviceId, "events": [event_doc(ctx, e) for e in page]})
+        return to_json({"deviceId": deviceId, "events": [event_doc(ctx, e) for e in page]})
 
     return await _read(request, load)
 
@@ -255,7 +249,7 @@ async def events_page(
         if not page:
             _device_or_404(ctx, deviceId)
         nxt = page[-1].event_id if len(page) == count else None
-        return json_body({"deviceId": deviceId, "events": [event_doc(ctx, e) for e in page], "next": nxt})
+        return to_json({"deviceId": deviceId, "events": [event_doc(ctx, e) for e in page], "next": nxt})
 
     return await _read(request, load)
 
