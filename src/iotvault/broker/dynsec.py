@@ -36,7 +36,6 @@ import asyncio
 import json
 import logging
 import secrets
-import ssl
 import threading
 from collections.abc import Collection, Coroutine
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
 
 from iotvault.broker.acl import SERVICE_USERNAME, device_prefix, is_device_id
+from iotvault.broker.service_login import ServiceLogin
 from iotvault.domain.topics import EVENT_FILTER, PREFIX, STATUS_FILTER
 from iotvault.errors import BrokerAdminError, BrokerUnavailableError
 
@@ -103,29 +103,8 @@ class Response:
         return self.error is None
 
 
-class DynsecClient:
+class DynsecClient(ServiceLogin):
     """Runs dynamic-security commands over one short admin connection per batch."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        username: str,
-        password: str,
-        ssl_context: ssl.SSLContext | None = None,
-        timeout_s: float = 10.0,
-    ) -> None:
-        self._host = host
-        self._port = port
-        self._username = username
-        self._password = password
-        self._ssl = ssl_context
-        self._timeout_s = timeout_s
-
-    @property
-    def display(self) -> str:
-        return f"{'mqtts' if self._ssl else 'mqtt'}://{self._host}:{self._port}"
 
     async def execute(self, commands: list[dict[str, Any]]) -> list[Response]:
         """Send ``commands`` in one message; return the plugin's answers, in order."""

@@ -21,6 +21,7 @@ from gmqtt.mqtt.constants import MQTTv311
 from gmqtt.storage import PersistentStorage
 
 from iotvault.broker.acl import SERVICE_CLIENT_PREFIX
+from iotvault.broker.service_login import ServiceLogin
 from iotvault.errors import BrokerUnavailableError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class _Acks(PersistentStorage):  # type: ignore[misc]  # gmqtt ships no type inf
         return []  # never replayed: a command not acknowledged is reported failed instead
 
 
-class CommandPublisher:
+class CommandPublisher(ServiceLogin):
     def __init__(
         self,
         host: str,
@@ -72,19 +73,12 @@ class CommandPublisher:
         ssl_context: ssl.SSLContext | None = None,
         timeout_s: float = 10.0,
     ) -> None:
-        self._host = host
-        self._port = port
-        self._username = username
-        self._password = password
-        self._ssl = ssl_context
-        self._timeout_s = timeout_s
+        super().__init__(
+            host, port, username=username, password=password, ssl_context=ssl_context, timeout_s=timeout_s
+        )
         self._client: Any = None
         self._acks = _Acks()
         self._lock = asyncio.Lock()
-
-    @property
-    def display(self) -> str:
-        return f"{'mqtts' if self._ssl else 'mqtt'}://{self._host}:{self._port}"
 
     async def _connected(self) -> Any:
         if self._client is not None and self._client.is_connected:
