@@ -15,17 +15,15 @@ AUDIT_UNCHECKED := could not be audited|requests\.exceptions|ConnectionError|Max
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(BIN)/iotvault: pyproject.toml requirements/dev.txt
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/dev.txt
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
-	@touch $@
-
-venv: $(BIN)/iotvault  ## create .venv with iotvault and the development tools
+# scripts/bootstrap.py (its docstring says why): a pinned pip first, then the development lock,
+# then iotvault editable. It does nothing when its inputs have not changed since the last run, and
+# it completes a .venv the demo command made with the runtime lock only.
+venv:  ## create or update .venv with iotvault and the development tools
+	@$(PYTHON) scripts/bootstrap.py --dev --venv $(VENV)
 
 check: venv  ## lint (ruff), format check, type check (mypy strict on src/), bandit on src/
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
 	$(BANDIT)
 
@@ -48,6 +46,8 @@ lock: venv  ## re-lock requirements/ after a change to pyproject.toml (other pin
 		--output-file requirements/runtime.txt pyproject.toml
 	$(PIP_COMPILE) $(LOCK_FLAGS) --all-build-deps --extra dev --extra postgres --extra redis \
 		--constraint requirements/runtime.txt --output-file requirements/dev.txt pyproject.toml
+	$(PIP_COMPILE) $(LOCK_FLAGS) --constraint requirements/dev.txt \
+		--output-file requirements/bootstrap.txt requirements/bootstrap.in
 
 upgrade:  ## re-lock with the newest releases pyproject.toml allows, then update .venv
 	$(MAKE) lock LOCK_FLAGS=--upgrade
