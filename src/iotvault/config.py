@@ -12,9 +12,11 @@ the result passed down (``create_app(settings)``, ``Node(settings)``).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,7 @@ class Settings:
     mqtt_port: int = 1883
     http_host: str = "127.0.0.1"
     http_port: int = 8000
-    public_url: str = "http://127.0.0.1:8000"
+    public_url: str = ""  # empty: follows http_host and http_port (derived_public_url)
     master_key_file: Path | None = None  # None: <data_dir>/master.key
     redis_url: str = field(default="", repr=False)
     oidc_external_issuer: str = ""
@@ -90,6 +92,13 @@ class Settings:
     mqtt_max_packet_bytes: int = 262_144  # embedded broker: a larger packet ends the connection
     command_expiry_s: int = 300  # a command's lifetime unless the request says otherwise
     broker_log_file: str = ""  # Mosquitto's log (log_type all): its refusals become security events
+    production: bool = False  # refuse insecure combinations at start (check_production)
+    # the names set by the file or the environment, not defaults (the demo moves only defaults)
+    given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.public_url:  # frozen: the one place a field is filled in after the fact
+            object.__setattr__(self, "public_url", derived_public_url(self.http_host, self.http_port))
 
     # ---- derived values -------------------------------------------------------------
     @property
@@ -109,6 +118,29 @@ class Settings:
     @property
     def broker(self) -> BrokerAddress:
         return parse_broker_url(self.broker_url)
+
+    def with_ports(self, *, http_port: int | None = None, mqtt_port: int | None = None) -> Settings:
+        """Other listening ports; a public URL that was not given follows the HTTP port."""
+        s = replace(
+            self,
+            http_port=self.http_port if http_port is None else http_port,
+            mqtt_port=self.mqtt_port if mqtt_port is None else mqtt_port,
+        )
+        if "public_url" not in self.given:
+            s = replace(s, public_url=derived_public_url(s.http_host, s.http_port))
+        return s
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - names, not a bind
+
+
+def derived_public_url(http_host: str, http_port: int) -> str:
+    """The public URL when none is given: where the HTTP server listens (loopback for a wildcard)."""
+    host = "127.0.0.1" if http_host in _WILDCARD_HOSTS else http_host
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"http://{host}:{http_port}"
 
 
 _INT_RANGES: dict[str, tuple[int, int]] = {
@@ -252,8 +284,18 @@ def _validate(s: Settings) -> Settings:  # noqa: PLR0912 - one flat list of chec
     return s
 
 
-def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Build the settings from defaults, an optional TOML file and the environment."""
+def load_settings(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    warn: Callable[[str], None] | None = None,
+) -> Settings:
+    """Build the settings from defaults, an optional TOML file and the environment.
+
+    ``warn`` is told about ``IOTVAULT_*`` variables that name no setting (a typo such as
+    ``IOTVAULT_HTTP_PROT`` would otherwise leave the default in force without a word). They
+    warn rather than stop: the environment is shared with other programs and other versions.
+    """
     env = os.environ if environ is None else environ
     settings = Settings()
     known = {f.name: f for f in fields(Settings)}
@@ -266,21 +308,38 @@ def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", f"{config_file} is not valid TOML: {exc}") from None
         for key, raw in data.items():
-            if key not in known:
+            if key not in known or key == "given":
                 raise ConfigError(key, f"unknown setting in {config_file}")
             values[key] = _coerce(key, raw, getattr(settings, key), key)
     for name in known:
         env_name = ENV_PREFIX + name.upper()
-        if env_name in env:
+        if env_name in env and name != "given":
             values[name] = _coerce(env_name, env[env_name], getattr(settings, name), name)
+    if warn is not None:
+        for message in unknown_environment(env, known):
+            warn(message)
+    given = _with_public_url(values, settings)
     try:
-        return _validate(replace(settings, **values))
+        validated = _validate(replace(settings, **values, given=given))
+        if validated.production:
+            check_production(validated)
     except ConfigError as exc:
         # report the environment variable's name when that is where the value came from
         env_name = ENV_PREFIX + exc.setting.upper()
         if exc.setting in known and env_name in env:
             raise ConfigError(env_name, exc.reason) from None
         raise
+    return validated
+
+
+def _with_public_url(values: dict[str, Any], defaults: Settings) -> frozenset[str]:
+    """Fill in a public URL that was not given; returns the names that were given."""
+    given = frozenset(n for n, v in values.items() if n != "public_url" or v)
+    if "public_url" not in given:
+        values["public_url"] = derived_public_url(
+            values.get("http_host", defaults.http_host), values.get("http_port", defaults.http_port)
+        )
+    return given
 
 
 def _check_device_security(s: Settings) -> None:
@@ -304,3 +363,43 @@ def _check_device_security(s: Settings) -> None:
         value = getattr(s, name)
         if value and not Path(value).expanduser().is_file():
             raise ConfigError(name, f"{value} is not a readable file")
+
+
+def unknown_environment(env: Mapping[str, str], known: Iterable[str]) -> Iterator[str]:
+    """A message for each ``IOTVAULT_*`` variable that names no setting, with the likeliest one."""
+    names = {ENV_PREFIX + n.upper() for n in known if n != "given"}
+    for var in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in names):
+        close = difflib.get_close_matches(var, names, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        yield f"{var} is not a setting and is ignored{hint}"
+
+
+def check_production(s: Settings) -> None:
+    """Refuse what is acceptable on a laptop but not in production (``IOTVAULT_PRODUCTION``).
+
+    Each of these leaks credentials or data to anyone on the path, or the key to anyone on
+    the machine: plain HTTP on an address others can reach (passwords, tokens and cookies in
+    clear), an external broker without TLS or without credentials, a master key file that
+    group or others may read.
+    """
+    pub = urlsplit(s.public_url)
+    if pub.scheme != "https" and pub.hostname not in LOOPBACK_HOSTS:
+        raise ConfigError("public_url", "must be https:// in production unless it is a loopback address")
+    if s.http_host not in LOOPBACK_HOSTS and pub.scheme != "https":
+        raise ConfigError(
+            "http_host", "serves plain HTTP beyond this machine; put TLS in front (https public_url)"
+        )
+    b = s.broker
+    if not b.embedded:
+        if not b.tls and b.host not in LOOPBACK_HOSTS:
+            raise ConfigError(
+                "broker_url", "an external broker beyond this machine needs mqtts:// in production"
+            )
+        if not (b.username or s.broker_admin_username):
+            raise ConfigError(
+                "broker_url", "an external broker needs credentials in production (user:pass@host)"
+            )
+    key = s.effective_master_key_file
+    with contextlib.suppress(FileNotFoundError):
+        if key.stat().st_mode & 0o077:
+            raise ConfigError("master_key_file", f"{key} may be read by group or others (chmod 600 it)")
