@@ -132,7 +132,7 @@ class Settings:
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - names, not a bind
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104  # nosec B104 - names to compare with, nothing binds them
 
 
 def derived_public_url(http_host: str, http_port: int) -> str:

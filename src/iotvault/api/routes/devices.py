@@ -59,7 +59,11 @@ class EventPage(DeviceEvents):
     next: str | None = Field(None, description="cursor for the next page: pass it as `before` (or `after`)")
 
 
-@router.get("/devices", summary="Devices the caller may read (an admin: the whole registry)", response_model=DeviceList)
+@router.get(
+    "/devices",
+    summary="Devices the caller may read (an admin: the whole registry)",
+    response_model=DeviceList,
+)
 async def list_devices(
     request: Request, principal: Annotated[Principal, Requires(Permission.DEVICES_LIST)]
 ) -> Any:
