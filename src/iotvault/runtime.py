@@ -105,7 +105,7 @@ def _device_accounts(settings: Settings) -> DeviceAccounts | None:
             b.host,
             b.port,
             username=settings.broker_admin_username,
-            password=settings.broker_admin_password,
+            password=settings.broker_admin_password.get_secret_value(),
             ssl_context=client_context(settings.broker_ca_file) if b.tls else None,
         )
     )

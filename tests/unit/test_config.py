@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from iotvault.config import BrokerAddress, Settings, load_settings, parse_broker_url
@@ -102,7 +102,7 @@ def test_unrelated_environment_variables_are_ignored() -> None:
 
 def test_settings_are_immutable() -> None:
     s = load_settings(None, {})
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(pydantic.ValidationError):  # frozen
         s.http_port = 1  # type: ignore[misc]
 
 
