@@ -4,7 +4,10 @@ Sources, later ones winning: built-in defaults, the TOML file given with ``--con
 the variable names in lower case without the ``IOTVAULT_`` prefix), then ``IOTVAULT_*``
 environment variables. Unknown keys in the file are an error rather than silently ignored: a
 misspelt security setting must not fall back to a default. Any invalid value stops the program
-with one message that names the setting (:class:`~iotvault.errors.ConfigError`).
+with one message that names the setting (:class:`~iotvault.errors.ConfigError`); an
+``IOTVAULT_*`` variable that names no setting is reported as a warning (the environment is
+shared with other programs, so it does not stop the start). With ``production`` set,
+:func:`check_production` refuses combinations that are fine on a laptop only.
 
 Nothing here is built at import time; :func:`load_settings` is called by the command line and
 the result passed down (``create_app(settings)``, ``Node(settings)``).
@@ -12,13 +15,18 @@ the result passed down (``create_app(settings)``, ``Node(settings)``).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from iotvault.errors import ConfigError
 
@@ -43,55 +51,107 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _between(lo: float, hi: float) -> Any:
+    """A float setting's bounds; NaN and infinity are never a valid duration."""
+    return Field(ge=lo, le=hi, allow_inf_nan=False)
+
+
+class Settings(BaseSettings):
+    """Every setting, its type and its bounds; frozen once made.
+
+    A pydantic-settings model: types and ranges are field constraints, the broker admin's
+    password a :class:`~pydantic.SecretStr`, and the checks that span fields run in one
+    validator, so a ``Settings(...)`` made anywhere (a test, a benchmark) is checked like one
+    loaded at start. The only source it reads by itself is its arguments: :func:`load_settings`
+    merges the file and the environment first, so that an error names where the value came
+    from, and nothing reads ``os.environ`` behind a caller's back.
+    """
+
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", env_prefix=ENV_PREFIX, hide_input_in_errors=True
+    )
+
     data_dir: Path = Path(".iotvault")
     # URLs may carry passwords: kept out of repr() so that logging settings leaks nothing
-    database_url: str = field(default="", repr=False)  # empty: SQLite in the data dir
-    broker_url: str = field(default="embedded", repr=False)
+    database_url: str = Field("", repr=False)  # empty: SQLite in the data dir
+    broker_url: str = Field("embedded", repr=False)
     mqtt_host: str = "127.0.0.1"
-    mqtt_port: int = 1883
+    mqtt_port: Port = 1883
     http_host: str = "127.0.0.1"
-    http_port: int = 8000
-    public_url: str = "http://127.0.0.1:8000"
+    http_port: Port = 8000
+    public_url: str = ""  # empty: follows http_host and http_port (derived_public_url)
     master_key_file: Path | None = None  # None: <data_dir>/master.key
-    redis_url: str = field(default="", repr=False)
+    redis_url: str = Field("", repr=False)
     oidc_external_issuer: str = ""
     oidc_external_audience: str = ""
     oidc_external_groups_claim: str = "groups"
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     # HTTP hardening
     cors_origins: str = ""  # comma-separated exact origins allowed to call the API from a browser
-    max_request_bytes: int = 1_048_576
+    max_request_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1_048_576
     rate_limit_per_ip: str = "1200/minute"
     rate_limit_per_principal: str = "600/minute"
     rate_limit_auth_failures: str = "30/minute"  # failed authentications per client address
     # the built-in OpenID Connect provider (iotvault.identity)
-    oidc_access_token_ttl_s: int = 300  # access and ID tokens
-    oidc_refresh_token_ttl_s: int = 30 * 86_400  # a token family's whole life, rotations included
-    oidc_session_ttl_s: int = 8 * 3600  # the browser's login session
-    oidc_login_max_failures: int = 5  # failed logins of one user name before a lockout
-    oidc_lockout_s: int = 900  # the lockout, and the window the failures are counted in
+    oidc_access_token_ttl_s: Annotated[int, Field(ge=60, le=3600)] = 300  # access and ID tokens
+    # a token family's whole life, rotations included
+    oidc_refresh_token_ttl_s: Annotated[int, Field(ge=3600, le=365 * 86_400)] = 30 * 86_400
+    oidc_session_ttl_s: Annotated[int, Field(ge=300, le=30 * 86_400)] = 8 * 3600  # the browser's session
+    # failed logins of one user name before a lockout; the lockout, and the window they count in
+    oidc_login_max_failures: Annotated[int, Field(ge=1, le=100)] = 5
+    oidc_lockout_s: Annotated[int, Field(ge=10, le=86_400)] = 900
     oidc_anonymous_rate: str = "20/hour"  # anonymous logins per client address
     # ingest tuning; defaults measured on a 2-core machine, see BENCHMARKS.md
-    ingest_batch_size: int = 500
-    ingest_batch_ms: float = 5.0
+    ingest_batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
+    ingest_batch_ms: Annotated[float, _between(0.1, 10_000.0)] = 5.0
     ingest_client_id: str = "iotvault-ingest"
-    ingest_dedupe_window_s: float = 120.0
-    max_payload_bytes: int = 65536
-    key_cache_ttl_s: float = 5.0
-    sqlite_synchronous: str = "full"
+    ingest_dedupe_window_s: Annotated[float, _between(1.0, 86_400.0)] = 120.0
+    max_payload_bytes: Annotated[int, Field(ge=2, le=16 * 1024 * 1024)] = 65536
+    key_cache_ttl_s: Annotated[float, _between(0.0, 3600.0)] = 5.0
+    sqlite_synchronous: Literal["full", "normal"] = "full"
     # device security: broker accounts, TLS, commands (README, "Device security")
     broker_admin_username: str = ""  # Mosquitto dynamic-security admin: the broker follows the registry
-    broker_admin_password: str = field(default="", repr=False)
+    broker_admin_password: SecretStr = SecretStr("")
     broker_ca_file: str = ""  # CA certificates that verify an mqtts:// broker (default: the system's)
     mqtt_tls_cert_file: str = ""  # embedded broker: serve MQTT over TLS with this certificate chain
     mqtt_tls_key_file: str = ""  # ... and this private key
-    mqtt_max_packet_bytes: int = 262_144  # embedded broker: a larger packet ends the connection
-    command_expiry_s: int = 300  # a command's lifetime unless the request says otherwise
+    # embedded broker: a larger packet ends the connection
+    mqtt_max_packet_bytes: Annotated[int, Field(ge=1024, le=268_435_455)] = 262_144
+    command_expiry_s: Annotated[int, Field(ge=1, le=7 * 86_400)] = 300  # a command's default lifetime
     broker_log_file: str = ""  # Mosquitto's log (log_type all): its refusals become security events
+    production: bool = False  # refuse insecure combinations at start (check_production)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments only: :func:`load_settings` is the one place that reads the environment."""
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _checked(self) -> Settings:
+        if not self.public_url:  # frozen: the one field filled in after the fact
+            object.__setattr__(self, "public_url", derived_public_url(self.http_host, self.http_port))
+        _validate(self)
+        if self.production:
+            check_production(self)
+        return self
 
     # ---- derived values -------------------------------------------------------------
+    @property
+    def given(self) -> frozenset[str]:
+        """The settings named by the file or the environment, not defaults (the demo moves
+        only ports nobody chose)."""
+        return frozenset(self.model_fields_set)
+
     @property
     def effective_database_url(self) -> str:
         if self.database_url:
@@ -110,30 +170,24 @@ class Settings:
     def broker(self) -> BrokerAddress:
         return parse_broker_url(self.broker_url)
 
+    def with_ports(self, *, http_port: int | None = None, mqtt_port: int | None = None) -> Settings:
+        """Other listening ports; a public URL that was not given follows the HTTP port."""
+        values = {name: getattr(self, name) for name in self.model_fields_set}
+        values["http_port"] = self.http_port if http_port is None else http_port
+        values["mqtt_port"] = self.mqtt_port if mqtt_port is None else mqtt_port
+        return type(self)(**values)
 
-_INT_RANGES: dict[str, tuple[int, int]] = {
-    "mqtt_port": (1, 65535),
-    "http_port": (1, 65535),
-    "ingest_batch_size": (1, 100_000),
-    "max_payload_bytes": (2, 16 * 1024 * 1024),
-    "max_request_bytes": (1024, 64 * 1024 * 1024),
-    "mqtt_max_packet_bytes": (1024, 268_435_455),
-    "command_expiry_s": (1, 7 * 86_400),
-    "oidc_access_token_ttl_s": (60, 3600),
-    "oidc_refresh_token_ttl_s": (3600, 365 * 86_400),
-    "oidc_session_ttl_s": (300, 30 * 86_400),
-    "oidc_login_max_failures": (1, 100),
-    "oidc_lockout_s": (10, 86_400),
-}
-_FLOAT_RANGES: dict[str, tuple[float, float]] = {
-    "ingest_batch_ms": (0.1, 10_000.0),
-    "ingest_dedupe_window_s": (1.0, 86_400.0),
-    "key_cache_ttl_s": (0.0, 3600.0),
-}
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "log_level": ("debug", "info", "warning", "error"),
-    "sqlite_synchronous": ("full", "normal"),
-}
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104  # nosec B104 - names to compare with, nothing binds them
+
+
+def derived_public_url(http_host: str, http_port: int) -> str:
+    """The public URL when none is given: where the HTTP server listens (loopback for a wildcard)."""
+    host = "127.0.0.1" if http_host in _WILDCARD_HOSTS else http_host
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"http://{host}:{http_port}"
 
 
 def parse_broker_url(value: str) -> BrokerAddress:
@@ -184,8 +238,13 @@ def _check_database_url(value: str) -> None:
         )
 
 
-def _coerce(name: str, raw: Any, current: Any, field_name: str) -> Any:
-    """Turn a raw value from TOML or the environment into the type of the setting."""
+def _coerce(name: str, raw: Any, field_name: str) -> Any:
+    """Turn a raw value from TOML or the environment into the type of the setting.
+
+    Stricter than pydantic's lax mode on purpose: TOML gives typed values, and ``true`` for a
+    number or ``8080.9`` for a port is refused here rather than read as 1 or rounded.
+    """
+    current = Settings.model_fields[field_name].default
     try:
         if isinstance(current, bool):
             if isinstance(raw, bool):
@@ -207,18 +266,8 @@ def _coerce(name: str, raw: Any, current: Any, field_name: str) -> Any:
         raise ConfigError(name, f"{raw!r} is not a valid {type(current).__name__}") from None
 
 
-def _validate(s: Settings) -> Settings:  # noqa: PLR0912 - one flat list of checks
-    for name, (lo, hi) in _INT_RANGES.items():
-        v = getattr(s, name)
-        if not lo <= v <= hi:
-            raise ConfigError(name, f"{v} is outside {lo}..{hi}")
-    for name, (flo, fhi) in _FLOAT_RANGES.items():
-        fv = getattr(s, name)
-        if not flo <= fv <= fhi:
-            raise ConfigError(name, f"{fv} is outside {flo}..{fhi}")
-    for name, choices in _CHOICES.items():
-        if getattr(s, name) not in choices:
-            raise ConfigError(name, f"{getattr(s, name)!r} is not one of {', '.join(choices)}")
+def _validate(s: Settings) -> None:
+    """The checks a field constraint cannot say: formats, and settings that go together."""
     parse_broker_url(s.broker_url)
     _check_database_url(s.database_url)
     for name in (
@@ -249,48 +298,80 @@ def _validate(s: Settings) -> Settings:  # noqa: PLR0912 - one flat list of chec
     if s.redis_url and urlsplit(s.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis_url", "expected redis://host:port/db")
     _check_device_security(s)
-    return s
 
 
-def load_settings(config_file: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Build the settings from defaults, an optional TOML file and the environment."""
+def load_settings(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    warn: Callable[[str], None] | None = None,
+) -> Settings:
+    """Build the settings from defaults, an optional TOML file and the environment.
+
+    ``warn`` is told about ``IOTVAULT_*`` variables that name no setting (a typo such as
+    ``IOTVAULT_HTTP_PROT`` would otherwise leave the default in force without a word). They
+    warn rather than stop: the environment is shared with other programs and other versions.
+    """
     env = os.environ if environ is None else environ
-    settings = Settings()
-    known = {f.name: f for f in fields(Settings)}
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError("--config", f"cannot read {config_file}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("--config", f"{config_file} is not valid TOML: {exc}") from None
-        for key, raw in data.items():
-            if key not in known:
-                raise ConfigError(key, f"unknown setting in {config_file}")
-            values[key] = _coerce(key, raw, getattr(settings, key), key)
+    known = set(Settings.model_fields)
+    values = _file_values(config_file, known) if config_file is not None else {}
     for name in known:
         env_name = ENV_PREFIX + name.upper()
         if env_name in env:
-            values[name] = _coerce(env_name, env[env_name], getattr(settings, name), name)
+            values[name] = _coerce(env_name, env[env_name], name)
+    if warn is not None:
+        for message in unknown_environment(env, known):
+            warn(message)
+    if not values.get("public_url"):
+        values.pop("public_url", None)  # unset or empty: it follows the HTTP host and port
     try:
-        return _validate(replace(settings, **values))
+        return Settings(**values)
+    except ValidationError as exc:
+        error = _config_error(exc)
     except ConfigError as exc:
-        # report the environment variable's name when that is where the value came from
-        env_name = ENV_PREFIX + exc.setting.upper()
-        if exc.setting in known and env_name in env:
-            raise ConfigError(env_name, exc.reason) from None
-        raise
+        error = exc
+    # report the environment variable's name when that is where the value came from
+    env_name = ENV_PREFIX + error.setting.upper()
+    if error.setting in known and env_name in env:
+        raise ConfigError(env_name, error.reason) from None
+    raise error
+
+
+def _file_values(config_file: Path, known: set[str]) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(config_file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {config_file}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{config_file} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key not in known:
+            raise ConfigError(key, f"unknown setting in {config_file}")
+        values[key] = _coerce(key, raw, key)
+    return values
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    """pydantic's first complaint as the one-line error naming the setting."""
+    first = exc.errors(include_url=False)[0]
+    name = str(first["loc"][0]) if first["loc"] else "settings"
+    message = str(first["msg"])
+    reason = message[:1].lower() + message[1:]
+    if name != "broker_admin_password" and "input" in first:
+        reason = f"{first['input']!r}: {reason}"
+    return ConfigError(name, reason)
 
 
 def _check_device_security(s: Settings) -> None:
     """Broker accounts and TLS: settings that only make sense together, and files that exist."""
-    if s.broker_admin_username or s.broker_admin_password:
+    admin_password = s.broker_admin_password.get_secret_value()
+    if s.broker_admin_username or admin_password:
         if parse_broker_url(s.broker_url).embedded:
             raise ConfigError(
                 "broker_admin_username", "is for an external broker (Mosquitto); the embedded one needs none"
             )
-        if not (s.broker_admin_username and s.broker_admin_password):
+        if not (s.broker_admin_username and admin_password):
             raise ConfigError(
                 "broker_admin_password" if s.broker_admin_username else "broker_admin_username",
                 "broker_admin_username and broker_admin_password go together",
@@ -304,3 +385,43 @@ def _check_device_security(s: Settings) -> None:
         value = getattr(s, name)
         if value and not Path(value).expanduser().is_file():
             raise ConfigError(name, f"{value} is not a readable file")
+
+
+def unknown_environment(env: Mapping[str, str], known: Iterable[str]) -> Iterator[str]:
+    """A message for each ``IOTVAULT_*`` variable that names no setting, with the likeliest one."""
+    names = {ENV_PREFIX + n.upper() for n in known}
+    for var in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in names):
+        close = difflib.get_close_matches(var, names, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        yield f"{var} is not a setting and is ignored{hint}"
+
+
+def check_production(s: Settings) -> None:
+    """Refuse what is acceptable on a laptop but not in production (``IOTVAULT_PRODUCTION``).
+
+    Each of these leaks credentials or data to anyone on the path, or the key to anyone on
+    the machine: plain HTTP on an address others can reach (passwords, tokens and cookies in
+    clear), an external broker without TLS or without credentials, a master key file that
+    group or others may read.
+    """
+    pub = urlsplit(s.public_url)
+    if pub.scheme != "https" and pub.hostname not in LOOPBACK_HOSTS:
+        raise ConfigError("public_url", "must be https:// in production unless it is a loopback address")
+    if s.http_host not in LOOPBACK_HOSTS and pub.scheme != "https":
+        raise ConfigError(
+            "http_host", "serves plain HTTP beyond this machine; put TLS in front (https public_url)"
+        )
+    b = s.broker
+    if not b.embedded:
+        if not b.tls and b.host not in LOOPBACK_HOSTS:
+            raise ConfigError(
+                "broker_url", "an external broker beyond this machine needs mqtts:// in production"
+            )
+        if not (b.username or s.broker_admin_username):
+            raise ConfigError(
+                "broker_url", "an external broker needs credentials in production (user:pass@host)"
+            )
+    key = s.effective_master_key_file
+    with contextlib.suppress(FileNotFoundError):
+        if key.stat().st_mode & 0o077:
+            raise ConfigError("master_key_file", f"{key} may be read by group or others (chmod 600 it)")

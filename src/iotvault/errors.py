@@ -22,6 +22,7 @@ attributes and a message a person can act on.
     ├── StorageError
     │   ├── DatabaseUnavailableError the database cannot be reached
     │   ├── SchemaError              the schema is missing or not at the expected revision
+    │   ├── NotInitialisedError      a read-only command found no installation (creates none)
     │   ├── DeviceExistsError
     │   ├── DeviceNotFoundError
     │   ├── CommandNotFoundError     no such command of that device
@@ -32,6 +33,7 @@ attributes and a message a person can act on.
     ├── BrokerError
     │   ├── BrokerUnavailableError   the MQTT broker cannot be reached
     │   ├── BrokerAdminError         the broker refused an account change (Mosquitto dynamic security)
+    │   ├── IngestNotConfirmedError  a broker acknowledged events iotvault never stored (simulate)
     │   └── (simulator.device) DeviceRefusedError  the broker refused a device's credentials
     ├── CommandError                 a command to a device cannot be made or sent
     │   └── CommandRejectedError     a device refuses a command (.reason: unsigned, expired, replayed…)
@@ -41,6 +43,9 @@ attributes and a message a person can act on.
     │   ├── ClientExistsError        an OAuth client of that id exists already
     │   └── (identity.login) LoginError  `iotvault login` cannot reach the provider
     └── PortInUseError               a listening port (HTTP or embedded MQTT) is taken
+
+``NotFoundError`` is a second base of every "does not exist" error above (device, command,
+user, group, API key, OAuth client): the command line adds to them which database it used.
 """
 
 from __future__ import annotations
@@ -143,7 +148,23 @@ class DeviceExistsError(StorageError):
         super().__init__(f"device {device_id!r} already exists")
 
 
-class DeviceNotFoundError(StorageError):
+class NotFoundError(IotVaultError):
+    """Something named does not exist; the command line adds which database it looked in."""
+
+
+class NotInitialisedError(StorageError):
+    """A command that only reads found no installation where the settings point."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.data_dir = data_dir
+        super().__init__(
+            f"no iotvault database in data dir {data_dir}: run this where the node runs, or point "
+            "IOTVAULT_DATA_DIR (or IOTVAULT_DATABASE_URL, or --config) at its data; a command that "
+            "only reads never creates one"
+        )
+
+
+class DeviceNotFoundError(StorageError, NotFoundError):
     def __init__(self, device_id: str) -> None:
         self.device_id = device_id
         super().__init__(f"device {device_id!r} does not exist")
@@ -158,6 +179,18 @@ class BrokerUnavailableError(BrokerError):
         self.url = url
         self.reason = reason
         super().__init__(f"cannot reach the MQTT broker {url}: {reason} (set IOTVAULT_BROKER_URL)")
+
+
+class IngestNotConfirmedError(BrokerError):
+    """Events a broker acknowledged never reached iotvault's database (``iotvault simulate``)."""
+
+    def __init__(self, broker: str, acknowledged: int, stored: int, data_dir: str) -> None:
+        self.broker, self.acknowledged, self.stored = broker, acknowledged, stored
+        super().__init__(
+            f"the broker at {broker} acknowledged {acknowledged} events but iotvault stored {stored} "
+            f"(data dir {data_dir}): that broker is not this iotvault's, or its ingest is not running; "
+            "start 'iotvault serve' (or the demo) with this data dir, or give --host/--port"
+        )
 
 
 class PortInUseError(IotVaultError):
@@ -187,7 +220,7 @@ class OAuthError(IdentityError):
         super().__init__(f"{error}: {description}" if description else error)
 
 
-class ClientNotFoundError(IdentityError):
+class ClientNotFoundError(IdentityError, NotFoundError):
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id
         super().__init__(f"OAuth client {client_id!r} does not exist")
@@ -208,7 +241,7 @@ class SignatureError(CryptoError):
         super().__init__(f"signature check failed: {reason}")
 
 
-class CommandNotFoundError(StorageError):
+class CommandNotFoundError(StorageError, NotFoundError):
     def __init__(self, device_id: str, command_id: str) -> None:
         self.device_id = device_id
         self.command_id = command_id

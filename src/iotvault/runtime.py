@@ -60,15 +60,16 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-def open_context(settings: Settings, *, auto_migrate_empty: bool = True) -> Context:
+def open_context(settings: Settings, *, auto_migrate_empty: bool = True, create: bool = True) -> Context:
+    """``create`` false: open an existing installation only, never make a schema or a master key."""
     url = settings.effective_database_url
     engine = create_db_engine(url, sqlite_synchronous=settings.sqlite_synchronous)
     try:
         check_connection(engine, url)
-        migrate.ensure_schema(engine, auto_upgrade_empty=auto_migrate_empty)
+        migrate.ensure_schema(engine, auto_upgrade_empty=auto_migrate_empty and create)
         store = SqlStore(engine, url)
         key_path = settings.effective_master_key_file
-        master = MasterKey.load_or_create(key_path)
+        master = MasterKey.load_or_create(key_path, create=create)
         known = store.get_meta(FINGERPRINT_META)
         if known is None:
             store.set_meta(FINGERPRINT_META, master.fingerprint)
@@ -104,15 +105,15 @@ def _device_accounts(settings: Settings) -> DeviceAccounts | None:
             b.host,
             b.port,
             username=settings.broker_admin_username,
-            password=settings.broker_admin_password,
+            password=settings.broker_admin_password.get_secret_value(),
             ssl_context=client_context(settings.broker_ca_file) if b.tls else None,
         )
     )
 
 
 @contextmanager
-def context(settings: Settings, *, auto_migrate_empty: bool = True) -> Iterator[Context]:
-    ctx = open_context(settings, auto_migrate_empty=auto_migrate_empty)
+def context(settings: Settings, *, auto_migrate_empty: bool = True, create: bool = True) -> Iterator[Context]:
+    ctx = open_context(settings, auto_migrate_empty=auto_migrate_empty, create=create)
     try:
         yield ctx
     finally:

@@ -527,9 +527,11 @@ def test_cli_help() -> None:
 
 def test_cli_users_groups_and_keys(tmp_path: Path, database_url: str) -> None:
     env = _env(tmp_path, database_url)
-    group = json.loads(
-        _cli(env, "groups", "add", "field", "--reader", "-d", "t1", "-d", "t2", "--json").output
-    )
+    added = _cli(env, "groups", "add", "field", "--reader", "-d", "t1", "-d", "t2", "--json")
+    group = json.loads(added.stdout)
+    # naming devices before they are registered is allowed, and warned about (a typo looks the same)
+    assert "device 't1' is not registered" in added.stderr
+    assert "device 't2' is not registered" in added.stderr
     assert (group["roleReader"], group["roleWriter"], group["devices"]) == (True, False, ["t1", "t2"])
     _cli(env, "groups", "add", "admins", "--admin", "--display-name", "Admins")
 

@@ -122,8 +122,13 @@ async def test_listing_shows_only_readable_devices(api: Api) -> None:
 
     assert await ids("alice") == ["d1"]
     assert await ids("carol") == ["d2"]
-    assert await ids("root") == []
     assert await ids("dave") == []
+    # an admin lists the whole registry (administration), still without any device data
+    assert await ids("root") == ["d1", "d2", "d3"]
+    r = await api.client.get("/iotf/devices/d2", headers=api.auth("root"))
+    assert r.status_code == 404
+    r = await api.client.get("/iotf/devices/d2/events", headers=api.auth("root"))
+    assert r.status_code == 404
 
 
 async def test_latest_events_newest_first_decrypted_and_count_bounds(api: Api) -> None:

@@ -78,9 +78,10 @@ def test_config_file_unknown_key_and_values(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(f'data_dir = "{tmp_path / "from-file"}"\n')
     del env["IOTVAULT_DATA_DIR"]
+    assert iotvault("--config", str(good), "devices", "register", "t", "d0", env=env).returncode == 0
     result = iotvault("--config", str(good), "devices", "list", "--json", env=env)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == []
+    assert [d["deviceId"] for d in json.loads(result.stdout)] == ["d0"]
     assert (tmp_path / "from-file" / "iotvault.db").exists()
     assert (tmp_path / "from-file" / "master.key").stat().st_mode & 0o077 == 0
     assert (tmp_path / "from-file" / "iotvault.db").stat().st_mode & 0o077 == 0

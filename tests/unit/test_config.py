@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from iotvault.config import BrokerAddress, Settings, load_settings, parse_broker_url
 from iotvault.errors import ConfigError
+
+ANY_HOST = "0.0.0.0"  # noqa: S104 - a setting under test, nothing binds it
 
 
 def config_file(tmp_path: Path, text: str) -> Path:
@@ -100,7 +102,7 @@ def test_unrelated_environment_variables_are_ignored() -> None:
 
 def test_settings_are_immutable() -> None:
     s = load_settings(None, {})
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(pydantic.ValidationError):  # frozen
         s.http_port = 1  # type: ignore[misc]
 
 
@@ -257,3 +259,68 @@ def test_supported_database_urls(url: str) -> None:
 def test_unsupported_database_schemes_are_config_errors(tmp_path: Path, url: str) -> None:
     assert load_error(environ={"IOTVAULT_DATABASE_URL": url}).setting == "IOTVAULT_DATABASE_URL"
     assert load_error(config_file(tmp_path, f'database_url = "{url}"\n')).setting == "database_url"
+
+
+# ---- second round: the public URL follows the HTTP port, unknown variables, production ----
+def test_public_url_follows_the_http_host_and_port_unless_given() -> None:
+    s = load_settings(environ={"IOTVAULT_HTTP_PORT": "8123"})
+    assert s.public_url == "http://127.0.0.1:8123"
+    assert load_settings(environ={"IOTVAULT_HTTP_HOST": ANY_HOST}).public_url == "http://127.0.0.1:8000"
+    assert load_settings(environ={"IOTVAULT_HTTP_HOST": "::1"}).public_url == "http://[::1]:8000"
+    assert s.with_ports(http_port=9001).public_url == "http://127.0.0.1:9001"
+    given = load_settings(
+        environ={"IOTVAULT_HTTP_PORT": "8123", "IOTVAULT_PUBLIC_URL": "https://iot.example"}
+    )
+    assert given.public_url == "https://iot.example"
+    assert given.with_ports(http_port=9001).public_url == "https://iot.example"  # given: never moved
+    assert "http_port" in given.given
+    assert "mqtt_port" not in given.given
+
+
+def test_unknown_environment_variables_warn_with_the_likely_name() -> None:
+    warned: list[str] = []
+    s = load_settings(
+        environ={"IOTVAULT_HTTP_PROT": "9000", "IOTVAULT_LOG_LEVEL": "info"}, warn=warned.append
+    )
+    assert s.http_port == 8000
+    assert warned == ["IOTVAULT_HTTP_PROT is not a setting and is ignored (did you mean IOTVAULT_HTTP_PORT?)"]
+    warned.clear()
+    load_settings(environ={"IOTVAULT_LOG_LEVEL": "info", "OTHER": "x"}, warn=warned.append)
+    assert warned == []
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"IOTVAULT_PUBLIC_URL": "http://iot.example"}, "IOTVAULT_PUBLIC_URL"),
+        ({"IOTVAULT_HTTP_HOST": ANY_HOST}, "IOTVAULT_HTTP_HOST"),
+        ({"IOTVAULT_BROKER_URL": "mqtt://u:p@broker.example:1883"}, "IOTVAULT_BROKER_URL"),
+        ({"IOTVAULT_BROKER_URL": "mqtts://broker.example"}, "IOTVAULT_BROKER_URL"),
+    ],
+)
+def test_production_refuses_insecure_combinations(env: dict[str, str], setting: str, tmp_path: Path) -> None:
+    base = {"IOTVAULT_PRODUCTION": "true", "IOTVAULT_DATA_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={**base, **env})
+    assert caught.value.setting == setting
+
+
+def test_production_accepts_a_sound_setup_and_refuses_an_open_master_key(tmp_path: Path) -> None:
+    base = {"IOTVAULT_PRODUCTION": "true", "IOTVAULT_DATA_DIR": str(tmp_path)}
+    sound = {
+        **base,
+        "IOTVAULT_HTTP_HOST": ANY_HOST,
+        "IOTVAULT_PUBLIC_URL": "https://iot.example",
+        "IOTVAULT_BROKER_URL": "mqtts://u:p@broker.example",
+    }
+    assert load_settings(environ=sound).production
+    assert load_settings(environ=base).production  # loopback only: plain HTTP is fine
+    key = tmp_path / "master.key"
+    key.write_bytes(b"x" * 32)
+    key.chmod(0o644)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ=base)
+    assert caught.value.setting == "master_key_file"
+    assert "chmod 600" in caught.value.reason
+    key.chmod(0o600)
+    load_settings(environ=base)

@@ -15,6 +15,7 @@ from iotvault.auth.policy import (
     Principal,
     authorize,
     may_grant,
+    may_list_device,
     within,
 )
 
@@ -115,3 +116,11 @@ def test_may_grant_is_within_the_creators_rights(
     creator = principal(Grant(ca, True, False, frozenset(cr)), Grant(False, False, True, frozenset(cw)))
     expected = (not admin or ca) and (not reader or devices <= cr) and (not writer or devices <= cw)
     assert may_grant(creator, Grant(admin, reader, writer, frozenset(devices))) == expected
+
+
+def test_registry_listing_is_administration_not_device_data() -> None:
+    assert may_list_device(ADMIN, "d9")  # an admin lists every registered device
+    assert authorize(ADMIN, Permission.DEVICE_EVENTS_READ, "d9") is Decision.NOT_FOUND
+    reader = Principal.from_grants("user", "r", [Grant(False, True, False, frozenset({"d1"}))])
+    assert may_list_device(reader, "d1")
+    assert not may_list_device(reader, "d9")

@@ -4,7 +4,8 @@ Every HTTP route declares the permission it needs (``Requires(Permission.X)`` in
 :mod:`iotvault.api.deps`), and this module alone decides. Rights come from groups, as in the
 seed's ``userGroup`` documents: a group's ``roleReader`` lets its members see its devices and
 their events, ``roleWriter`` lets them command its devices, and ``roleAdmin`` lets them manage
-users, groups, devices, API keys and clients — but grants no device data by itself. A
+users, groups, devices, API keys and clients, and see the device registry — but grants no
+device data (events, live stream, commands) by itself. A
 principal's rights are the union over its groups.
 
 Answers follow the contract: a device the caller may not read is *not found* (404), the same as
@@ -116,6 +117,17 @@ def authorize(principal: Principal, permission: Permission, device_id: str | Non
             return Decision.FORBIDDEN if device_id in principal.readable else Decision.NOT_FOUND
         return Decision.ALLOW if device_id in principal.readable else Decision.NOT_FOUND
     raise ValueError(f"no rule for {permission}")  # a new permission must get a rule here
+
+
+def may_list_device(principal: Principal, device_id: str) -> bool:
+    """Whether ``GET /iotf/devices`` lists this device to the caller.
+
+    Readers see the devices they may read. An admin sees the whole registry (ids, types,
+    status, metadata): knowing which devices exist is what administering them needs, and the
+    admin commands (``iotvault devices list``) show the same. It is still no device *data*:
+    an admin who is not a reader of a device gets 404 for its events, stream and commands.
+    """
+    return principal.admin or device_id in principal.readable
 
 
 def within(child: Principal, ceiling: Principal) -> bool:

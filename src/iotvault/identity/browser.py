@@ -80,6 +80,11 @@ DEVICE_MESSAGES: Final = {
     "invalid": "That code is not valid, or it has expired. Check it and try again.",
     "throttled": "Too many wrong codes from your network. Try again later.",
 }
+OPENED_DIRECTLY = (
+    "This is iotvault's sign-in page. Applications send you here when they need you to sign in, "
+    "so there is nothing to do on it by itself: open the application (or run 'iotvault login' "
+    "in a terminal) and it will bring you back here."
+)
 EXPIRED = "This sign-in request has expired or was already used. Go back to the application and start again."
 
 
@@ -352,6 +357,8 @@ class Browser:
     def login_page(self, call: Call) -> Answer:
         pending = self._pending(call.get("request"))
         client = self.idp.client(str(pending.params.get("client_id"))) if pending is not None else None
+        if call.get("request") is None:  # opened directly, not sent here by an application
+            return pages.message("Sign in from your application", OPENED_DIRECTLY, status=400)
         if pending is None or client is None:
             return pages.message("Sign-in expired", EXPIRED, status=400)
         cookies: list[SetCookie] = []
@@ -557,7 +564,7 @@ class Browser:
             csrf=csrf_token(secret, "device"),
             user_code=given[:16],
         )
-        answer = pages.page("Connect a device", content)
+        answer = pages.page("Approve a sign-in from a device or terminal", content)
         answer.cookies.extend(cookies)
         return answer
 

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
 from iotvault.domain.accounts import Roles
-from iotvault.errors import StorageError
+from iotvault.errors import NotFoundError, StorageError
 from iotvault.storage.db import EngineStore
 from iotvault.storage.schema import api_keys, group_devices, group_members, user_groups, users
 
@@ -40,7 +40,7 @@ class UserExistsError(StorageError):
         super().__init__(f"user {user_name!r} already exists")
 
 
-class UserNotFoundError(StorageError):
+class UserNotFoundError(StorageError, NotFoundError):
     def __init__(self, user_name: str) -> None:
         self.user_name = user_name
         super().__init__(f"user {user_name!r} does not exist")
@@ -52,7 +52,7 @@ class GroupExistsError(StorageError):
         super().__init__(f"group {group_name!r} already exists")
 
 
-class GroupNotFoundError(StorageError):
+class GroupNotFoundError(StorageError, NotFoundError):
     def __init__(self, group_name: str) -> None:
         self.group_name = group_name
         super().__init__(f"group {group_name!r} does not exist")
@@ -64,7 +64,7 @@ class ApiKeyExistsError(StorageError):
         super().__init__(f"API key {key!r} already exists")
 
 
-class ApiKeyNotFoundError(StorageError):
+class ApiKeyNotFoundError(StorageError, NotFoundError):
     def __init__(self, key: str) -> None:
         self.key = key
         super().__init__(f"API key {key!r} does not exist")

@@ -18,10 +18,10 @@ from starlette.concurrency import run_in_threadpool
 from iotvault import accounts
 from iotvault.api.deps import Ctx, Requires
 from iotvault.api.problems import Problem
-from iotvault.api.routes.devices import DEVICE_ID, device_doc
+from iotvault.api.routes.devices import DEVICE_ID
 from iotvault.api.schemas import ERRORS, Strict
 from iotvault.auth.policy import Permission, Principal, may_grant
-from iotvault.documents import api_key_doc, group_doc, iso, user_doc
+from iotvault.documents import api_key_doc, device_doc, group_doc, iso, user_doc
 from iotvault.domain.accounts import Roles
 from iotvault.runtime import Context, delete_device, now_us, register_device, rotate_device_credential
 from iotvault.storage.accounts import GroupNotFoundError, GroupRecord, UserRecord

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import math
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from functools import partial
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
@@ -26,11 +23,10 @@ from iotvault.api.deps import Requires
 from iotvault.api.problems import Problem
 from iotvault.api.schemas import ERRORS, DeviceOut, EventOut
 from iotvault.api.security import services
-from iotvault.auth.policy import Permission, Principal
-from iotvault.documents import iso
-from iotvault.errors import CryptoError
+from iotvault.auth.policy import Permission, Principal, may_list_device
+from iotvault.documents import device_doc, event_doc, to_json
 from iotvault.runtime import Context
-from iotvault.storage.repository import DeviceRecord, StoredEvent
+from iotvault.storage.repository import DeviceRecord
 
 router = APIRouter(prefix="/iotf", tags=["devices"], responses=ERRORS)
 
@@ -50,99 +46,6 @@ EVENT_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID, description="deviceId")]
 
 
-def device_doc(d: DeviceRecord) -> dict[str, Any]:
-    return {
-        "deviceId": d.device_id,
-        "typeId": d.type_id,
-        "status": d.status,
-        "lastSeen": iso(d.last_seen_us),
-        "metadata": dict(d.metadata),
-    }
-
-
-UNDECRYPTABLE = "the stored record does not decrypt"
-NOT_JSON = "the stored payload is not JSON"
-
-
-def event_doc(ctx: Context, e: StoredEvent) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "eventId": e.event_id,
-        "deviceId": e.device_id,
-        "typeId": e.type_id,
-        "eventType": e.event_type,
-        "format": e.fmt,
-        "timestamp": iso(e.received_us),
-        "payload": None,
-        "error": None,
-    }
-    try:
-        plain = ctx.keyring.decrypt(e.device_id, e.event_id, e.payload)
-    except CryptoError:
-        doc["error"] = UNDECRYPTABLE
-        return doc
-    try:
-        doc["payload"] = payload_json(plain)
-    except (ValueError, TypeError, RecursionError):
-        doc["error"] = NOT_JSON
-    return doc
-
-
-def payload_json(plain: bytes) -> Any:
-    """A stored payload, ready for :func:`to_json`.
-
-    Ingest stores only payloads that parse as JSON, so nearly every one is strict RFC 8259
-    text: then it is checked with orjson (UTF-8, one complete value, no ``NaN``) and goes into
-    the page as it is, without being turned into Python objects and back; a complete JSON
-    value cannot break out of its place in the page. Records stored before ingest used orjson
-    may hold what only Python's parser accepts: non-finite numbers become null (as the
-    response model had them), integers beyond 64 bits and lone surrogates (``"\\ud800"``)
-    keep their exact JSON spelling. What cannot be written even so raises ``TypeError``.
-    """
-    try:
-        orjson.loads(plain)
-    except orjson.JSONDecodeError:
-        value = _jsonable(json.loads(plain))
-        orjson.dumps(value)  # TypeError if some part still cannot be written (a surrogate in a key)
-        return value
-    return orjson.Fragment(plain)
-
-
-def _jsonable(value: Any) -> Any:
-    """What Python's JSON parser made, in a form orjson writes as valid JSON."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if type(value) is int and not -(2**63) <= value < 2**64:
-        return orjson.Fragment(str(value).encode())
-    if isinstance(value, str) and not _is_utf8(value):  # a lone surrogate: its escaped spelling
-        return orjson.Fragment(json.dumps(value).encode())
-    return value
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def to_json(body: Any) -> bytes:
-    """Device data as UTF-8 JSON; payloads made by :func:`payload_json` go in as they are.
-
-    The device-data routes build their bodies with this instead of returning them through
-    the response model: FastAPI would validate the documents and serialise them again (a
-    quarter of a last-50 request); they are built here in exactly the model's shape, which
-    the schema tests check against the OpenAPI document. Its only line breaks are whitespace
-    between tokens (JSON escapes them inside strings), so a Server-Sent Events line may
-    replace them with spaces.
-    """
-    return orjson.dumps(body)
-
-
 class DeviceList(BaseModel):
     devices: list[DeviceOut]
 
@@ -156,15 +59,19 @@ class EventPage(DeviceEvents):
     next: str | None = Field(None, description="cursor for the next page: pass it as `before` (or `after`)")
 
 
-@router.get("/devices", summary="Devices the caller may read", response_model=DeviceList)
+@router.get(
+    "/devices",
+    summary="Devices the caller may read (an admin: the whole registry)",
+    response_model=DeviceList,
+)
 async def list_devices(
     request: Request, principal: Annotated[Principal, Requires(Permission.DEVICES_LIST)]
 ) -> Any:
     svc = services(request)
-    if not principal.readable:
+    if not (principal.readable or principal.admin):
         return {"devices": []}
     devices = await run_in_threadpool(svc.ctx.store.list_devices)
-    return {"devices": [device_doc(d) for d in devices if principal.can_read(d.device_id)]}
+    return {"devices": [device_doc(d) for d in devices if may_list_device(principal, d.device_id)]}
 
 
 async def _read(request: Request, load: Callable[[], bytes]) -> Response:

@@ -1,0 +1,172 @@
+"""``iotvault devices …``: the device registry and credentials, and ``iotvault events tail``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated
+
+import orjson
+import typer
+from rich.table import Table
+
+from iotvault.cli.common import DeviceArg, IdArg, JsonOption, YesOption, iso_text, opened, state, where
+
+devices_app = typer.Typer(help="Device registry and credentials.", no_args_is_help=True)
+events_app = typer.Typer(help="Stored events (decrypted on the way out).", no_args_is_help=True)
+
+
+@devices_app.command("register")
+def devices_register(
+    cli: typer.Context,
+    type_id: Annotated[str, typer.Argument(metavar="TYPE", help="typeId")],
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="deviceId")],
+    json_out: JsonOption = False,
+) -> None:
+    """Register a device; prints its credential once (only a hash is kept)."""
+    from iotvault.runtime import register_device
+
+    out = state(cli).out
+    with opened(cli) as ctx:
+        new = register_device(ctx, type_id, device_id)
+    if json_out:
+        out.print_json(
+            json.dumps({"deviceId": new.device_id, "typeId": new.type_id, "password": new.credential})
+        )
+    else:
+        out.print(f"registered {new.type_id}/{new.device_id}")
+        out.print(f"credential (shown once, store it on the device): {new.credential}", highlight=False)
+
+
+@devices_app.command("list")
+def devices_list(cli: typer.Context, json_out: JsonOption = False) -> None:
+    """List registered devices."""
+    out = state(cli).out
+    with opened(cli, read_only=True) as ctx:
+        devs = ctx.store.list_devices()
+    if json_out:
+        out.print_json(
+            json.dumps(
+                [
+                    {
+                        "deviceId": d.device_id,
+                        "typeId": d.type_id,
+                        "status": d.status,
+                        "lastSeen": iso_text(d.last_seen_us) if d.last_seen_us else None,
+                    }
+                    for d in devs
+                ]
+            )
+        )
+        return
+    table = Table("deviceId", "typeId", "status", "lastSeen")
+    for d in devs:
+        table.add_row(d.device_id, d.type_id, d.status, iso_text(d.last_seen_us))
+    out.print(table)
+
+
+@devices_app.command("rotate-credential")
+def devices_rotate(
+    cli: typer.Context,
+    device_id: IdArg,
+    grace: Annotated[int, typer.Option(min=0, help="Seconds the old credential stays valid.")] = 0,
+    json_out: JsonOption = False,
+) -> None:
+    """Give a device a new credential (printed once)."""
+    from iotvault.runtime import rotate_device_credential
+
+    out = state(cli).out
+    with opened(cli) as ctx:
+        cred = rotate_device_credential(ctx, device_id, grace_s=grace)
+    if json_out:
+        out.print_json(json.dumps({"deviceId": device_id, "password": cred}))
+    else:
+        out.print(f"new credential for {device_id} (shown once): {cred}", highlight=False)
+
+
+@devices_app.command("delete")
+def devices_delete(cli: typer.Context, device_id: IdArg, yes: YesOption = False) -> None:
+    """Delete a device, its events and its data keys (crypto-shredding)."""
+    from iotvault.runtime import delete_device
+
+    if not yes:
+        typer.confirm(f"Delete {device_id}, all its events and its keys? This cannot be undone", abort=True)
+    with opened(cli) as ctx:
+        delete_device(ctx, device_id)
+    state(cli).out.print(f"deleted {device_id}; its data keys are destroyed")
+
+
+@devices_app.command("command-key")
+def devices_command_key(cli: typer.Context, json_out: JsonOption = False) -> None:
+    """Print the public key devices verify commands with (PEM; --json adds its kid and JWK)."""
+    from iotvault.commands.keys import command_signing_key
+
+    with opened(cli) as ctx:
+        key = command_signing_key(ctx.store, ctx.master).public
+    if json_out:
+        state(cli).out.print_json(
+            json.dumps({"kid": key.kid, "alg": "EdDSA", "pem": key.pem(), "jwk": key.jwk()})
+        )
+        return
+    sys.stdout.write(key.pem())
+
+
+@devices_app.command("revoke-credential")
+def devices_revoke_credential(cli: typer.Context, device_id: IdArg, yes: YesOption = False) -> None:
+    """Refuse every credential of a device (also one in its grace period) until it is rotated."""
+    from iotvault.runtime import revoke_device_credential
+
+    if not yes:
+        typer.confirm(f"Disconnect {device_id} and refuse its credentials?", abort=True)
+    with opened(cli) as ctx:
+        revoke_device_credential(ctx, device_id)
+    state(cli).out.print(f"revoked the credentials of {device_id}; rotate-credential gives it a new one")
+
+
+@events_app.command("tail")
+def events_tail(
+    cli: typer.Context,
+    device_id: DeviceArg,
+    count: Annotated[int, typer.Option(min=1, max=1000, help="How many of the latest events.")] = 10,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Show a device's latest stored events, decrypted (as the API's event documents)."""
+    from iotvault.documents import event_doc
+    from iotvault.errors import DeviceNotFoundError
+
+    st = state(cli)
+    with opened(cli, read_only=True) as ctx:
+        if ctx.store.get_device(device_id) is None:
+            raise DeviceNotFoundError(device_id)
+        events = list(reversed(ctx.store.last_events(device_id, count)))
+        if not events:
+            message = "no events stored yet" + ("; waiting for new ones" if follow else "")
+            st.err.print(f"{device_id}: {message} ({where(st.settings)})", highlight=False)
+        last: str | None = None
+        while True:
+            for e in events:
+                doc = event_doc(ctx, e)
+                if json_out:
+                    sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+                else:
+                    shown = (
+                        orjson.dumps(doc["payload"]).decode() if doc["error"] is None else f"({doc['error']})"
+                    )
+                    st.out.print(f"{doc['timestamp']} {e.event_type} {shown}", highlight=False)
+                last = e.event_id
+            sys.stdout.flush()
+            if not follow:
+                return
+            time.sleep(1.0)
+            events = (
+                ctx.store.events_page(device_id, count=1000, after=last)
+                if last
+                else list(reversed(ctx.store.last_events(device_id, count)))
+            )
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(devices_app, name="devices")
+    app.add_typer(events_app, name="events")
