@@ -10,7 +10,7 @@ PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --g
 # What pip-audit prints when it could not ask its vulnerability service about every package
 AUDIT_UNCHECKED := could not be audited|requests\.exceptions|ConnectionError|Max retries|ServiceError|timed out
 
-.PHONY: help venv check test test-fast demo clean lock upgrade audit wheel bench
+.PHONY: help venv assets check test test-fast demo clean lock upgrade audit wheel bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -21,7 +21,15 @@ $(BIN)/iotvault: pyproject.toml requirements/dev.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
-venv: $(BIN)/iotvault  ## create .venv with iotvault and the development tools
+# The web application's third-party assets (uPlot, Swagger UI): pinned with their integrity in
+# web-assets.lock.json, fetched from the npm registry by a standard-library script (no Node).
+ASSETS := src/iotvault/web/static/vendor/.lock-sha256
+$(ASSETS): web-assets.lock.json scripts/fetch_assets.py
+	$(PYTHON) scripts/fetch_assets.py
+
+assets: $(ASSETS)  ## fetch and verify the web application's pinned assets (web-assets.lock.json)
+
+venv: $(BIN)/iotvault $(ASSETS)  ## create .venv with iotvault and the development tools
 
 check: venv  ## lint (ruff), format check, type check (mypy strict on src/), bandit on src/
 	$(BIN)/ruff check src tests bench
