@@ -152,6 +152,21 @@ async def test_a_reader_sees_no_form_and_a_forged_post_is_refused(site: Site) ->
         status, detail = await page.evaluate(forged, False)
         assert status == 403
         assert "CSRF" in detail
+        # a page of another site, even holding the token, is refused by its Origin
+        cookie = next(c for c in await page.context.cookies() if c["name"] == "iotvault-web")
+        token = await page.locator('meta[name="csrf-token"]').get_attribute("content")
+    async with httpx.AsyncClient(base_url=site.url) as http:
+        r = await http.post(
+            "/iotf/devices/thermo-1/commands",
+            json={"command": "open"},
+            headers={
+                "Cookie": f"iotvault-web={cookie['value']}",
+                "X-CSRF-Token": token or "",
+                "Origin": "https://elsewhere.example",
+            },
+        )
+    assert r.status_code == 403
+    assert "cross-origin" in r.json()["detail"]
 
 
 async def test_a_non_admin_is_refused_admin_pages(site: Site) -> None:
@@ -247,6 +262,11 @@ async def test_pages_have_a_strict_csp_and_no_external_urls(site: Site) -> None:
         )
         external: list[str] = []
         page.on("request", lambda r: external.append(r.url) if not r.url.startswith(site.url) else None)
+        await page.goto("/auth/login")  # one wrong password first: the security page shows it
+        await page.get_by_label("User name").fill("root")
+        await page.get_by_label("Password").fill("not-the-password")
+        await page.get_by_role("button", name="Sign in").click()
+        await page.get_by_text("is not right").wait_for()
         await sign_in(page, "root")
         for path in (
             "/",
@@ -275,6 +295,14 @@ async def test_pages_have_a_strict_csp_and_no_external_urls(site: Site) -> None:
         await page.goto("/security")
         await page.locator("#security-events tbody tr").first.wait_for(timeout=10_000)
         await page.screenshot(path=shot("security-desktop"), full_page=True)
+        await page.get_by_label("Kind").select_option("oidc_login_failed")
+        kinds = await page.locator("#security-events tbody tr td:nth-child(2)").all_inner_texts()
+        assert kinds
+        assert set(kinds) == {"oidc_login_failed"}
+        await page.get_by_label("User or subject").fill("nobody-by-this-name")
+        assert await page.locator("#security-events tbody tr").count() == 0
+        failures = await page.locator("#auth-chart .u-legend").inner_text()
+        assert "failures" in failures
         assert not violations, violations
         assert not external, external
 

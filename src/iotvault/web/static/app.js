@@ -208,16 +208,26 @@
       const kinds = Array.from(new Set(events.map(function (e) { return e.kind; }))).sort();
       for (const k of kinds) { const o = document.createElement("option"); o.value = k; o.textContent = k; form.kind.appendChild(o); }
       render();
+      // successes: people signing in; failures: refused people and refused devices (broker)
+      const SUCCESS = ["oidc_login_succeeded", "oidc_anonymous_login"];
+      const FAILURE = ["oidc_login_failed", "oidc_login_refused", "oidc_account_locked", "login_failed", "login_throttled"];
       const hours = {};
+      const now = Math.floor(Date.now() / 3600000) * 3600;
+      let first = now - 23 * 3600;  // at least the last 24 hours, every hour shown (0 when quiet)
       for (const e of events) {
-        const ok = e.kind === "oidc_login_succeeded", bad = e.kind === "oidc_login_failed" || e.kind === "oidc_login_locked" || e.kind === "broker_auth_failed";
+        const ok = SUCCESS.indexOf(e.kind) >= 0, bad = FAILURE.indexOf(e.kind) >= 0;
         if (!ok && !bad) continue;
         const h = Math.floor(Date.parse(e.timestamp) / 3600000) * 3600;
+        first = Math.min(first, h);
         hours[h] = hours[h] || [0, 0]; hours[h][ok ? 0 : 1] += 1;
       }
-      const t = Object.keys(hours).map(Number).sort(function (a, b) { return a - b; });
+      const t = [];
+      for (let h = first; h <= now; h += 3600) t.push(h);
       makeChart(document.getElementById("auth-chart"), {
-        t: t, series: { successes: t.map(function (h) { return hours[h][0]; }), failures: t.map(function (h) { return hours[h][1]; }) },
+        t: t, series: {
+          successes: t.map(function (h) { return hours[h] ? hours[h][0] : 0; }),
+          failures: t.map(function (h) { return hours[h] ? hours[h][1] : 0; }),
+        },
       });
     });
   }

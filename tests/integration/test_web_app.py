@@ -1,0 +1,83 @@
+"""The web application's HTTP surface without a browser: start-up, headers, the access API,
+what a made-up cookie gets, and the page shown when the pinned assets are not installed."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from apifixture import Api, api_key_for, running_api
+
+from iotvault.domain.accounts import Roles
+from iotvault.web import render
+
+pytestmark = pytest.mark.integration
+MADE_UP = {"Cookie": "iotvault-web=made-up"}
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    async with running_api(tmp_path) as a:
+        yield a
+
+
+async def test_the_landing_page_has_a_strict_csp(api: Api) -> None:
+    r = await api.client.get("/")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    csp = r.headers["content-security-policy"]
+    assert "unsafe" not in csp
+    assert "default-src 'none'" in csp
+    assert "Sign in" in r.text
+    assert not re.search(r'(?:src|href|action)="(?:https?:)?//', r.text)  # nothing from elsewhere
+
+
+async def test_pages_without_a_session_lead_to_sign_in(api: Api) -> None:
+    for path in ("/devices", "/devices/d1", "/admin/users", "/security"):
+        r = await api.client.get(path, headers=MADE_UP)
+        assert r.status_code == 303, path
+        assert r.headers["location"] == "/"
+    r = await api.client.get("/iotf/devices", headers=MADE_UP)
+    assert r.status_code == 401
+
+
+async def test_a_state_change_with_a_cookie_but_no_session_is_not_authenticated(api: Api) -> None:
+    r = await api.client.post("/iotf/devices/d1/commands", json={"command": "x"}, headers=MADE_UP)
+    assert r.status_code == 401
+
+
+async def test_the_app_starts_and_says_so_when_assets_are_missing(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    render.missing_assets.cache_clear()
+    monkeypatch.setattr(render, "VENDOR", ("vendor/not-installed.js",))
+    try:
+        r = await api.client.get("/")
+        assert r.status_code == 200
+        assert "make assets" in r.text
+        assert "vendor/not-installed.js" in r.text
+    finally:
+        render.missing_assets.cache_clear()
+
+
+async def test_the_access_api_is_for_admins_and_follows_the_policy(api: Api) -> None:
+    admin = {"Authorization": api_key_for(api.ctx, devices=(), roles=Roles(admin=True))}
+    r = await api.client.get("/iotf/devices/d1/access", headers=admin)
+    assert r.status_code == 200
+    rows = {(a["kind"], a["id"]): a for a in r.json()["access"]}
+    # apifixture: alice reads d1 (readers-1), bob writes it (writers-1), olga reads it (ops)
+    assert rows[("user", "alice")]["read"] is True
+    assert rows[("user", "alice")]["command"] is False
+    assert rows[("user", "bob")]["commandVia"] == ["writers-1"]
+    assert rows[("user", "olga")]["readVia"] == ["ops"]
+    assert ("user", "carol") not in rows
+    assert ("user", "root") not in rows  # admin alone gives no device data
+    assert rows[("group", "writers-1")]["command"] is True
+    assert (await api.client.get("/iotf/devices/nope/access", headers=admin)).status_code == 404
+    assert (await api.client.get("/iotf/devices/d1/access", headers=api.auth("alice"))).status_code == 403
+    reader_key = {"Authorization": api_key_for(api.ctx, devices=("d1",), roles=Roles(reader=True))}
+    r = await api.client.get("/iotf/devices/d1/access", headers=admin)
+    assert any(a["kind"] == "api_key" and a["readVia"] == ["key"] for a in r.json()["access"])
+    assert (await api.client.get("/iotf/devices/d1/access", headers=reader_key)).status_code == 403
