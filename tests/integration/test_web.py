@@ -28,6 +28,11 @@ from webfixture import PHONE, SCREENSHOTS, Site, browser_page, password, require
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SERVICE_WORKER = Path(__file__).resolve().parents[2] / "src" / "iotvault" / "web" / "static" / "sw.js"
+# form fields a screen reader could not name (no <label>, no aria-label)
+UNLABELLED = """() => Array.from(document.querySelectorAll("input, select, textarea"))
+    .filter(e => e.type !== "hidden" && !e.closest(".swagger-ui") && !(e.labels && e.labels.length)
+                 && !e.getAttribute("aria-label"))
+    .map(e => e.outerHTML)"""
 UNSAFE = re.compile(r"unsafe-|\*")
 
 
@@ -286,6 +291,8 @@ async def test_pages_have_a_strict_csp_and_no_external_urls(site: Site) -> None:
             csp = (await answer.all_headers())["content-security-policy"]
             assert not UNSAFE.search(csp), (path, csp)
             assert "script-src 'self'" in csp, (path, csp)
+            unlabelled = await page.evaluate(UNLABELLED)
+            assert unlabelled == [], (path, unlabelled)
             html = await page.content()
             for url in re.findall(r'(?:src|href|action)="([^"]+)"', html):
                 assert url.startswith(("/", "#", "?", site.url)), (path, url)

@@ -3,12 +3,15 @@ what a made-up cookie gets, and the page shown when the pinned assets are not in
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from apifixture import Api, api_key_for, running_api
+from bench import web_page
 
 from iotvault.domain.accounts import Roles
 from iotvault.web import render
@@ -81,3 +84,51 @@ async def test_the_access_api_is_for_admins_and_follows_the_policy(api: Api) -> 
     r = await api.client.get("/iotf/devices/d1/access", headers=admin)
     assert any(a["kind"] == "api_key" and a["readVia"] == ["key"] for a in r.json()["access"])
     assert (await api.client.get("/iotf/devices/d1/access", headers=reader_key)).status_code == 403
+
+
+# ---- signed in through the provider, in process (no browser): paging through history --------
+@pytest.fixture
+async def signed_in(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    app, ctx = web_page.build(tmp_path)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=web_page.BASE) as http:
+            await web_page.sign_in(http)
+            yield http
+    finally:
+        ctx.close()
+
+
+def _times(html: str) -> list[str]:
+    return re.findall(r'<tr data-id="[^"]+"><td><time datetime="([^"]+)"', html)
+
+
+async def test_the_device_page_pages_through_history(signed_in: httpx.AsyncClient) -> None:
+    first = await signed_in.get("/devices/t1", params={"count": 10})
+    assert first.status_code == 200
+    newest = _times(first.text)
+    assert len(newest) == 10
+    assert newest == sorted(newest, reverse=True)
+    older = re.search(r'href="(/devices/t1\?before=[^"]+)"', first.text)
+    assert older is not None
+    second = await signed_in.get(older[1].replace("&amp;", "&"))
+    page2 = _times(second.text)
+    assert len(page2) == 10
+    assert max(page2) < min(newest)  # strictly older, no overlap
+    # a time range: exactly the events inside it (one a second in the fixture)
+    since, until = page2[-1][:19], page2[0][:19]
+    ranged = await signed_in.get("/devices/t1", params={"since": since + "Z", "until": until + "Z"})
+    inside = _times(ranged.text)
+    assert inside
+    assert all(since <= t[:19] <= until for t in inside)
+    assert "live updates" not in ranged.text  # history is not live
+
+
+async def test_the_chart_gets_numeric_fields_only(signed_in: httpx.AsyncClient) -> None:
+    r = await signed_in.get("/devices/t1", params={"count": 5})
+    data = json.loads(
+        re.search(r'<script type="application/json" id="chart-data">(.*?)</script>', r.text, re.S)[1]
+    )  # type: ignore[index]
+    assert set(data["series"]) == {"d.temp", "d.hum", "d.seq"}  # d.state is text: table only
+    assert len(data["t"]) == 5
+    assert data["t"] == sorted(data["t"])
+    assert '<th scope="col">d.state</th>' in r.text

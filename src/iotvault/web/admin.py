@@ -265,7 +265,12 @@ async def access(request: Request, deviceId: DeviceId, principal: Devices) -> Re
 @router.get("/admin/apikeys")
 async def keys(request: Request, principal: Keys) -> Response:
     ctx = services(request).ctx
-    rows = await run_in_threadpool(ctx.accounts.list_api_keys)
+
+    def load() -> list[tuple[Any, list[str]]]:
+        reached = {h.id: sorted(reach(h)[0] | reach(h)[1]) for h in holders(ctx) if h.kind == "api_key"}
+        return [(k, reached.get(k.key, [])) for k in ctx.accounts.list_api_keys()]
+
+    rows = await run_in_threadpool(load)
     return page(request, "admin_keys.html", principal=principal, keys=rows, iso=iso)
 
 

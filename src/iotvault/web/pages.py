@@ -198,14 +198,15 @@ async def device(
     ctx = services(request).ctx
     since_us, until_us = _us(since), _us(until)
 
-    def load() -> tuple[DeviceRecord | None, list[dict[str, Any]]]:
+    def load() -> tuple[DeviceRecord | None, list[dict[str, Any]], list[str]]:
         found = ctx.store.get_device(deviceId)
         events = ctx.store.events_page(
             deviceId, count=count, before=before, since_us=since_us, until_us=until_us
         )
-        return found, [decrypt(ctx, e) for e in events]
+        tabs = [d.device_id for d in ctx.store.list_devices() if principal.can_read(d.device_id)]
+        return found, [decrypt(ctx, e) for e in events], tabs
 
-    found, rows = await run_in_threadpool(load)
+    found, rows, tabs = await run_in_threadpool(load)
     if found is None:
         raise PageError(404, "Not found", "There is no such device, or you may not see it.")
     columns = list(dict.fromkeys(k for r in rows for k in r["fields"]))
@@ -225,5 +226,5 @@ async def device(
         until=until.strftime("%Y-%m-%dT%H:%M") if until else "",
         count=count,
         writer=authorize(principal, Permission.DEVICE_COMMAND, deviceId) is Decision.ALLOW,
-        tabs=sorted(principal.readable),
+        tabs=tabs,
     )

@@ -6,5 +6,10 @@ document.addEventListener("DOMContentLoaded", function () {
     el.textContent = "The API documentation library is not installed (make assets). The OpenAPI document is at /openapi.json.";
     return;
   }
-  SwaggerUIBundle({ url: el.dataset.url, dom_id: "#swagger-ui", deepLinking: true, validatorUrl: null });
+  // "Try it out" from a signed-in browser goes through the session: changes need its CSRF token
+  const csrf = (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
+  SwaggerUIBundle({
+    url: el.dataset.url, dom_id: "#swagger-ui", deepLinking: true, validatorUrl: null,
+    requestInterceptor: function (request) { if (csrf) request.headers["X-CSRF-Token"] = csrf; return request; },
+  });
 });

@@ -24,8 +24,15 @@ self.addEventListener("activate", function (event) {
   }));
 });
 
+// network first, so an upgraded server's shell is used at once; the cached copy only offline
 self.addEventListener("fetch", function (event) {
   const url = new URL(event.request.url);
   if (event.request.method !== "GET" || url.origin !== self.location.origin || SHELL.indexOf(url.pathname) < 0) return;
-  event.respondWith(caches.match(event.request).then(function (hit) { return hit || fetch(event.request); }));
+  event.respondWith(fetch(event.request).then(function (answer) {
+    if (answer.ok) {
+      const copy = answer.clone();
+      caches.open(CACHE).then(function (c) { return c.put(event.request, copy); });
+    }
+    return answer;
+  }).catch(function () { return caches.match(event.request); }));
 });
