@@ -32,8 +32,8 @@ assets: $(ASSETS)  ## fetch and verify the web application's pinned assets (web-
 venv: $(BIN)/iotvault $(ASSETS)  ## create .venv with iotvault and the development tools
 
 check: venv  ## lint (ruff), format check, type check (mypy strict on src/), bandit on src/
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
 	$(BANDIT)
 

@@ -81,6 +81,7 @@ def fetch(force: bool = False) -> int:
     lock = json.loads(LOCK.read_text(encoding="utf-8"))
     digest = _lock_digest()
     if not force and STAMP.is_file() and STAMP.read_text().strip() == digest:
+        STAMP.touch()  # up to date: make need not run this again
         return 0
     if VENDOR.exists():
         shutil.rmtree(VENDOR)

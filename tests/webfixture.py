@@ -7,7 +7,10 @@ without it the tests skip loudly, and under CI they fail (:func:`helpers.unavail
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,7 +21,9 @@ from helpers import ServerProcess, server_env, unavailable
 from iotvault.accounts import create_group, create_user
 from iotvault.config import load_settings
 from iotvault.domain.accounts import Roles
-from iotvault.runtime import context, register_device
+from iotvault.domain.ids import EventIdFactory
+from iotvault.runtime import Context, context, register_device
+from iotvault.storage.repository import BatchWrite, StoredEvent
 
 CHROMIUM = os.environ.get("IOTVAULT_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -30,6 +35,7 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+HISTORY = 40
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -60,6 +66,19 @@ class Site:
     server: ServerProcess | None = None
 
 
+def history(ctx: Context, device_id: str, n: int) -> None:
+    """``n`` stored readings of the last minutes, as ingest would have sealed them."""
+    ids, batch = EventIdFactory(), BatchWrite()
+    start_ms = time.time_ns() // 1_000_000 - n * 10_000
+    for i in range(n):
+        at_ms = start_ms + i * 10_000
+        eid = ids.new_at(at_ms)
+        reading = {"d": {"temp": round(20 + 2 * math.sin(i / 5), 2), "hum": 45 + i % 7, "label": "ok"}}
+        sealed = ctx.keyring.encrypt(device_id, eid, json.dumps(reading).encode())
+        batch.events.append(StoredEvent(device_id, eid, "thermo", "reading", "json", at_ms * 1000, sealed))
+    ctx.store.write_batch(batch)
+
+
 def require_chromium() -> str:
     if not Path(CHROMIUM).is_file():
         unavailable(f"{CHROMIUM} is not installed (apt-get install chromium)")
@@ -75,6 +94,7 @@ def start_site(tmp: Path) -> Site:
     with context(settings) as ctx:
         for type_id, device_id in (("thermo", "thermo-1"), ("thermo", "thermo-2"), ("pump", "pump-1")):
             site.credentials[device_id] = register_device(ctx, type_id, device_id).credential
+        history(ctx, "thermo-1", HISTORY)
         for name, (roles, devices) in GROUPS.items():
             create_group(ctx, name, roles=roles, devices=devices)
         for user, groups in USERS.items():

@@ -157,3 +157,16 @@ def test_the_lock_pins_registry_tarballs_with_sha512() -> None:
         assert package["tarball"].startswith("https://registry.npmjs.org/")
         assert package["integrity"].startswith("sha512-")
         assert f"-{package['version']}.tgz" in package["tarball"]
+
+
+def test_sessions_and_pending_logins_stay_bounded_under_a_flood(monkeypatch: pytest.MonkeyPatch) -> None:
+    from iotvault.web import session as module  # noqa: PLC0415 - its limits are patched
+
+    monkeypatch.setattr(module, "MAX_SESSIONS", 50)
+    monkeypatch.setattr(module, "MAX_PENDING", 50)
+    store = SessionStore(https=False)
+    for _ in range(1000):
+        store.create(_session())
+        store.start_login()
+    assert len(store) == 50
+    assert len(store._pending) == 50

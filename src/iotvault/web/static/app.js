@@ -73,7 +73,10 @@
     const series = [{}].concat(names.map(function (n, i) {
       return { label: n, stroke: PALETTE[i % PALETTE.length], width: 2, spanGaps: true, dash: i >= PALETTE.length ? [6, 4] : undefined };
     }));
-    const opts = { width: Math.max(280, el.clientWidth || 600), height: 280, series: series, scales: { x: { time: true } } };
+    const opts = {
+      width: Math.max(280, el.clientWidth || 600), height: 280, series: series, scales: { x: { time: true } },
+      tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"); },  // as the table: UTC
+    };
     const plot = new uPlot(opts, [data.t].concat(names.map(function (n) { return data.series[n]; })), el);
     window.addEventListener("resize", function () { plot.setSize({ width: Math.max(280, el.clientWidth), height: 280 }); });
     return { plot: plot, names: names, data: data };
