@@ -351,3 +351,40 @@ def test_the_service_worker_caches_the_shell_only(site: Site) -> None:
         assert r.headers["content-type"].startswith("text/javascript")
         for path in shell:
             assert http.get(path).status_code == 200, path
+
+
+async def test_an_admin_adds_and_disables_a_user_and_changes_a_group(site: Site) -> None:
+    async with browser_page(site) as admin, browser_page(site) as other:
+        await sign_in(admin, "root")
+        await admin.goto("/admin/users")
+        await admin.get_by_label("User name").fill("zoe")
+        await admin.get_by_label("Groups (comma-separated)").fill("readers-1")
+        await admin.get_by_role("button", name="Add user").click()
+        zoe_password = (await admin.locator("code.secret").inner_text()).strip()
+        # zoe signs in with the password shown once, and sees what readers-1 grants
+        await other.goto("/auth/login")
+        await other.get_by_label("User name").fill("zoe")
+        await other.get_by_label("Password").fill(zoe_password)
+        await other.get_by_role("button", name="Sign in").click()
+        await other.wait_for_url("**/devices")
+        assert await other.locator("section.device-card h2").all_inner_texts() == ["thermo-1"]
+        # a group change reaches her next page: readers-1 now also holds thermo-2
+        await admin.goto("/admin/groups")
+        await admin.get_by_label("Devices of readers-1 (comma-separated)").fill("thermo-1, thermo-2")
+        await admin.get_by_role("button", name="Save readers-1").click()
+        await admin.wait_for_url("**/admin/groups")
+        await asyncio.sleep(5.5)  # the API caches a token's principal for at most 5 s
+        await other.goto("/devices")
+        assert await other.locator("section.device-card h2").all_inner_texts() == ["thermo-1", "thermo-2"]
+        # disabled: her session opens nothing any more
+        await admin.goto("/admin/users")
+        await admin.get_by_role("button", name="Disable zoe").click()
+        await admin.wait_for_url("**/admin/users")
+        assert "disabled" in await admin.locator("tr", has_text="zoe").inner_text()
+        await asyncio.sleep(5.5)
+        answer = await other.goto("/devices")
+        assert answer is not None
+        assert other.url == site.url + "/"  # back at the start: not signed in
+        await admin.goto("/admin/groups")
+        await admin.get_by_label("Devices of readers-1 (comma-separated)").fill("thermo-1")
+        await admin.get_by_role("button", name="Save readers-1").click()

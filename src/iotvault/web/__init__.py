@@ -26,7 +26,7 @@ from starlette.types import Scope
 from iotvault.api.services import ApiServices
 from iotvault.identity import Identity
 from iotvault.web import admin, pages
-from iotvault.web.bff import SessionBridge
+from iotvault.web.bff import COOKIE_KEY, SessionBridge
 from iotvault.web.client import WebClient
 from iotvault.web.render import LoginRequired, PageError, page, static_dir
 from iotvault.web.session import SessionStore
@@ -89,7 +89,11 @@ def mount(app: FastAPI, svc: ApiServices, identity: Identity) -> None:
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired) -> Response:
-        return RedirectResponse("/", status_code=303)
+        # a session whose token the API refuses (user disabled, grant revoked) is over
+        sessions.drop(request.scope.get(COOKIE_KEY))
+        answer = RedirectResponse("/", status_code=303)
+        answer.headers.append("set-cookie", sessions.set_cookie_header(sessions.cookie, "", max_age=0))
+        return answer
 
     @app.exception_handler(PageError)
     async def page_error(request: Request, exc: PageError) -> HTMLResponse:

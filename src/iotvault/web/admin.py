@@ -172,9 +172,16 @@ async def add_group(request: Request, principal: Accounts) -> Response:
 async def change_group(request: Request, groupName: GroupName, principal: Accounts) -> Response:
     f = await form_of(request)
     ctx = services(request).ctx
-    await _do(
-        lambda: accounts.update_group(ctx, groupName, roles=_roles(f), devices=_names(f.get("devices", "")))
-    )
+
+    def change() -> None:
+        before = accounts.update_group(ctx, groupName, roles=_roles(f), devices=_names(f.get("devices", "")))
+        wanted = set(_names(f.get("members", "")))
+        for user in sorted(wanted - set(before.members)):
+            accounts.add_member(ctx, groupName, user)
+        for user in sorted(set(before.members) - wanted):
+            accounts.remove_member(ctx, groupName, user)
+
+    await _do(change)
     return _back("/admin/groups")
 
 
