@@ -13,8 +13,14 @@ import pytest
 from apifixture import Api, api_key_for, running_api
 from bench import web_page
 
+from iotvault.config import load_settings
 from iotvault.domain.accounts import Roles
+from iotvault.identity import Identity
+from iotvault.identity.clients import add_client, remove_client
+from iotvault.identity.store import ClientRecord
+from iotvault.runtime import context
 from iotvault.web import render
+from iotvault.web.client import CLIENT_ID, WebClient
 
 pytestmark = pytest.mark.integration
 MADE_UP = {"Cookie": "iotvault-web=made-up"}
@@ -132,3 +138,48 @@ async def test_the_chart_gets_numeric_fields_only(signed_in: httpx.AsyncClient) 
     assert len(data["t"]) == 5
     assert data["t"] == sorted(data["t"])
     assert '<th scope="col">d.state</th>' in r.text
+
+
+# ---- the dashboard's OAuth client --------------------------------------------------------------
+def _client_at(tmp_path: Path, public_url: str) -> tuple[WebClient, ClientRecord | None]:
+    settings = load_settings(environ={"IOTVAULT_DATA_DIR": str(tmp_path), "IOTVAULT_PUBLIC_URL": public_url})
+    with context(settings) as ctx:
+        client = WebClient(Identity(settings, ctx))
+        client.ensure_client()
+        found = client.identity.provider.store.get_client(CLIENT_ID)
+    return client, found[0] if found is not None else None
+
+
+def test_the_dashboard_registers_itself_and_follows_the_public_url(tmp_path: Path) -> None:
+    _, record = _client_at(tmp_path, "http://127.0.0.1:8001")
+    assert record is not None
+    assert record.public
+    assert record.allow_anonymous
+    assert record.redirect_uris == ("http://127.0.0.1:8001/auth/callback",)
+    # an administrator registers it again without anonymous sign-in: a restart keeps that
+    settings = load_settings(environ={"IOTVAULT_DATA_DIR": str(tmp_path)})
+    with context(settings) as ctx:
+        store = Identity(settings, ctx).provider.store
+        remove_client(store, CLIENT_ID)
+        add_client(
+            store,
+            CLIENT_ID,
+            redirect_uris=["http://127.0.0.1:8001/auth/callback"],
+            post_logout_redirect_uris=["http://127.0.0.1:8001/"],
+            created_by="root",
+        )
+    _, record = _client_at(tmp_path, "http://127.0.0.1:8001")
+    assert record is not None
+    assert not record.allow_anonymous
+    # a new public URL: the redirect URIs follow, the administrator's choice stays
+    _, record = _client_at(tmp_path, "http://127.0.0.1:8002")
+    assert record is not None
+    assert record.redirect_uris == ("http://127.0.0.1:8002/auth/callback",)
+    assert not record.allow_anonymous
+
+
+def test_a_public_url_the_provider_cannot_redirect_to_disables_sign_in_with_a_reason(tmp_path: Path) -> None:
+    client, record = _client_at(tmp_path, "http://iot.example.com:8000")  # plain http off loopback
+    assert record is None
+    assert client.error is not None
+    assert "iot.example.com" in client.error

@@ -22,7 +22,7 @@ import logging
 from typing import Any, Final
 from urllib.parse import urlencode
 
-from iotvault.errors import IotVaultError
+from iotvault.errors import ClientExistsError, IotVaultError
 from iotvault.identity import Identity
 from iotvault.identity.clients import add_client, remove_client
 from iotvault.identity.web import Call
@@ -67,9 +67,17 @@ class WebClient:
                 allow_anonymous=allow_anonymous,
                 created_by="iotvault",
             )
+        except ClientExistsError:  # another node registered it at the same moment
+            if not self._registered():
+                self.error = f"the dashboard's client {CLIENT_ID} is registered for another public URL"
+                log.warning("web: %s", self.error)
         except IotVaultError as exc:
             self.error = f"the dashboard cannot be registered for {self.base}: {exc}"
             log.warning("web: %s", self.error)
+
+    def _registered(self) -> bool:
+        found = self.identity.provider.store.get_client(CLIENT_ID)
+        return found is not None and self.redirect_uri in found[0].redirect_uris
 
     def authorization_url(self, state: str, nonce: str, verifier: str, *, anonymous: bool = False) -> str:
         params = {
