@@ -130,6 +130,10 @@ async def test_a_writer_sends_a_command_and_sees_it_acknowledged(site: Site) -> 
         await sign_in(page, "bob")
         await page.goto("/devices/thermo-1")
         await page.get_by_label("Command name").fill("setInterval")
+        await page.get_by_label("Payload (JSON object)").fill("[7]")  # not an object: said, not sent
+        await page.get_by_role("button", name="Send").click()
+        await expect(page.locator("#payload-error")).to_contain_text("JSON object")
+        assert await page.locator("#command-list tr").count() == 0
         await page.get_by_label("Payload (JSON object)").fill('{"interval": 7}')
         await page.get_by_role("button", name="Send").click()
         status = page.locator("#command-list .command-status").first

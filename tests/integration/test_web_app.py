@@ -183,3 +183,16 @@ def test_a_public_url_the_provider_cannot_redirect_to_disables_sign_in_with_a_re
     assert record is None
     assert client.error is not None
     assert "iot.example.com" in client.error
+
+
+async def test_docs_are_served_from_the_package_under_the_strict_csp(api: Api) -> None:
+    r = await api.client.get("/docs")
+    assert r.status_code == 200
+    assert "unsafe" not in r.headers["content-security-policy"]
+    sources = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+    assert "/static/vendor/swagger-ui/swagger-ui-bundle.js" in sources
+    assert all(s.startswith(("/", "#")) for s in sources), sources
+    for path in sources:
+        if path.startswith("/static/"):
+            assert (await api.client.get(path)).status_code == 200, path
+    assert (await api.client.get("/openapi.json")).status_code == 200

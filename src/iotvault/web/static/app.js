@@ -150,7 +150,16 @@
     form.addEventListener("submit", function (e) {
       e.preventDefault();
       let payload;
-      try { payload = JSON.parse(form.payload.value || "{}"); } catch (err) { alert("The payload is not valid JSON."); form.payload.focus(); return; }
+      const problem = document.getElementById("payload-error");
+      problem.textContent = "";
+      try { payload = JSON.parse(form.payload.value || "{}"); } catch (err) { payload = null; }
+      if (payload === null || typeof payload !== "object" || Array.isArray(payload)) {
+        problem.textContent = "The payload must be a JSON object, e.g. {\"interval\": 5}.";
+        form.payload.setAttribute("aria-invalid", "true");
+        form.payload.focus();
+        return;
+      }
+      form.payload.removeAttribute("aria-invalid");
       const row = document.createElement("tr");
       const name = document.createElement("td"); name.textContent = form.command.value;
       const id = document.createElement("td"); const status = document.createElement("td");
@@ -167,14 +176,16 @@
     });
   }
 
+  // every second for a minute, then every 5 s: a command stays "sent" until its device answers
+  // or it expires (the server's command_expiry_s)
   function follow(device, commandId, cell, n) {
-    if (n > 120) return;
+    if (n > 300) return;
     setTimeout(function () {
       api("/iotf/devices/" + encodeURIComponent(device) + "/commands/" + commandId).then(function (r) { return r.json(); }).then(function (b) {
         cell.textContent = b.status + (b.reason ? " (" + b.reason + ")" : "");
         if (b.status === "sent") follow(device, commandId, cell, n + 1);
       });
-    }, 1000);
+    }, n < 60 ? 1000 : 5000);
   }
 
   /* ---- security events ------------------------------------------------------------------ */
