@@ -196,3 +196,20 @@ async def test_docs_are_served_from_the_package_under_the_strict_csp(api: Api) -
         if path.startswith("/static/"):
             assert (await api.client.get(path)).status_code == 200, path
     assert (await api.client.get("/openapi.json")).status_code == 200
+
+
+def test_a_confidential_dashboard_client_is_refused_with_a_reason(tmp_path: Path) -> None:
+    settings = load_settings(environ={"IOTVAULT_DATA_DIR": str(tmp_path)})
+    with context(settings) as ctx:
+        add_client(
+            Identity(settings, ctx).provider.store,
+            CLIENT_ID,
+            confidential=True,
+            redirect_uris=["http://127.0.0.1:8000/auth/callback"],
+            created_by="root",
+        )
+    client, record = _client_at(tmp_path, "http://127.0.0.1:8000")
+    assert record is not None
+    assert not record.public  # left as the administrator made it
+    assert client.error is not None
+    assert "public" in client.error

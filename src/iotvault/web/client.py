@@ -53,6 +53,10 @@ class WebClient:
         allow_anonymous = True
         if found is not None:
             record = found[0]
+            if not record.public:
+                self.error = f"the dashboard's client {CLIENT_ID} must be public (PKCE), not confidential"
+                log.warning("web: %s", self.error)
+                return
             if self.redirect_uri in record.redirect_uris and self.home in record.post_logout_redirect_uris:
                 return
             allow_anonymous = record.allow_anonymous
