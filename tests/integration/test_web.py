@@ -33,6 +33,13 @@ UNLABELLED = """() => Array.from(document.querySelectorAll("input, select, texta
     .filter(e => e.type !== "hidden" && !e.closest(".swagger-ui") && !(e.labels && e.labels.length)
                  && !e.getAttribute("aria-label"))
     .map(e => e.outerHTML)"""
+CACHED_URLS = """async () => {
+    const urls = [];
+    for (const name of await caches.keys()) {
+        for (const request of await (await caches.open(name)).keys()) urls.push(request.url);
+    }
+    return urls;
+}"""
 UNSAFE = re.compile(r"unsafe-|\*")
 
 
@@ -343,6 +350,13 @@ async def test_a_phone_shows_one_device_per_tab(site: Site) -> None:
         await page.screenshot(path=shot("device-phone"), full_page=True)
         width = await page.evaluate("document.documentElement.scrollWidth")
         assert width <= PHONE["width"]  # nothing wider than the phone
+        # installable: the service worker runs, and what it cached is the shell, nothing else
+        await page.evaluate("navigator.serviceWorker.ready.then(() => true)")
+        await page.reload()
+        await page.goto("/devices")
+        cached = await page.evaluate(CACHED_URLS)
+        assert cached
+        assert all("/static/" in url for url in cached), cached
 
 
 def test_the_service_worker_caches_the_shell_only(site: Site) -> None:
