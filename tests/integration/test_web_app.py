@@ -213,3 +213,14 @@ def test_a_confidential_dashboard_client_is_refused_with_a_reason(tmp_path: Path
     assert not record.public  # left as the administrator made it
     assert client.error is not None
     assert "public" in client.error
+
+
+async def test_the_session_token_is_never_added_to_the_providers_endpoints(
+    signed_in: httpx.AsyncClient,
+) -> None:
+    r = await signed_in.post("/oauth/token", data={"grant_type": "refresh_token", "refresh_token": "x"})
+    assert r.status_code == 401
+    assert r.json()["error_description"] == "client authentication is required"  # saw no Bearer
+    r = await signed_in.get("/oauth/userinfo")
+    assert r.status_code == 401  # the session's token does not answer for the browser here
+    assert (await signed_in.get("/iotf/me")).json()["id"] == "ann"  # but does on the API

@@ -37,6 +37,10 @@ SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 SESSION_KEY: Final = "iotvault.web.session"  # the WebSession in the ASGI scope
 COOKIE_KEY: Final = "iotvault.web.cookie"
 REFRESH_MARGIN_S: Final = 30
+# the OpenID Connect provider's own endpoints: a session's token is never added to them (the
+# token endpoint, for one, must see only the client's own authentication)
+PROVIDER_PAGES: Final = frozenset({"/login", "/device"})
+PROVIDER_PREFIXES: Final = ("/oauth/", "/device/", "/.well-known/")  # not "/device": "/devices" is ours
 
 
 def read_cookies(header: str) -> dict[str, str]:
@@ -93,6 +97,10 @@ class SessionBridge:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path in PROVIDER_PAGES or path.startswith(PROVIDER_PREFIXES):  # the provider's own rules
             await self.app(scope, receive, send)
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
