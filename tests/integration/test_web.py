@@ -33,6 +33,15 @@ UNLABELLED = """() => Array.from(document.querySelectorAll("input, select, texta
     .filter(e => e.type !== "hidden" && !e.closest(".swagger-ui") && !(e.labels && e.labels.length)
                  && !e.getAttribute("aria-label"))
     .map(e => e.outerHTML)"""
+ADMIN_PAGES = (
+    "/admin/users",
+    "/admin/groups",
+    "/admin/devices",
+    "/admin/apikeys",
+    "/admin/clients",
+    "/security",
+    "/admin/devices/thermo-1/access",
+)
 CACHED_URLS = """async () => {
     const urls = [];
     for (const name of await caches.keys()) {
@@ -188,15 +197,7 @@ async def test_a_reader_sees_no_form_and_a_forged_post_is_refused(site: Site) ->
 async def test_a_non_admin_is_refused_admin_pages(site: Site) -> None:
     async with browser_page(site) as page:
         await sign_in(page, "alice")
-        for path in (
-            "/admin/users",
-            "/admin/groups",
-            "/admin/devices",
-            "/admin/apikeys",
-            "/admin/clients",
-            "/security",
-            "/admin/devices/thermo-1/access",
-        ):
+        for path in ADMIN_PAGES:
             answer = await page.goto(path)
             assert answer is not None, path
             assert answer.status == 403, path
@@ -284,18 +285,7 @@ async def test_pages_have_a_strict_csp_and_no_external_urls(site: Site) -> None:
         await page.get_by_role("button", name="Sign in").click()
         await page.get_by_text("is not right").wait_for()
         await sign_in(page, "root")
-        for path in (
-            "/",
-            "/devices",
-            "/admin/devices/thermo-1/access",
-            "/admin/users",
-            "/admin/groups",
-            "/admin/devices",
-            "/admin/apikeys",
-            "/admin/clients",
-            "/security",
-            "/docs",
-        ):
+        for path in ("/", "/devices", *ADMIN_PAGES, "/docs"):
             answer = await page.goto(path)
             assert answer is not None, path
             assert answer.ok, path

@@ -71,6 +71,12 @@ def _roles(fields: dict[str, str]) -> Roles:
     return Roles(admin="roleAdmin" in fields, reader="roleReader" in fields, writer="roleWriter" in fields)
 
 
+def shown_once(request: Request, principal: Principal, **values: Any) -> Response:
+    """The page that shows a new secret (``secrets``, with ``title``, ``note``, ``back``): the
+    only time it is shown; the answer is never cached (``Cache-Control: no-store``)."""
+    return page(request, "secret.html", principal=principal, **values)
+
+
 def _back(to: str) -> Response:
     return RedirectResponse(to, status_code=303)
 
@@ -112,10 +118,9 @@ async def add_user(request: Request, principal: Accounts) -> Response:
             ctx, name, f.get("displayName") or None, groups=_names(f.get("groups", ""))
         )
     )
-    return page(
+    return shown_once(
         request,
-        "secret.html",
-        principal=principal,
+        principal,
         title=f"User {name} created",
         secrets=[("Password", password)],
         back="/admin/users",
@@ -132,10 +137,9 @@ async def change_user(request: Request, userName: UserName, action: str, princip
         return _back("/admin/users")
     if action == "password":
         password = await _do(lambda: accounts.reset_password(ctx, userName))
-        return page(
+        return shown_once(
             request,
-            "secret.html",
-            principal=principal,
+            principal,
             title=f"New password for {userName}",
             secrets=[("Password", password)],
             back="/admin/users",
@@ -216,10 +220,9 @@ async def register(request: Request, principal: Devices) -> Response:
     f = await form_of(request)
     ctx = services(request).ctx
     new = await _do(lambda: register_device(ctx, f.get("typeId", ""), f.get("deviceId", "")))
-    return page(
+    return shown_once(
         request,
-        "secret.html",
-        principal=principal,
+        principal,
         title=f"Device {new.device_id} registered",
         secrets=[("Credential (MQTT password)", new.credential)],
         details=connection(request, new.device_id, new.type_id),
@@ -235,10 +238,9 @@ async def change_device(request: Request, deviceId: DeviceId, action: str, princ
     if action == "rotate":
         credential = await _do(lambda: rotate_device_credential(ctx, deviceId))
         found = await run_in_threadpool(ctx.store.get_device, deviceId)
-        return page(
+        return shown_once(
             request,
-            "secret.html",
-            principal=principal,
+            principal,
             title=f"New credential for {deviceId}",
             secrets=[("Credential (MQTT password)", credential)],
             details=connection(request, deviceId, found.type_id if found else "?"),
@@ -300,10 +302,9 @@ async def add_key(request: Request, principal: Keys) -> Response:
             created_by=f"{principal.kind}:{principal.id}",
         )
     )
-    return page(
+    return shown_once(
         request,
-        "secret.html",
-        principal=principal,
+        principal,
         title="API key created",
         secrets=[("Key", new.key), ("Password", new.password)],
         back="/admin/apikeys",
