@@ -24,10 +24,12 @@ $(BIN)/iotvault: pyproject.toml requirements/dev.txt
 # The web application's third-party assets (uPlot, Swagger UI): pinned with their integrity in
 # web-assets.lock.json, fetched from the npm registry by a standard-library script (no Node).
 ASSETS := src/iotvault/web/static/vendor/.lock-sha256
+# Offline, `make venv` goes on without them (the pages then say what is missing).
 $(ASSETS): web-assets.lock.json scripts/fetch_assets.py
-	$(PYTHON) scripts/fetch_assets.py
+	@$(PYTHON) scripts/fetch_assets.py || echo "web assets not fetched (offline?): run 'make assets' later" >&2
 
-assets: $(ASSETS)  ## fetch and verify the web application's pinned assets (web-assets.lock.json)
+assets:  ## fetch and verify the web application's pinned assets (web-assets.lock.json)
+	$(PYTHON) scripts/fetch_assets.py
 
 venv: $(BIN)/iotvault $(ASSETS)  ## create .venv with iotvault and the development tools
 
