@@ -108,6 +108,8 @@ async def test_sign_in_shows_exactly_the_devices_one_may_read(site: Site) -> Non
 async def test_a_new_event_appears_live_in_table_and_chart(site: Site) -> None:
     async with browser_page(site) as page:
         await sign_in(page, "alice")
+        overview = await page.context.new_page()  # the devices page follows its cards too
+        await overview.goto("/devices")
         await page.goto("/devices/thermo-1")
         await expect(page.locator("#live")).to_have_text("live updates: on")
         cred = DeviceCredential("thermo-1", "thermo", site.credentials["thermo-1"])
@@ -118,6 +120,9 @@ async def test_a_new_event_appears_live_in_table_and_chart(site: Site) -> None:
             assert await device.wait_acknowledged(timeout=10)
         row = page.locator("#events tbody tr").first
         await row.get_by_text("22.5").wait_for(timeout=10_000)
+        card = overview.locator("section.device-card", has_text="thermo-1")
+        await expect(card.locator("dl.values")).to_contain_text("22.5", timeout=10_000)
+        await expect(card.locator(".status")).to_have_text("online")
         headers = await page.locator("#events thead th").all_inner_texts()
         assert {"d.temp", "d.hum", "d.label"} <= set(headers)
         legend = await page.locator("#chart .u-legend").inner_text()

@@ -45,6 +45,7 @@
         const panel = document.getElementById(t.getAttribute("aria-controls"));
         if (panel) panel.classList.toggle("inactive", !on);
       }
+      followCards();
     }
     tabs.forEach(function (t, i) {
       t.addEventListener("click", function () { select(t); });
@@ -58,6 +59,46 @@
       });
     });
     select(tabs[0]);
+  }
+
+  /* ---- the devices page: the cards on screen follow their device live -------------------- */
+  // At most LIVE_CARDS streams at once: a browser keeps about six connections per server, and
+  // the page's other requests need some. On a phone only the selected tab's device streams.
+  const LIVE_CARDS = 4;
+  const cardStreams = {};
+
+  function updateCard(card, ev) {
+    const fields = ev.payload === null ? {} : flatten(ev.payload);
+    const values = card.querySelector("dl.values") || document.createElement("dl");
+    values.className = "values"; values.textContent = "";
+    for (const k of Object.keys(fields)) {
+      const div = document.createElement("div"), dt = document.createElement("dt"), dd = document.createElement("dd");
+      dt.textContent = k; dd.textContent = text(fields[k]); div.append(dt, dd); values.appendChild(div);
+    }
+    let latest = card.querySelector(".latest");
+    if (!latest) { latest = document.createElement("p"); latest.className = "muted latest"; }
+    latest.textContent = "Latest event " + ev.timestamp + " (" + ev.eventType + ")";
+    const none = card.querySelector(".no-events"); if (none) none.remove();
+    const link = card.querySelector("p:last-child");
+    card.insertBefore(latest, link); card.insertBefore(values, link);
+    const status = card.querySelector(".status"); status.textContent = "online"; status.className = "status online";
+    const seen = card.querySelector(".last-seen"); if (seen) seen.textContent = ev.timestamp;
+  }
+
+  function followCards() {
+    const cards = Array.from(document.querySelectorAll("section.device-card"))
+      .filter(function (c) { return c.offsetParent !== null; }).slice(0, LIVE_CARDS);
+    const wanted = new Set(cards.map(function (c) { return c.dataset.device; }));
+    for (const id of Object.keys(cardStreams)) {
+      if (!wanted.has(id)) { cardStreams[id].close(); delete cardStreams[id]; }
+    }
+    for (const card of cards) {
+      const id = card.dataset.device;
+      if (cardStreams[id] || !window.EventSource) continue;
+      const source = new EventSource("/iotf/devices/" + encodeURIComponent(id) + "/stream");
+      source.addEventListener("event", function (m) { updateCard(card, JSON.parse(m.data)); });
+      cardStreams[id] = source;
+    }
   }
 
   /* ---- chart ---------------------------------------------------------------------------- */
@@ -253,6 +294,6 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
-    setupTabs(); setupDevice(); setupSecurity(); setupServiceWorker();
+    setupTabs(); followCards(); setupDevice(); setupSecurity(); setupServiceWorker();
   });
 })();
