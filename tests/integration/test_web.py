@@ -42,6 +42,30 @@ ADMIN_PAGES = (
     "/security",
     "/admin/devices/thermo-1/access",
 )
+# text whose contrast with its background is below WCAG AA (4.5:1)
+LOW_CONTRAST = """() => {
+    const rgb = c => (c.match(/[\\d.]+/g) || []).map(Number);
+    const linear = v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+    const weights = [0.2126, 0.7152, 0.0722];
+    const lum = ([r, g, b]) => [r, g, b].map(linear).reduce((a, v, i) => a + v * weights[i], 0);
+    const background = el => {
+        for (let e = el; e; e = e.parentElement) {
+            const c = rgb(getComputedStyle(e).backgroundColor);
+            if (c.length === 3 || (c.length === 4 && c[3] > 0)) return c.slice(0, 3);
+        }
+        return [255, 255, 255];
+    };
+    const low = [];
+    for (const el of document.querySelectorAll("header *, main *")) {
+        if (el.closest(".swagger-ui, .u-legend, .chart") || !el.offsetParent) continue;
+        const own = Array.from(el.childNodes).some(n => n.nodeType === 3 && n.textContent.trim());
+        if (!own) continue;
+        const [a, b] = [lum(rgb(getComputedStyle(el).color).slice(0, 3)), lum(background(el))];
+        const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+        if (ratio < 4.5) low.push(`${el.tagName} ${el.textContent.trim().slice(0, 30)} ${ratio.toFixed(2)}`);
+    }
+    return low;
+}"""
 CACHED_URLS = """async () => {
     const urls = [];
     for (const name of await caches.keys()) {
@@ -299,9 +323,16 @@ async def test_pages_have_a_strict_csp_and_no_external_urls(site: Site) -> None:
             assert "script-src 'self'" in csp, (path, csp)
             unlabelled = await page.evaluate(UNLABELLED)
             assert unlabelled == [], (path, unlabelled)
+            low = await page.evaluate(LOW_CONTRAST)
+            assert low == [], (path, low)
             html = await page.content()
             for url in re.findall(r'(?:src|href|action)="([^"]+)"', html):
                 assert url.startswith(("/", "#", "?", site.url)), (path, url)
+        # the contrast check sees a pale text when there is one
+        pale = "() => { const p = document.createElement('p'); p.textContent = 'pale';"
+        pale += " p.style.color = '#cccccc'; document.querySelector('main').appendChild(p); }"
+        await page.evaluate(pale)
+        assert len(await page.evaluate(LOW_CONTRAST)) == 1
         await page.goto("/docs")
         await page.locator(".swagger-ui .opblock").first.wait_for(timeout=20_000)
         await page.screenshot(path=shot("docs"))
