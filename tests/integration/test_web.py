@@ -247,7 +247,9 @@ async def test_an_admin_registers_a_device_and_sees_its_credential_once(site: Si
         assert "Client id" in details
         assert "iot-2/type/valve/id/valve-9/evt/" in details
         assert str(mqtt_port(site)) in details
-        await page.screenshot(path=shot("admin-device-registered"), full_page=True)
+        await page.screenshot(
+            path=shot("admin-device-registered"), full_page=True, mask=[page.locator("code.secret")]
+        )
         # the credential works on the broker, and is never shown again
         async with SimulatedDevice(
             DeviceCredential("valve-9", "valve", credential), "127.0.0.1", mqtt_port(site)
