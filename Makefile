@@ -10,16 +10,22 @@ PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --g
 # What pip-audit prints when it could not ask its vulnerability service about every package
 AUDIT_UNCHECKED := could not be audited|requests\.exceptions|ConnectionError|Max retries|ServiceError|timed out
 
-.PHONY: help venv check test test-fast demo clean lock upgrade audit wheel bench
+.PHONY: help venv assets check test test-fast demo clean lock upgrade audit wheel bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 # scripts/bootstrap.py (its docstring says why): a pinned pip first, then the development lock,
-# then iotvault editable. It does nothing when its inputs have not changed since the last run, and
-# it completes a .venv the demo command made with the runtime lock only.
+# then iotvault editable, then the web application's pinned assets (scripts/fetch_assets.py). It
+# does nothing when its inputs have not changed since the last run, and it completes a .venv the
+# demo command made with the runtime lock only.
 venv:  ## create or update .venv with iotvault and the development tools
 	@$(PYTHON) scripts/bootstrap.py --dev --venv $(VENV)
+
+# The web application's third-party assets (uPlot, Swagger UI): pinned with their integrity in
+# web-assets.lock.json, fetched from the npm registry by a standard-library script (no Node).
+assets:  ## fetch and verify the web application's pinned assets (web-assets.lock.json)
+	$(PYTHON) scripts/fetch_assets.py
 
 check: venv  ## lint (ruff), format check, type check (mypy strict on src/), bandit on src/
 	$(BIN)/ruff check src tests bench scripts

@@ -874,7 +874,7 @@ async def test_clients_admin_api(oidc: Oidc) -> None:
     r = await oidc.http.get("/iotf/clients", headers=alice)
     assert r.status_code == 403
     r = await oidc.http.get("/iotf/clients", headers=root)
-    assert {c["clientId"] for c in r.json()["clients"]} == {"iotvault-cli", MOBILE, WEBAPP}
+    assert {c["clientId"] for c in r.json()["clients"]} == {"iotvault-cli", "iotvault-web", MOBILE, WEBAPP}
     assert all("clientSecret" not in c and "secret" not in json.dumps(c).lower() for c in r.json()["clients"])
     body = {"clientId": "spa", "redirectUris": ["https://spa.example/cb"]}
     r = await oidc.http.post("/iotf/clients", json=body, headers=root)

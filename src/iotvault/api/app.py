@@ -14,10 +14,10 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from iotvault import __version__
+from iotvault import __version__, web
 from iotvault.api import problems
 from iotvault.api.middleware import Hardening
-from iotvault.api.routes import admin, commands, devices, oidc, oidc_admin
+from iotvault.api.routes import access, admin, commands, devices, oidc, oidc_admin
 from iotvault.api.services import ApiServices
 from iotvault.identity import Identity
 
@@ -32,6 +32,7 @@ PUBLIC_ROUTES = frozenset(
         ("GET", "/openapi.json"),
     }
     | oidc.OIDC_ROUTES
+    | web.PUBLIC_ROUTES
 )
 
 
@@ -84,11 +85,14 @@ def create_app(
     async def metrics_endpoint() -> PlainTextResponse:
         return PlainTextResponse(svc.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
+    app.include_router(access.router)  # before devices: its path is more specific
     app.include_router(devices.router)
     app.include_router(commands.router)
     app.include_router(admin.router)
     app.include_router(oidc_admin.router)
     app.include_router(oidc.router)
+
+    web.mount(app, svc, app.state.identity)  # the web application; its session bridge sits inside Hardening
 
     if settings.cors_origin_list:
         app.add_middleware(

@@ -143,3 +143,72 @@ def may_grant(creator: Principal, grant: Grant) -> bool:
     """Whether *creator* may make an API key holding *grant* (its roles over its devices, the
     devices of the groups it names included): a key never holds more than its maker."""
     return within(Principal.from_grants("api_key", "new", [grant]), creator)
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Someone who may hold rights: a user, an API key, the anonymous caller or a group as a
+    whole (external users are mapped to groups), with each grant named by where it comes from
+    (a group name, or ``"key"`` for an API key's own devices)."""
+
+    kind: Literal["user", "api_key", "anonymous", "group"]
+    id: str
+    grants: tuple[tuple[str, Grant], ...]
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What one holder may do with one device, and through which grants."""
+
+    kind: str
+    id: str
+    read: bool
+    command: bool
+    read_via: tuple[str, ...]
+    command_via: tuple[str, ...]
+    disabled: bool
+
+
+def access_to(device_id: str, holders: Iterable[Holder]) -> list[Access]:
+    """Who may read or command ``device_id``: the answer :func:`authorize` gives each holder.
+
+    Each holder's rights are decided by :func:`authorize` on the principal its grants make,
+    exactly as a request would be; ``read_via``/``command_via`` name the grants that would
+    allow it on their own. Holders with neither right are left out. A disabled user is listed
+    (with ``disabled``) because its groups still name it, although it cannot log in.
+    """
+    found: list[Access] = []
+    for h in holders:
+        principal = Principal.from_grants("user", h.id, (g for _, g in h.grants))
+        read = authorize(principal, Permission.DEVICE_READ, device_id) is Decision.ALLOW
+        command = authorize(principal, Permission.DEVICE_COMMAND, device_id) is Decision.ALLOW
+        if not (read or command):
+            continue
+
+        def via(permission: Permission, holder: Holder = h) -> tuple[str, ...]:
+            return tuple(
+                source
+                for source, g in holder.grants
+                if authorize(Principal.from_grants("user", holder.id, [g]), permission, device_id)
+                is Decision.ALLOW
+            )
+
+        found.append(
+            Access(
+                h.kind,
+                h.id,
+                read,
+                command,
+                via(Permission.DEVICE_READ),
+                via(Permission.DEVICE_COMMAND),
+                h.disabled,
+            )
+        )
+    return found
+
+
+def reach(holder: Holder) -> tuple[frozenset[str], frozenset[str], bool]:
+    """What ``holder`` may reach: (readable devices, commandable devices, admin)."""
+    p = Principal.from_grants("user", holder.id, (g for _, g in holder.grants))
+    return p.readable, p.writable, p.admin
