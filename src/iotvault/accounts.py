@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, NamedTuple
 
 from iotvault.auth.policy import Grant
+from iotvault.clock import now_us
 from iotvault.crypto.passwords import generate_password, hash_password, needs_rehash, verify_password
 from iotvault.crypto.tokens import hash_secret, new_secret, verify_secret
 from iotvault.domain.accounts import (
@@ -39,7 +40,7 @@ from iotvault.domain.accounts import (
     parse_flag,
 )
 from iotvault.errors import ValidationError
-from iotvault.runtime import Context, now_us
+from iotvault.runtime import Context
 from iotvault.storage.accounts import (
     ApiKeyNotFoundError,
     ApiKeyRecord,

@@ -8,7 +8,6 @@ decryption errors later.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
 
+from iotvault.clock import now_us
 from iotvault.config import Settings
 from iotvault.crypto.keyring import FINGERPRINT_META, KeyRing
 from iotvault.crypto.master_key import MasterKey
@@ -54,10 +54,6 @@ class Context:
 
     def close(self) -> None:
         self.engine.dispose()
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 def open_context(settings: Settings, *, auto_migrate_empty: bool = True) -> Context:

@@ -814,7 +814,7 @@ def apikeys_add(
     json_out: JsonOption = False,
 ) -> None:
     """Create an API key; prints its key and password once (only a hash is kept)."""
-    from iotvault.runtime import now_us
+    from iotvault.clock import now_us
 
     with context(settings()) as ctx:
         expires = now_us() + expires_in * 86_400_000_000 if expires_in else None

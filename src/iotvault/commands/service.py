@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from iotvault.clock import now_us
 from iotvault.commands.documents import MAX_PAYLOAD_BYTES, CommandDocument, command_message
 from iotvault.commands.keys import command_signing_key
 from iotvault.crypto.signing import CommandPublicKey, CommandSigningKey, b64url, canonical_json
@@ -37,7 +38,7 @@ from iotvault.errors import (
     DeviceNotFoundError,
     ValidationError,
 )
-from iotvault.runtime import Context, now_us
+from iotvault.runtime import Context
 from iotvault.storage.repository import CommandRecord, SecurityEvent
 
 Publish = Callable[[str, bytes], Awaitable[None]]

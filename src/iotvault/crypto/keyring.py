@@ -19,7 +19,6 @@ opening.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -119,7 +118,3 @@ class KeyRing:
             self._master.unwrap_data_key(device_id, version, wrapped)
         )
         return self._cache.set_current(device_id, version, aead, ttl_seconds=self._ttl, generation=generation)
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000

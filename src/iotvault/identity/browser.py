@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from iotvault.accounts import authenticate
+from iotvault.clock import now_us
 from iotvault.crypto.passwords import verify_password
 from iotvault.domain.accounts import MAX_PASSWORD
 from iotvault.errors import OAuthError
@@ -59,7 +60,6 @@ from iotvault.identity.web import (
     sha256_hex,
     with_query,
 )
-from iotvault.runtime import now_us
 
 _CHALLENGE_RE: Final = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of a SHA-256
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{43}")

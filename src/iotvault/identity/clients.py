@@ -22,11 +22,11 @@ from collections.abc import Iterable
 from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
+from iotvault.clock import now_us
 from iotvault.crypto.tokens import hash_secret, new_secret, verify_secret
 from iotvault.domain.accounts import check_text
 from iotvault.errors import ClientNotFoundError, ValidationError
 from iotvault.identity.store import ClientRecord, IdentityStore
-from iotvault.runtime import now_us
 
 AUTHORIZATION_CODE: Final = "authorization_code"
 REFRESH_TOKEN: Final = "refresh_token"  # noqa: S105 - the name of a grant type, not a secret

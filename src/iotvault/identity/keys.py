@@ -30,10 +30,10 @@ from typing import Final
 from joserfc.jwk import ECKey, JWKRegistry, KeySet
 
 from iotvault.auth.tokens import public_keyset
+from iotvault.clock import now_us
 from iotvault.crypto.master_key import MasterKey
 from iotvault.errors import KeyUnwrapError
 from iotvault.identity.store import IdentityStore, SigningKeyRecord
-from iotvault.runtime import now_us
 
 log = logging.getLogger(__name__)
 

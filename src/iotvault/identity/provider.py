@@ -28,6 +28,7 @@ from typing import Any, Final
 from joserfc import jwt
 from joserfc.errors import JoseError
 
+from iotvault.clock import now_us
 from iotvault.config import Settings
 from iotvault.identity.clients import GRANT_TYPES, authenticate_client, is_client_id
 from iotvault.identity.keys import ALG, SigningKeys
@@ -43,7 +44,7 @@ from iotvault.identity.store import (
 )
 from iotvault.identity.throttle import LoginThrottle
 from iotvault.identity.web import Answer, Call, Cookies, json_answer, new_token, sha256_hex
-from iotvault.runtime import Context, now_us
+from iotvault.runtime import Context
 from iotvault.storage.repository import SecurityEvent
 
 log = logging.getLogger(__name__)

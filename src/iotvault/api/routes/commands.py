@@ -20,9 +20,9 @@ from iotvault.api.routes.devices import DEVICE_ID
 from iotvault.api.schemas import ERRORS, Strict
 from iotvault.api.security import services
 from iotvault.auth.policy import Permission, Principal
+from iotvault.clock import now_us
 from iotvault.commands.service import MAX_EXPIRY_S, CommandService, effective_status
 from iotvault.documents import iso
-from iotvault.runtime import now_us
 from iotvault.storage.repository import CommandRecord
 
 router = APIRouter(prefix="/iotf", tags=["commands"], responses=ERRORS)
