@@ -8,38 +8,21 @@ decryption errors later.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
 
-from iotvault.clock import now_us
 from iotvault.config import Settings
 from iotvault.crypto.keyring import FINGERPRINT_META, KeyRing
 from iotvault.crypto.master_key import MasterKey
-from iotvault.crypto.tokens import hash_secret, new_secret
-from iotvault.domain.ids import DeviceId, TypeId
-from iotvault.errors import BrokerError, DeviceNotFoundError, MasterKeyError
+from iotvault.devices import DeviceAccounts
+from iotvault.errors import MasterKeyError
 from iotvault.storage import migrate
 from iotvault.storage.accounts import AccountStore
 from iotvault.storage.db import check_connection, create_db_engine, redact
-from iotvault.storage.repository import DeviceRecord
 from iotvault.storage.sql import SqlStore
-
-
-class DeviceAccounts(Protocol):
-    """Broker-side accounts that follow the registry (Mosquitto: :mod:`iotvault.broker.dynsec`).
-
-    Called with the plaintext credential, the only moment it exists; raising
-    :class:`~iotvault.errors.BrokerError` undoes the registry change where that is possible.
-    """
-
-    def device_registered(self, device_id: str, type_id: str, credential: str) -> None: ...
-    def credential_rotated(self, device_id: str, type_id: str, credential: str) -> None: ...
-    def credential_revoked(self, device_id: str) -> None: ...
-    def device_deleted(self, device_id: str) -> None: ...
 
 
 @dataclass
@@ -113,65 +96,3 @@ def context(settings: Settings, *, auto_migrate_empty: bool = True) -> Iterator[
         yield ctx
     finally:
         ctx.close()
-
-
-# ---- devices --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class NewDevice:
-    device_id: str
-    type_id: str
-    credential: str  # shown once, never stored
-
-
-def register_device(
-    ctx: Context, type_id: str, device_id: str, metadata: Mapping[str, Any] | None = None
-) -> NewDevice:
-    """Create a device with a fresh data key and a fresh credential (returned once)."""
-    did, tid = DeviceId(device_id).value, TypeId(type_id).value
-    credential = new_secret()
-    record = DeviceRecord(did, tid, "offline", None, dict(metadata or {}), now_us())
-    ctx.store.add_device(
-        record, wrapped_key=ctx.keyring.new_device_key(did), credential_hash=hash_secret(credential)
-    )
-    if ctx.device_accounts is not None:
-        try:
-            ctx.device_accounts.device_registered(did, tid, credential)
-        except BrokerError:
-            ctx.store.delete_device(did)  # a device the broker would refuse is not registered
-            ctx.keyring.forget(did)
-            raise
-    return NewDevice(did, tid, credential)
-
-
-def rotate_device_credential(ctx: Context, device_id: str, *, grace_s: int = 0) -> str:
-    """A new credential (returned once); the old one stays valid ``grace_s`` seconds.
-
-    With Mosquitto the broker learns the new credential first and drops the old one at once
-    (its dynamic-security plugin keeps one password per client): no grace there.
-    """
-    device = ctx.store.get_device(device_id)
-    if device is None:
-        raise DeviceNotFoundError(device_id)
-    credential = new_secret()
-    if ctx.device_accounts is not None:
-        ctx.device_accounts.credential_rotated(device.device_id, device.type_id, credential)
-    until = now_us() + grace_s * 1_000_000 if grace_s > 0 else None
-    ctx.store.set_credential(device_id, hash_secret(credential), previous_valid_until_us=until)
-    return credential
-
-
-def revoke_device_credential(ctx: Context, device_id: str) -> None:
-    """Refuse every credential of a device (current and in grace) until it gets a new one."""
-    ctx.store.revoke_credentials(device_id)
-    if ctx.device_accounts is not None:
-        ctx.device_accounts.credential_revoked(device_id)
-
-
-def delete_device(ctx: Context, device_id: str) -> None:
-    if not ctx.store.delete_device(device_id):
-        raise DeviceNotFoundError(device_id)
-    ctx.keyring.forget(device_id)
-    ctx.accounts.forget_device(device_id)  # API keys that named it; its group grants are gone
-    if ctx.device_accounts is not None:
-        # a failure here is repaired at the next start (DynsecAccounts.reconcile)
-        ctx.device_accounts.device_deleted(device_id)

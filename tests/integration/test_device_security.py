@@ -39,17 +39,16 @@ from iotvault.commands.service import CommandService
 from iotvault.config import Settings, load_settings
 from iotvault.crypto.signing import CommandPublicKey, CommandSigningKey, b64url
 from iotvault.device import Command, CommandRejectedError, DeviceClient
-from iotvault.domain.accounts import Roles
-from iotvault.errors import BrokerUnavailableError
-from iotvault.node import Node, Role
-from iotvault.runtime import (
-    Context,
+from iotvault.devices import (
     delete_device,
-    open_context,
     register_device,
     revoke_device_credential,
     rotate_device_credential,
 )
+from iotvault.domain.accounts import Roles
+from iotvault.errors import BrokerUnavailableError
+from iotvault.node import Node, Role
+from iotvault.runtime import Context, open_context
 from iotvault.simulator import (
     CommandSupport,
     DeviceCredential,

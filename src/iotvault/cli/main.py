@@ -27,10 +27,11 @@ from rich.table import Column, Table
 from iotvault import __version__
 from iotvault import accounts as account_services
 from iotvault.config import Settings, load_settings
+from iotvault.devices import delete_device, register_device, rotate_device_credential
 from iotvault.documents import api_key_doc, client_doc, group_doc, iso, user_doc
 from iotvault.domain.accounts import Roles
 from iotvault.errors import ConfigError, IotVaultError, RecordDecryptionError
-from iotvault.runtime import Context, context, delete_device, register_device, rotate_device_credential
+from iotvault.runtime import Context, context
 from iotvault.storage.accounts import GroupNotFoundError
 
 app = typer.Typer(
@@ -1149,7 +1150,7 @@ def devices_command_key(json_out: JsonOption = False) -> None:
 @devices_app.command("revoke-credential")
 def devices_revoke_credential(device_id: IdArg, yes: YesOption = False) -> None:
     """Refuse every credential of a device (also one in its grace period) until it is rotated."""
-    from iotvault.runtime import revoke_device_credential
+    from iotvault.devices import revoke_device_credential
 
     if not yes:
         typer.confirm(f"Disconnect {device_id} and refuse its credentials?", abort=True)
