@@ -346,9 +346,9 @@ def server_env(
 def register(env: dict[str, str], n: int) -> tuple[list[tuple[str, str, str]], str]:
     """N devices with real credentials, a probe device, and a group that may read them all."""
     from iotvault.accounts import create_group  # noqa: PLC0415
+    from iotvault.context import context  # noqa: PLC0415
     from iotvault.devices import register_device  # noqa: PLC0415
     from iotvault.domain.accounts import Roles  # noqa: PLC0415
-    from iotvault.runtime import context  # noqa: PLC0415
 
     with context(load_settings(environ=env)) as ctx:
         creds = []

@@ -30,11 +30,11 @@ from iotvault.api.ratelimit import RateLimiter
 from iotvault.api.services import ApiServices
 from iotvault.auth.tokens import IssuerConfig, StaticKeys, TokenVerifier, public_keyset
 from iotvault.config import load_settings
+from iotvault.context import Context, open_context
 from iotvault.devices import register_device
 from iotvault.domain.accounts import Roles
 from iotvault.domain.ids import EventIdFactory, event_id_millis
 from iotvault.metrics import Metrics
-from iotvault.runtime import Context, open_context
 from iotvault.storage.repository import BatchWrite, StoredEvent
 
 ISSUER = "https://issuer.test"

@@ -26,14 +26,14 @@ from iotvault.api.ratelimit import RateLimiter
 from iotvault.api.services import ApiServices, EventNotifier
 from iotvault.auth.tokens import IssuerConfig, RemoteJwks, TokenVerifier
 from iotvault.broker.embedded import EmbeddedBroker, InboundPublish
-from iotvault.broker.wiring import start_broker_side
 from iotvault.commands.service import CommandService
 from iotvault.config import Settings
+from iotvault.context import Context, open_context
 from iotvault.errors import PortInUseError
 from iotvault.identity import Identity
 from iotvault.ingest.pipeline import Inbound, IngestPipeline, Outcome
 from iotvault.metrics import Metrics
-from iotvault.runtime import Context, open_context
+from iotvault.wiring import start_broker_side
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class Node:
                     )
                 )
             # the embedded broker (device accounts, topic rules) or the external one's subscriber,
-            # and how commands are sent: iotvault.broker.wiring
+            # and how commands are sent: iotvault.wiring
             broker_side = await start_broker_side(stack, s, self.ctx, self.pipeline, self._embedded_hook)
             self.broker = broker_side.broker
             server_task: asyncio.Task[None] | None = None

@@ -19,10 +19,10 @@ from iotvault import accounts
 from iotvault.cli.main import app
 from iotvault.clock import now_us
 from iotvault.config import Settings, load_settings
+from iotvault.context import Context, context
 from iotvault.devices import delete_device, register_device
 from iotvault.domain.accounts import Roles
 from iotvault.errors import ValidationError
-from iotvault.runtime import Context, context
 from iotvault.storage import migrate
 from iotvault.storage.accounts import (
     TOUCH_INTERVAL_US,

@@ -27,11 +27,11 @@ from rich.table import Column, Table
 from iotvault import __version__
 from iotvault import accounts as account_services
 from iotvault.config import Settings, load_settings
+from iotvault.context import Context, context
 from iotvault.devices import delete_device, register_device, rotate_device_credential
 from iotvault.documents import api_key_doc, client_doc, group_doc, iso, user_doc
 from iotvault.domain.accounts import Roles
 from iotvault.errors import ConfigError, IotVaultError, RecordDecryptionError
-from iotvault.runtime import Context, context
 from iotvault.storage.accounts import GroupNotFoundError
 
 app = typer.Typer(

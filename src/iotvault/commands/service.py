@@ -23,11 +23,12 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from iotvault.clock import now_us
 from iotvault.commands.documents import MAX_PAYLOAD_BYTES, CommandDocument, command_message
 from iotvault.commands.keys import command_signing_key
+from iotvault.crypto.master_key import MasterKey
 from iotvault.crypto.signing import CommandPublicKey, CommandSigningKey, b64url, canonical_json
 from iotvault.domain.ids import check_identifier
 from iotvault.domain.topics import CommandTopic
@@ -38,8 +39,8 @@ from iotvault.errors import (
     DeviceNotFoundError,
     ValidationError,
 )
-from iotvault.runtime import Context
 from iotvault.storage.repository import CommandRecord, SecurityEvent
+from iotvault.storage.sql import SqlStore
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 
@@ -62,10 +63,19 @@ def effective_status(record: CommandRecord, at_us: int) -> str:
     return record.status
 
 
+class CommandResources(Protocol):
+    """What the service uses (:class:`iotvault.context.Context` is one)."""
+
+    @property
+    def store(self) -> SqlStore: ...
+    @property
+    def master(self) -> MasterKey: ...
+
+
 class CommandService:
     def __init__(
         self,
-        ctx: Context,
+        ctx: CommandResources,
         publish: Publish | None = None,
         *,
         default_expiry_s: int = 300,

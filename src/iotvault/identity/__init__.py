@@ -29,10 +29,9 @@ from iotvault.auth.tokens import InvalidTokenError, IssuerConfig
 from iotvault.config import Settings
 from iotvault.identity.browser import Browser
 from iotvault.identity.grants import Grants
-from iotvault.identity.provider import PATHS, IdentityProvider, api_audience
+from iotvault.identity.provider import PATHS, IdentityProvider, IdentityResources, api_audience
 from iotvault.identity.verifier import ProviderVerifier
 from iotvault.identity.web import Answer, json_answer
-from iotvault.runtime import Context
 
 __all__ = ["PATHS", "Identity", "IdentityProvider", "ProviderVerifier", "api_audience"]
 
@@ -40,7 +39,7 @@ __all__ = ["PATHS", "Identity", "IdentityProvider", "ProviderVerifier", "api_aud
 class Identity:
     """The provider with its two faces, built once per process (``create_app`` and ``Node``)."""
 
-    def __init__(self, settings: Settings, ctx: Context) -> None:
+    def __init__(self, settings: Settings, ctx: IdentityResources) -> None:
         self.provider = IdentityProvider(settings, ctx)
         self.browser = Browser(self.provider)
         self.grants = Grants(self.provider)

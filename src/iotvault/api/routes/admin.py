@@ -22,10 +22,10 @@ from iotvault.api.routes.devices import DEVICE_ID, device_doc
 from iotvault.api.schemas import ERRORS, Strict
 from iotvault.auth.policy import Permission, Principal, may_grant
 from iotvault.clock import now_us
+from iotvault.context import Context
 from iotvault.devices import delete_device, register_device, rotate_device_credential
 from iotvault.documents import api_key_doc, group_doc, iso, user_doc
 from iotvault.domain.accounts import Roles
-from iotvault.runtime import Context
 from iotvault.storage.accounts import GroupNotFoundError, GroupRecord, UserRecord
 
 router = APIRouter(prefix="/iotf", responses=ERRORS)

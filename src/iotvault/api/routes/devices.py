@@ -27,9 +27,9 @@ from iotvault.api.problems import Problem
 from iotvault.api.schemas import ERRORS, DeviceOut, EventOut
 from iotvault.api.security import services
 from iotvault.auth.policy import Permission, Principal
+from iotvault.context import Context
 from iotvault.documents import iso
 from iotvault.errors import CryptoError
-from iotvault.runtime import Context
 from iotvault.storage.repository import DeviceRecord, StoredEvent
 
 router = APIRouter(prefix="/iotf", tags=["devices"], responses=ERRORS)

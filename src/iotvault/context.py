@@ -1,4 +1,8 @@
-"""Opening iotvault's resources from settings, and the small services the CLI and API share.
+"""Opening iotvault's resources from settings: the composition root the node and the CLI share.
+
+The services (:mod:`iotvault.accounts`, :mod:`iotvault.devices`, commands, identity) never
+import this module: each names, as a protocol, the few resources it uses, and a
+:class:`Context` is one of them.
 
 :func:`open_context` connects to the database, creates or checks the schema, loads (or on first
 start creates) the master key and checks that it is the key this database was made with, so a
