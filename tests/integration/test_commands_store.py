@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from iotvault.clock import now_us
-from iotvault.commands.documents import Ack
 from iotvault.commands.service import CommandService, effective_status
 from iotvault.config import load_settings
 from iotvault.context import Context, context
 from iotvault.devices import delete_device, register_device
+from iotvault.domain.commands import Ack
 from iotvault.ingest.pipeline import Inbound, IngestPipeline, Outcome
 from iotvault.metrics import Metrics
 from iotvault.storage.repository import SecurityEvent

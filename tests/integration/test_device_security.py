@@ -33,7 +33,6 @@ from iotvault.broker.acl import SERVICE_USERNAME
 from iotvault.broker.publisher import CommandPublisher
 from iotvault.broker.tls import client_context
 from iotvault.cli.main import app as cli_app
-from iotvault.commands.documents import command_message
 from iotvault.commands.keys import broker_service_password, command_signing_key
 from iotvault.commands.service import CommandService
 from iotvault.config import Settings, load_settings
@@ -47,6 +46,7 @@ from iotvault.devices import (
     rotate_device_credential,
 )
 from iotvault.domain.accounts import Roles
+from iotvault.domain.commands import command_message
 from iotvault.errors import BrokerUnavailableError
 from iotvault.node import Node, Role
 from iotvault.simulator import (

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from iotvault.clock import now_us
-from iotvault.commands.documents import MAX_PAYLOAD_BYTES, CommandDocument, command_message
 from iotvault.commands.keys import command_signing_key
 from iotvault.crypto.master_key import MasterKey
-from iotvault.crypto.signing import CommandPublicKey, CommandSigningKey, b64url, canonical_json
+from iotvault.crypto.signing import CommandPublicKey, CommandSigningKey
+from iotvault.domain.commands import MAX_PAYLOAD_BYTES, CommandDocument, command_message
+from iotvault.domain.encoding import b64url, canonical_json
 from iotvault.domain.ids import check_identifier
 from iotvault.domain.topics import CommandTopic
 from iotvault.errors import (

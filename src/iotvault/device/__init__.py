@@ -23,12 +23,12 @@ A device in another language implements the same checks (README, "Commands on th
 nonces, saved before the handler runs) are small enough to port.
 """
 
-from iotvault.commands.documents import Ack, Reason
 from iotvault.crypto.signing import CommandPublicKey
 from iotvault.device.client import DeviceClient
 from iotvault.device.processor import CommandProcessor, Handler
 from iotvault.device.replay import ReplayGuard
 from iotvault.device.verify import Command, CommandVerifier
+from iotvault.domain.commands import Ack, Reason
 from iotvault.errors import CommandRejectedError
 from iotvault.simulator.device import DeviceCredential
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
-from iotvault.crypto.signing import b64url_decode, canonical_json
+from iotvault.domain.encoding import b64url_decode, canonical_json
 from iotvault.domain.ids import check_identifier
 from iotvault.errors import ValidationError
 
