@@ -29,7 +29,7 @@ class VersionTakenError(Exception):
 
 
 class MemoryKeyStore:
-    """A :class:`~iotvault.storage.repository.KeyStore` in a dict, counting its reads."""
+    """A :class:`~iotvault.crypto.keyring.KeyStore` in a dict, counting its reads."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
