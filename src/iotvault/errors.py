@@ -32,7 +32,7 @@ attributes and a message a person can act on.
     ├── BrokerError
     │   ├── BrokerUnavailableError   the MQTT broker cannot be reached
     │   ├── BrokerAdminError         the broker refused an account change (Mosquitto dynamic security)
-    │   └── (simulator.device) DeviceRefusedError  the broker refused a device's credentials
+    │   └── (device.connection) DeviceRefusedError  the broker refused a device's credentials
     ├── CommandError                 a command to a device cannot be made or sent
     │   └── CommandRejectedError     a device refuses a command (.reason: unsigned, expired, replayed…)
     ├── IdentityError                the built-in OpenID Connect provider (iotvault.identity)

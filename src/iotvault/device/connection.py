@@ -1,4 +1,4 @@
-"""A simulated device: one MQTT connection that delivers every event at least once.
+"""A device's MQTT connection, delivering every event at least once: the SDK's and the simulator's.
 
 Why the device keeps its own outbox rather than trusting gmqtt's (read from gmqtt 0.8):
 
@@ -194,7 +194,7 @@ class _Session:
         return not self.lost.is_set()
 
 
-class SimulatedDevice:
+class DeviceConnection:
     """One device: one MQTT connection (client id = username = device_id, password = credential),
     MQTT 3.1.1, clean_session=False, keepalive 30 s, will message ``{"status": "disconnected"}``
     (QoS 1) on its status topic, and ``{"status": "connected"}`` there after each connect.
@@ -256,7 +256,7 @@ class SimulatedDevice:
         self._room.set()
 
     def __repr__(self) -> str:
-        return f"SimulatedDevice({self._cred.device_id!r}, {self._host}:{self._port})"
+        return f"DeviceConnection({self._cred.device_id!r}, {self._host}:{self._port})"
 
     @property
     def device_id(self) -> str:
