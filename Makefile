@@ -23,10 +23,11 @@ $(BIN)/iotvault: pyproject.toml requirements/dev.txt
 
 venv: $(BIN)/iotvault  ## create .venv with iotvault and the development tools
 
-check: venv  ## lint (ruff), format check, type check (mypy strict on src/), bandit on src/
+check: venv  ## lint (ruff), format check, type check (mypy strict on src/), import rules, bandit on src/
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BANDIT)
 
 test: check  ## the whole suite: checks, unit and integration tests
