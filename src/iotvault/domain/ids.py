@@ -13,10 +13,16 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Final
 
 from iotvault.errors import ValidationError
 
-_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+IDENTIFIER_PATTERN: Final = "[A-Za-z0-9._-]{1,64}"
+"""The contract's identifier: ``deviceId``, ``typeId``, OAuth client ids, command names."""
+UUID_PATTERN: Final = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+"""A UUID in its canonical lower-case form: event ids (UUIDv7) and command ids (UUIDv4)."""
+
+_ID_RE = re.compile(IDENTIFIER_PATTERN)
 
 
 def check_identifier(field: str, value: str) -> str:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from iotvault.clock import now_us
 from iotvault.crypto.tokens import hash_secret, new_secret, verify_secret
 from iotvault.domain.accounts import check_text
+from iotvault.domain.ids import IDENTIFIER_PATTERN
 from iotvault.errors import ClientNotFoundError, ValidationError
 from iotvault.identity.store import ClientRecord, IdentityStore
 
@@ -36,7 +37,7 @@ CLI_CLIENT_ID: Final = "iotvault-cli"  # registered by migration 0004, used by `
 
 # no ':' or '/': a client id can never equal the API's audience URL, so an ID token (aud =
 # client id) is never accepted as an access token
-_CLIENT_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CLIENT_ID_RE: Final = re.compile(IDENTIFIER_PATTERN)
 _PRIVATE_SCHEME_RE: Final = re.compile(r"[a-z][a-z0-9+.-]*\.[a-z0-9+.-]+")
 _LOOPBACK: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 MAX_REDIRECT_URIS: Final = 10

@@ -29,6 +29,8 @@ from iotvault.api.security import services
 from iotvault.auth.policy import Permission, Principal
 from iotvault.context import Context
 from iotvault.documents import iso
+from iotvault.domain.ids import UUID_PATTERN
+from iotvault.domain.types import Identifier, whole
 from iotvault.errors import CryptoError
 from iotvault.storage.repository import DeviceRecord, StoredEvent
 
@@ -45,9 +47,8 @@ concurrent last-50 clients got the same throughput with a p99 about a quarter lo
 (BENCHMARKS.md).
 """
 
-DEVICE_ID = r"^[A-Za-z0-9._-]{1,64}$"
-EVENT_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID, description="deviceId")]
+EVENT_ID = whole(UUID_PATTERN)
+DeviceIdPath = Annotated[Identifier, Path(description="deviceId")]
 
 
 def device_doc(d: DeviceRecord) -> dict[str, Any]:
