@@ -1,21 +1,31 @@
-"""The JSON documents of users, groups, API keys and OAuth clients: one shape, two doors.
+"""The JSON documents of devices, events, users, groups, API keys and OAuth clients: one shape,
+two doors.
 
-The admin API (``/iotf/users``, ``/iotf/groups``, ``/iotf/apikeys``, ``/iotf/clients``) returns
-them and ``iotvault users|groups|apikeys|clients … --json`` prints them, so a script can move
-between the two without translating. Field names are the seed's (``userName``, ``roleReader``);
-times are UTC strings with milliseconds. Secrets are never part of a document: the one call that
-makes a password, key password or client secret adds it to its own answer.
+The API (``/iotf/devices``, ``/iotf/users``, ``/iotf/groups``, ``/iotf/apikeys``,
+``/iotf/clients``) returns them and ``iotvault devices|events|users|groups|apikeys|clients …
+--json`` prints them, so a script can move between the two without translating. An event's
+document is :func:`event_doc`, written with :func:`to_json`. Field names are the seed's
+(``userName``, ``roleReader``); times are UTC strings with milliseconds. Secrets are never part
+of a document: the one call that makes a password, key password or client secret adds it to its
+own answer.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from iotvault.errors import CryptoError
 
 if TYPE_CHECKING:  # records only: printing a user must not load the OpenID Connect provider
     from iotvault.domain.accounts import Roles
     from iotvault.identity.store import ClientRecord
     from iotvault.storage.accounts import ApiKeyRecord, GroupRecord, UserRecord
+    from iotvault.storage.repository import DeviceRecord, StoredEvent
 
 
 def iso(us: int | None) -> str | None:
@@ -82,3 +92,111 @@ def client_doc(c: ClientRecord) -> dict[str, Any]:
         "createdBy": c.created_by,
         "created": iso(c.created_us),
     }
+
+
+# ---- devices and events ------------------------------------------------------------------
+def device_doc(d: DeviceRecord) -> dict[str, Any]:
+    return {
+        "deviceId": d.device_id,
+        "typeId": d.type_id,
+        "status": d.status,
+        "lastSeen": iso(d.last_seen_us),
+        "metadata": dict(d.metadata),
+    }
+
+
+UNDECRYPTABLE = "the stored record does not decrypt"
+NOT_JSON = "the stored payload is not JSON"
+
+
+class RecordOpener(Protocol):
+    """What opens a stored record: :class:`iotvault.crypto.keyring.KeyRing`."""
+
+    def decrypt(self, device_id: str, event_id: str, record: bytes) -> bytes: ...
+
+
+def event_doc(keyring: RecordOpener, e: StoredEvent) -> dict[str, Any]:
+    """An event as the API and ``iotvault events tail`` show it, its payload decrypted.
+
+    A record that does not decrypt, or whose payload is not JSON, still yields its document:
+    ``payload`` is null and ``error`` says why (never the key or the record).
+    """
+    doc: dict[str, Any] = {
+        "eventId": e.event_id,
+        "deviceId": e.device_id,
+        "typeId": e.type_id,
+        "eventType": e.event_type,
+        "format": e.fmt,
+        "timestamp": iso(e.received_us),
+        "payload": None,
+        "error": None,
+    }
+    try:
+        plain = keyring.decrypt(e.device_id, e.event_id, e.payload)
+    except CryptoError:
+        doc["error"] = UNDECRYPTABLE
+        return doc
+    try:
+        doc["payload"] = payload_json(plain)
+    except (ValueError, TypeError, RecursionError):
+        doc["error"] = NOT_JSON
+    return doc
+
+
+def payload_json(plain: bytes) -> Any:
+    """A stored payload, ready for :func:`to_json`.
+
+    Ingest stores only payloads that parse as JSON, so nearly every one is strict RFC 8259
+    text: then it is checked with orjson (UTF-8, one complete value, no ``NaN``) and goes into
+    the page as it is, without being turned into Python objects and back; a complete JSON
+    value cannot break out of its place in the page. Records stored before ingest used orjson
+    may hold what only Python's parser accepts: non-finite numbers become null (as the
+    response model had them), integers beyond 64 bits and lone surrogates (``"\\ud800"``)
+    keep their exact JSON spelling. What cannot be written even so raises ``TypeError``.
+    """
+    try:
+        orjson.loads(plain)
+    except orjson.JSONDecodeError:
+        value = _jsonable(json.loads(plain))
+        orjson.dumps(value)  # TypeError if some part still cannot be written (a surrogate in a key)
+        return value
+    return orjson.Fragment(plain)
+
+
+def _jsonable(value: Any) -> Any:
+    """What Python's JSON parser made, in a form orjson writes as valid JSON."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if type(value) is int and not -(2**63) <= value < 2**64:
+        return orjson.Fragment(str(value).encode())
+    if isinstance(value, str) and not _is_utf8(value):  # a lone surrogate: its escaped spelling
+        return orjson.Fragment(json.dumps(value).encode())
+    return value
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def to_json(body: Any) -> bytes:
+    """Device data as UTF-8 JSON; payloads made by :func:`payload_json` go in as they are.
+
+    Payloads from :func:`payload_json` are ``orjson.Fragment`` values, which only orjson
+    writes: print an :func:`event_doc` with this, not with ``json.dumps``.
+
+    The device-data routes build their bodies with this instead of returning them through
+    the response model: FastAPI would validate the documents and serialise them again (a
+    quarter of a last-50 request); they are built here in exactly the model's shape, which
+    the schema tests check against the OpenAPI document. Its only line breaks are whitespace
+    between tokens (JSON escapes them inside strings), so a Server-Sent Events line may
+    replace them with spaces.
+    """
+    return orjson.dumps(body)

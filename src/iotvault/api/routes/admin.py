@@ -18,13 +18,12 @@ from starlette.concurrency import run_in_threadpool
 from iotvault import accounts
 from iotvault.api.deps import Ctx, Requires
 from iotvault.api.problems import Problem
-from iotvault.api.routes.devices import device_doc
 from iotvault.api.schemas import ERRORS, Strict
 from iotvault.auth.policy import Permission, Principal, may_grant
 from iotvault.clock import now_us
 from iotvault.context import Context
 from iotvault.devices import delete_device, register_device, rotate_device_credential
-from iotvault.documents import api_key_doc, group_doc, iso, user_doc
+from iotvault.documents import api_key_doc, device_doc, group_doc, iso, user_doc
 from iotvault.domain.accounts import Roles
 from iotvault.domain.types import AccountName, Identifier, Password
 from iotvault.storage.accounts import GroupNotFoundError, GroupRecord, UserRecord

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import math
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from functools import partial
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
@@ -28,11 +25,10 @@ from iotvault.api.schemas import ERRORS, DeviceOut, EventOut
 from iotvault.api.security import services
 from iotvault.auth.policy import Permission, Principal
 from iotvault.context import Context
-from iotvault.documents import iso
+from iotvault.documents import device_doc, event_doc, to_json
 from iotvault.domain.ids import UUID_PATTERN
 from iotvault.domain.types import Identifier, whole
-from iotvault.errors import CryptoError
-from iotvault.storage.repository import DeviceRecord, StoredEvent
+from iotvault.storage.repository import DeviceRecord
 
 router = APIRouter(prefix="/iotf", tags=["devices"], responses=ERRORS)
 
@@ -49,99 +45,6 @@ concurrent last-50 clients got the same throughput with a p99 about a quarter lo
 
 EVENT_ID = whole(UUID_PATTERN)
 DeviceIdPath = Annotated[Identifier, Path(description="deviceId")]
-
-
-def device_doc(d: DeviceRecord) -> dict[str, Any]:
-    return {
-        "deviceId": d.device_id,
-        "typeId": d.type_id,
-        "status": d.status,
-        "lastSeen": iso(d.last_seen_us),
-        "metadata": dict(d.metadata),
-    }
-
-
-UNDECRYPTABLE = "the stored record does not decrypt"
-NOT_JSON = "the stored payload is not JSON"
-
-
-def event_doc(ctx: Context, e: StoredEvent) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "eventId": e.event_id,
-        "deviceId": e.device_id,
-        "typeId": e.type_id,
-        "eventType": e.event_type,
-        "format": e.fmt,
-        "timestamp": iso(e.received_us),
-        "payload": None,
-        "error": None,
-    }
-    try:
-        plain = ctx.keyring.decrypt(e.device_id, e.event_id, e.payload)
-    except CryptoError:
-        doc["error"] = UNDECRYPTABLE
-        return doc
-    try:
-        doc["payload"] = payload_json(plain)
-    except (ValueError, TypeError, RecursionError):
-        doc["error"] = NOT_JSON
-    return doc
-
-
-def payload_json(plain: bytes) -> Any:
-    """A stored payload, ready for :func:`to_json`.
-
-    Ingest stores only payloads that parse as JSON, so nearly every one is strict RFC 8259
-    text: then it is checked with orjson (UTF-8, one complete value, no ``NaN``) and goes into
-    the page as it is, without being turned into Python objects and back; a complete JSON
-    value cannot break out of its place in the page. Records stored before ingest used orjson
-    may hold what only Python's parser accepts: non-finite numbers become null (as the
-    response model had them), integers beyond 64 bits and lone surrogates (``"\\ud800"``)
-    keep their exact JSON spelling. What cannot be written even so raises ``TypeError``.
-    """
-    try:
-        orjson.loads(plain)
-    except orjson.JSONDecodeError:
-        value = _jsonable(json.loads(plain))
-        orjson.dumps(value)  # TypeError if some part still cannot be written (a surrogate in a key)
-        return value
-    return orjson.Fragment(plain)
-
-
-def _jsonable(value: Any) -> Any:
-    """What Python's JSON parser made, in a form orjson writes as valid JSON."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if type(value) is int and not -(2**63) <= value < 2**64:
-        return orjson.Fragment(str(value).encode())
-    if isinstance(value, str) and not _is_utf8(value):  # a lone surrogate: its escaped spelling
-        return orjson.Fragment(json.dumps(value).encode())
-    return value
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def to_json(body: Any) -> bytes:
-    """Device data as UTF-8 JSON; payloads made by :func:`payload_json` go in as they are.
-
-    The device-data routes build their bodies with this instead of returning them through
-    the response model: FastAPI would validate the documents and serialise them again (a
-    quarter of a last-50 request); they are built here in exactly the model's shape, which
-    the schema tests check against the OpenAPI document. Its only line breaks are whitespace
-    between tokens (JSON escapes them inside strings), so a Server-Sent Events line may
-    replace them with spaces.
-    """
-    return orjson.dumps(body)
 
 
 class DeviceList(BaseModel):
@@ -206,7 +109,7 @@ async def latest_events(
         page = ctx.store.last_events(deviceId, count)
         if not page:  # a device's events go with it, so only an empty page asks whether it exists
             _device_or_404(ctx, deviceId)
-        return to_json({"deviceId": deviceId, "events": [event_doc(ctx, e) for e in page]})
+        return to_json({"deviceId": deviceId, "events": [event_doc(ctx.keyring, e) for e in page]})
 
     return await _read(request, load)
 
@@ -250,7 +153,9 @@ async def events_page(
         if not page:
             _device_or_404(ctx, deviceId)
         nxt = page[-1].event_id if len(page) == count else None
-        return to_json({"deviceId": deviceId, "events": [event_doc(ctx, e) for e in page], "next": nxt})
+        return to_json(
+            {"deviceId": deviceId, "events": [event_doc(ctx.keyring, e) for e in page], "next": nxt}
+        )
 
     return await _read(request, load)
 
@@ -289,7 +194,7 @@ async def stream(
                     partial(ctx.store.events_page, deviceId, count=500, after=cursor)
                 )
                 for e in page:
-                    doc = await run_in_threadpool(event_doc, ctx, e)
+                    doc = await run_in_threadpool(event_doc, ctx.keyring, e)
                     data = to_json(doc).replace(b"\n", b" ").replace(b"\r", b" ")  # one SSE line
                     yield b"id: " + e.event_id.encode() + b"\nevent: event\ndata: " + data + b"\n\n"
                     cursor = e.event_id
