@@ -21,7 +21,6 @@ from iotvault.identity.clients import check_client_id, check_redirect_uri
 from iotvault.identity.grants import _check_pkce
 from iotvault.identity.minting import narrower, parse_scope, subject_for
 from iotvault.identity.store import ClientRecord
-from iotvault.identity.throttle import parse_rate
 from iotvault.identity.web import Call, csrf_ok, csrf_token, with_query
 
 
@@ -204,4 +203,3 @@ def test_scopes_subjects_and_rates() -> None:
     assert not narrower("openid email", "openid profile")
     assert subject_for("alice", 1) == subject_for("alice", 1) != subject_for("alice", 2)
     assert "alice" not in subject_for("alice", 1)
-    assert parse_rate("20/hour") == (20, 3600)

@@ -44,7 +44,7 @@ from iotvault.identity.store import (
     IdentityStore,
     SessionRecord,
 )
-from iotvault.identity.throttle import LoginThrottle
+from iotvault.identity.throttle import UserLoginThrottle
 from iotvault.identity.web import Answer, Call, Cookies, json_answer, new_token, sha256_hex
 from iotvault.storage.accounts import AccountStore
 from iotvault.storage.repository import SecurityEvent
@@ -114,7 +114,7 @@ class IdentityProvider:
         self.minter = Minter(
             issuer=self.issuer, audience=self.audience, keys=self.keys, ttl_s=settings.oidc_access_token_ttl_s
         )
-        self.throttle = LoginThrottle(
+        self.throttle = UserLoginThrottle(
             self.store,
             self.record,
             max_failures=settings.oidc_login_max_failures,
