@@ -95,3 +95,13 @@ class EventIdFactory:
 def event_id_millis(event_id: str) -> int:
     """The Unix time in milliseconds carried by a UUIDv7 event id."""
     return uuid.UUID(event_id).int >> 80
+
+
+def event_id_bound(unix_us: int, *, upper: bool) -> str:
+    """The smallest (or largest) UUIDv7 of the millisecond holding ``unix_us``.
+
+    Lets a time-range query run on the ``(device_id, event_id)`` primary key.
+    """
+    ms = max(0, unix_us // 1000) & ((1 << 48) - 1)
+    low_bits = (1 << 80) - 1 if upper else 0
+    return str(uuid.UUID(int=(ms << 80) | low_bits))

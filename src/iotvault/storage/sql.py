@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +15,7 @@ from sqlalchemy import Select, bindparam, delete, func, insert, literal, select,
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from iotvault.domain.ids import event_id_bound
 from iotvault.errors import DeviceExistsError, DeviceNotFoundError, StorageError
 from iotvault.storage.db import EngineStore, mapped_errors
 from iotvault.storage.repository import (
@@ -40,16 +40,6 @@ from iotvault.storage.schema import (
     rejected_messages,
     security_events,
 )
-
-
-def event_id_bound(unix_us: int, *, upper: bool) -> str:
-    """The smallest (or largest) UUIDv7 of the millisecond holding ``unix_us``.
-
-    Lets a time-range query run on the ``(device_id, event_id)`` primary key.
-    """
-    ms = max(0, unix_us // 1000) & ((1 << 48) - 1)
-    low_bits = (1 << 80) - 1 if upper else 0
-    return str(uuid.UUID(int=(ms << 80) | low_bits))
 
 
 def _device(row: Row[Any]) -> DeviceRecord:
