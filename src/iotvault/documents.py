@@ -23,7 +23,7 @@ from iotvault.errors import CryptoError
 
 if TYPE_CHECKING:  # records only: printing a user must not load the OpenID Connect provider
     from iotvault.domain.accounts import Roles
-    from iotvault.identity.store import ClientRecord
+    from iotvault.identity.records import ClientRecord
     from iotvault.storage.accounts import ApiKeyRecord, GroupRecord, UserRecord
     from iotvault.storage.repository import DeviceRecord, StoredEvent
 

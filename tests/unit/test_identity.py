@@ -20,7 +20,7 @@ from iotvault.identity.browser import (
 from iotvault.identity.clients import check_client_id, check_redirect_uri
 from iotvault.identity.grants import _check_pkce
 from iotvault.identity.minting import narrower, parse_scope, subject_for
-from iotvault.identity.store import ClientRecord
+from iotvault.identity.records import ClientRecord
 from iotvault.identity.web import Call, csrf_ok, csrf_token, with_query
 
 

@@ -47,7 +47,7 @@ from iotvault.identity import pages
 from iotvault.identity.clients import AUTHORIZATION_CODE
 from iotvault.identity.minting import anonymous_subject, parse_scope
 from iotvault.identity.provider import REQUEST_TTL_S, IdentityProvider
-from iotvault.identity.store import Authentication, AuthRequestRecord, ClientRecord, SessionRecord
+from iotvault.identity.records import Authentication, AuthRequestRecord, ClientRecord, SessionRecord
 from iotvault.identity.throttle import ANONYMOUS_LOGIN, DEVICE_CODE_INVALID
 from iotvault.identity.web import (
     Answer,

@@ -27,7 +27,8 @@ from iotvault.crypto.tokens import hash_secret, new_secret, verify_secret
 from iotvault.domain.accounts import check_text
 from iotvault.domain.ids import IDENTIFIER_PATTERN
 from iotvault.errors import ClientNotFoundError, ValidationError
-from iotvault.identity.store import ClientRecord, IdentityStore
+from iotvault.identity.records import ClientRecord
+from iotvault.identity.store import IdentityStore
 
 AUTHORIZATION_CODE: Final = "authorization_code"
 REFRESH_TOKEN: Final = "refresh_token"  # noqa: S105 - the name of a grant type, not a secret

@@ -33,7 +33,8 @@ from iotvault.auth.tokens import public_keyset
 from iotvault.clock import now_us
 from iotvault.crypto.master_key import MasterKey
 from iotvault.errors import KeyUnwrapError
-from iotvault.identity.store import IdentityStore, SigningKeyRecord
+from iotvault.identity.records import SigningKeyRecord
+from iotvault.identity.store import IdentityStore
 
 log = logging.getLogger(__name__)
 

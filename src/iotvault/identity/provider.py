@@ -35,15 +35,15 @@ from iotvault.crypto.master_key import MasterKey
 from iotvault.identity.clients import GRANT_TYPES, authenticate_client, is_client_id
 from iotvault.identity.keys import ALG, SigningKeys
 from iotvault.identity.minting import SCOPES, Minter, parse_scope, profile_claims, subject_for
-from iotvault.identity.store import (
+from iotvault.identity.records import (
     Authentication,
     ClientRecord,
     CodeRecord,
     GrantRecord,
     IdentityEvent,
-    IdentityStore,
     SessionRecord,
 )
+from iotvault.identity.store import IdentityStore
 from iotvault.identity.throttle import UserLoginThrottle
 from iotvault.identity.web import Answer, Call, Cookies, json_answer, new_token, sha256_hex
 from iotvault.storage.accounts import AccountStore

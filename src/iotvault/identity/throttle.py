@@ -23,7 +23,8 @@ from typing import Final
 
 import limits
 
-from iotvault.identity.store import IdentityEvent, IdentityStore
+from iotvault.identity.records import IdentityEvent
+from iotvault.identity.store import IdentityStore
 
 LOGIN_FAILED: Final = "login_failed"
 LOGIN_REFUSED: Final = "login_refused"

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from iotvault.auth.tokens import InvalidTokenError, IssuerConfig, TokenClaims, TokenVerifier
 from iotvault.identity.provider import IdentityProvider
-from iotvault.identity.store import GrantRecord
+from iotvault.identity.records import GrantRecord
 
 
 def local_issuer(provider: IdentityProvider) -> IssuerConfig:
