@@ -7,8 +7,8 @@ as the return value of the call that made them: generated user passwords, API ke
 
 The two checks that face the outside, :func:`authenticate` and :func:`verify_api_key`, cost
 the same for an unknown name as for a wrong secret: the unknown case is checked against a
-dummy hash. Both block for the duration of a hash (argon2id for people, about 150 ms; SHA-256
-for API keys): call them from a worker thread on an event loop.
+dummy hash. Both block for the duration of a hash (argon2id for people, a fraction of a
+second; SHA-256 for API keys): call them from a worker thread on an event loop.
 """
 
 from __future__ import annotations

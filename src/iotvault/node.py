@@ -43,10 +43,10 @@ GC_THRESHOLD = (20_000, 20, 20)
 
 Ingest keeps tens of thousands of small objects alive for the tens of milliseconds a batch
 takes to commit: they survive the young generations and, with the default thresholds, trigger
-a full collection of the whole heap every few thousand events (7 full collections, 0.7-0.8 s,
-in a 60,000-event run). With these thresholds, and the start-up objects frozen out of the
-collector's sight, ingest used about a fifth less CPU per event (BENCHMARKS.md). Reference
-cycles are still collected, only less often; memory over a 10-minute run stays flat.
+a full collection of the whole heap every few thousand events. With these thresholds, and the
+start-up objects frozen out of the collector's sight, ingest uses clearly less CPU per event
+(BENCHMARKS.md, "Measurements behind choices in the code"). Reference cycles are still
+collected, only less often; memory over a 10-minute run stays flat.
 """
 
 
@@ -79,7 +79,8 @@ def bind_socket(host: str, port: int, setting: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets whose proto is TCP, and
     # a connection accepted here carries this socket's proto. Without it each keep-alive
-    # response waited ~40 ms for the client's delayed ACK (Nagle): ~23 requests/s a connection.
+    # response waited for the client's delayed ACK (Nagle), a few dozen requests/s a
+    # connection at most (BENCHMARKS.md).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

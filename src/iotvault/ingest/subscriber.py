@@ -4,7 +4,7 @@ Why gmqtt: it is asyncio-native and, with ``optimistic_acknowledgement=False``, 
 PUBACK for a QoS 1 message only when our (async) ``on_message`` returns, so "acknowledge after
 commit" is simply "return after ``submit()``". Each message is handled in its own task, which
 is what lets the pipeline batch them. In the design notes' measurements gmqtt acknowledged
-about 1.5x faster than paho-mqtt on the same machine. gmqtt honours manual acknowledgement
+clearly faster than paho-mqtt on the same machine. gmqtt honours manual acknowledgement
 only with MQTT 5, so this subscriber speaks MQTT 5.
 
 QoS 1 messages take a shorter road than ``on_message`` (BENCHMARKS.md has the profiles): the
@@ -15,8 +15,8 @@ task gmqtt would create per message, and it gives us the packet id, which ``on_m
 not get and the dedupe rule needs. The PUBACKs of one batch — its futures complete together —
 are collected and written to the connection (:func:`iotvault.adapters.gmqtt.write_raw`, also
 gmqtt 0.8's internals) in one write at the next turn of the event loop, instead of one ``send()``
-system call each, which was a sixth of ingest's CPU. A future that fails or is cancelled is
-not acknowledged, as before. QoS 0 and 2 messages still go through ``on_message``.
+system call each, which was a large share of ingest's CPU (BENCHMARKS.md). A future that
+fails or is cancelled is not acknowledged, as before. QoS 0 and 2 messages still go through ``on_message``.
 
 The session is persistent (clean start off, long session expiry) and subscribed with QoS 1,
 so messages that arrive while iotvault is down wait in the broker. A large receive maximum

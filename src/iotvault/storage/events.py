@@ -35,10 +35,9 @@ def _insert_events(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     """Insert one ingest batch's events with the driver's bulk path: plain tuples, no Core.
 
     The ingest writer shares the GIL with the MQTT side, so the client CPU spent per row is
-    ingest throughput. Per row on the 2-core development machine (BENCHMARKS.md): a Core
-    ``insert()`` with a list of dicts cost 16-26 µs on PostgreSQL, 10-18 µs on SQLite;
-    ``COPY`` on PostgreSQL costs about 3 µs, DB-API ``executemany`` on SQLite about 10 µs.
-    Both run inside the caller's transaction.
+    ingest throughput: ``COPY`` on PostgreSQL and DB-API ``executemany`` on SQLite cost a
+    fraction of a Core ``insert()`` with a list of dicts (BENCHMARKS.md, "Measurements behind
+    choices in the code"). Both run inside the caller's transaction.
     """
     dialect = conn.dialect
     if dialect.name != "postgresql" or dialect.driver != "psycopg":
@@ -75,8 +74,8 @@ def _page_query(before: bool, after: bool, since: bool, until: bool) -> Select[A
     """The statement of one shape of :meth:`EventTable.events_page`, built once.
 
     Values are bound parameters, so each of the 16 shapes is built and compiled once per
-    process: building a ``select`` and its cache key on every call cost 0.3 ms, three times
-    the query itself on SQLite (BENCHMARKS.md, the last-50 API read).
+    process: building a ``select`` and its cache key on every call cost more than the query
+    itself on SQLite (BENCHMARKS.md, "Measurements behind choices in the code").
     """
     c = events.c
     q = select(c.device_id, c.event_id, c.type_id, c.event_type, c.format, c.received_us, c.payload)

@@ -38,9 +38,8 @@ READ_THREADS = 4
 The database pool keeps 5 connections (:mod:`iotvault.storage.db`) and ingest's writer holds
 one. With starlette's 40 threads, every read beyond the pool opened and closed a connection of
 its own (on SQLite the connect pragmas ran each time; on PostgreSQL past the overflow a thread
-waits for one, up to the pool timeout), and the threads fought over the GIL. With 4, 10
-concurrent last-50 clients got the same throughput with a p99 about a quarter lower
-(BENCHMARKS.md).
+waits for one, up to the pool timeout), and the threads fought over the GIL. With 4, the
+same throughput came with a lower p99 (BENCHMARKS.md, "Measurements behind choices in the code").
 """
 
 EVENT_ID = whole(UUID_PATTERN)
@@ -74,8 +73,8 @@ async def list_devices(
 async def _read(request: Request, load: Callable[[], bytes]) -> Response:
     """Run ``load`` in a worker thread, at most ``READ_THREADS`` at once for this app.
 
-    ``load`` returns the JSON body, encoded in the worker thread too: encoding a page of 50
-    events takes 0.2 ms that the event loop (ingest, every other request) need not wait for.
+    ``load`` returns the JSON body, encoded in the worker thread too: the event loop (ingest,
+    every other request) need not wait for the encoding of a page (BENCHMARKS.md).
     """
     gate: asyncio.Semaphore | None = getattr(request.app.state, "device_reads", None)
     if gate is None:
