@@ -351,7 +351,7 @@ class Issuer:
     def __init__(self, audience: str = "iotvault-api", subject: str = "ext-user") -> None:
         from joserfc.jwk import ECKey, KeySet  # noqa: PLC0415 - only the API benchmark needs it
 
-        from iotvault.auth.tokens import public_keyset  # noqa: PLC0415
+        from iotvault.auth.keys import public_keyset  # noqa: PLC0415
 
         self.audience = audience
         self.subject = subject

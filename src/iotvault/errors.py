@@ -28,7 +28,7 @@ attributes and a message a person can act on.
     │   ├── CommandNotFoundError     no such command of that device
     │   └── (storage.accounts) UserExistsError, UserNotFoundError, GroupExistsError,
     │       GroupNotFoundError, ApiKeyExistsError, ApiKeyNotFoundError
-    ├── (auth.tokens) InvalidTokenError        a bearer token is refused (.reason is safe to show)
+    ├── (auth.claims) InvalidTokenError        a bearer token is refused (.reason is safe to show)
     ├── (ingest.pipeline) IngestFailedError    a batch failed for a reason other than an outage
     ├── BrokerError
     │   ├── BrokerUnavailableError   the MQTT broker cannot be reached

@@ -24,7 +24,8 @@ import uvicorn
 from iotvault.api.app import create_app
 from iotvault.api.ratelimit import RateLimiter
 from iotvault.api.services import ApiServices, EventNotifier
-from iotvault.auth.tokens import IssuerConfig, RemoteJwks, TokenVerifier
+from iotvault.auth.keys import RemoteJwks
+from iotvault.auth.tokens import IssuerConfig, TokenVerifier
 from iotvault.broker.embedded import EmbeddedBroker, InboundPublish
 from iotvault.commands.service import CommandService
 from iotvault.config import Settings

@@ -18,7 +18,9 @@ from bench.services import Issuer
 from helpers import free_port
 from joserfc import jwt
 
-from iotvault.auth.tokens import InvalidTokenError, IssuerConfig, RemoteJwks, TokenVerifier
+from iotvault.auth.claims import InvalidTokenError
+from iotvault.auth.keys import RemoteJwks
+from iotvault.auth.tokens import IssuerConfig, TokenVerifier
 
 pytestmark = pytest.mark.integration
 

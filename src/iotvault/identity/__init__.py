@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from iotvault.auth.tokens import InvalidTokenError, IssuerConfig
+from iotvault.auth.claims import InvalidTokenError
+from iotvault.auth.tokens import IssuerConfig
 from iotvault.config import Settings
 from iotvault.identity.browser import Browser
 from iotvault.identity.grants import Grants
