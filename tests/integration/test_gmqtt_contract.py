@@ -12,6 +12,7 @@ import struct
 import uuid
 from collections.abc import AsyncIterator
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import gmqtt
@@ -219,3 +220,34 @@ async def test_no_reconnect_setting_keeps_a_client_down(mosquitto: Mosquitto) ->
     await asyncio.sleep(0.5)
     assert connects == [1]
     await client.disconnect()
+
+
+GMQTT_PRIVATE_NAMES = (
+    "_package_handler",
+    "_handle_qos_1_publish_packet",
+    "_protocol",
+    "_used_ids",
+    "id_generator",
+    "IdGenerator",
+    "_connection_state",
+)
+
+
+def test_no_private_gmqtt_name_is_used_outside_the_adapter() -> None:
+    """The adapter is the only place that reaches past gmqtt's public API (a new touch goes there).
+
+    Every module that imports gmqtt is read for gmqtt's private names.
+    """
+    src = Path(adapter.__file__).resolve().parents[1]
+    users = [
+        p for p in src.rglob("*.py") if "import gmqtt" in (text := p.read_text()) or "from gmqtt" in text
+    ]
+    assert len(users) >= 4  # ingest, the command publisher, the device connection, the adapter
+    offenders = [
+        f"{path.relative_to(src.parent)}: {name}"
+        for path in users
+        if path != Path(adapter.__file__).resolve()
+        for name in GMQTT_PRIVATE_NAMES
+        if name in path.read_text(encoding="utf-8")
+    ]
+    assert offenders == []
