@@ -27,10 +27,11 @@ venv:  ## create or update .venv with iotvault and the development tools
 assets:  ## fetch and verify the web application's pinned assets (web-assets.lock.json)
 	$(PYTHON) scripts/fetch_assets.py
 
-check: venv  ## lint (ruff), format check, type check (mypy strict on src/), bandit on src/
+check: venv  ## lint (ruff), format check, type check (mypy strict on src/), import rules, bandit on src/
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BANDIT)
 
 test: check  ## the whole suite: checks, unit and integration tests

@@ -30,8 +30,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench.publisher import payload_pool
 from iotvault.config import load_settings
+from iotvault.context import context
 from iotvault.crypto.cipher import bind_key, key_version_bytes, open_record, seal_record
-from iotvault.runtime import context, register_device
+from iotvault.devices import register_device
 
 DEVICE = "bench-0001"
 EVENT = "0190f3c8-6f2e-7a3b-9c1d-2e4f6a8b0c1d"

@@ -346,8 +346,9 @@ def server_env(
 def register(env: dict[str, str], n: int) -> tuple[list[tuple[str, str, str]], str]:
     """N devices with real credentials, a probe device, and a group that may read them all."""
     from iotvault.accounts import create_group  # noqa: PLC0415
+    from iotvault.context import context  # noqa: PLC0415
+    from iotvault.devices import register_device  # noqa: PLC0415
     from iotvault.domain.accounts import Roles  # noqa: PLC0415
-    from iotvault.runtime import context, register_device  # noqa: PLC0415
 
     with context(load_settings(environ=env)) as ctx:
         creds = []
@@ -541,7 +542,8 @@ def run_api(
     if res.iotvault is None:
         raise BenchError("the API benchmark needs the ingest rate first")
     http_port = int(env["IOTVAULT_HTTP_PORT"])
-    headers = {"Authorization": f"Bearer {issuer.token(AUDIENCE, [GROUP])}", "Accept": "application/json"}
+    token = issuer.token(groups=[GROUP], preferred_username="bench-reader", lifetime_s=3600)
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
     devices = [c[0] for c in creds[:50]]
     status, body = _get(f"http://127.0.0.1:{http_port}/iotf/devices/{devices[0]}?count=50", headers)
     if status != 200 or len(json.loads(body)["events"]) != min(50, cfg.per_device):
@@ -946,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[CaseResult] = []
     cr = None
     try:
-        with Issuer() as issuer:
+        with Issuer(audience=AUDIENCE, subject="bench-reader") as issuer:
             if cfg.soak_minutes > 0:
                 run_soak(cfg, root, issuer)
                 return 0

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -337,32 +338,43 @@ def _read_packet(sock: socket.socket) -> bytes:
 
 # ---- an OpenID Connect issuer for the API's bearer tokens -------------------------------
 class Issuer:
-    """Discovery document and JWKS over plain HTTP on 127.0.0.1 (iotvault allows loopback)."""
+    """A small external OpenID Connect issuer: discovery and JWKS over plain HTTP on 127.0.0.1
+    (iotvault allows loopback), and tokens signed with its current key.
 
-    def __init__(self) -> None:
+    The API benchmark's bearer tokens come from it, and the external-issuer tests use it too:
+    it counts the requests it gets (``hits``), can rotate its key, and can claim another
+    issuer name in its discovery document (``named_issuer``).
+    """
+
+    DISCOVERY = "/.well-known/openid-configuration"
+
+    def __init__(self, audience: str = "iotvault-api", subject: str = "ext-user") -> None:
         from joserfc.jwk import ECKey, KeySet  # noqa: PLC0415 - only the API benchmark needs it
 
-        from iotvault.auth.tokens import public_keyset  # noqa: PLC0415
+        from iotvault.auth.keys import public_keyset  # noqa: PLC0415
 
-        self.key = ECKey.generate_key("P-256", parameters={"kid": "bench-1"}, private=True)
-        jwks = json.dumps(public_keyset(KeySet([self.key])).as_dict()).encode()
+        self.audience = audience
+        self.subject = subject
+        self.key = ECKey.generate_key("P-256", parameters={"kid": "key-1"}, private=True)
+        self.hits: Counter[str] = Counter()
+        self.named_issuer: str | None = None  # what discovery claims; None: the truth
         issuer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path == "/.well-known/openid-configuration":
-                    body = json.dumps(
-                        {
-                            "issuer": issuer.url,
-                            "jwks_uri": issuer.url + "/jwks",
-                            "id_token_signing_alg_values_supported": ["ES256"],
-                        }
-                    ).encode()
+                issuer.hits[self.path] += 1
+                if self.path == Issuer.DISCOVERY:
+                    doc: Any = {
+                        "issuer": issuer.named_issuer or issuer.url,
+                        "jwks_uri": issuer.url + "/jwks",
+                        "id_token_signing_alg_values_supported": ["ES256"],
+                    }
                 elif self.path == "/jwks":
-                    body = jwks
+                    doc = public_keyset(KeySet([issuer.key])).as_dict()
                 else:
                     self.send_error(404)
                     return
+                body = json.dumps(doc).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -375,8 +387,8 @@ class Issuer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(
-            target=functools.partial(self.server.serve_forever, poll_interval=0.1),
-            name="bench-issuer",
+            target=functools.partial(self.server.serve_forever, poll_interval=0.05),
+            name="oidc-issuer",
             daemon=True,
         )
 
@@ -389,17 +401,27 @@ class Issuer:
         self.server.server_close()
         self.thread.join(timeout=5)
 
-    def token(self, audience: str, groups: list[str], lifetime_s: int = 3600) -> str:
+    def rotate(self) -> None:
+        """A new signing key, ``key-<n+1>``; the JWKS serves only the new one."""
+        from joserfc.jwk import ECKey  # noqa: PLC0415
+
+        number = int(str(self.key.kid).split("-")[1]) + 1
+        self.key = ECKey.generate_key("P-256", parameters={"kid": f"key-{number}"}, private=True)
+
+    @property
+    def jwks_fetches(self) -> int:
+        return self.hits["/jwks"]
+
+    def token(self, *, kid: str | None = None, lifetime_s: int = 300, **claims: Any) -> str:
+        """An access token for ``audience`` and ``subject``; ``claims`` add to or replace them."""
         from joserfc import jwt  # noqa: PLC0415
 
         now = int(time.time())
-        claims = {
+        payload = {
             "iss": self.url,
-            "aud": audience,
-            "sub": "bench-reader",
-            "preferred_username": "bench-reader",
-            "groups": groups,
+            "sub": self.subject,
+            "aud": self.audience,
             "iat": now,
             "exp": now + lifetime_s,
         }
-        return jwt.encode({"alg": "ES256", "kid": self.key.kid}, claims, self.key)
+        return jwt.encode({"alg": "ES256", "kid": kid or self.key.kid}, payload | claims, self.key)

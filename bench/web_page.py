@@ -25,11 +25,12 @@ from iotvault.accounts import create_group, create_user
 from iotvault.api.app import create_app
 from iotvault.api.services import ApiServices
 from iotvault.config import load_settings
+from iotvault.context import open_context
+from iotvault.devices import register_device
 from iotvault.domain.accounts import Roles
 from iotvault.domain.ids import EventIdFactory
 from iotvault.identity import Identity
 from iotvault.metrics import Metrics
-from iotvault.runtime import open_context, register_device
 from iotvault.storage.repository import BatchWrite, StoredEvent
 
 BASE = "http://127.0.0.1:8000"

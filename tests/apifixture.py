@@ -28,12 +28,14 @@ from iotvault.accounts import create_api_key, create_group, create_user
 from iotvault.api.app import create_app
 from iotvault.api.ratelimit import RateLimiter
 from iotvault.api.services import ApiServices
-from iotvault.auth.tokens import IssuerConfig, StaticKeys, TokenVerifier, public_keyset
+from iotvault.auth.keys import StaticKeys, public_keyset
+from iotvault.auth.tokens import IssuerConfig, TokenVerifier
 from iotvault.config import load_settings
+from iotvault.context import Context, open_context
+from iotvault.devices import register_device
 from iotvault.domain.accounts import Roles
 from iotvault.domain.ids import EventIdFactory, event_id_millis
 from iotvault.metrics import Metrics
-from iotvault.runtime import Context, open_context, register_device
 from iotvault.storage.repository import BatchWrite, StoredEvent
 
 ISSUER = "https://issuer.test"

@@ -35,11 +35,11 @@ from iotvault.api.app import create_app
 from iotvault.api.ratelimit import RateLimiter
 from iotvault.api.services import ApiServices
 from iotvault.config import Settings, load_settings
+from iotvault.context import Context, open_context
 from iotvault.identity import Identity
 from iotvault.identity.clients import add_client
 from iotvault.metrics import Metrics
 from iotvault.node import build_verifier
-from iotvault.runtime import Context, open_context
 
 PUBLIC_URL = "http://127.0.0.1:8000"
 MOBILE = "mobile"

@@ -20,9 +20,10 @@ from helpers import ServerProcess, free_port, server_env, unavailable
 
 from iotvault.accounts import create_group, create_user
 from iotvault.config import load_settings
+from iotvault.context import Context, context
+from iotvault.devices import register_device
 from iotvault.domain.accounts import Roles
 from iotvault.domain.ids import EventIdFactory
-from iotvault.runtime import Context, context, register_device
 from iotvault.storage.repository import BatchWrite, StoredEvent
 
 CHROMIUM = os.environ.get("IOTVAULT_TEST_CHROMIUM", "/usr/bin/chromium")

@@ -7,8 +7,8 @@ as the return value of the call that made them: generated user passwords, API ke
 
 The two checks that face the outside, :func:`authenticate` and :func:`verify_api_key`, cost
 the same for an unknown name as for a wrong secret: the unknown case is checked against a
-dummy hash. Both block for the duration of a hash (argon2id for people, about 150 ms; SHA-256
-for API keys): call them from a worker thread on an event loop.
+dummy hash. Both block for the duration of a hash (argon2id for people, a fraction of a
+second; SHA-256 for API keys): call them from a worker thread on an event loop.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import json
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 from iotvault.auth.policy import Grant
+from iotvault.clock import now_us
 from iotvault.crypto.passwords import generate_password, hash_password, needs_rehash, verify_password
 from iotvault.crypto.tokens import hash_secret, new_secret, verify_secret
 from iotvault.domain.accounts import (
@@ -39,8 +40,8 @@ from iotvault.domain.accounts import (
     parse_flag,
 )
 from iotvault.errors import ValidationError
-from iotvault.runtime import Context, now_us
 from iotvault.storage.accounts import (
+    AccountStore,
     ApiKeyNotFoundError,
     ApiKeyRecord,
     GroupNotFoundError,
@@ -49,13 +50,21 @@ from iotvault.storage.accounts import (
     UserRecord,
 )
 
+
+class AccountServices(Protocol):
+    """What these services use: the account store (:class:`iotvault.context.Context` is one)."""
+
+    @property
+    def accounts(self) -> AccountStore: ...
+
+
 # Checked when an API key id is unknown, so that it costs a hash like a wrong password does.
 _DUMMY_SECRET_HASH: Final = hash_secret(secrets.token_urlsafe(32))
 
 
 # ---- users ---------------------------------------------------------------------------
 def create_user(
-    ctx: Context,
+    ctx: AccountServices,
     user_name: str,
     display_name: str | None,
     *,
@@ -76,7 +85,7 @@ def create_user(
     return secret
 
 
-def _existing_user(ctx: Context, user_name: str) -> UserRecord:
+def _existing_user(ctx: AccountServices, user_name: str) -> UserRecord:
     user = ctx.accounts.get_user(user_name) if is_valid_name(user_name) else None
     if user is None:
         raise UserNotFoundError(user_name)
@@ -84,7 +93,7 @@ def _existing_user(ctx: Context, user_name: str) -> UserRecord:
 
 
 def update_user(
-    ctx: Context,
+    ctx: AccountServices,
     user_name: str,
     *,
     display_name: str | None = None,
@@ -102,12 +111,12 @@ def update_user(
     return _existing_user(ctx, user_name)
 
 
-def set_password(ctx: Context, user_name: str, password: str) -> None:
+def set_password(ctx: AccountServices, user_name: str, password: str) -> None:
     _existing_user(ctx, user_name)
     ctx.accounts.set_password_hash(user_name, hash_password(check_password(password)))
 
 
-def reset_password(ctx: Context, user_name: str) -> str:
+def reset_password(ctx: AccountServices, user_name: str) -> str:
     """Give the user a generated password and return it (the only copy)."""
     _existing_user(ctx, user_name)
     password = generate_password()
@@ -115,12 +124,12 @@ def reset_password(ctx: Context, user_name: str) -> str:
     return password
 
 
-def delete_user(ctx: Context, user_name: str) -> None:
+def delete_user(ctx: AccountServices, user_name: str) -> None:
     if not is_valid_name(user_name) or not ctx.accounts.delete_user(user_name):
         raise UserNotFoundError(user_name)
 
 
-def authenticate(ctx: Context, user_name: str, password: str) -> UserRecord | None:
+def authenticate(ctx: AccountServices, user_name: str, password: str) -> UserRecord | None:
     """The user if ``password`` is its password and it is not disabled, else None.
 
     Unknown and malformed names cost a dummy argon2 check, like a wrong password. A hash made
@@ -138,7 +147,7 @@ def authenticate(ctx: Context, user_name: str, password: str) -> UserRecord | No
 
 
 # ---- groups --------------------------------------------------------------------------
-def _existing_group(ctx: Context, group_name: str) -> GroupRecord:
+def _existing_group(ctx: AccountServices, group_name: str) -> GroupRecord:
     group = ctx.accounts.get_group(group_name) if is_valid_name(group_name) else None
     if group is None:
         raise GroupNotFoundError(group_name)
@@ -146,7 +155,7 @@ def _existing_group(ctx: Context, group_name: str) -> GroupRecord:
 
 
 def create_group(
-    ctx: Context,
+    ctx: AccountServices,
     group_name: str,
     display_name: str | None = None,
     *,
@@ -164,7 +173,7 @@ def create_group(
 
 
 def update_group(
-    ctx: Context,
+    ctx: AccountServices,
     group_name: str,
     *,
     display_name: str | None = None,
@@ -184,27 +193,27 @@ def update_group(
     return _existing_group(ctx, group_name)
 
 
-def delete_group(ctx: Context, group_name: str) -> None:
+def delete_group(ctx: AccountServices, group_name: str) -> None:
     if not is_valid_name(group_name) or not ctx.accounts.delete_group(group_name):
         raise GroupNotFoundError(group_name)
 
 
-def add_member(ctx: Context, group_name: str, user_name: str) -> bool:
+def add_member(ctx: AccountServices, group_name: str, user_name: str) -> bool:
     """Add ``user_name`` to ``group_name``; False if it already was a member."""
     return ctx.accounts.add_member(check_name("groupName", group_name), check_name("userName", user_name))
 
 
-def remove_member(ctx: Context, group_name: str, user_name: str) -> bool:
+def remove_member(ctx: AccountServices, group_name: str, user_name: str) -> bool:
     """Remove ``user_name`` from ``group_name``; False if it was not a member."""
     return ctx.accounts.remove_member(check_name("groupName", group_name), check_name("userName", user_name))
 
 
-def add_group_device(ctx: Context, group_name: str, device_id: str) -> bool:
+def add_group_device(ctx: AccountServices, group_name: str, device_id: str) -> bool:
     (did,) = check_device_ids([device_id])
     return ctx.accounts.add_group_device(check_name("groupName", group_name), did)
 
 
-def remove_group_device(ctx: Context, group_name: str, device_id: str) -> bool:
+def remove_group_device(ctx: AccountServices, group_name: str, device_id: str) -> bool:
     (did,) = check_device_ids([device_id])
     return ctx.accounts.remove_group_device(check_name("groupName", group_name), did)
 
@@ -221,7 +230,7 @@ def new_api_key_id() -> str:
 
 
 def create_api_key(
-    ctx: Context,
+    ctx: AccountServices,
     *,
     roles: Roles,
     devices: Iterable[str] = (),
@@ -262,7 +271,7 @@ def create_api_key(
 
 
 def api_key_grant(
-    ctx: Context, roles: Roles, devices: Iterable[str], groups: Iterable[str], *, strict: bool = False
+    ctx: AccountServices, roles: Roles, devices: Iterable[str], groups: Iterable[str], *, strict: bool = False
 ) -> Grant:
     """What an API key holds: its roles on its own devices and on its groups' devices.
 
@@ -279,7 +288,7 @@ def api_key_grant(
     return Grant(roles.admin, roles.reader, roles.writer, frozenset(granted))
 
 
-def verify_api_key(ctx: Context, key: str, password: str, now_us: int) -> ApiKeyRecord | None:
+def verify_api_key(ctx: AccountServices, key: str, password: str, now_us: int) -> ApiKeyRecord | None:
     """The key's record if ``password`` is its password and it is neither revoked nor expired.
 
     Unknown keys cost a hash like a wrong password. A successful check records ``lastUsed``
@@ -299,7 +308,7 @@ def verify_api_key(ctx: Context, key: str, password: str, now_us: int) -> ApiKey
     return record
 
 
-def revoke_api_key(ctx: Context, key: str, at_us: int | None = None) -> None:
+def revoke_api_key(ctx: AccountServices, key: str, at_us: int | None = None) -> None:
     if not is_api_key_id(key) or not ctx.accounts.revoke_api_key(key, now_us() if at_us is None else at_us):
         raise ApiKeyNotFoundError(key)
 
@@ -421,7 +430,7 @@ def _unique(kind: str, names: list[str]) -> None:
         seen.add(n)
 
 
-def import_seed(ctx: Context, users_json: Any, groups_json: Any) -> SeedReport:
+def import_seed(ctx: AccountServices, users_json: Any, groups_json: Any) -> SeedReport:
     """Create the users and groups of the seed's ``user`` and ``userGroup`` documents.
 
     Every document is checked before anything is written, so a mistake in the files changes

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import limits
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -218,12 +219,13 @@ def parse_broker_url(value: str) -> BrokerAddress:
 
 
 def _check_rate(name: str, value: str) -> None:
-    count, _, per = value.partition("/")
-    if (
-        not count.strip().isdigit()
-        or int(count) < 1
-        or per.strip() not in ("second", "minute", "hour", "day")
-    ):
+    """A rate in the notation of the ``limits`` library, which every rate of iotvault is read
+    with (the API's limiter and the login throttle): one limit, at least 1 per period."""
+    try:
+        item = limits.parse(value)
+    except ValueError:
+        item = None
+    if item is None or item.amount < 1 or ";" in value or "," in value:
         raise ConfigError(name, f"expected '<count>/<second|minute|hour|day>', got {value!r}")
 
 

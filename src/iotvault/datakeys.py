@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from iotvault.runtime import Context
+from iotvault.context import Context
 
 PAGE = 500
 """Events read and rewritten per transaction."""

@@ -1,14 +1,13 @@
-"""The JSON documents of devices, events, users, groups, API keys and OAuth clients: one shape, two doors.
+"""The JSON documents of devices, events, users, groups, API keys and OAuth clients: one shape,
+two doors.
 
-The admin API (``/iotf/users``, ``/iotf/groups``, ``/iotf/apikeys``, ``/iotf/clients``) returns
-them and ``iotvault users|groups|apikeys|clients … --json`` prints them, so a script can move
-between the two without translating. Field names are the seed's (``userName``, ``roleReader``);
-times are UTC strings with milliseconds. Secrets are never part of a document: the one call that
-makes a password, key password or client secret adds it to its own answer.
-
-An event's payload is decrypted on the way out; a record that does not decrypt (tampered, or
-its key destroyed) has ``payload: null`` and ``error`` set, in the API and in
-``iotvault events tail --json`` alike.
+The API (``/iotf/devices``, ``/iotf/users``, ``/iotf/groups``, ``/iotf/apikeys``,
+``/iotf/clients``) returns them and ``iotvault devices|events|users|groups|apikeys|clients …
+--json`` prints them, so a script can move between the two without translating. An event's
+document is :func:`event_doc`, written with :func:`to_json`. Field names are the seed's
+(``userName``, ``roleReader``); times are UTC strings with milliseconds. Secrets are never part
+of a document: the one call that makes a password, key password or client secret adds it to its
+own answer.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -24,8 +23,7 @@ from iotvault.errors import CryptoError
 
 if TYPE_CHECKING:  # records only: printing a user must not load the OpenID Connect provider
     from iotvault.domain.accounts import Roles
-    from iotvault.identity.store import ClientRecord
-    from iotvault.runtime import Context
+    from iotvault.identity.records import ClientRecord
     from iotvault.storage.accounts import ApiKeyRecord, GroupRecord, UserRecord
     from iotvault.storage.repository import DeviceRecord, StoredEvent
 
@@ -96,6 +94,7 @@ def client_doc(c: ClientRecord) -> dict[str, Any]:
     }
 
 
+# ---- devices and events ------------------------------------------------------------------
 def device_doc(d: DeviceRecord) -> dict[str, Any]:
     return {
         "deviceId": d.device_id,
@@ -110,7 +109,18 @@ UNDECRYPTABLE = "the stored record does not decrypt"
 NOT_JSON = "the stored payload is not JSON"
 
 
-def event_doc(ctx: Context, e: StoredEvent) -> dict[str, Any]:
+class RecordOpener(Protocol):
+    """What opens a stored record: :class:`iotvault.crypto.keyring.KeyRing`."""
+
+    def decrypt(self, device_id: str, event_id: str, record: bytes) -> bytes: ...
+
+
+def event_doc(keyring: RecordOpener, e: StoredEvent) -> dict[str, Any]:
+    """An event as the API and ``iotvault events tail`` show it, its payload decrypted.
+
+    A record that does not decrypt, or whose payload is not JSON, still yields its document:
+    ``payload`` is null and ``error`` says why (never the key or the record).
+    """
     doc: dict[str, Any] = {
         "eventId": e.event_id,
         "deviceId": e.device_id,
@@ -122,7 +132,7 @@ def event_doc(ctx: Context, e: StoredEvent) -> dict[str, Any]:
         "error": None,
     }
     try:
-        plain = ctx.keyring.decrypt(e.device_id, e.event_id, e.payload)
+        plain = keyring.decrypt(e.device_id, e.event_id, e.payload)
     except CryptoError:
         doc["error"] = UNDECRYPTABLE
         return doc
@@ -178,6 +188,9 @@ def _is_utf8(text: str) -> bool:
 
 def to_json(body: Any) -> bytes:
     """Device data as UTF-8 JSON; payloads made by :func:`payload_json` go in as they are.
+
+    Payloads from :func:`payload_json` are ``orjson.Fragment`` values, which only orjson
+    writes: print an :func:`event_doc` with this, not with ``json.dumps``.
 
     The device-data routes build their bodies with this instead of returning them through
     the response model: FastAPI would validate the documents and serialise them again (a

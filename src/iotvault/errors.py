@@ -11,6 +11,7 @@ attributes and a message a person can act on.
 
     IotVaultError
     ├── ConfigError                  a setting is missing or invalid (names the setting)
+    ├── UnsupportedLibraryError      an installed library is not the version iotvault was built on
     ├── ValidationError              input does not satisfy a value object
     │   └── TopicError               an MQTT topic is not one of the contract's topics
     ├── CryptoError
@@ -28,13 +29,13 @@ attributes and a message a person can act on.
     │   ├── CommandNotFoundError     no such command of that device
     │   └── (storage.accounts) UserExistsError, UserNotFoundError, GroupExistsError,
     │       GroupNotFoundError, ApiKeyExistsError, ApiKeyNotFoundError
-    ├── (auth.tokens) InvalidTokenError        a bearer token is refused (.reason is safe to show)
+    ├── (auth.claims) InvalidTokenError        a bearer token is refused (.reason is safe to show)
     ├── (ingest.pipeline) IngestFailedError    a batch failed for a reason other than an outage
     ├── BrokerError
     │   ├── BrokerUnavailableError   the MQTT broker cannot be reached
     │   ├── BrokerAdminError         the broker refused an account change (Mosquitto dynamic security)
     │   ├── IngestNotConfirmedError  a broker acknowledged events iotvault never stored (simulate)
-    │   └── (simulator.device) DeviceRefusedError  the broker refused a device's credentials
+    │   └── (device.connection) DeviceRefusedError  the broker refused a device's credentials
     ├── CommandError                 a command to a device cannot be made or sent
     │   └── CommandRejectedError     a device refuses a command (.reason: unsigned, expired, replayed…)
     ├── IdentityError                the built-in OpenID Connect provider (iotvault.identity)
@@ -62,6 +63,23 @@ class ConfigError(IotVaultError):
         self.setting = setting
         self.reason = reason
         super().__init__(f"invalid setting {setting}: {reason}")
+
+
+class UnsupportedLibraryError(IotVaultError):
+    """An installed library is not the version whose internals iotvault relies on.
+
+    Raised at start by :mod:`iotvault.adapters`, so that an upgrade shows as one message rather
+    than as a wrong behaviour later.
+    """
+
+    def __init__(self, library: str, installed: str, supported: str) -> None:
+        self.library = library
+        self.installed = installed
+        self.supported = supported
+        super().__init__(
+            f"{library} {installed} is installed, but iotvault relies on internals of {library} "
+            f"{supported}; install {library}=={supported} (requirements/runtime.txt pins it)"
+        )
 
 
 class ValidationError(IotVaultError):

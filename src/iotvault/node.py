@@ -24,16 +24,17 @@ import uvicorn
 from iotvault.api.app import create_app
 from iotvault.api.ratelimit import RateLimiter
 from iotvault.api.services import ApiServices, EventNotifier
-from iotvault.auth.tokens import IssuerConfig, RemoteJwks, TokenVerifier
+from iotvault.auth.keys import RemoteJwks
+from iotvault.auth.tokens import IssuerConfig, TokenVerifier
 from iotvault.broker.embedded import EmbeddedBroker, InboundPublish
-from iotvault.broker.wiring import start_broker_side
 from iotvault.commands.service import CommandService
 from iotvault.config import Settings
+from iotvault.context import Context, open_context
 from iotvault.errors import PortInUseError
 from iotvault.identity import Identity
 from iotvault.ingest.pipeline import Inbound, IngestPipeline, Outcome
 from iotvault.metrics import Metrics
-from iotvault.runtime import Context, open_context
+from iotvault.wiring import start_broker_side
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,10 @@ GC_THRESHOLD = (20_000, 20, 20)
 
 Ingest keeps tens of thousands of small objects alive for the tens of milliseconds a batch
 takes to commit: they survive the young generations and, with the default thresholds, trigger
-a full collection of the whole heap every few thousand events (7 full collections, 0.7-0.8 s,
-in a 60,000-event run). With these thresholds, and the start-up objects frozen out of the
-collector's sight, ingest used about a fifth less CPU per event (BENCHMARKS.md). Reference
-cycles are still collected, only less often; memory over a 10-minute run stays flat.
+a full collection of the whole heap every few thousand events. With these thresholds, and the
+start-up objects frozen out of the collector's sight, ingest uses clearly less CPU per event
+(BENCHMARKS.md, "Measurements behind choices in the code"). Reference cycles are still
+collected, only less often; memory over a 10-minute run stays flat.
 """
 
 
@@ -79,7 +80,8 @@ def bind_socket(host: str, port: int, setting: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets whose proto is TCP, and
     # a connection accepted here carries this socket's proto. Without it each keep-alive
-    # response waited ~40 ms for the client's delayed ACK (Nagle): ~23 requests/s a connection.
+    # response waited for the client's delayed ACK (Nagle), a few dozen requests/s a
+    # connection at most (BENCHMARKS.md).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -175,7 +177,7 @@ class Node:
                     )
                 )
             # the embedded broker (device accounts, topic rules) or the external one's subscriber,
-            # and how commands are sent: iotvault.broker.wiring
+            # and how commands are sent: iotvault.wiring
             broker_side = await start_broker_side(stack, s, self.ctx, self.pipeline, self._embedded_hook)
             self.broker = broker_side.broker
             server_task: asyncio.Task[None] | None = None

@@ -17,10 +17,12 @@ from typer.testing import CliRunner
 
 from iotvault import accounts
 from iotvault.cli.main import app
+from iotvault.clock import now_us
 from iotvault.config import Settings, load_settings
+from iotvault.context import Context, context
+from iotvault.devices import delete_device, register_device
 from iotvault.domain.accounts import Roles
 from iotvault.errors import ValidationError
-from iotvault.runtime import Context, context, delete_device, now_us, register_device
 from iotvault.storage import migrate
 from iotvault.storage.accounts import (
     TOUCH_INTERVAL_US,

@@ -23,9 +23,9 @@ from sqlalchemy import update
 import iotvault.api.app as app_module
 from iotvault.accounts import create_group, update_user
 from iotvault.api.app import PUBLIC_ROUTES, create_app
+from iotvault.clock import now_us
 from iotvault.domain.accounts import Roles
 from iotvault.domain.ids import EventIdFactory
-from iotvault.runtime import now_us
 from iotvault.storage.repository import BatchWrite, StoredEvent
 from iotvault.storage.schema import events
 

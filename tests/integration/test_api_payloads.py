@@ -19,9 +19,9 @@ from apifixture import Api, running_api, serving, stored_event
 
 from iotvault.accounts import create_group, create_user
 from iotvault.api.routes.devices import DeviceEvents, EventPage
+from iotvault.devices import register_device
 from iotvault.domain.accounts import Roles
 from iotvault.domain.ids import EventIdFactory
-from iotvault.runtime import register_device
 from iotvault.storage.repository import BatchWrite
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

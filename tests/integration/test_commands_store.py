@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from iotvault.commands.documents import Ack
+from iotvault.clock import now_us
 from iotvault.commands.service import CommandService, effective_status
 from iotvault.config import load_settings
+from iotvault.context import Context, context
+from iotvault.devices import delete_device, register_device
+from iotvault.domain.commands import Ack
 from iotvault.ingest.pipeline import Inbound, IngestPipeline, Outcome
 from iotvault.metrics import Metrics
-from iotvault.runtime import Context, context, delete_device, now_us, register_device
 from iotvault.storage.repository import SecurityEvent
 
 pytestmark = pytest.mark.integration

@@ -27,29 +27,28 @@ from helpers import free_port
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
+from iotvault import wiring
 from iotvault.accounts import create_api_key
-from iotvault.broker import wiring
 from iotvault.broker.acl import SERVICE_USERNAME
 from iotvault.broker.publisher import CommandPublisher
 from iotvault.broker.tls import client_context
 from iotvault.cli.main import app as cli_app
-from iotvault.commands.documents import command_message
 from iotvault.commands.keys import broker_service_password, command_signing_key
 from iotvault.commands.service import CommandService
 from iotvault.config import Settings, load_settings
+from iotvault.context import Context, open_context
 from iotvault.crypto.signing import CommandPublicKey, CommandSigningKey, b64url
 from iotvault.device import Command, CommandRejectedError, DeviceClient
-from iotvault.domain.accounts import Roles
-from iotvault.errors import BrokerUnavailableError
-from iotvault.node import Node, Role
-from iotvault.runtime import (
-    Context,
+from iotvault.devices import (
     delete_device,
-    open_context,
     register_device,
     revoke_device_credential,
     rotate_device_credential,
 )
+from iotvault.domain.accounts import Roles
+from iotvault.domain.commands import command_message
+from iotvault.errors import BrokerUnavailableError
+from iotvault.node import Node, Role
 from iotvault.simulator import (
     CommandSupport,
     DeviceCredential,

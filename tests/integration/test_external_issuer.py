@@ -1,35 +1,31 @@
 """An external OpenID Connect issuer over real HTTP: discovery, JWKS, rotation, floods, outages.
 
-The issuer is a small ``http.server`` in a thread on 127.0.0.1 that serves its discovery
-document and JWKS and counts the requests it gets, so that the tests can check how often
-iotvault asks.
+The issuer is the benchmarks' (:class:`bench.services.Issuer`): a small ``http.server`` in a
+thread on 127.0.0.1 that serves its discovery document and JWKS and counts the requests it
+gets, so that the tests can check how often iotvault asks.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import secrets
-import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import anyio
 import httpx
 import pytest
+from bench.services import Issuer
 from helpers import free_port
 from joserfc import jwt
-from joserfc.jwk import ECKey, KeySet
 
-from iotvault.auth.tokens import InvalidTokenError, IssuerConfig, RemoteJwks, TokenVerifier, public_keyset
+from iotvault.auth.claims import InvalidTokenError
+from iotvault.auth.keys import RemoteJwks
+from iotvault.auth.tokens import IssuerConfig, TokenVerifier
 
 pytestmark = pytest.mark.integration
 
 AUDIENCE = "iotvault-api"
-DISCOVERY = "/.well-known/openid-configuration"
+DISCOVERY = Issuer.DISCOVERY
 
 
 @pytest.fixture
@@ -37,70 +33,10 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class Issuer:
-    """A tiny OpenID Connect issuer: discovery, JWKS, and token minting with its current key."""
-
-    def __init__(self) -> None:
-        self.key = ECKey.generate_key("P-256", parameters={"kid": "key-1"})
-        self.hits: Counter[str] = Counter()
-        self.named_issuer: str | None = None  # what discovery claims; None: the truth
-        issuer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                issuer.hits[self.path] += 1
-                if self.path == DISCOVERY:
-                    body: Any = {
-                        "issuer": issuer.named_issuer or issuer.url,
-                        "jwks_uri": issuer.url + "/jwks",
-                        "id_token_signing_alg_values_supported": ["ES256"],
-                    }
-                elif self.path == "/jwks":
-                    body = public_keyset(KeySet([issuer.key])).as_dict()
-                else:
-                    self.send_error(404)
-                    return
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(
-            target=functools.partial(self.server.serve_forever, poll_interval=0.05),
-            name="test-issuer",
-            daemon=True,
-        )
-
-    def rotate(self) -> None:
-        number = int(str(self.key.kid).split("-")[1]) + 1
-        self.key = ECKey.generate_key("P-256", parameters={"kid": f"key-{number}"})
-
-    def token(self, *, kid: str | None = None, **claims: Any) -> str:
-        now = int(time.time())
-        payload = {"iss": self.url, "sub": "ext-user", "aud": AUDIENCE, "exp": now + 300, "iat": now}
-        header = {"alg": "ES256", "kid": kid or self.key.kid}
-        return jwt.encode(header, payload | claims, self.key)
-
-    @property
-    def jwks_fetches(self) -> int:
-        return self.hits["/jwks"]
-
-
 @pytest.fixture
 def issuer() -> Iterator[Issuer]:
-    server = Issuer()
-    server.thread.start()
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
-    server.thread.join(timeout=5)
+    with Issuer(audience=AUDIENCE) as server:
+        yield server
 
 
 @pytest.fixture

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from iotvault.cli.main import app
 from iotvault.config import Settings, load_settings
+from iotvault.context import Context, context
 from iotvault.crypto.cipher import record_key_version
+from iotvault.devices import delete_device, register_device
 from iotvault.domain.ids import EventIdFactory
 from iotvault.errors import DataKeyNotFoundError, RecordDecryptionError
-from iotvault.runtime import Context, context, delete_device, register_device
 from iotvault.simulator import DeviceCredential, SimulationPlan, run_simulation
 from iotvault.storage.repository import BatchWrite, StoredEvent
 from iotvault.storage.schema import events

@@ -35,9 +35,9 @@ from typer.testing import CliRunner
 from iotvault.accounts import create_group, set_password, update_user
 from iotvault.api import security
 from iotvault.cli.main import app as cli
+from iotvault.clock import now_us
 from iotvault.domain.accounts import Roles
 from iotvault.identity.clients import DEVICE_CODE
-from iotvault.runtime import now_us
 from iotvault.storage.schema import (
     identity_events,
     oidc_codes,

@@ -27,12 +27,12 @@ from gmqtt import Client, Subscription
 from gmqtt.mqtt.constants import MQTTv311
 from helpers import require_mosquitto
 
+from iotvault.device import DeviceConnection
 from iotvault.domain.topics import EventTopic, StatusTopic, parse_topic
 from iotvault.errors import ValidationError
 from iotvault.simulator import (
     DeviceCredential,
     DeviceRefusedError,
-    SimulatedDevice,
     SimulationPlan,
     make_payload,
     run_simulation,
@@ -271,7 +271,7 @@ async def test_events_and_status_arrive_on_the_contract_topics(broker: Mosquitto
 
 async def test_an_event_counts_as_acknowledged_only_once_the_broker_acks_it(broker: Mosquitto) -> None:
     cred = fleet(unique_type(), 1)[0]
-    device = SimulatedDevice(cred, HOST, broker.port)
+    device = DeviceConnection(cred, HOST, broker.port)
     try:
         await device.connect()
         broker.pause()
@@ -349,7 +349,7 @@ async def test_the_will_says_disconnected_when_the_connection_is_lost(broker: Mo
     type_id = unique_type()
     cred = fleet(type_id, 1)[0]
     async with subscribed(broker.port, type_id) as subscriber:
-        async with SimulatedDevice(cred, HOST, broker.port) as device:
+        async with DeviceConnection(cred, HOST, broker.port) as device:
             # Another client with the device's id takes the session over: the broker drops the
             # device's connection without a DISCONNECT and publishes its will.
             intruder = Client(cred.device_id)
@@ -365,7 +365,7 @@ async def test_the_will_says_disconnected_when_the_connection_is_lost(broker: Mo
 
 async def test_connect_waits_for_a_broker_that_starts_later(mosquitto_binary: str, tmp_path: Path) -> None:
     broker = Mosquitto(mosquitto_binary, tmp_path)
-    device = SimulatedDevice(fleet(unique_type(), 1)[0], HOST, broker.port)
+    device = DeviceConnection(fleet(unique_type(), 1)[0], HOST, broker.port)
     try:
         connecting = asyncio.create_task(device.connect())
         await asyncio.sleep(0.5)
@@ -382,7 +382,7 @@ async def test_connect_waits_for_a_broker_that_starts_later(mosquitto_binary: st
 
 
 async def test_close_stops_a_device_that_is_still_connecting() -> None:
-    device = SimulatedDevice(fleet(unique_type(), 1)[0], HOST, _free_port())
+    device = DeviceConnection(fleet(unique_type(), 1)[0], HOST, _free_port())
     connecting = asyncio.create_task(device.connect())
     await asyncio.sleep(0.3)
     await device.close()
@@ -398,7 +398,7 @@ async def test_a_refused_credential_fails_fast(mosquitto_binary: str, tmp_path: 
     await asyncio.to_thread(broker.start)
     try:
         devices = fleet(unique_type(), 2)
-        device = SimulatedDevice(devices[0], HOST, broker.port)
+        device = DeviceConnection(devices[0], HOST, broker.port)
         try:
             async with asyncio.timeout(10):
                 with pytest.raises(DeviceRefusedError) as refused:
@@ -425,6 +425,6 @@ def test_payloads_and_credentials() -> None:
     assert max(sizes) <= 200
     cred = DeviceCredential("device-7", "sensor", PASSWORD)
     assert PASSWORD not in repr(cred)
-    assert PASSWORD not in repr(SimulatedDevice(cred, HOST, 1883))
+    assert PASSWORD not in repr(DeviceConnection(cred, HOST, 1883))
     with pytest.raises(ValidationError, match="twice"):
         SimulationPlan([cred, cred])

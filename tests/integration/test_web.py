@@ -18,9 +18,9 @@ from playwright.async_api import expect
 
 from iotvault.commands.keys import command_signing_key
 from iotvault.config import load_settings
+from iotvault.context import context
 from iotvault.device.client import DeviceClient
 from iotvault.identity.store import IdentityStore
-from iotvault.runtime import context
 from iotvault.simulator.device import DeviceCredential, SimulatedDevice
 from iotvault.web.client import CLIENT_ID
 from webfixture import PHONE, SCREENSHOTS, Site, browser_page, password, require_chromium, start_site

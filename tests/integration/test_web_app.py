@@ -14,11 +14,11 @@ from apifixture import Api, api_key_for, running_api
 from bench import web_page
 
 from iotvault.config import load_settings
+from iotvault.context import context
 from iotvault.domain.accounts import Roles
 from iotvault.identity import Identity
 from iotvault.identity.clients import add_client, remove_client
 from iotvault.identity.store import ClientRecord
-from iotvault.runtime import context
 from iotvault.web import render
 from iotvault.web.client import CLIENT_ID, WebClient
 

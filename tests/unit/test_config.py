@@ -324,3 +324,24 @@ def test_production_accepts_a_sound_setup_and_refuses_an_open_master_key(tmp_pat
     assert "chmod 600" in caught.value.reason
     key.chmod(0o600)
     load_settings(environ=base)
+
+
+@pytest.mark.parametrize("rate", ["0/minute", "abc", "10/minute;20/hour", "-1/minute", "10", "10/fortnight"])
+def test_a_rate_the_limits_notation_cannot_read_as_one_limit_is_refused(rate: str) -> None:
+    with pytest.raises(ConfigError, match=r"IOTVAULT_RATE_LIMIT_PER_IP|rate_limit_per_ip"):
+        load_settings(None, {"IOTVAULT_RATE_LIMIT_PER_IP": rate})
+
+
+def test_every_rate_is_read_by_the_one_parser_the_limiter_uses() -> None:
+    """The login throttle and the API limiter read the same setting the same way."""
+    import limits  # noqa: PLC0415
+
+    from iotvault.identity.throttle import UserLoginThrottle  # noqa: PLC0415
+
+    s = load_settings(None, {"IOTVAULT_OIDC_ANONYMOUS_RATE": "20/hour"})
+    throttle = UserLoginThrottle(
+        None, lambda _e: None, max_failures=5, window_s=60, anonymous_rate=s.oidc_anonymous_rate
+    )  # type: ignore[arg-type]
+    item = limits.parse(s.oidc_anonymous_rate)
+    assert (throttle._anon_count, throttle._anon_window_us) == (item.amount, item.get_expiry() * 1_000_000)
+    assert (item.amount, item.get_expiry()) == (20, 3600)

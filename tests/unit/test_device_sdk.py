@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from iotvault.commands.documents import (
+from iotvault.crypto.signing import CommandSigningKey, b64url
+from iotvault.device import Command, CommandProcessor, CommandRejectedError, CommandVerifier, ReplayGuard
+from iotvault.domain.commands import (
     Ack,
     CommandDocument,
     command_message,
     parse_command_ack,
     read_command_message,
 )
-from iotvault.crypto.signing import CommandSigningKey, b64url
-from iotvault.device import Command, CommandProcessor, CommandRejectedError, CommandVerifier, ReplayGuard
 from iotvault.errors import ValidationError
 
 KEY = CommandSigningKey.from_seed(b"\x07" * 32)

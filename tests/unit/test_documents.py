@@ -3,6 +3,7 @@ the stores share."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import create_engine
 
-from iotvault.documents import api_key_doc, group_doc, iso
+from iotvault.documents import NOT_JSON, UNDECRYPTABLE, api_key_doc, event_doc, group_doc, iso, to_json
 from iotvault.domain.accounts import Roles
 from iotvault.errors import DatabaseUnavailableError
 from iotvault.storage.accounts import ApiKeyRecord, GroupRecord
 from iotvault.storage.db import EngineStore
+from iotvault.storage.repository import StoredEvent
 
 # 2026-11-22T10:00:00.123456Z
 AT_US = 1_795_341_600_123_456
@@ -52,3 +54,40 @@ def test_a_store_names_an_unreachable_database_without_its_password(tmp_path: Pa
             conn.exec_driver_sql("SELECT 1")
         assert caught.value.url == "postgresql://iotvault:***@db.example/iotvault"
     engine.dispose()
+
+
+class _Ring:
+    """A key ring stand-in: 'decrypts' by returning what it was given, or refuses."""
+
+    def __init__(self, plain: dict[str, bytes]) -> None:
+        self.plain = plain
+
+    def decrypt(self, device_id: str, event_id: str, record: bytes) -> bytes:
+        from iotvault.errors import RecordDecryptionError  # noqa: PLC0415
+
+        if event_id not in self.plain:
+            raise RecordDecryptionError(device_id, event_id, "tampered")
+        return self.plain[event_id]
+
+
+def _event(event_id: str) -> StoredEvent:
+    return StoredEvent("kitchen-1", event_id, "thermo", "reading", "json", AT_US, b"sealed")
+
+
+def test_one_event_document_for_the_api_and_the_command_line() -> None:
+    ring = _Ring({"e1": b'{"t": 21.5}', "e2": b"not json"})
+    good, not_json, sealed = (event_doc(ring, _event(i)) for i in ("e1", "e2", "e3"))
+    assert json.loads(to_json(good)) == {
+        "eventId": "e1",
+        "deviceId": "kitchen-1",
+        "typeId": "thermo",
+        "eventType": "reading",
+        "format": "json",
+        "timestamp": "2026-11-22T10:00:00.123Z",
+        "payload": {"t": 21.5},
+        "error": None,
+    }
+    # what cannot be shown is null with a reason beside it, never inside the payload
+    assert (not_json["payload"], not_json["error"]) == (None, NOT_JSON)
+    assert (sealed["payload"], sealed["error"]) == (None, UNDECRYPTABLE)
+    assert b"sealed" not in to_json([good, not_json, sealed])

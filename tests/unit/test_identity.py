@@ -11,17 +11,16 @@ from hypothesis import strategies as st
 
 from iotvault.errors import OAuthError, ValidationError
 from iotvault.identity import pages
-from iotvault.identity.browser import (
+from iotvault.identity.clients import check_client_id, check_redirect_uri
+from iotvault.identity.grants import _check_pkce
+from iotvault.identity.minting import narrower, parse_scope, subject_for
+from iotvault.identity.records import ClientRecord
+from iotvault.identity.requests import (
     USER_CODE_ALPHABET,
     format_user_code,
     normalize_user_code,
     parse_authorization,
 )
-from iotvault.identity.clients import check_client_id, check_redirect_uri
-from iotvault.identity.grants import _check_pkce
-from iotvault.identity.minting import narrower, parse_scope, subject_for
-from iotvault.identity.store import ClientRecord
-from iotvault.identity.throttle import parse_rate
 from iotvault.identity.web import Call, csrf_ok, csrf_token, with_query
 
 
@@ -204,4 +203,3 @@ def test_scopes_subjects_and_rates() -> None:
     assert not narrower("openid email", "openid profile")
     assert subject_for("alice", 1) == subject_for("alice", 1) != subject_for("alice", 2)
     assert "alice" not in subject_for("alice", 1)
-    assert parse_rate("20/hour") == (20, 3600)

@@ -229,3 +229,17 @@ def test_event_ids_are_canonical_and_carry_their_time_at_any_millisecond(unix_ms
     assert len(event_id) == 36
     assert_uuid7(event_id)
     assert event_id_millis(event_id) == unix_ms
+
+
+def test_the_bounds_of_a_millisecond_enclose_every_id_made_in_it() -> None:
+    """One layout: the factory, the time read back and the query bounds agree."""
+    from iotvault.domain.ids import event_id_bound  # noqa: PLC0415
+
+    factory = EventIdFactory()
+    at_ms = 1_795_311_554_123
+    ids = [factory.new_at(at_ms) for _ in range(50)]
+    low, high = event_id_bound(at_ms * 1000 + 999, upper=False), event_id_bound(at_ms * 1000, upper=True)
+    assert all(low <= i <= high for i in ids)
+    assert {event_id_millis(i) for i in ids} == {at_ms}
+    assert event_id_bound((at_ms + 1) * 1000, upper=False) > max(ids)
+    assert event_id_bound((at_ms - 1) * 1000, upper=True) < min(ids)

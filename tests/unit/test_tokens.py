@@ -29,17 +29,9 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, Key, KeySet, OctKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
 
-from iotvault.auth.tokens import (
-    MAX_TOKEN_LENGTH,
-    InvalidTokenError,
-    IssuerConfig,
-    RemoteJwks,
-    StaticKeys,
-    TokenClaims,
-    TokenVerifier,
-    pinned_algorithm,
-    public_keyset,
-)
+from iotvault.auth.claims import InvalidTokenError, TokenClaims
+from iotvault.auth.keys import RemoteJwks, StaticKeys, pinned_algorithm, public_keyset
+from iotvault.auth.tokens import MAX_TOKEN_LENGTH, IssuerConfig, TokenVerifier
 from iotvault.errors import ConfigError, ValidationError
 
 ISSUER = "https://issuer.example"

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from iotvault.domain.ids import IDENTIFIER_PATTERN
 from iotvault.domain.topics import (
     EVENT_FILTER,
     MAX_TOPIC_LENGTH,
@@ -20,7 +21,7 @@ from iotvault.domain.topics import (
 )
 from iotvault.errors import TopicError, ValidationError
 
-idents = st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True)
+idents = st.from_regex(IDENTIFIER_PATTERN, fullmatch=True)
 
 event_topics = st.builds(EventTopic, idents, idents, idents, idents)
 status_topics = st.builds(StatusTopic, idents, idents)

@@ -3,8 +3,8 @@
 ``Requires(Permission.X)`` is the only way a route gets a principal; it authenticates, asks
 :func:`iotvault.auth.policy.authorize` (with the path's ``deviceId`` for device permissions)
 and turns the decision into 404 or 403. A test walks every route and fails if one neither
-declares a permission nor is listed as public. ``Ctx`` is the node's runtime context (stores,
-key ring) for routes that call the services of :mod:`iotvault.accounts` and :mod:`iotvault.runtime`.
+declares a permission nor is listed as public. ``Ctx`` is the node's opened resources (stores,
+key ring) for routes that call the services of :mod:`iotvault.accounts` and :mod:`iotvault.devices`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fastapi.security import HTTPBasic, HTTPBearer
 from iotvault.api.problems import Problem, not_found
 from iotvault.api.security import Authenticator, services
 from iotvault.auth.policy import DEVICE_PERMISSIONS, Decision, Permission, Principal, authorize
-from iotvault.runtime import Context
+from iotvault.context import Context
 
 _authenticate = Authenticator()
 # declared only so that the OpenAPI document shows both schemes; the header is parsed above

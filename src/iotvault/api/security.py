@@ -25,9 +25,9 @@ from starlette.concurrency import run_in_threadpool
 from iotvault.accounts import api_key_grant, verify_api_key
 from iotvault.api.problems import Problem, unauthorized
 from iotvault.api.services import ApiServices
+from iotvault.auth.claims import InvalidTokenError, TokenClaims
 from iotvault.auth.policy import ANONYMOUS_GROUP, Grant, Principal
-from iotvault.auth.tokens import InvalidTokenError, TokenClaims
-from iotvault.runtime import now_us
+from iotvault.clock import now_us
 
 MAX_HEADER = 16 * 1024
 CACHE_TTL_S = 5.0

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from iotvault.api.ratelimit import RateLimiter
 from iotvault.auth.tokens import TokenVerifier
 from iotvault.config import Settings
+from iotvault.context import Context
 from iotvault.metrics import Metrics
-from iotvault.runtime import Context
 
 
 class EventNotifier:

@@ -9,7 +9,8 @@
   events;
 - :mod:`.dynsec` keeps Mosquitto 2's dynamic-security plugin in step with the registry;
 - :mod:`.publisher` is iotvault's own MQTT connection for sending commands; :mod:`.tls` makes
-  the TLS contexts; :mod:`.wiring` starts what a node needs of all this.
+  the TLS contexts. What a node starts of all this is composed above the package, in
+  :mod:`iotvault.wiring`, beside :mod:`iotvault.node`.
 
 Nothing is imported here on purpose: the embedded broker pulls in amqtt, which a deployment
 that uses an external broker (Mosquitto) never needs.

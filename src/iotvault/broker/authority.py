@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -45,6 +44,7 @@ from iotvault.broker.acl import (
     is_device_id,
     service_may,
 )
+from iotvault.clock import now_us
 from iotvault.crypto.tokens import hash_secret, verify_secret
 from iotvault.errors import IotVaultError
 from iotvault.storage.sql import SqlStore
@@ -69,10 +69,6 @@ class _Session:
     valid_until_us: int | None  # set when the previous credential (in its grace period) was used
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
-
-
 class DeviceAuthority:
     def __init__(
         self,
@@ -81,7 +77,7 @@ class DeviceAuthority:
         service_password: str | None = None,
         events: SecurityEventLog | None = None,
         on_status: StatusHook | None = None,
-        clock_us: Callable[[], int] = _now_us,
+        clock_us: Callable[[], int] = now_us,
     ) -> None:
         self._store = store
         self._service_password = service_password

@@ -197,7 +197,7 @@ def _expect(responses: list[Response], *, tolerate: Collection[str] = ()) -> Non
 
 
 class DynsecAccounts:
-    """Device accounts on Mosquitto, kept in step with the registry (the runtime's hook)."""
+    """Device accounts on Mosquitto, kept in step with the registry (the devices service's hook)."""
 
     def __init__(self, client: DynsecClient) -> None:
         self.client = client

@@ -20,17 +20,19 @@ import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
 from gmqtt.storage import PersistentStorage
 
+from iotvault.adapters.gmqtt import NO_RECONNECT, check_version
 from iotvault.broker.acl import SERVICE_CLIENT_PREFIX
 from iotvault.broker.service_login import ServiceLogin
 from iotvault.errors import BrokerUnavailableError
 
 log = logging.getLogger(__name__)
 
-_NO_RECONNECT = -2  # gmqtt reconnects while failures <= reconnect_retries; this is never
-
 
 class _Acks(PersistentStorage):  # type: ignore[misc]  # gmqtt ships no type information
-    """gmqtt's in-flight store, used to learn when the broker acknowledged a message."""
+    """gmqtt's in-flight store, used to learn when the broker acknowledged a message.
+
+    Relies on when gmqtt calls it (:class:`iotvault.adapters.gmqtt.InflightStore`).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,13 +87,14 @@ class CommandPublisher(ServiceLogin):
             return self._client
         await self._drop()
         acks = _Acks()
+        check_version()
         client = gmqtt.Client(
             f"{SERVICE_CLIENT_PREFIX}cmd:{secrets.token_hex(6)}",
             clean_session=True,
             persistent_storage=acks,
             logger=logging.getLogger("iotvault.broker.mqtt"),
         )
-        client.set_config({"reconnect_retries": _NO_RECONNECT})
+        client.set_config({"reconnect_retries": NO_RECONNECT})
         if self._username:
             client.set_auth_credentials(self._username, self._password)
         client.on_disconnect = lambda *_args: acks.fail_all(ConnectionError("connection to the broker lost"))

@@ -12,19 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from types import TracebackType
 from typing import Any
 
+from iotvault.clock import now_us
 from iotvault.errors import IotVaultError
 from iotvault.storage.repository import SecurityEvent
 from iotvault.storage.sql import SqlStore
 
 log = logging.getLogger(__name__)
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
 
 
 class SecurityEventLog:
@@ -43,13 +39,13 @@ class SecurityEventLog:
         if len(self._pending) >= self._max_pending:
             self._dropped += 1
             return
-        self._pending.append(SecurityEvent(_now_us(), kind, subject or "-", detail))
+        self._pending.append(SecurityEvent(now_us(), kind, subject or "-", detail))
         self.recorded += 1
 
     async def flush(self) -> None:
         rows, self._pending = self._pending, []
         if self._dropped:
-            rows.append(SecurityEvent(_now_us(), "events_dropped", "broker", {"count": self._dropped}))
+            rows.append(SecurityEvent(now_us(), "events_dropped", "broker", {"count": self._dropped}))
             self._dropped = 0
         if not rows:
             return

@@ -35,7 +35,7 @@ def apikeys_add(
     json_out: JsonOption = False,
 ) -> None:
     """Create an API key; prints its key and password once (only a hash is kept)."""
-    from iotvault.runtime import now_us
+    from iotvault.clock import now_us
 
     out = state(cli).out
     with opened(cli) as ctx:

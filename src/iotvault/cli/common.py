@@ -20,10 +20,10 @@ import typer
 from rich.console import Console
 
 from iotvault.config import Settings, load_settings
+from iotvault.context import Context, context
 from iotvault.documents import iso
 from iotvault.domain.accounts import Roles
 from iotvault.errors import ConfigError, MasterKeyError, NotFoundError, NotInitialisedError
-from iotvault.runtime import Context, context
 
 PIPED_WIDTH = 1_000
 """Columns of a console that is not a terminal: rich would cut tables to 80 when piped."""

@@ -26,7 +26,7 @@ from iotvault.config import Settings
 from iotvault.errors import ConfigError, PortInUseError
 
 if TYPE_CHECKING:
-    from iotvault.runtime import Context
+    from iotvault.context import Context
     from iotvault.simulator import DeviceCredential
 
 DEMO_DEVICES = (
@@ -156,7 +156,7 @@ def _demo_api_key(ctx: Context) -> tuple[str, str] | None:
 
 
 def _demo_devices(ctx: Context) -> list[DeviceCredential]:
-    from iotvault.runtime import register_device, rotate_device_credential
+    from iotvault.devices import register_device, rotate_device_credential
     from iotvault.simulator import DeviceCredential
 
     creds = []
@@ -183,7 +183,7 @@ def demo(
 ) -> None:
     """Serve with the embedded defaults, create demo devices, and run the device simulator."""
     from iotvault.cli.simulate import simulator_extras
-    from iotvault.runtime import context
+    from iotvault.context import context
 
     st = state(cli)
     if not st.settings.broker.embedded:

@@ -25,7 +25,7 @@ def devices_register(
     json_out: JsonOption = False,
 ) -> None:
     """Register a device; prints its credential once (only a hash is kept)."""
-    from iotvault.runtime import register_device
+    from iotvault.devices import register_device
 
     out = state(cli).out
     with opened(cli) as ctx:
@@ -74,7 +74,7 @@ def devices_rotate(
     json_out: JsonOption = False,
 ) -> None:
     """Give a device a new credential (printed once)."""
-    from iotvault.runtime import rotate_device_credential
+    from iotvault.devices import rotate_device_credential
 
     out = state(cli).out
     with opened(cli) as ctx:
@@ -88,7 +88,7 @@ def devices_rotate(
 @devices_app.command("delete")
 def devices_delete(cli: typer.Context, device_id: IdArg, yes: YesOption = False) -> None:
     """Delete a device, its events and its data keys (crypto-shredding)."""
-    from iotvault.runtime import delete_device
+    from iotvault.devices import delete_device
 
     if not yes:
         typer.confirm(f"Delete {device_id}, all its events and its keys? This cannot be undone", abort=True)
@@ -115,7 +115,7 @@ def devices_command_key(cli: typer.Context, json_out: JsonOption = False) -> Non
 @devices_app.command("revoke-credential")
 def devices_revoke_credential(cli: typer.Context, device_id: IdArg, yes: YesOption = False) -> None:
     """Refuse every credential of a device (also one in its grace period) until it is rotated."""
-    from iotvault.runtime import revoke_device_credential
+    from iotvault.devices import revoke_device_credential
 
     if not yes:
         typer.confirm(f"Disconnect {device_id} and refuse its credentials?", abort=True)
@@ -147,7 +147,7 @@ def events_tail(
         last: str | None = None
         while True:
             for e in events:
-                doc = event_doc(ctx, e)
+                doc = event_doc(ctx.keyring, e)
                 if json_out:
                     sys.stdout.write(orjson.dumps(doc).decode() + "\n")
                 else:

@@ -27,7 +27,7 @@ from iotvault.domain.accounts import Roles
 from iotvault.storage.accounts import GroupNotFoundError
 
 if TYPE_CHECKING:
-    from iotvault.runtime import Context
+    from iotvault.context import Context
 
 groups_app = typer.Typer(help="Groups: roles on a list of devices, and their members.", no_args_is_help=True)
 

@@ -25,7 +25,7 @@ from iotvault.config import Settings
 from iotvault.errors import ConfigError, IngestNotConfirmedError
 
 if TYPE_CHECKING:
-    from iotvault.runtime import Context
+    from iotvault.context import Context
     from iotvault.simulator import DeviceCredential
 
 STORE_WAIT_S = 15.0
@@ -42,8 +42,8 @@ def simulator_extras(s: Settings, key_file: Path | None = None, *, registry: boo
     """
     from iotvault.broker.tls import client_context
     from iotvault.commands.keys import command_signing_key
+    from iotvault.context import context
     from iotvault.crypto.signing import CommandPublicKey
-    from iotvault.runtime import context
     from iotvault.simulator import CommandSupport
 
     commands = None
@@ -75,7 +75,7 @@ def broker_address(s: Settings, host: str | None, port: int | None) -> tuple[str
 
 def _registered(ctx: Context, devices: int, prefix: str, type_id: str) -> list[DeviceCredential]:
     """``<prefix>-0001``…: registered if new, a fresh credential if not (only hashes are kept)."""
-    from iotvault.runtime import register_device, rotate_device_credential
+    from iotvault.devices import register_device, rotate_device_credential
     from iotvault.simulator import DeviceCredential
 
     creds = []
@@ -136,7 +136,7 @@ def simulate(
     ] = None,
 ) -> None:
     """Publish events from simulated devices with real device credentials, with a progress bar."""
-    from iotvault.runtime import context
+    from iotvault.context import context
 
     st = state(cli)
     s = st.settings
@@ -204,7 +204,7 @@ def _confirm_stored(
     st: CliState, s: Settings, device_ids: list[str], before: int, acknowledged: int, broker: str
 ) -> None:
     """Wait until iotvault's database holds what the broker acknowledged; else fail."""
-    from iotvault.runtime import context
+    from iotvault.context import context
 
     with context(s) as ctx:
         stored = _stored(ctx, device_ids) - before

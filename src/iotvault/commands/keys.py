@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Final
 
 from iotvault.crypto.master_key import MasterKey, generate_data_key
-from iotvault.crypto.signing import CommandSigningKey, b64url, b64url_decode
+from iotvault.crypto.signing import CommandSigningKey
+from iotvault.domain.encoding import b64url, b64url_decode
 from iotvault.errors import KeyUnwrapError
 from iotvault.storage.sql import SqlStore
 

@@ -23,11 +23,14 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from iotvault.commands.documents import MAX_PAYLOAD_BYTES, CommandDocument, command_message
+from iotvault.clock import now_us
 from iotvault.commands.keys import command_signing_key
-from iotvault.crypto.signing import CommandPublicKey, CommandSigningKey, b64url, canonical_json
+from iotvault.crypto.master_key import MasterKey
+from iotvault.crypto.signing import CommandPublicKey, CommandSigningKey
+from iotvault.domain.commands import MAX_PAYLOAD_BYTES, CommandDocument, command_message
+from iotvault.domain.encoding import b64url, canonical_json
 from iotvault.domain.ids import check_identifier
 from iotvault.domain.topics import CommandTopic
 from iotvault.errors import (
@@ -37,8 +40,8 @@ from iotvault.errors import (
     DeviceNotFoundError,
     ValidationError,
 )
-from iotvault.runtime import Context, now_us
 from iotvault.storage.repository import CommandRecord, SecurityEvent
+from iotvault.storage.sql import SqlStore
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 
@@ -61,10 +64,19 @@ def effective_status(record: CommandRecord, at_us: int) -> str:
     return record.status
 
 
+class CommandResources(Protocol):
+    """What the service uses (:class:`iotvault.context.Context` is one)."""
+
+    @property
+    def store(self) -> SqlStore: ...
+    @property
+    def master(self) -> MasterKey: ...
+
+
 class CommandService:
     def __init__(
         self,
-        ctx: Context,
+        ctx: CommandResources,
         publish: Publish | None = None,
         *,
         default_expiry_s: int = 300,

@@ -33,8 +33,8 @@ This is the ingest hot path, so the format lives in two layers here, both in thi
   :class:`SealingKey`: a data key bound once (:func:`bind_key`) to a device and key version,
   with the range check, the device id's NUL check, the header and the parts of the associated
   data that are the same for every event of that device and version done in advance.
-  Ingest seals every event of a device with the same one for ``key_cache_ttl_s``; preparing
-  those parts per event cost about 0.08 µs of the 1.7 µs a seal takes (``bench.crypto``).
+  Ingest seals every event of a device with the same one for ``key_cache_ttl_s``, instead of
+  preparing those parts per event (BENCHMARKS.md, "Measurements behind choices in the code").
   Opening reads the version from the record, so it builds its associated data in one piece;
 * :func:`encrypt_event`, :func:`decrypt_event` and :func:`record_key_version` are the
   documented keyword forms on top of them.
@@ -111,7 +111,7 @@ def seal_record(key: SealingKey, event_id: str, plaintext: bytes) -> bytes:
     if "\x00" in event_id:
         raise _nul_in_ids()
     nonce = _urandom(NONCE_LEN)
-    # Two concatenations: measured faster than b"".join here.
+    # Two concatenations: measured faster than b"".join here (BENCHMARKS.md).
     return header + nonce + aead.encrypt(nonce, plaintext, aad_prefix + event_id.encode() + aad_suffix)
 
 

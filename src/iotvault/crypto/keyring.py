@@ -7,8 +7,9 @@ within ``key_cache_ttl_s`` and until then keeps encrypting with the previous ver
 still valid, so rotation needs no downtime. Deleting a device deletes its keys, after which its
 records (in backups too) cannot be decrypted: crypto-shredding.
 
-The store it reads is any :class:`~iotvault.storage.repository.KeyStore`; the ring itself does
-no SQL.
+The store it reads is any :class:`KeyStore`, declared here beside its one user so that crypto
+imports nothing of storage (:class:`~iotvault.storage.sql.SqlStore` is one); the ring itself
+does no SQL.
 
 :meth:`KeyRing.encrypt` and :meth:`KeyRing.decrypt` run once per event, so on a cache hit they
 do no more than one lock-free cache lookup (see :mod:`.keycache`) and one call to the positional
@@ -19,8 +20,8 @@ opening.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -28,9 +29,17 @@ from iotvault.crypto.cipher import open_record, record_key_version, seal_record
 from iotvault.crypto.keycache import CurrentKey, DataKeyCache
 from iotvault.crypto.master_key import MasterKey, generate_data_key
 from iotvault.errors import DataKeyNotFoundError
-from iotvault.storage.repository import KeyStore
 
 FINGERPRINT_META = "master_key_fingerprint"
+
+
+class KeyStore(Protocol):
+    """The wrapped data keys of each device, by version: what the ring asks of storage."""
+
+    def data_keys(self, device_id: str) -> dict[int, bytes]: ...
+    def latest_data_key(self, device_id: str) -> tuple[int, bytes] | None: ...
+    def add_data_key(self, device_id: str, version: int, wrapped: bytes) -> None: ...
+    def device_ids(self) -> list[str]: ...
 
 
 class KeyRing:
@@ -119,7 +128,3 @@ class KeyRing:
             self._master.unwrap_data_key(device_id, version, wrapped)
         )
         return self._cache.set_current(device_id, version, aead, ttl_seconds=self._ttl, generation=generation)
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000

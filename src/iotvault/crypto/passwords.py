@@ -5,9 +5,10 @@ Parameters: argon2id, memory 64 MiB (``m=65536`` KiB), 2 passes (``t=2``), 1 lan
 ``m=19 MiB, t=2, p=1``; this is more than three times its memory at the same number of passes,
 and memory is what makes each guess expensive on GPUs and ASICs. One lane because a server
 checks many logins at once: more lanes only shorten one check's wall time by occupying more
-cores, and do not make a guess any dearer. A check costs about 150 ms of one core on a small
-2-core machine, which a login can afford and a guessing attacker cannot; argon2-cffi releases
-the GIL while hashing, so callers on an event loop should run it in a worker thread.
+cores, and do not make a guess any dearer. A check costs a noticeable fraction of a second of
+one core (BENCHMARKS.md has the figure), which a login can afford and a guessing attacker
+cannot; argon2-cffi releases the GIL while hashing, so callers on an event loop should run it
+in a worker thread.
 
 Hashes are stored in the PHC string form (``$argon2id$v=19$m=...,t=...,p=...$salt$tag``), which
 records its own parameters: raising them later only needs :func:`needs_rehash` at the next

@@ -15,13 +15,12 @@ RFC 7638 thumbprint) and carry no ``crit``; every part must be canonical unpadde
 the signature is checked before the document is parsed. ``alg: none``, HMAC "signatures" made
 with the public key, and any other algorithm are refused because only one algorithm exists here.
 
-This module imports nothing of iotvault but its error tree, so the device SDK can use it alone.
+This module imports nothing of iotvault but its error tree and the pure encodings of
+:mod:`iotvault.domain.encoding`, so the device SDK can use it alone.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from iotvault.domain.encoding import b64url, b64url_decode, canonical_json
 from iotvault.errors import SignatureError
 
 __all__ = [
@@ -48,40 +48,6 @@ COMMAND_TYP: Final = "iotvault-command+jws"
 MAX_TOKEN_CHARS: Final = 96 * 1024  # a command is small; refuse to parse megabytes
 _SEED_LEN: Final = 32
 _SIG_LEN: Final = 64
-
-
-def canonical_json(value: Any) -> bytes:
-    """iotvault's canonical JSON: the one byte string for a JSON value.
-
-    Object keys sorted (by code point), no insignificant whitespace, ASCII only (everything else
-    as ``\\uXXXX`` escapes, surrogate pairs beyond the BMP), ``NaN`` and infinities refused,
-    integers as digits, other numbers in Python's shortest round-trip form. Sign the result;
-    verify the bytes as received.
-    """
-    try:
-        return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-        ).encode("ascii")
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"not representable as canonical JSON: {exc}") from None
-
-
-def b64url(data: bytes) -> str:
-    """Unpadded base64url (RFC 7515 section 2)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    """Decode unpadded base64url; refuse padding, foreign characters and non-canonical text."""
-    if not isinstance(text, str) or "=" in text or len(text) % 4 == 1:
-        raise ValueError("not unpadded base64url")
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64url") from None
-    if b64url(raw) != text:  # urlsafe_b64decode skips junk and ignores trailing bits
-        raise ValueError("not canonical base64url")
-    return raw
 
 
 class CommandPublicKey:

@@ -23,14 +23,14 @@ A device in another language implements the same checks (README, "Commands on th
 nonces, saved before the handler runs) are small enough to port.
 """
 
-from iotvault.commands.documents import Ack, Reason
 from iotvault.crypto.signing import CommandPublicKey
 from iotvault.device.client import DeviceClient
+from iotvault.device.connection import DeviceConnection, DeviceCredential, DeviceRefusedError
 from iotvault.device.processor import CommandProcessor, Handler
 from iotvault.device.replay import ReplayGuard
 from iotvault.device.verify import Command, CommandVerifier
+from iotvault.domain.commands import Ack, Reason
 from iotvault.errors import CommandRejectedError
-from iotvault.simulator.device import DeviceCredential
 
 __all__ = [
     "Ack",
@@ -40,7 +40,9 @@ __all__ = [
     "CommandRejectedError",
     "CommandVerifier",
     "DeviceClient",
+    "DeviceConnection",
     "DeviceCredential",
+    "DeviceRefusedError",
     "Handler",
     "Reason",
     "ReplayGuard",

@@ -1,6 +1,6 @@
 """A device's connection to iotvault, with commands: what a real device (or a gateway) runs.
 
-:class:`DeviceClient` is the simulator's :class:`~iotvault.simulator.device.SimulatedDevice`
+:class:`DeviceClient` is a :class:`~iotvault.device.connection.DeviceConnection`
 — one MQTT 3.1.1 connection with username = client id = deviceId, a will on the status topic,
 at-least-once events that survive broker restarts — plus commands: it subscribes to its own
 command topic, checks every command with the platform public key and its replay state, runs the
@@ -14,13 +14,13 @@ from ssl import SSLContext
 from typing import Any
 
 from iotvault.crypto.signing import CommandPublicKey
+from iotvault.device.connection import DeviceConnection, DeviceCredential
 from iotvault.device.processor import CommandProcessor, Handler
 from iotvault.device.replay import ReplayGuard
 from iotvault.device.verify import CommandVerifier
-from iotvault.simulator.device import DeviceCredential, SimulatedDevice
 
 
-class DeviceClient(SimulatedDevice):
+class DeviceClient(DeviceConnection):
     def __init__(
         self,
         credential: DeviceCredential,
@@ -35,7 +35,7 @@ class DeviceClient(SimulatedDevice):
         **options: Any,
     ) -> None:
         """``state_file`` keeps the replay state across restarts (None: in memory only, for
-        tests); ``options`` are those of :class:`SimulatedDevice` (keepalive, reconnect…)."""
+        tests); ``options`` are those of :class:`DeviceConnection` (keepalive, reconnect…)."""
         processor = CommandProcessor(
             CommandVerifier(
                 platform_key,

@@ -19,9 +19,9 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from iotvault.commands.documents import UNVERIFIED_REASONS, Ack, Reason
 from iotvault.device.replay import ReplayGuard
 from iotvault.device.verify import Command, CommandVerifier
+from iotvault.domain.commands import UNVERIFIED_REASONS, Ack, Reason
 from iotvault.errors import CommandRejectedError
 
 log = logging.getLogger(__name__)

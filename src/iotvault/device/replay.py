@@ -26,8 +26,8 @@ import secrets
 from pathlib import Path
 from typing import Any, Final
 
-from iotvault.commands.documents import Reason
 from iotvault.device.verify import Command
+from iotvault.domain.commands import Reason
 from iotvault.errors import CommandRejectedError, ValidationError
 
 FORMAT: Final = 1

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from iotvault.commands.documents import CommandDocument, Reason, read_command_message
 from iotvault.crypto.signing import CommandPublicKey
+from iotvault.domain.commands import CommandDocument, Reason, read_command_message
 from iotvault.domain.topics import CommandTopic, parse_topic
 from iotvault.errors import CommandRejectedError, SignatureError, TopicError
 

@@ -21,7 +21,9 @@ from typing import Final
 from iotvault.domain.ids import check_identifier
 from iotvault.errors import ValidationError
 
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+NAME_PATTERN: Final = "[A-Za-z0-9._@-]{1,64}"
+"""``userName`` and ``groupName``."""
+_NAME_RE: Final = re.compile(NAME_PATTERN)
 _API_KEY_ID_RE: Final = re.compile(r"k-[A-Za-z0-9_-]{20}")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 

@@ -13,10 +13,16 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Final
 
 from iotvault.errors import ValidationError
 
-_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+IDENTIFIER_PATTERN: Final = "[A-Za-z0-9._-]{1,64}"
+"""The contract's identifier: ``deviceId``, ``typeId``, OAuth client ids, command names."""
+UUID_PATTERN: Final = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+"""A UUID in its canonical lower-case form: event ids (UUIDv7) and command ids (UUIDv4)."""
+
+_ID_RE = re.compile(IDENTIFIER_PATTERN)
 
 
 def check_identifier(field: str, value: str) -> str:
@@ -80,8 +86,8 @@ class EventIdFactory:
             counter = self._counter
         rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
         value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
-        # the canonical 8-4-4-4-12 form, formatted directly: a third of str(uuid.UUID(int=…)),
-        # for every stored event
+        # the canonical 8-4-4-4-12 form, formatted directly rather than through uuid.UUID: it
+        # runs for every stored event (BENCHMARKS.md)
         h = f"{value:032x}"
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
@@ -89,3 +95,13 @@ class EventIdFactory:
 def event_id_millis(event_id: str) -> int:
     """The Unix time in milliseconds carried by a UUIDv7 event id."""
     return uuid.UUID(event_id).int >> 80
+
+
+def event_id_bound(unix_us: int, *, upper: bool) -> str:
+    """The smallest (or largest) UUIDv7 of the millisecond holding ``unix_us``.
+
+    Lets a time-range query run on the ``(device_id, event_id)`` primary key.
+    """
+    ms = max(0, unix_us // 1000) & ((1 << 48) - 1)
+    low_bits = (1 << 80) - 1 if upper else 0
+    return str(uuid.UUID(int=(ms << 80) | low_bits))

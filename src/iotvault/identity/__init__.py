@@ -5,6 +5,7 @@ the API accepts. The folder reads from the outside in:
 
 ``web``       the HTTP vocabulary without a framework: :class:`~.web.Call` in, :class:`~.web.Answer` out
 ``browser``   what a browser sees: authorization, login page, logout, device verification pages
+``requests``  what a browser brings, checked: the authorization request, device user codes
 ``grants``    what a client program calls: token endpoint, device authorization, revocation
 ``provider``  the rules both share: discovery, sessions, grants, issuing codes and tokens
 ``minting``   the token formats (agreed with :mod:`iotvault.auth.tokens`)
@@ -12,7 +13,8 @@ the API accepts. The folder reads from the outside in:
 ``clients``   the OAuth client registry
 ``throttle``  login throttling and lockout, counted in the identity events
 ``verifier``  the API's verifier that also honours revocation
-``store``     the SQL, and only there
+``store``     the SQL, and only there: one table store per aggregate in ``tables/``, the
+              records in ``records``
 ``pages``     the HTML templates in ``templates/``
 
 The protocol code is written here on top of joserfc (JWS/JWT) rather than with Authlib's
@@ -25,14 +27,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from iotvault.auth.tokens import InvalidTokenError, IssuerConfig
+from iotvault.auth.claims import InvalidTokenError
+from iotvault.auth.tokens import IssuerConfig
 from iotvault.config import Settings
 from iotvault.identity.browser import Browser
 from iotvault.identity.grants import Grants
-from iotvault.identity.provider import PATHS, IdentityProvider, api_audience
+from iotvault.identity.provider import PATHS, IdentityProvider, IdentityResources, api_audience
 from iotvault.identity.verifier import ProviderVerifier
 from iotvault.identity.web import Answer, json_answer
-from iotvault.runtime import Context
 
 __all__ = ["PATHS", "Identity", "IdentityProvider", "ProviderVerifier", "api_audience"]
 
@@ -40,7 +42,7 @@ __all__ = ["PATHS", "Identity", "IdentityProvider", "ProviderVerifier", "api_aud
 class Identity:
     """The provider with its two faces, built once per process (``create_app`` and ``Node``)."""
 
-    def __init__(self, settings: Settings, ctx: Context) -> None:
+    def __init__(self, settings: Settings, ctx: IdentityResources) -> None:
         self.provider = IdentityProvider(settings, ctx)
         self.browser = Browser(self.provider)
         self.grants = Grants(self.provider)

@@ -22,11 +22,13 @@ from collections.abc import Iterable
 from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
+from iotvault.clock import now_us
 from iotvault.crypto.tokens import hash_secret, new_secret, verify_secret
 from iotvault.domain.accounts import check_text
+from iotvault.domain.ids import IDENTIFIER_PATTERN
 from iotvault.errors import ClientNotFoundError, ValidationError
-from iotvault.identity.store import ClientRecord, IdentityStore
-from iotvault.runtime import now_us
+from iotvault.identity.records import ClientRecord
+from iotvault.identity.store import IdentityStore
 
 AUTHORIZATION_CODE: Final = "authorization_code"
 REFRESH_TOKEN: Final = "refresh_token"  # noqa: S105 - the name of a grant type, not a secret
@@ -36,7 +38,7 @@ CLI_CLIENT_ID: Final = "iotvault-cli"  # registered by migration 0004, used by `
 
 # no ':' or '/': a client id can never equal the API's audience URL, so an ID token (aud =
 # client id) is never accepted as an access token
-_CLIENT_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CLIENT_ID_RE: Final = re.compile(IDENTIFIER_PATTERN)
 _PRIVATE_SCHEME_RE: Final = re.compile(r"[a-z][a-z0-9+.-]*\.[a-z0-9+.-]+")
 _LOOPBACK: Final = frozenset({"127.0.0.1", "::1", "localhost"})
 MAX_REDIRECT_URIS: Final = 10

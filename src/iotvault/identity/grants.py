@@ -39,14 +39,14 @@ from dataclasses import replace
 from typing import Final, NoReturn
 from urllib.parse import unquote_plus
 
+from iotvault.clock import now_us
 from iotvault.errors import OAuthError
-from iotvault.identity.browser import USER_CODE_ALPHABET, USER_CODE_LENGTH, format_user_code
 from iotvault.identity.clients import AUTHORIZATION_CODE, DEVICE_CODE, REFRESH_TOKEN
 from iotvault.identity.minting import narrower, parse_scope
 from iotvault.identity.provider import DEVICE_CODE_TTL_S, IdentityProvider
-from iotvault.identity.store import Authentication, ClientRecord, CodeRecord, DeviceCodeRecord
+from iotvault.identity.records import Authentication, ClientRecord, CodeRecord, DeviceCodeRecord
+from iotvault.identity.requests import USER_CODE_ALPHABET, USER_CODE_LENGTH, format_user_code
 from iotvault.identity.web import Answer, Call, b64url, json_answer, new_token, sha256_hex, with_query
-from iotvault.runtime import now_us
 
 _VERIFIER_RE: Final = re.compile(r"[A-Za-z0-9._~-]{43,128}")  # RFC 7636, 4.1
 _MAX_SECRET: Final = 256

@@ -12,7 +12,7 @@ JWKS until every token they may have signed has expired: the rotation time, plus
 node may still be using its cached signer, plus the lifetime of a token, plus the verifiers'
 clock leeway. Then the housekeeping deletes them, private half and all.
 
-:class:`SigningKeys` is also the local issuer's :class:`~iotvault.auth.tokens.KeySource`, so the
+:class:`SigningKeys` is also the local issuer's :class:`~iotvault.auth.keys.KeySource`, so the
 API verifies the provider's tokens with exactly the keys the JWKS publishes.
 """
 
@@ -29,11 +29,12 @@ from typing import Final
 
 from joserfc.jwk import ECKey, JWKRegistry, KeySet
 
-from iotvault.auth.tokens import public_keyset
+from iotvault.auth.keys import public_keyset
+from iotvault.clock import now_us
 from iotvault.crypto.master_key import MasterKey
 from iotvault.errors import KeyUnwrapError
-from iotvault.identity.store import IdentityStore, SigningKeyRecord
-from iotvault.runtime import now_us
+from iotvault.identity.records import SigningKeyRecord
+from iotvault.identity.store import IdentityStore
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class SigningKeys:
         return {"keys": [dict(key.as_dict(private=False)) for key in self.public_keys()]}
 
     async def keys(self, *, refresh: bool = False) -> KeySet:
-        """The :class:`~iotvault.auth.tokens.KeySource` protocol: public keys, from a thread."""
+        """The :class:`~iotvault.auth.keys.KeySource` protocol: public keys, from a thread."""
         if (
             not refresh
             and self._public is not None

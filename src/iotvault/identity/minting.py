@@ -31,7 +31,7 @@ from typing import Any, Final
 from joserfc import jwt
 
 from iotvault.identity.keys import ALG, SigningKeys
-from iotvault.identity.store import GrantRecord
+from iotvault.identity.records import GrantRecord
 from iotvault.identity.web import b64url
 from iotvault.storage.accounts import UserRecord
 

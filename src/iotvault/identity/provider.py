@@ -1,11 +1,11 @@
 """The provider's shared state and the rules every endpoint relies on.
 
 :class:`IdentityProvider` is built once per process from the settings and the opened
-:class:`~iotvault.runtime.Context`; it builds nothing at import and opens nothing itself. Its
-endpoints live in :mod:`~iotvault.identity.browser` (what a person's browser sees) and
-:mod:`~iotvault.identity.grants` (what a client program calls); this module keeps what both
-need: discovery, keys, the checks that decide whether a session or a grant still stands, and
-the issuing of codes and tokens.
+:class:`IdentityResources` (a :class:`~iotvault.context.Context`); it builds nothing at import
+and opens nothing itself. Its endpoints live in :mod:`~iotvault.identity.browser` (what a
+person's browser sees) and :mod:`~iotvault.identity.grants` (what a client program calls);
+this module keeps what both need: discovery, keys, the checks that decide whether a session
+or a grant still stands, and the issuing of codes and tokens.
 
 Every method here blocks (database, argon2): the HTTP adapter calls them in a worker thread.
 
@@ -23,28 +23,32 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from joserfc import jwt
 from joserfc.errors import JoseError
+from sqlalchemy.engine import Engine
 
+from iotvault.clock import now_us
 from iotvault.config import Settings
+from iotvault.crypto.master_key import MasterKey
 from iotvault.identity.clients import GRANT_TYPES, authenticate_client, is_client_id
 from iotvault.identity.keys import ALG, SigningKeys
 from iotvault.identity.minting import SCOPES, Minter, parse_scope, profile_claims, subject_for
-from iotvault.identity.store import (
+from iotvault.identity.records import (
     Authentication,
     ClientRecord,
     CodeRecord,
     GrantRecord,
     IdentityEvent,
-    IdentityStore,
     SessionRecord,
 )
-from iotvault.identity.throttle import LoginThrottle
+from iotvault.identity.store import IdentityStore
+from iotvault.identity.throttle import UserLoginThrottle
 from iotvault.identity.web import Answer, Call, Cookies, json_answer, new_token, sha256_hex
-from iotvault.runtime import Context, now_us
+from iotvault.storage.accounts import AccountStore
 from iotvault.storage.repository import SecurityEvent
+from iotvault.storage.sql import SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +84,21 @@ def api_audience(public_url: str) -> str:
     return public_url.rstrip("/") + "/iotf"
 
 
+class IdentityResources(Protocol):
+    """What the provider uses (:class:`iotvault.context.Context` is one)."""
+
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def accounts(self) -> AccountStore: ...
+    @property
+    def master(self) -> MasterKey: ...
+    @property
+    def store(self) -> SqlStore: ...
+
+
 class IdentityProvider:
-    def __init__(self, settings: Settings, ctx: Context) -> None:
+    def __init__(self, settings: Settings, ctx: IdentityResources) -> None:
         self.settings = settings
         self.ctx = ctx
         self.issuer = settings.public_url
@@ -97,7 +114,7 @@ class IdentityProvider:
         self.minter = Minter(
             issuer=self.issuer, audience=self.audience, keys=self.keys, ttl_s=settings.oidc_access_token_ttl_s
         )
-        self.throttle = LoginThrottle(
+        self.throttle = UserLoginThrottle(
             self.store,
             self.record,
             max_failures=settings.oidc_login_max_failures,

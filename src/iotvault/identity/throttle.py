@@ -21,7 +21,10 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Final
 
-from iotvault.identity.store import IdentityEvent, IdentityStore
+import limits
+
+from iotvault.identity.records import IdentityEvent
+from iotvault.identity.store import IdentityStore
 
 LOGIN_FAILED: Final = "login_failed"
 LOGIN_REFUSED: Final = "login_refused"
@@ -31,21 +34,16 @@ DEVICE_CODE_INVALID: Final = "device_code_invalid"
 ADDRESS_FACTOR: Final = 4
 DEVICE_CODE_TRIES: Final = 10  # wrong user codes per address and window
 
-_PERIODS: Final = {"second": 1, "minute": 60, "hour": 3600, "day": 86_400}
-
 
 class Refusal(Enum):
     LOCKED = "locked"  # too many failures for this user name
     THROTTLED = "throttled"  # too many failures from this address
 
 
-def parse_rate(rate: str) -> tuple[int, int]:
-    """``"20/hour"`` → (20, 3600); the settings have validated the form."""
-    count, _, per = rate.partition("/")
-    return int(count), _PERIODS[per.strip()]
+class UserLoginThrottle:
+    """People's logins to the provider; devices' MQTT logins have their own throttle
+    (:class:`iotvault.broker.throttle.LoginThrottle`, in memory, per device and address)."""
 
-
-class LoginThrottle:
     def __init__(
         self,
         store: IdentityStore,
@@ -59,8 +57,9 @@ class LoginThrottle:
         self._record = record
         self.max_failures = max_failures
         self.window_us = window_s * 1_000_000
-        self._anon_count, anon_period_s = parse_rate(anonymous_rate)
-        self._anon_window_us = anon_period_s * 1_000_000
+        anonymous = limits.parse(anonymous_rate)  # the notation of every rate setting
+        self._anon_count = anonymous.amount
+        self._anon_window_us = anonymous.get_expiry() * 1_000_000
 
     def refusal(self, user_name: str, address: str, now_us: int) -> Refusal | None:
         since = now_us - self.window_us

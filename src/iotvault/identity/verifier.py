@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from iotvault.auth.tokens import InvalidTokenError, IssuerConfig, TokenClaims, TokenVerifier
+from iotvault.auth.claims import InvalidTokenError, TokenClaims
+from iotvault.auth.tokens import IssuerConfig, TokenVerifier
 from iotvault.identity.provider import IdentityProvider
-from iotvault.identity.store import GrantRecord
+from iotvault.identity.records import GrantRecord
 
 
 def local_issuer(provider: IdentityProvider) -> IssuerConfig:

@@ -13,7 +13,7 @@ its in-flight window is full, which is the back-pressure.
 
 A device's answer to a command (event type ``cmdack``) is not stored as an event: it updates
 its command's status in the same transaction as the rest of its batch
-(:func:`iotvault.commands.documents.parse_command_ack`, ``BatchWrite.command_acks``).
+(:func:`iotvault.domain.commands.parse_command_ack`, ``BatchWrite.command_acks``).
 
 Nothing here logs a payload.
 """
@@ -34,8 +34,8 @@ from types import TracebackType
 
 import orjson
 
-from iotvault.commands.documents import parse_command_ack
 from iotvault.crypto.keyring import KeyRing
+from iotvault.domain.commands import parse_command_ack
 from iotvault.domain.ids import EventIdFactory
 from iotvault.domain.topics import CommandTopic, EventTopic, StatusTopic, Topic, parse_topic
 from iotvault.errors import DataKeyNotFoundError, IotVaultError, TopicError

@@ -4,19 +4,19 @@ Why gmqtt: it is asyncio-native and, with ``optimistic_acknowledgement=False``, 
 PUBACK for a QoS 1 message only when our (async) ``on_message`` returns, so "acknowledge after
 commit" is simply "return after ``submit()``". Each message is handled in its own task, which
 is what lets the pipeline batch them. In the design notes' measurements gmqtt acknowledged
-about 1.5x faster than paho-mqtt on the same machine. gmqtt honours manual acknowledgement
+clearly faster than paho-mqtt on the same machine. gmqtt honours manual acknowledgement
 only with MQTT 5, so this subscriber speaks MQTT 5.
 
 QoS 1 messages take a shorter road than ``on_message`` (BENCHMARKS.md has the profiles): the
-handler of this one connection has its ``_handle_qos_1_publish_packet`` replaced (a private
-method of gmqtt 0.8, covered by the integration tests), which queues the message with
+handler of this one connection has its QoS 1 path replaced (:func:`iotvault.adapters.gmqtt.take_qos1`,
+a private method of gmqtt 0.8 with a contract test), which queues the message with
 :meth:`IngestPipeline.enqueue` and acknowledges when its future completes. That saves the
 task gmqtt would create per message, and it gives us the packet id, which ``on_message`` does
 not get and the dedupe rule needs. The PUBACKs of one batch — its futures complete together —
-are collected and written to the connection's protocol (``_connection._protocol.write_data``,
-also gmqtt 0.8's) in one write at the next turn of the event loop, instead of one ``send()``
-system call each, which was a sixth of ingest's CPU. A future that fails or is cancelled is
-not acknowledged, as before. QoS 0 and 2 messages still go through ``on_message``.
+are collected and written to the connection (:func:`iotvault.adapters.gmqtt.write_raw`, also
+gmqtt 0.8's internals) in one write at the next turn of the event loop, instead of one ``send()``
+system call each, which was a large share of ingest's CPU (BENCHMARKS.md). A future that
+fails or is cancelled is not acknowledged, as before. QoS 0 and 2 messages still go through ``on_message``.
 
 The session is persistent (clean start off, long session expiry) and subscribed with QoS 1,
 so messages that arrive while iotvault is down wait in the broker. A large receive maximum
@@ -36,6 +36,7 @@ from typing import Any
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv50
 
+from iotvault.adapters.gmqtt import check_version, take_qos1, write_raw
 from iotvault.config import BrokerAddress
 from iotvault.domain.topics import EVENT_FILTER, STATUS_FILTER
 from iotvault.errors import BrokerUnavailableError
@@ -69,16 +70,9 @@ class _Acknowledger:
     def _flush(self) -> None:
         self._flush_scheduled = False
         mids, self._mids = self._mids, []
-        connection = self._client._connection
-        if connection is None:
-            log.debug("ingest: %d acknowledgements dropped: not connected", len(mids))
-            return
         pack = _PUBACK.pack
-        connection._protocol.write_data(b"".join([pack(0x40, 4, mid, 0, 0) for mid in mids]))
-
-
-def _take_qos1(client: gmqtt.Client, on_qos1: Callable[[int, bytes, str, dict[str, Any]], None]) -> None:
-    client._package_handler._handle_qos_1_publish_packet = on_qos1
+        if not write_raw(self._client, b"".join([pack(0x40, 4, mid, 0, 0) for mid in mids])):
+            log.debug("ingest: %d acknowledgements dropped: not connected", len(mids))
 
 
 def tls_context() -> ssl.SSLContext:
@@ -100,6 +94,7 @@ class BrokerSubscriber:
         self._client_id = client_id
         self._ssl = ssl_context if ssl_context is not None else (tls_context() if broker.tls else None)
         self._on_connected = on_connected
+        check_version()
         self._client = gmqtt.Client(
             client_id,
             clean_session=False,
@@ -109,7 +104,7 @@ class BrokerSubscriber:
             logger=logging.getLogger("iotvault.ingest.mqtt"),
         )
         self._acks = _Acknowledger(self._client)
-        _take_qos1(self._client, self._on_qos1)
+        take_qos1(self._client, self._on_qos1)
         self._client.on_message = self._on_message
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect

@@ -1,11 +1,11 @@
 """Simulated devices that publish events over MQTT exactly as real devices do.
 
-:class:`SimulatedDevice` is one device with at-least-once delivery across broker restarts;
-:func:`run_simulation` drives a fleet of them for ``iotvault simulate``, ``iotvault demo`` and
-the integration tests.
+Each simulated device is the SDK's own connection (:class:`iotvault.device.DeviceConnection`,
+at-least-once delivery across broker restarts); :func:`run_simulation` drives a fleet of them
+for ``iotvault simulate``, ``iotvault demo`` and the integration tests.
 """
 
-from iotvault.simulator.device import DeviceCredential, DeviceRefusedError, SimulatedDevice
+from iotvault.device.connection import DeviceCredential, DeviceRefusedError
 from iotvault.simulator.run import (
     CommandSupport,
     SimulationPlan,
@@ -19,7 +19,6 @@ __all__ = [
     "CommandSupport",
     "DeviceCredential",
     "DeviceRefusedError",
-    "SimulatedDevice",
     "SimulationPlan",
     "SimulationReport",
     "make_payload",

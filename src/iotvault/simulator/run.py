@@ -19,12 +19,12 @@ from ssl import SSLContext
 from typing import Any
 
 from iotvault.crypto.signing import CommandPublicKey
+from iotvault.device.connection import DeviceConnection, DeviceCredential
 from iotvault.device.processor import CommandProcessor, Handler
 from iotvault.device.replay import ReplayGuard
 from iotvault.device.verify import Command, CommandVerifier
 from iotvault.domain.ids import check_identifier
 from iotvault.errors import IotVaultError, ValidationError
-from iotvault.simulator.device import DeviceCredential, SimulatedDevice
 
 logger = logging.getLogger(__name__)
 
@@ -134,12 +134,12 @@ async def run_simulation(
 
     If the acknowledgements have not all come within ``ack_timeout`` seconds after the last
     event was published, the report says how many did. A device whose credential is refused
-    raises :class:`~iotvault.simulator.device.DeviceRefusedError` (the first such, for all).
+    raises :class:`~iotvault.device.connection.DeviceRefusedError` (the first such, for all).
     With ``count=None`` it publishes until cancelled, then closes the devices and re-raises.
     """
     loop = asyncio.get_running_loop()
     devices = [
-        SimulatedDevice(
+        DeviceConnection(
             cred, host, port, ssl=ssl, commands=commands.processor(cred) if commands is not None else None
         )
         for cred in plan.devices
@@ -178,7 +178,7 @@ async def run_simulation(
     return report
 
 
-async def _publish_all(devices: Sequence[SimulatedDevice], plan: SimulationPlan) -> None:
+async def _publish_all(devices: Sequence[DeviceConnection], plan: SimulationPlan) -> None:
     async with asyncio.TaskGroup() as tg:
         for index, device in enumerate(devices):
             # Seeded per device so a run's payloads are reproducible; not used for secrets.
@@ -186,7 +186,7 @@ async def _publish_all(devices: Sequence[SimulatedDevice], plan: SimulationPlan)
             tg.create_task(_drive(device, plan, rng), name=f"simulate {device.device_id}")
 
 
-async def _drive(device: SimulatedDevice, plan: SimulationPlan, rng: random.Random) -> None:
+async def _drive(device: DeviceConnection, plan: SimulationPlan, rng: random.Random) -> None:
     """Connect one device, then publish its events on a fixed schedule (no drift)."""
     loop = asyncio.get_running_loop()
     await device.connect()
@@ -203,7 +203,7 @@ async def _drive(device: SimulatedDevice, plan: SimulationPlan, rng: random.Rand
 
 
 async def _report_progress(
-    devices: Sequence[SimulatedDevice], on_progress: ProgressCallback, finished: asyncio.Event
+    devices: Sequence[DeviceConnection], on_progress: ProgressCallback, finished: asyncio.Event
 ) -> None:
     last: tuple[int, int] | None = None
     while not finished.is_set():
@@ -218,14 +218,14 @@ async def _report_progress(
             pass
 
 
-async def _close_all(devices: Sequence[SimulatedDevice]) -> None:
+async def _close_all(devices: Sequence[DeviceConnection]) -> None:
     results = await asyncio.gather(*(device.close() for device in devices), return_exceptions=True)
     for device, result in zip(devices, results, strict=True):
         if isinstance(result, BaseException):
             logger.warning("device %s did not close cleanly: %r", device.device_id, result)
 
 
-def _totals(devices: Sequence[SimulatedDevice]) -> tuple[int, int]:
+def _totals(devices: Sequence[DeviceConnection]) -> tuple[int, int]:
     return sum(d.published for d in devices), sum(d.acknowledged for d in devices)
 
 

@@ -13,7 +13,6 @@ connection, and the behaviour must not depend on the database.
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
+from iotvault.clock import now_us
 from iotvault.domain.accounts import Roles
 from iotvault.errors import NotFoundError, StorageError
 from iotvault.storage.db import EngineStore
@@ -102,10 +102,6 @@ class ApiKeyRecord:
     revoked_us: int | None
     created_by: str
     created_us: int
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
 
 
 def _dumps(value: Any) -> str:
@@ -223,7 +219,7 @@ class AccountStore(EngineStore):
         at_us: int | None = None,
     ) -> None:
         """Create a user, member of ``groups`` (all of which must exist), in one transaction."""
-        at = _now_us() if at_us is None else at_us
+        at = now_us() if at_us is None else at_us
         group_names = sorted(set(groups))
         try:
             with self.begin() as conn:
@@ -298,7 +294,7 @@ class AccountStore(EngineStore):
         disabled: bool | None = None,
     ) -> None:
         """Change the given fields (``attributes`` replaces them all); UserNotFoundError if none."""
-        values: dict[str, Any] = {"updated_us": _now_us()}
+        values: dict[str, Any] = {"updated_us": now_us()}
         if display_name is not None:
             values["display_name"] = display_name
         if attributes is not None:
@@ -314,7 +310,7 @@ class AccountStore(EngineStore):
             updated = conn.execute(
                 update(users)
                 .where(users.c.user_name == user_name)
-                .values(password_hash=password_hash, updated_us=_now_us())
+                .values(password_hash=password_hash, updated_us=now_us())
             ).rowcount
             if not updated:
                 raise UserNotFoundError(user_name)
@@ -342,7 +338,7 @@ class AccountStore(EngineStore):
                     insert(user_groups).values(
                         group_name=group_name,
                         display_name=display_name,
-                        created_us=_now_us() if at_us is None else at_us,
+                        created_us=now_us() if at_us is None else at_us,
                         **_role_values(roles),
                     )
                 )

@@ -2,7 +2,8 @@
 
 Plain records in, plain records out; the payload of a :class:`StoredEvent` is always the
 encrypted record, never plaintext. :class:`iotvault.storage.sql.SqlStore` implements it for
-SQLite and PostgreSQL; unit tests of pure logic may use a small fake.
+SQLite and PostgreSQL; unit tests of pure logic may use a small fake. What the key ring reads
+is declared beside it, as :class:`iotvault.crypto.keyring.KeyStore`: crypto imports no storage.
 
 Methods are synchronous: the ingest path calls them from its one writer thread, the command
 line directly.
@@ -27,7 +28,7 @@ class DeviceRecord:
 
 class StoredEvent(NamedTuple):
     """One stored event. A named tuple rather than a frozen dataclass: ingest makes one per
-    event and a page read 50 at a time, and a tuple is made in a third of the time."""
+    event and a page read 50 at a time, and a tuple is much cheaper to make (BENCHMARKS.md)."""
 
     device_id: str
     event_id: str
@@ -132,13 +133,6 @@ class DeviceStore(Protocol):
     def set_credential(
         self, device_id: str, credential_hash: str, *, previous_valid_until_us: int | None
     ) -> None: ...
-
-
-class KeyStore(Protocol):
-    def data_keys(self, device_id: str) -> dict[int, bytes]: ...
-    def latest_data_key(self, device_id: str) -> tuple[int, bytes] | None: ...
-    def add_data_key(self, device_id: str, version: int, wrapped: bytes) -> None: ...
-    def device_ids(self) -> list[str]: ...
 
 
 class EventStore(Protocol):

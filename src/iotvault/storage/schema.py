@@ -8,7 +8,7 @@ same way.
 
 Indexes follow the queries: the events primary key ``(device_id, event_id)`` serves "last n
 events of a device" and, because event ids are UUIDv7 (time-ordered), also "events of a device
-in a time range" (:func:`iotvault.storage.sql.event_id_bound`), so no second index slows the
+in a time range" (:func:`iotvault.domain.ids.event_id_bound`), so no second index slows the
 ingest path.
 """
 

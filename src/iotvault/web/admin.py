@@ -22,22 +22,21 @@ from starlette.concurrency import run_in_threadpool
 from iotvault import accounts
 from iotvault.api.problems import Problem
 from iotvault.api.routes.access import device_access, holders
-from iotvault.api.routes.admin import NAME
-from iotvault.api.routes.devices import DEVICE_ID
 from iotvault.api.security import services
 from iotvault.auth.policy import Grant, Permission, Principal, may_grant, reach
-from iotvault.documents import iso
-from iotvault.domain.accounts import Roles
-from iotvault.errors import IotVaultError
-from iotvault.identity.clients import remove_client
-from iotvault.runtime import (
-    Context,
+from iotvault.clock import now_us
+from iotvault.context import Context
+from iotvault.devices import (
     delete_device,
-    now_us,
     register_device,
     revoke_device_credential,
     rotate_device_credential,
 )
+from iotvault.documents import iso
+from iotvault.domain.accounts import Roles
+from iotvault.domain.types import AccountName, Identifier
+from iotvault.errors import IotVaultError
+from iotvault.identity.clients import remove_client
 from iotvault.web.pages import form_of
 from iotvault.web.render import Page, PageError, page
 from iotvault.web.state import web_state
@@ -50,9 +49,9 @@ Devices = Annotated[Principal, Page(Permission.DEVICES_MANAGE)]
 Keys = Annotated[Principal, Page(Permission.API_KEYS_MANAGE)]
 Clients = Annotated[Principal, Page(Permission.CLIENTS_MANAGE)]
 Security = Annotated[Principal, Page(Permission.SECURITY_EVENTS_READ)]
-UserName = Annotated[str, Path(pattern=NAME)]
-GroupName = Annotated[str, Path(pattern=NAME)]
-DeviceId = Annotated[str, Path(pattern=DEVICE_ID)]
+UserName = Annotated[AccountName, Path()]
+GroupName = Annotated[AccountName, Path()]
+DeviceId = Annotated[Identifier, Path(description="deviceId")]
 
 
 async def _do(change: Callable[[], T]) -> T:
@@ -313,7 +312,7 @@ async def add_key(request: Request, principal: Keys) -> Response:
 
 
 @router.post("/admin/apikeys/{key}/revoke")
-async def revoke_key(request: Request, key: Annotated[str, Path(pattern=NAME)], principal: Keys) -> Response:
+async def revoke_key(request: Request, key: Annotated[AccountName, Path()], principal: Keys) -> Response:
     await form_of(request)
     ctx = services(request).ctx
     await _do(lambda: accounts.revoke_api_key(ctx, key, now_us()))
@@ -329,7 +328,7 @@ async def clients(request: Request, principal: Clients) -> Response:
 
 @router.post("/admin/clients/{clientId}/delete")
 async def delete_client(
-    request: Request, clientId: Annotated[str, Path(pattern=NAME)], principal: Clients
+    request: Request, clientId: Annotated[AccountName, Path()], principal: Clients
 ) -> Response:
     await form_of(request)
     store = web_state(request).client.identity.provider.store

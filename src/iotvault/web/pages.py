@@ -18,12 +18,13 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from iotvault.api.routes.devices import DEVICE_ID, EVENT_ID
+from iotvault.api.routes.devices import EVENT_ID
 from iotvault.api.security import client_address, services
 from iotvault.auth.policy import Decision, Permission, Principal, authorize
+from iotvault.context import Context
 from iotvault.documents import iso
+from iotvault.domain.types import Identifier
 from iotvault.errors import CryptoError
-from iotvault.runtime import Context
 from iotvault.storage.repository import DeviceRecord, StoredEvent
 from iotvault.web.bff import COOKIE_KEY, apply_tokens
 from iotvault.web.flatten import flatten, is_number
@@ -188,7 +189,7 @@ def chart_data(rows: list[dict[str, Any]]) -> dict[str, Any]:
 @router.get("/devices/{deviceId}")
 async def device(
     request: Request,
-    deviceId: Annotated[str, Path(pattern=DEVICE_ID)],
+    deviceId: Annotated[Identifier, Path(description="deviceId")],
     principal: Annotated[Principal, Page(Permission.DEVICE_EVENTS_READ)],
     before: Annotated[str | None, Query(pattern=EVENT_ID)] = None,
     since: Annotated[datetime | None, Query()] = None,

@@ -9,13 +9,14 @@ from hypothesis import strategies as st
 
 from iotvault.crypto import FORMAT_V1, HEADER_LEN, decrypt_event, encrypt_event, record_key_version
 from iotvault.crypto.cipher import MAX_KEY_VERSION, MIN_RECORD_LEN
+from iotvault.domain.ids import IDENTIFIER_PATTERN
 from iotvault.errors import DataKeyNotFoundError, RecordDecryptionError
 
 KEY = bytes(range(32))
 AEAD = AESGCM(KEY)
 OTHER_AEAD = AESGCM(bytes(range(1, 33)))
 
-device_ids = st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True)
+device_ids = st.from_regex(IDENTIFIER_PATTERN, fullmatch=True)
 # Event ids are opaque to the cipher: any text without the NUL separator.
 event_ids = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=64)
 versions = st.integers(min_value=0, max_value=MAX_KEY_VERSION)

@@ -29,7 +29,7 @@ class VersionTakenError(Exception):
 
 
 class MemoryKeyStore:
-    """A :class:`~iotvault.storage.repository.KeyStore` in a dict, counting its reads."""
+    """A :class:`~iotvault.crypto.keyring.KeyStore` in a dict, counting its reads."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -144,7 +144,7 @@ def test_forget_after_lock_free_hits_makes_the_keys_unreachable() -> None:
     kept = ring.encrypt("other", "e1", b"kept")
     assert ring.decrypt("d", "e1", record) == b"secret"  # both keys now hit without the lock
     store.delete_device("d")
-    ring.forget("d")  # what runtime.delete_device does after deleting the rows
+    ring.forget("d")  # what devices.delete_device does after deleting the rows
     with pytest.raises(DataKeyNotFoundError) as info:
         ring.decrypt("d", "e1", record)
     assert info.value.version == 1

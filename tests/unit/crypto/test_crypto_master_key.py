@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iotvault.crypto import MasterKey, generate_data_key
+from iotvault.domain.ids import IDENTIFIER_PATTERN
 from iotvault.errors import KeyUnwrapError, MasterKeyError
 
 RAW = bytes(range(32))
@@ -212,7 +213,7 @@ def test_generate_data_key_is_random_32_bytes() -> None:
 
 # ---- wrapping ------------------------------------------------------------------------------
 
-device_ids = st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True)
+device_ids = st.from_regex(IDENTIFIER_PATTERN, fullmatch=True)
 versions = st.integers(min_value=0, max_value=2**32 - 1)
 data_keys = st.binary(min_size=32, max_size=32)
 

@@ -19,10 +19,11 @@ from starlette.concurrency import run_in_threadpool
 from iotvault.accounts import api_key_grant
 from iotvault.api.deps import Ctx, Requires
 from iotvault.api.problems import not_found
-from iotvault.api.routes.devices import DEVICE_ID
 from iotvault.api.schemas import ERRORS
 from iotvault.auth.policy import ANONYMOUS_GROUP, Access, Grant, Holder, Permission, Principal, access_to
-from iotvault.runtime import Context, now_us
+from iotvault.clock import now_us
+from iotvault.context import Context
+from iotvault.domain.types import Identifier
 from iotvault.storage.accounts import GroupRecord
 
 router = APIRouter(prefix="/iotf", tags=["device registry"], responses=ERRORS)
@@ -96,7 +97,7 @@ def device_access(ctx: Context, device_id: str) -> list[Access]:
 )
 async def who_can_access(
     ctx: Ctx,
-    deviceId: Annotated[str, Path(pattern=DEVICE_ID)],
+    deviceId: Annotated[Identifier, Path(description="deviceId")],
     _p: Annotated[Principal, Requires(Permission.DEVICES_MANAGE)],
 ) -> Any:
     found = await run_in_threadpool(device_access, ctx, deviceId)

@@ -18,21 +18,22 @@ from starlette.concurrency import run_in_threadpool
 from iotvault import accounts
 from iotvault.api.deps import Ctx, Requires
 from iotvault.api.problems import Problem
-from iotvault.api.routes.devices import DEVICE_ID
 from iotvault.api.schemas import ERRORS, Strict
 from iotvault.auth.policy import Permission, Principal, may_grant
+from iotvault.clock import now_us
+from iotvault.context import Context
+from iotvault.devices import delete_device, register_device, rotate_device_credential
 from iotvault.documents import api_key_doc, device_doc, group_doc, iso, user_doc
 from iotvault.domain.accounts import Roles
-from iotvault.runtime import Context, delete_device, now_us, register_device, rotate_device_credential
+from iotvault.domain.types import AccountName, Identifier, Password
 from iotvault.storage.accounts import GroupNotFoundError, GroupRecord, UserRecord
 
 router = APIRouter(prefix="/iotf", responses=ERRORS)
 
-NAME = r"^[A-Za-z0-9._@-]{1,64}$"
-UserNamePath = Annotated[str, Path(pattern=NAME)]
-GroupNamePath = Annotated[str, Path(pattern=NAME)]
+UserNamePath = Annotated[AccountName, Path()]
+GroupNamePath = Annotated[AccountName, Path()]
 # not devices.DeviceIdPath: that one would add a description to these routes' OpenAPI parameter
-_DevicePath = Annotated[str, Path(pattern=DEVICE_ID)]
+_DevicePath = Annotated[Identifier, Path()]
 
 AccountsAdmin = Annotated[Principal, Requires(Permission.ACCOUNTS_MANAGE)]
 DevicesAdmin = Annotated[Principal, Requires(Permission.DEVICES_MANAGE)]
@@ -47,13 +48,11 @@ async def _no_content(change: Callable[[], object]) -> Response:
 
 # ---- users ---------------------------------------------------------------------------
 class UserCreate(Strict):
-    userName: str = Field(pattern=NAME)
+    userName: AccountName
     displayName: str = Field("", max_length=128)
     attributes: dict[str, str] = Field(default_factory=dict)
     groups: list[str] = Field(default_factory=list, max_length=64)
-    password: str | None = Field(
-        None, min_length=12, max_length=256, description="omit to have one generated"
-    )
+    password: Password | None = Field(None, description="omit to have one generated")
 
 
 class UserUpdate(Strict):
@@ -140,7 +139,7 @@ async def reset_password(ctx: Ctx, userName: UserNamePath, _p: AccountsAdmin) ->
 
 # ---- groups --------------------------------------------------------------------------
 class GroupCreate(Strict):
-    groupName: str = Field(pattern=NAME)
+    groupName: AccountName
     displayName: str = Field("", max_length=128)
     roleAdmin: bool = False
     roleReader: bool = False
@@ -241,8 +240,8 @@ async def remove_member(
 
 # ---- device registry (administration, not data) --------------------------------------
 class DeviceCreate(Strict):
-    deviceId: str = Field(pattern=DEVICE_ID)
-    typeId: str = Field(pattern=DEVICE_ID)
+    deviceId: Identifier
+    typeId: Identifier
     metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict, max_length=64)
 
 

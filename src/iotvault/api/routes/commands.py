@@ -16,24 +16,21 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from iotvault.api.deps import Requires
-from iotvault.api.routes.devices import DEVICE_ID
+from iotvault.api.routes.devices import DeviceIdPath
 from iotvault.api.schemas import ERRORS, Strict
 from iotvault.api.security import services
 from iotvault.auth.policy import Permission, Principal
+from iotvault.clock import now_us
 from iotvault.commands.service import MAX_EXPIRY_S, CommandService, effective_status
 from iotvault.documents import iso
-from iotvault.runtime import now_us
+from iotvault.domain.types import Identifier, Uuid
 from iotvault.storage.repository import CommandRecord
 
 router = APIRouter(prefix="/iotf", tags=["commands"], responses=ERRORS)
 
-COMMAND_NAME = r"^[A-Za-z0-9._-]{1,64}$"
-COMMAND_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID, description="deviceId")]
-
 
 class CommandIn(Strict):
-    command: str = Field(pattern=COMMAND_NAME, description="the command's name; also its topic level")
+    command: Identifier = Field(description="the command's name; also its topic level")
     payload: dict[str, Any] = Field(
         default_factory=dict, description="any JSON object, at most 16 KiB as JSON"
     )
@@ -119,7 +116,7 @@ async def send_command(
 async def command_status(
     request: Request,
     deviceId: DeviceIdPath,
-    commandId: Annotated[str, Path(pattern=COMMAND_ID)],
+    commandId: Annotated[Uuid, Path()],
     _p: Annotated[Principal, Requires(Permission.DEVICE_COMMAND)],
 ) -> Any:
     record = await run_in_threadpool(command_service(request).get, deviceId, commandId)

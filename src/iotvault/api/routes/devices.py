@@ -24,8 +24,10 @@ from iotvault.api.problems import Problem
 from iotvault.api.schemas import ERRORS, DeviceOut, EventOut
 from iotvault.api.security import services
 from iotvault.auth.policy import Permission, Principal, may_list_device
+from iotvault.context import Context
 from iotvault.documents import device_doc, event_doc, to_json
-from iotvault.runtime import Context
+from iotvault.domain.ids import UUID_PATTERN
+from iotvault.domain.types import Identifier, whole
 from iotvault.storage.repository import DeviceRecord
 
 router = APIRouter(prefix="/iotf", tags=["devices"], responses=ERRORS)
@@ -36,14 +38,12 @@ READ_THREADS = 4
 The database pool keeps 5 connections (:mod:`iotvault.storage.db`) and ingest's writer holds
 one. With starlette's 40 threads, every read beyond the pool opened and closed a connection of
 its own (on SQLite the connect pragmas ran each time; on PostgreSQL past the overflow a thread
-waits for one, up to the pool timeout), and the threads fought over the GIL. With 4, 10
-concurrent last-50 clients got the same throughput with a p99 about a quarter lower
-(BENCHMARKS.md).
+waits for one, up to the pool timeout), and the threads fought over the GIL. With 4, the
+same throughput came with a lower p99 (BENCHMARKS.md, "Measurements behind choices in the code").
 """
 
-DEVICE_ID = r"^[A-Za-z0-9._-]{1,64}$"
-EVENT_ID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID, description="deviceId")]
+EVENT_ID = whole(UUID_PATTERN)
+DeviceIdPath = Annotated[Identifier, Path(description="deviceId")]
 
 
 class DeviceList(BaseModel):
@@ -77,8 +77,8 @@ async def list_devices(
 async def _read(request: Request, load: Callable[[], bytes]) -> Response:
     """Run ``load`` in a worker thread, at most ``READ_THREADS`` at once for this app.
 
-    ``load`` returns the JSON body, encoded in the worker thread too: encoding a page of 50
-    events takes 0.2 ms that the event loop (ingest, every other request) need not wait for.
+    ``load`` returns the JSON body, encoded in the worker thread too: the event loop (ingest,
+    every other request) need not wait for the encoding of a page (BENCHMARKS.md).
     """
     gate: asyncio.Semaphore | None = getattr(request.app.state, "device_reads", None)
     if gate is None:
@@ -112,7 +112,7 @@ async def latest_events(
         page = ctx.store.last_events(deviceId, count)
         if not page:  # a device's events go with it, so only an empty page asks whether it exists
             _device_or_404(ctx, deviceId)
-        return to_json({"deviceId": deviceId, "events": [event_doc(ctx, e) for e in page]})
+        return to_json({"deviceId": deviceId, "events": [event_doc(ctx.keyring, e) for e in page]})
 
     return await _read(request, load)
 
@@ -156,7 +156,9 @@ async def events_page(
         if not page:
             _device_or_404(ctx, deviceId)
         nxt = page[-1].event_id if len(page) == count else None
-        return to_json({"deviceId": deviceId, "events": [event_doc(ctx, e) for e in page], "next": nxt})
+        return to_json(
+            {"deviceId": deviceId, "events": [event_doc(ctx.keyring, e) for e in page], "next": nxt}
+        )
 
     return await _read(request, load)
 
@@ -195,7 +197,7 @@ async def stream(
                     partial(ctx.store.events_page, deviceId, count=500, after=cursor)
                 )
                 for e in page:
-                    doc = await run_in_threadpool(event_doc, ctx, e)
+                    doc = await run_in_threadpool(event_doc, ctx.keyring, e)
                     data = to_json(doc).replace(b"\n", b" ").replace(b"\r", b" ")  # one SSE line
                     yield b"id: " + e.event_id.encode() + b"\nevent: event\ndata: " + data + b"\n\n"
                     cursor = e.event_id

@@ -19,6 +19,7 @@ from iotvault.api.routes.oidc import identity
 from iotvault.api.schemas import ERRORS, Strict
 from iotvault.auth.policy import Permission, Principal
 from iotvault.documents import client_doc
+from iotvault.domain.types import Identifier
 from iotvault.identity.clients import (
     AUTHORIZATION_CODE,
     GRANT_TYPES,
@@ -31,8 +32,7 @@ from iotvault.identity.store import IdentityStore
 
 router = APIRouter(prefix="/iotf", responses=ERRORS)
 
-CLIENT_ID = r"^[A-Za-z0-9._-]{1,64}$"
-ClientIdPath = Annotated[str, Path(pattern=CLIENT_ID, description="clientId")]
+ClientIdPath = Annotated[Identifier, Path(description="clientId")]
 ClientsAdmin = Annotated[Principal, Requires(Permission.CLIENTS_MANAGE)]
 
 
@@ -44,7 +44,7 @@ ClientStore = Annotated[IdentityStore, Depends(_client_store)]
 
 
 class ClientCreate(Strict):
-    clientId: str = Field(pattern=CLIENT_ID)
+    clientId: Identifier
     displayName: str = Field("", max_length=128)
     confidential: bool = Field(False, description="true: it gets a secret (client_secret_basic), shown once")
     redirectUris: list[str] = Field(default_factory=list, max_length=10)

@@ -1,4 +1,4 @@
-"""A simulated device: one MQTT connection that delivers every event at least once.
+"""A device's MQTT connection, delivering every event at least once: the SDK's and the simulator's.
 
 Why the device keeps its own outbox rather than trusting gmqtt's (read from gmqtt 0.8):
 
@@ -19,7 +19,7 @@ outbox in order, with the DUP flag on what an earlier connection already sent, a
 *original packet id* (MQTT 3.1.1 section 4.4, [MQTT-4.4.0-1]): iotvault recognises a
 redelivery by sender, packet id and content, so a device that changed ids on resend would be
 stored twice. gmqtt always draws a new id, so each connection gets an id allocator that can be
-told which id the next PUBLISH must carry (:class:`_PinnedIds`).
+told which id the next PUBLISH must carry (:class:`PinnedIds`).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from ssl import SSLCertVerificationError, SSLContext
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from gmqtt import Client, Message, MQTTConnectError
+from gmqtt import Message, MQTTConnectError
 from gmqtt.mqtt.constants import MQTTv311
-from gmqtt.mqtt.utils import IdGenerator
 
+from iotvault.adapters.gmqtt import OneConnectionClient, PinnedIds, use_packet_ids
 from iotvault.domain.ids import check_identifier
 from iotvault.domain.topics import EventTopic, StatusTopic
 from iotvault.errors import BrokerError, ValidationError
@@ -86,35 +86,6 @@ class DeviceCredential:
         check_identifier("typeId", self.type_id)
         if not isinstance(self.password, str) or not self.password:
             raise ValidationError("password", "a device credential must be a non-empty string")
-
-
-class _OneConnectionClient(Client):  # type: ignore[misc]  # gmqtt ships no type information
-    """A gmqtt client that never reconnects by itself: the device's supervisor does that.
-
-    gmqtt calls ``reconnect`` when the connection drops or a CONNACK refuses it; doing nothing
-    here keeps a stale client from opening a second connection under the same client id.
-    """
-
-    async def reconnect(self, delay: bool = False) -> None:
-        return None
-
-
-class _PinnedIds(IdGenerator):  # type: ignore[misc]  # gmqtt ships no type information
-    """gmqtt's packet id allocator, plus: reserve ids still in flight, pin the next one."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pinned: int | None = None
-
-    def reserve(self, mids: set[int]) -> None:
-        self._used_ids.update(mids)
-
-    def next_id(self) -> int:
-        if self.pinned is not None:
-            mid, self.pinned = self.pinned, None
-            self._used_ids.add(mid)
-            return mid
-        return int(super().next_id())
 
 
 class _AckTracker:
@@ -184,7 +155,7 @@ class _Session:
 
     client: Any
     tracker: _AckTracker
-    ids: _PinnedIds
+    ids: PinnedIds
     lost: asyncio.Event
     opened_at: float = 0.0
     session_present: bool = False
@@ -194,7 +165,7 @@ class _Session:
         return not self.lost.is_set()
 
 
-class SimulatedDevice:
+class DeviceConnection:
     """One device: one MQTT connection (client id = username = device_id, password = credential),
     MQTT 3.1.1, clean_session=False, keepalive 30 s, will message ``{"status": "disconnected"}``
     (QoS 1) on its status topic, and ``{"status": "connected"}`` there after each connect.
@@ -256,7 +227,7 @@ class SimulatedDevice:
         self._room.set()
 
     def __repr__(self) -> str:
-        return f"SimulatedDevice({self._cred.device_id!r}, {self._host}:{self._port})"
+        return f"DeviceConnection({self._cred.device_id!r}, {self._host}:{self._port})"
 
     @property
     def device_id(self) -> str:
@@ -507,17 +478,16 @@ class SimulatedDevice:
 
     async def _open(self) -> _Session:
         session = _Session(
-            client=None, tracker=_AckTracker(self._on_puback), ids=_PinnedIds(), lost=asyncio.Event()
+            client=None, tracker=_AckTracker(self._on_puback), ids=PinnedIds(), lost=asyncio.Event()
         )
-        client = _OneConnectionClient(
+        client = OneConnectionClient(
             self._cred.device_id,
             clean_session=False,
             will_message=Message(self._status_topic, _DISCONNECTED, qos=1),
             persistent_storage=session.tracker,
         )
         client.set_auth_credentials(self._cred.device_id, self._cred.password)
-        # before connect: gmqtt hands this allocator to the connection's protocol
-        client._package_handler.id_generator = session.ids
+        use_packet_ids(client, session.ids)  # before connect: gmqtt hands it to the connection
 
         def on_connect(_client: object, flags: int, _rc: int, _properties: object) -> None:
             session.session_present = bool(flags)

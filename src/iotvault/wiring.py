@@ -1,4 +1,4 @@
-"""What a node starts on the broker side, from the settings: one place, used by :mod:`iotvault.node`.
+"""What a node starts on the broker side, from the settings: composed beside :mod:`iotvault.node`.
 
 =========================  ==================================================================
 node                       broker side
@@ -41,10 +41,10 @@ from iotvault.broker.throttle import LoginThrottle
 from iotvault.broker.tls import client_context, server_context
 from iotvault.commands.keys import broker_service_password
 from iotvault.config import Settings
+from iotvault.context import Context
 from iotvault.domain.topics import StatusTopic
 from iotvault.ingest.pipeline import Inbound, IngestPipeline
 from iotvault.ingest.subscriber import BrokerSubscriber
-from iotvault.runtime import Context
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
-from iotvault.crypto.signing import b64url_decode, canonical_json
-from iotvault.domain.ids import check_identifier
+from iotvault.domain.encoding import b64url_decode, canonical_json
+from iotvault.domain.ids import UUID_PATTERN, check_identifier
 from iotvault.errors import ValidationError
 
 FORMAT_VERSION: Final = 1
@@ -42,7 +42,7 @@ MAX_PAYLOAD_BYTES: Final = 16 * 1024
 """Largest command payload, as canonical JSON; a command must fit any device's packet limit."""
 MAX_REASON_CHARS: Final = 200
 MAX_LIFETIME_MS: Final = 7 * 86_400_000
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_UUID = re.compile(UUID_PATTERN)
 _REASON = re.compile(r"[A-Za-z0-9 _.,:;/()'+=-]{1,200}")
 
 

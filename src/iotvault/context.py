@@ -1,0 +1,103 @@
+"""Opening iotvault's resources from settings: the composition root the node and the CLI share.
+
+The services (:mod:`iotvault.accounts`, :mod:`iotvault.devices`, commands, identity) never
+import this module: each names, as a protocol, the few resources it uses, and a
+:class:`Context` is one of them.
+
+:func:`open_context` connects to the database, creates or checks the schema, loads (or on first
+start creates) the master key and checks that it is the key this database was made with, so a
+wrong ``IOTVAULT_MASTER_KEY_FILE`` fails at start with one message instead of as a thousand
+decryption errors later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+
+from iotvault.config import Settings
+from iotvault.crypto.keyring import FINGERPRINT_META, KeyRing
+from iotvault.crypto.master_key import MasterKey
+from iotvault.devices import DeviceAccounts
+from iotvault.errors import MasterKeyError
+from iotvault.storage import migrate
+from iotvault.storage.accounts import AccountStore
+from iotvault.storage.db import check_connection, create_db_engine, redact
+from iotvault.storage.sql import SqlStore
+
+
+@dataclass
+class Context:
+    settings: Settings
+    engine: Engine
+    store: SqlStore
+    accounts: AccountStore
+    keyring: KeyRing
+    master: MasterKey
+    device_accounts: DeviceAccounts | None = None  # None: the embedded broker reads the registry
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_context(settings: Settings, *, auto_migrate_empty: bool = True, create: bool = True) -> Context:
+    """``create`` false: open an existing installation only, never make a schema or a master key."""
+    url = settings.effective_database_url
+    engine = create_db_engine(url, sqlite_synchronous=settings.sqlite_synchronous)
+    try:
+        check_connection(engine, url)
+        migrate.ensure_schema(engine, auto_upgrade_empty=auto_migrate_empty and create)
+        store = SqlStore(engine, url)
+        key_path = settings.effective_master_key_file
+        master = MasterKey.load_or_create(key_path, create=create)
+        known = store.get_meta(FINGERPRINT_META)
+        if known is None:
+            store.set_meta(FINGERPRINT_META, master.fingerprint)
+        elif known != master.fingerprint:
+            raise MasterKeyError(  # noqa: TRY301 - the engine is disposed on any failure below
+                str(key_path),
+                f"is not the key this database ({redact(url)}) was made with; "
+                "point IOTVAULT_MASTER_KEY_FILE at the right key file",
+            )
+    except BaseException:
+        engine.dispose()
+        raise
+    return Context(
+        settings=settings,
+        engine=engine,
+        store=store,
+        accounts=AccountStore(engine, url),
+        keyring=KeyRing(master, store, cache_ttl_s=settings.key_cache_ttl_s),
+        master=master,
+        device_accounts=_device_accounts(settings),
+    )
+
+
+def _device_accounts(settings: Settings) -> DeviceAccounts | None:
+    if not settings.broker_admin_username:
+        return None
+    from iotvault.broker.dynsec import DynsecAccounts, DynsecClient  # noqa: PLC0415 - Mosquitto only
+    from iotvault.broker.tls import client_context  # noqa: PLC0415
+
+    b = settings.broker
+    return DynsecAccounts(
+        DynsecClient(
+            b.host,
+            b.port,
+            username=settings.broker_admin_username,
+            password=settings.broker_admin_password.get_secret_value(),
+            ssl_context=client_context(settings.broker_ca_file) if b.tls else None,
+        )
+    )
+
+
+@contextmanager
+def context(settings: Settings, *, auto_migrate_empty: bool = True, create: bool = True) -> Iterator[Context]:
+    ctx = open_context(settings, auto_migrate_empty=auto_migrate_empty, create=create)
+    try:
+        yield ctx
+    finally:
+        ctx.close()

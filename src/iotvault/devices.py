@@ -1,0 +1,136 @@
+"""The device registry's services: register, rotate a credential, revoke, delete.
+
+Shared by the HTTP API and the command line, as :mod:`iotvault.accounts` is for people. Each
+function takes the narrow set of resources it uses (:class:`DeviceServices`): the device
+store, the key ring, the account store (API keys that name a device) and, with Mosquitto, the
+broker's own accounts (:class:`DeviceAccounts`). A credential exists in plaintext only in the
+value a function returns: it is stored as a hash and shown once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from iotvault.clock import US_PER_S, Clock, now_us
+from iotvault.crypto.tokens import hash_secret, new_secret
+from iotvault.domain.ids import DeviceId, TypeId
+from iotvault.errors import BrokerError, DeviceNotFoundError
+from iotvault.storage.repository import DeviceRecord
+
+
+class DeviceAccounts(Protocol):
+    """Broker-side accounts that follow the registry (Mosquitto: :mod:`iotvault.broker.dynsec`).
+
+    Called with the plaintext credential, the only moment it exists; raising
+    :class:`~iotvault.errors.BrokerError` undoes the registry change where that is possible.
+    """
+
+    def device_registered(self, device_id: str, type_id: str, credential: str) -> None: ...
+    def credential_rotated(self, device_id: str, type_id: str, credential: str) -> None: ...
+    def credential_revoked(self, device_id: str) -> None: ...
+    def device_deleted(self, device_id: str) -> None: ...
+
+
+class _Registry(Protocol):
+    def add_device(
+        self, device: DeviceRecord, *, wrapped_key: bytes, credential_hash: str | None
+    ) -> None: ...
+    def get_device(self, device_id: str) -> DeviceRecord | None: ...
+    def delete_device(self, device_id: str) -> bool: ...
+    def set_credential(
+        self, device_id: str, credential_hash: str, *, previous_valid_until_us: int | None
+    ) -> None: ...
+    def revoke_credentials(self, device_id: str) -> None: ...
+
+
+class _Keys(Protocol):
+    def new_device_key(self, device_id: str, version: int = 1) -> bytes: ...
+    def forget(self, device_id: str) -> None: ...
+
+
+class _Grants(Protocol):
+    def forget_device(self, device_id: str) -> None: ...
+
+
+class DeviceServices(Protocol):
+    """What the device services use; :class:`iotvault.context.Context` is one."""
+
+    @property
+    def store(self) -> _Registry: ...
+    @property
+    def keyring(self) -> _Keys: ...
+    @property
+    def accounts(self) -> _Grants: ...
+    @property
+    def device_accounts(self) -> DeviceAccounts | None: ...
+
+
+@dataclass(frozen=True)
+class NewDevice:
+    device_id: str
+    type_id: str
+    credential: str  # shown once, never stored
+
+
+def register_device(
+    ctx: DeviceServices,
+    type_id: str,
+    device_id: str,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    clock: Clock = now_us,
+) -> NewDevice:
+    """Create a device with a fresh data key and a fresh credential (returned once)."""
+    did, tid = DeviceId(device_id).value, TypeId(type_id).value
+    credential = new_secret()
+    record = DeviceRecord(did, tid, "offline", None, dict(metadata or {}), clock())
+    ctx.store.add_device(
+        record, wrapped_key=ctx.keyring.new_device_key(did), credential_hash=hash_secret(credential)
+    )
+    if ctx.device_accounts is not None:
+        try:
+            ctx.device_accounts.device_registered(did, tid, credential)
+        except BrokerError:
+            ctx.store.delete_device(did)  # a device the broker would refuse is not registered
+            ctx.keyring.forget(did)
+            raise
+    return NewDevice(did, tid, credential)
+
+
+def rotate_device_credential(
+    ctx: DeviceServices, device_id: str, *, grace_s: int = 0, clock: Clock = now_us
+) -> str:
+    """A new credential (returned once); the old one stays valid ``grace_s`` seconds.
+
+    With Mosquitto the broker learns the new credential first and drops the old one at once
+    (its dynamic-security plugin keeps one password per client): no grace there.
+    """
+    device = ctx.store.get_device(device_id)
+    if device is None:
+        raise DeviceNotFoundError(device_id)
+    credential = new_secret()
+    if ctx.device_accounts is not None:
+        ctx.device_accounts.credential_rotated(device.device_id, device.type_id, credential)
+    until = clock() + grace_s * US_PER_S if grace_s > 0 else None
+    ctx.store.set_credential(device_id, hash_secret(credential), previous_valid_until_us=until)
+    return credential
+
+
+def revoke_device_credential(ctx: DeviceServices, device_id: str) -> None:
+    """Refuse every credential of a device (current and in grace) until it gets a new one."""
+    ctx.store.revoke_credentials(device_id)
+    if ctx.device_accounts is not None:
+        ctx.device_accounts.credential_revoked(device_id)
+
+
+def delete_device(ctx: DeviceServices, device_id: str) -> None:
+    """Remove a device, its keys and events, and every API key's or group's mention of it."""
+    if not ctx.store.delete_device(device_id):
+        raise DeviceNotFoundError(device_id)
+    ctx.keyring.forget(device_id)
+    ctx.accounts.forget_device(device_id)  # API keys that named it; its group grants are gone
+    if ctx.device_accounts is not None:
+        # a failure here is repaired at the next start (DynsecAccounts.reconcile)
+        ctx.device_accounts.device_deleted(device_id)
