@@ -20,8 +20,8 @@ from iotvault.commands.keys import command_signing_key
 from iotvault.config import load_settings
 from iotvault.context import context
 from iotvault.device.client import DeviceClient
+from iotvault.device.connection import DeviceConnection, DeviceCredential
 from iotvault.identity.store import IdentityStore
-from iotvault.simulator.device import DeviceCredential, SimulatedDevice
 from iotvault.web.client import CLIENT_ID
 from webfixture import PHONE, SCREENSHOTS, Site, browser_page, password, require_chromium, start_site
 
@@ -137,7 +137,7 @@ async def test_a_new_event_appears_live_in_table_and_chart(site: Site) -> None:
         await page.goto("/devices/thermo-1")
         await expect(page.locator("#live")).to_have_text("live updates: on")
         cred = DeviceCredential("thermo-1", "thermo", site.credentials["thermo-1"])
-        async with SimulatedDevice(cred, "127.0.0.1", mqtt_port(site)) as device:
+        async with DeviceConnection(cred, "127.0.0.1", mqtt_port(site)) as device:
             for i in range(3):
                 await device.publish_event("reading", {"d": {"temp": 20.5 + i, "hum": 40 + i, "label": "ok"}})
                 await asyncio.sleep(0.3)
@@ -251,7 +251,7 @@ async def test_an_admin_registers_a_device_and_sees_its_credential_once(site: Si
             path=shot("admin-device-registered"), full_page=True, mask=[page.locator("code.secret")]
         )
         # the credential works on the broker, and is never shown again
-        async with SimulatedDevice(
+        async with DeviceConnection(
             DeviceCredential("valve-9", "valve", credential), "127.0.0.1", mqtt_port(site)
         ) as dev:
             await dev.publish_event("state", {"open": False})

@@ -18,7 +18,7 @@ from iotvault.context import context
 from iotvault.domain.accounts import Roles
 from iotvault.identity import Identity
 from iotvault.identity.clients import add_client, remove_client
-from iotvault.identity.store import ClientRecord
+from iotvault.identity.records import ClientRecord
 from iotvault.web import render
 from iotvault.web.client import CLIENT_ID, WebClient
 
