@@ -90,6 +90,18 @@ class Settings:
     mqtt_max_packet_bytes: int = 262_144  # embedded broker: a larger packet ends the connection
     command_expiry_s: int = 300  # a command's lifetime unless the request says otherwise
     broker_log_file: str = ""  # Mosquitto's log (log_type all): its refusals become security events
+    # ---- embedded broker limits (README, "Embedded broker limits"; iotvault.broker.limits) ----
+    mqtt_max_connections: int = 10_000  # open connections in all
+    mqtt_max_connections_per_address: int = 500  # from one IP address
+    mqtt_max_pending_connects: int = 256  # connections that have not sent CONNECT yet
+    mqtt_connect_timeout_s: float = 5.0  # time a new connection has to send CONNECT
+    mqtt_max_inflight: int = 64  # QoS 1/2 messages of one connection being stored at once
+    mqtt_max_retained: int = 1_000  # retained messages kept; 0 turns retained messages off
+    mqtt_max_retained_bytes: int = 1_048_576  # bytes of retained payloads kept in all
+    mqtt_log_lines_per_connection: int = 20  # broker log lines one connection may cause
+    security_events_window_s: float = 60.0  # identical refusals within it become one row with a count
+    security_events_retention_days: int = 90  # security events older than this are deleted
+    # ---- end of embedded broker limits ----
 
     # ---- derived values -------------------------------------------------------------
     @property
@@ -124,11 +136,23 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "oidc_session_ttl_s": (300, 30 * 86_400),
     "oidc_login_max_failures": (1, 100),
     "oidc_lockout_s": (10, 86_400),
+    # embedded broker limits
+    "mqtt_max_connections": (1, 1_000_000),
+    "mqtt_max_connections_per_address": (1, 1_000_000),
+    "mqtt_max_pending_connects": (1, 1_000_000),
+    "mqtt_max_inflight": (1, 65_535),
+    "mqtt_max_retained": (0, 10_000_000),
+    "mqtt_max_retained_bytes": (0, 1 << 34),
+    "mqtt_log_lines_per_connection": (0, 1_000_000),
+    "security_events_retention_days": (1, 36_500),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "ingest_batch_ms": (0.1, 10_000.0),
     "ingest_dedupe_window_s": (1.0, 86_400.0),
     "key_cache_ttl_s": (0.0, 3600.0),
+    # embedded broker limits
+    "mqtt_connect_timeout_s": (0.1, 600.0),
+    "security_events_window_s": (1.0, 86_400.0),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("debug", "info", "warning", "error"),

@@ -34,6 +34,7 @@ from typing import Any, Final
 from iotvault.broker.acl import SERVICE_USERNAME
 from iotvault.broker.authority import DeviceAuthority
 from iotvault.broker.embedded import EmbeddedBroker, PublishHook
+from iotvault.broker.limits import BrokerLimits
 from iotvault.broker.mosquitto_log import MosquittoLogWatcher
 from iotvault.broker.publisher import CommandPublisher
 from iotvault.broker.security_log import SecurityEventLog
@@ -100,7 +101,11 @@ async def _embedded(
     on_publish: PublishHook | None,
     service_password: str,
 ) -> BrokerSide:
-    events = await stack.enter_async_context(SecurityEventLog(ctx.store))
+    events = await stack.enter_async_context(
+        SecurityEventLog(
+            ctx.store, window_s=s.security_events_window_s, retention_days=s.security_events_retention_days
+        )
+    )
     await asyncio.to_thread(ctx.store.mark_all_offline)  # nobody is connected to a new broker
     pending: set[asyncio.Task[object]] = set()
 
@@ -127,6 +132,7 @@ async def _embedded(
             on_denied=authority.on_denied,
             throttle=LoginThrottle(),
             max_packet_size=s.mqtt_max_packet_bytes,
+            limits=broker_limits(s),
             ssl=server_context(s.mqtt_tls_cert_file, s.mqtt_tls_key_file) if s.mqtt_tls_cert_file else None,
         )
     )
@@ -138,6 +144,20 @@ async def _embedded(
     stack.push_async_callback(settle_presence)
     await _background(stack, authority.keep_checking(broker, REVALIDATE_S), "iotvault-sessions")
     return BrokerSide(broker, broker.publish, authority, events)
+
+
+def broker_limits(s: Settings) -> BrokerLimits:
+    """The embedded broker's limits from the settings."""
+    return BrokerLimits(
+        max_connections=s.mqtt_max_connections,
+        max_connections_per_address=s.mqtt_max_connections_per_address,
+        max_pending_connects=s.mqtt_max_pending_connects,
+        connect_timeout_s=s.mqtt_connect_timeout_s,
+        max_inflight=s.mqtt_max_inflight,
+        max_retained=s.mqtt_max_retained,
+        max_retained_bytes=s.mqtt_max_retained_bytes,
+        log_lines_per_connection=s.mqtt_log_lines_per_connection,
+    )
 
 
 async def _background(stack: AsyncExitStack, coro: Coroutine[Any, Any, None], name: str) -> None:
