@@ -7,8 +7,9 @@ so many rows that the real events drop out of view:
   subject (device or client id) from one address (the host, not the port) with the same
   action, reason and topic in a window (``window_s``, default 60 s) is written at the next
   flush (once a second); identical ones after it in the same window are only counted, and
-  when the window closes one more row with ``"count": n`` and ``"repeated": true`` says how many there were. So a device in a reconnect
-  loop adds at most two rows a minute, and 20,000 refused logins of one client add two.
+  when the window closes one more row with ``"count": n`` and ``"repeated": true`` says how
+  many there were. So a device in a reconnect loop adds at most two rows a minute, and
+  20,000 refused logins of one client add two.
 - At most ``max_keys`` distinct (kind, subject, address) per window are tracked; past that,
   events are folded per (kind, address) with the subject ``*``, and past ``max_keys`` of
   those they are counted in one ``events_dropped`` row. A window therefore writes at most
