@@ -83,7 +83,12 @@ def test_throttle_per_device_and_address() -> None:
     assert t.blocked("10.0.0.1", "d2") is None
     t.failed("10.0.0.1", "d2")
     t.failed("10.0.0.1", "d3")
-    assert t.blocked("10.0.0.1", "d4") == pytest.approx(60)  # the address has had enough
+    # the address has had enough: a client id that failed from it is refused unchecked...
+    assert t.blocked("10.0.0.1", "d2") == pytest.approx(60)
+    # ...but one that has not been failing (a neighbour behind the same NAT) is still checked
+    assert t.blocked("10.0.0.1", "d4") is None
+    t.failed("10.0.0.1", "d4")  # its check failed: now it is one of the failing ones
+    assert t.blocked("10.0.0.1", "d4") == pytest.approx(60)
     clock.now += 61
     assert t.blocked("10.0.0.1", "d1") is None
     t.failed("10.0.0.1", "d1")

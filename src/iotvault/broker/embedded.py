@@ -328,7 +328,7 @@ class EmbeddedBroker:
         if got is None:
             return  # closed before a whole first packet
         raw, connect = got
-        self._gate.connected()
+        self._gate.connected(_host(peer))
         pending[0] = False
         if not isinstance(connect, Connect):
             stream.violation("first packet is not CONNECT")  # [MQTT-3.1.0-1]

@@ -7,6 +7,8 @@ and must not lock honest devices out while trying.
 - :class:`BrokerLimits` — the numbers, from the settings (``IOTVAULT_MQTT_*``).
 - :class:`ConnectionGate` — counts open connections, in all, per address, and those that have
   not yet sent CONNECT; a connection over a limit is closed at once, before anything is read.
+  One address may hold at most a quarter of the pending (pre-CONNECT) slots, so one source
+  cannot fill them and keep every other device from logging in.
 - :class:`LogBudget` — at most ``log_lines_per_connection`` broker log lines per connection
   (amqtt's included); the rest are counted and summed up in one line when it ends.
 """
@@ -59,6 +61,8 @@ class ConnectionGate:
         self.total = 0
         self.pending = 0
         self._per_address: Counter[str] = Counter()
+        self._pending_per_address: Counter[str] = Counter()
+        self._pending_share = max(1, limits.max_pending_connects // 4)
 
     def enter(self, address: str) -> Refusal | None:
         """Count a new connection; why it must be closed instead, or None (counted)."""
@@ -67,24 +71,33 @@ class ConnectionGate:
             return "too many connections"
         if self._per_address[address] >= lim.max_connections_per_address:
             return "too many connections from one address"
-        if self.pending >= lim.max_pending_connects:
+        if (
+            self.pending >= lim.max_pending_connects
+            or self._pending_per_address[address] >= self._pending_share
+        ):
             return "too many pending connections"
         self.total += 1
         self.pending += 1
         self._per_address[address] += 1
+        self._pending_per_address[address] += 1
         return None
 
-    def connected(self) -> None:
+    def connected(self, address: str) -> None:
         """The connection sent its CONNECT: no longer pending."""
         self.pending -= 1
+        _decrement(self._pending_per_address, address)
 
     def leave(self, address: str, *, pending: bool) -> None:
         self.total -= 1
         if pending:
-            self.pending -= 1
-        self._per_address[address] -= 1
-        if self._per_address[address] <= 0:
-            del self._per_address[address]
+            self.connected(address)
+        _decrement(self._per_address, address)
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 class LogBudget:
