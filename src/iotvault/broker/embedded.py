@@ -45,14 +45,23 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Final
 
 from iotvault.broker.amqtt_adapter import AmqttCore, Flow, Incoming
 from iotvault.broker.codec import Connack, Connect, MalformedPacketError, encode, topic_name_problem
 from iotvault.broker.filter_index import FilterIndex
 from iotvault.broker.framing import GatheringWriter, PacketStream
+from iotvault.broker.hooks import (
+    Authenticator,
+    ConnectionHook,
+    Denial,
+    DenialHook,
+    InboundPublish,
+    PublishHook,
+    TopicAction,
+    TopicAuthorizer,
+)
 from iotvault.broker.limits import BrokerLimits, ConnectionGate, LogBudget, install_log_budget, log_budget
 from iotvault.errors import PortInUseError
 
@@ -86,55 +95,6 @@ _CONNACK_REFUSED_LEVEL: Final = 1  # MQTT 3.1.1: unacceptable protocol version
 _CONNACK_NOT_AUTHORIZED: Final = 5
 _REFUSAL_LOG_EVERY_S: Final = 10.0  # refused connections are logged once in this many seconds
 _TCP_KEEPALIVE: Final = (60, 10, 3)  # idle seconds, interval, probes: a vanished peer ends in ~90 s
-
-
-@dataclass(frozen=True, slots=True)
-class InboundPublish:
-    """A PUBLISH a client sent, as handed to the publish hook before it is acknowledged."""
-
-    client_id: str
-    username: str | None
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    dup: bool
-    packet_id: int | None
-
-
-TopicAction = Literal["publish", "subscribe", "receive"]
-
-PublishHook = Callable[[InboundPublish], Awaitable[object]]
-"""Stores the message; its awaitable completes once it is committed (the result is ignored).
-
-Raising, or an awaitable that fails, withholds the acknowledgement. An ``asyncio.Future`` is
-used as it is (iotvault's hook returns the ingest pipeline's); a coroutine runs as a task.
-"""
-
-Authenticator = Callable[[str, str | None, str | None], Awaitable[bool]]
-"""``(client_id, username, password) -> allowed``."""
-
-TopicAuthorizer = Callable[[str, str | None, str, TopicAction], Awaitable[bool]]
-"""``(client_id, username, topic or filter, action) -> allowed``."""
-
-ConnectionHook = Callable[[str, str | None, bool], Awaitable[None]]
-"""``(client_id, username, connected)``."""
-
-
-@dataclass(frozen=True, slots=True)
-class Denial:
-    """Something the broker refused: a login, a PUBLISH, a SUBSCRIBE, a packet or a connection."""
-
-    action: Literal["connect", "publish", "subscribe", "protocol", "limit"]
-    client_id: str
-    username: str | None
-    peer: str  # host:port of the client, or "-" when not known
-    reason: str  # "bad credentials", "throttled", "will topic", "not allowed", a protocol error...
-    topic: str | None = None
-
-
-DenialHook = Callable[[Denial], None]
-"""Told of every refusal; must return at once (it runs on the broker's path)."""
 
 
 class EmbeddedBroker:
