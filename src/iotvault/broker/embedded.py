@@ -397,19 +397,42 @@ class EmbeddedBroker:
         """Check an incoming PUBLISH and hand it to the hook; True if amqtt's flow is to run now.
 
         False: refused (the connection is being dropped), or left to :meth:`_stored`, which
-        answers it once the hook has completed.
+        answers it once the hook has completed. A QoS 1/2 message holds one of the stream's
+        in-flight slots from the moment it was read (:meth:`PacketStream.read`) until its hook
+        is done, or until it is refused or handed on here.
         """
+        hook = await self._start_hook(stream, client_id, username, incoming)
+        if incoming.qos:
+            if hook is None:
+                stream.release()
+            else:
+                hook.add_done_callback(lambda _: stream.release())
+        if hook is None:
+            return not stream.closed  # refused (dropped), or no hook: amqtt's flow as it is
+        if incoming.qos == 2 or incoming.retain:
+            return await self._wait_for_hook(stream, incoming.topic, hook)
+        # QoS 0 and 1: nothing waits for the hook, so nothing can cancel it; its completion
+        # answers the message (_stored), even if the device disconnects meanwhile.
+        hook.add_done_callback(functools.partial(self._stored, stream, incoming, message, flow))
+        return False
+
+    async def _start_hook(
+        self, stream: PacketStream, client_id: str, username: str | None, incoming: Incoming
+    ) -> asyncio.Future[Any] | None:
+        """Authorize the PUBLISH and start the hook; None if refused (dropped) or there is no hook."""
         topic = incoming.topic
         try:
             allowed = await self._may(client_id, username, topic, "publish")
         except Exception as exc:  # noqa: BLE001 -- fail closed: no ack, the device retries
             _log.debug("authorization error details", exc_info=exc)
-            return _drop(stream, f"authorization failed ({type(exc).__name__})", topic)
+            _drop(stream, f"authorization failed ({type(exc).__name__})", topic)
+            return None
         if not allowed:
             self._denied(Denial("publish", client_id, username, _addr(stream.peer), "not allowed", topic))
-            return _drop(stream, "publish not allowed", topic)
+            _drop(stream, "publish not allowed", topic)
+            return None
         if self._on_publish is None:
-            return True
+            return None
         inbound = InboundPublish(client_id, username, topic, incoming.payload, incoming.qos, incoming.retain,
                                  incoming.dup, incoming.packet_id)  # fmt: skip
         try:
@@ -418,17 +441,10 @@ class EmbeddedBroker:
             hook = running if isinstance(running, asyncio.Future) else asyncio.ensure_future(running)
         except Exception as exc:  # noqa: BLE001 -- any failure means "not stored": do not ack
             _log.debug("publish hook error details", exc_info=exc)
-            return _drop(stream, f"publish hook failed ({type(exc).__name__})", topic)
+            _drop(stream, f"publish hook failed ({type(exc).__name__})", topic)
+            return None
         self._hooks.add(hook)
-        if incoming.qos:
-            stream.hold()
-            hook.add_done_callback(lambda _: stream.release())
-        if incoming.qos == 2 or incoming.retain:
-            return await self._wait_for_hook(stream, topic, hook)
-        # QoS 0 and 1: nothing waits for the hook, so nothing can cancel it; its completion
-        # answers the message (_stored), even if the device disconnects meanwhile.
-        hook.add_done_callback(functools.partial(self._stored, stream, incoming, message, flow))
-        return False
+        return hook
 
     async def _wait_for_hook(self, stream: PacketStream, topic: str, hook: asyncio.Future[Any]) -> bool:
         """For amqtt's own flow (PUBREC and PUBREL, or keeping a retained message) after the hook.

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
-from iotvault.broker.codec import MalformedPacketError, Packet, decode, fixed_header_size
+from iotvault.broker.codec import MalformedPacketError, Packet, Publish, decode, fixed_header_size
 
 __all__ = ["GatheringWriter", "PacketStream", "PacketTooLargeError"]
 
@@ -133,7 +133,7 @@ class PacketStream:
     # ---- back-pressure ---------------------------------------------------------------------
 
     def hold(self) -> None:
-        """A QoS 1/2 PUBLISH is being stored; past ``max_inflight`` the stream is not read."""
+        """A QoS 1/2 PUBLISH was read; past ``max_inflight`` unreleased ones the stream is not read."""
         self._inflight += 1
         if self._inflight >= self._max_inflight:
             self._room.clear()
@@ -196,6 +196,8 @@ class PacketStream:
                 return self._eof()
             if got is None or self._refused:
                 return self._eof()
+            if isinstance(got[1], Publish) and got[1].qos:
+                self.hold()  # released by the broker once the message is stored or refused
             self._current, self._pos, left = got[0], 0, len(got[0])
         if n < 0:
             n = left

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -134,8 +135,13 @@ _FILTER: Final = BudgetFilter()
 
 
 def install_log_budget(prefixes: tuple[str, ...]) -> None:
-    """Put the budget on every logger under ``prefixes`` (filters do not reach child loggers)."""
-    names = [n for n in logging.root.manager.loggerDict if n.startswith(prefixes)]
+    """Put the budget on every logger under ``prefixes`` (filters do not reach child loggers).
+
+    amqtt makes most of its loggers when a connection starts (``getLogger(__name__)``), so the
+    loggers of every imported module under the prefixes are made now, with the filter.
+    """
+    known = set(logging.root.manager.loggerDict) | set(sys.modules)
+    names = [n for n in known if n.startswith(prefixes)]
     for name in (*prefixes, *names):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
