@@ -17,13 +17,15 @@ descriptor leak, one per client that sends CONNECT and closes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from typing import Final
 
 from iotvault.broker.codec import MalformedPacketError, Packet, Publish, decode, fixed_header_size
 
-__all__ = ["GatheringWriter", "PacketStream", "PacketTooLargeError"]
+__all__ = ["GatheringWriter", "PacketStream", "PacketTooLargeError", "addr", "host", "keep_alive"]
 
 _log = logging.getLogger(__name__)
 
@@ -222,7 +224,7 @@ class PacketStream:
         if self._refused:
             return
         _log.warning(
-            "MQTT client %r from %s: %s; closing the connection", self.client_id, _addr(self.peer), reason
+            "MQTT client %r from %s: %s; closing the connection", self.client_id, addr(self.peer), reason
         )
         if self.on_violation is not None:
             self.on_violation(reason)
@@ -269,7 +271,31 @@ class PacketStream:
         self.abort()
 
 
-def _addr(peer: object) -> str:
+_TCP_KEEPALIVE: Final = (60, 10, 3)  # idle seconds, interval, probes: a vanished peer ends in ~90 s
+
+
+def keep_alive(writer: asyncio.StreamWriter) -> None:
+    """TCP keep-alive, so that a client with MQTT keep-alive 0 that vanishes is noticed."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        idle, interval, probes = _TCP_KEEPALIVE
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+
+
+def host(peer: object) -> str:
+    """The address of a peer ``(host, port, ...)``."""
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer)
+
+
+def addr(peer: object) -> str:
+    """``host:port`` of a peer, for logs and security events."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer)
