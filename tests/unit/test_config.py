@@ -257,3 +257,19 @@ def test_supported_database_urls(url: str) -> None:
 def test_unsupported_database_schemes_are_config_errors(tmp_path: Path, url: str) -> None:
     assert load_error(environ={"IOTVAULT_DATABASE_URL": url}).setting == "IOTVAULT_DATABASE_URL"
     assert load_error(config_file(tmp_path, f'database_url = "{url}"\n')).setting == "database_url"
+
+
+def test_embedded_broker_limits_are_on_by_default_and_configurable() -> None:
+    from iotvault.broker.wiring import broker_limits  # noqa: PLC0415 -- the broker side only here
+
+    defaults = broker_limits(load_settings(environ={}))
+    assert defaults.max_pending_connects == 256
+    assert defaults.connect_timeout_s == 5.0
+    assert defaults.max_retained == 1_000
+    env = {"IOTVAULT_MQTT_MAX_RETAINED": "0", "IOTVAULT_MQTT_CONNECT_TIMEOUT_S": "2.5"}
+    tuned = broker_limits(load_settings(environ=env))
+    assert (tuned.max_retained, tuned.connect_timeout_s) == (0, 2.5)
+    with pytest.raises(ConfigError, match="IOTVAULT_MQTT_MAX_CONNECTIONS_PER_ADDRESS"):
+        load_settings(environ={"IOTVAULT_MQTT_MAX_CONNECTIONS_PER_ADDRESS": "0"})
+    with pytest.raises(ConfigError, match="IOTVAULT_SECURITY_EVENTS_RETENTION_DAYS"):
+        load_settings(environ={"IOTVAULT_SECURITY_EVENTS_RETENTION_DAYS": "0"})
