@@ -244,7 +244,11 @@ async def attack(seconds: float) -> int:
         for name, sample in (("before", before), ("during", during), ("after", after)):
             print(sample.line(name))
         print("probes run: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-        bounded = after.sockets <= before.sockets + 2 and after.rss_mb < before.rss_mb + 100
+        half = len(samples) // 2
+        first, second = samples[:half] or samples, samples[half:] or samples
+        growth = max(x.rss_mb for x in second) - max(x.rss_mb for x in first)
+        print(f"RSS growth over the second half of the attack: {growth:+.1f} MB (bounded if < 25 MB)")
+        bounded = after.sockets <= before.sockets + 2 and growth < 25
         served = bool(during.latencies_ms) and statistics.median(during.latencies_ms) < 1000
         print(
             f"bounded: {'yes' if bounded else 'NO'}; "

@@ -93,7 +93,7 @@ class Settings:
     # ---- embedded broker limits (README, "Embedded broker limits"; iotvault.broker.limits) ----
     mqtt_max_connections: int = 10_000  # open connections in all
     mqtt_max_connections_per_address: int = 500  # from one IP address
-    mqtt_max_pending_connects: int = 256  # connections that have not sent CONNECT yet
+    mqtt_max_pending_connects: int = 1_024  # connections that have not sent CONNECT yet
     mqtt_connect_timeout_s: float = 5.0  # time a new connection has to send CONNECT
     mqtt_max_inflight: int = 64  # QoS 1/2 messages of one connection being stored at once
     mqtt_max_retained: int = 1_000  # retained messages kept; 0 turns retained messages off

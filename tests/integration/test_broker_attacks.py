@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 HOST = "127.0.0.1"
 TIMEOUT = 5.0
-PENDING_CONNECTS = 40  # so one address may hold 10 connections that have not sent CONNECT
+PENDING_CONNECTS = 40  # so one address may hold 20 connections that have not sent CONNECT
 CONNECT_TIMEOUT_S = 2.0
 
 
@@ -184,7 +184,7 @@ async def test_connections_that_never_send_connect_are_capped_and_timed_out(serv
     for _ in range(60):
         reader, writer = await open_from(server.mqtt_port, "127.0.0.4")
         idle.append((reader, writer))
-    # past this address's share of the pending slots (10), connections are closed at once
+    # past this address's share of the pending slots (20), connections are closed at once
     ended = await asyncio.gather(*(asyncio.wait_for(r.read(), TIMEOUT) for r, _ in idle[20:]))
     assert ended == [b""] * 40
     async with httpx.AsyncClient() as http:

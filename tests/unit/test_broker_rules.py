@@ -143,3 +143,10 @@ def test_mosquitto_log_lines_become_security_events(tmp_path: Path) -> None:
     log.write_text("5: Sending CONNACK to 10.0.0.8 (0, 4)\n")  # rotated (truncated): read from the start
     assert watcher.poll() == 1
     assert parse_line("no such line", events) is False  # type: ignore[arg-type]
+
+
+def test_connection_limit_fits_the_descriptor_limit() -> None:
+    from iotvault.broker.limits import BrokerLimits, fit_to_descriptors  # noqa: PLC0415
+
+    assert fit_to_descriptors(BrokerLimits(max_connections=10_000), soft_limit=1024).max_connections == 896
+    assert fit_to_descriptors(BrokerLimits(max_connections=500), soft_limit=1024).max_connections == 500

@@ -263,7 +263,7 @@ def test_embedded_broker_limits_are_on_by_default_and_configurable() -> None:
     from iotvault.broker.wiring import broker_limits  # noqa: PLC0415 -- the broker side only here
 
     defaults = broker_limits(load_settings(environ={}))
-    assert defaults.max_pending_connects == 256
+    assert defaults.max_pending_connects == 1_024
     assert defaults.connect_timeout_s == 5.0
     assert defaults.max_retained == 1_000
     env = {"IOTVAULT_MQTT_MAX_RETAINED": "0", "IOTVAULT_MQTT_CONNECT_TIMEOUT_S": "2.5"}

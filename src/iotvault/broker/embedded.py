@@ -62,7 +62,14 @@ from iotvault.broker.hooks import (
     TopicAction,
     TopicAuthorizer,
 )
-from iotvault.broker.limits import BrokerLimits, ConnectionGate, LogBudget, install_log_budget, log_budget
+from iotvault.broker.limits import (
+    BrokerLimits,
+    ConnectionGate,
+    LogBudget,
+    fit_to_descriptors,
+    install_log_budget,
+    log_budget,
+)
 from iotvault.errors import PortInUseError
 
 if TYPE_CHECKING:
@@ -131,7 +138,7 @@ class EmbeddedBroker:
         self._on_denied = on_denied
         self._throttle = throttle
         self._ssl = ssl
-        self.limits = limits if limits is not None else BrokerLimits()
+        self.limits = fit_to_descriptors(limits if limits is not None else BrokerLimits())
         self._gate = ConnectionGate(self.limits)
         self._core: AmqttCore | None = None
         self._server: asyncio.Server | None = None

@@ -7,8 +7,8 @@ and must not lock honest devices out while trying.
 - :class:`BrokerLimits` — the numbers, from the settings (``IOTVAULT_MQTT_*``).
 - :class:`ConnectionGate` — counts open connections, in all, per address, and those that have
   not yet sent CONNECT; a connection over a limit is closed at once, before anything is read.
-  One address may hold at most a quarter of the pending (pre-CONNECT) slots, so one source
-  cannot fill them and keep every other device from logging in.
+  One address may hold at most half of the pending (pre-CONNECT) slots, so one source cannot
+  fill them and keep every other device from logging in.
 - :class:`LogBudget` — at most ``log_lines_per_connection`` broker log lines per connection
   (amqtt's included); the rest are counted and summed up in one line when it ends.
 """
@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import resource
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, Literal
 
 __all__ = ["BrokerLimits", "ConnectionGate", "LogBudget", "log_budget"]
@@ -31,7 +32,7 @@ class BrokerLimits:
 
     max_connections: int = 10_000  # open connections in all
     max_connections_per_address: int = 500  # from one IP address (a NAT may hold many devices)
-    max_pending_connects: int = 256  # connections that have not yet sent CONNECT
+    max_pending_connects: int = 1_024  # connections that have not yet sent CONNECT
     connect_timeout_s: float = 5.0  # time a new connection has to send CONNECT
     max_inflight: int = 64  # QoS 1/2 PUBLISHes of one connection being stored at once
     max_retained: int = 1_000  # retained messages kept; 0: retained messages are off
@@ -49,6 +50,32 @@ class BrokerLimits:
             raise ValueError("retained and log limits must not be negative")
 
 
+_DESCRIPTOR_RESERVE: Final = 128  # descriptors kept for the database, HTTP, logs and the like
+
+
+def fit_to_descriptors(limits: BrokerLimits, soft_limit: int | None = None) -> BrokerLimits:
+    """``limits`` with ``max_connections`` lowered to what the process may open (``ulimit -n``).
+
+    Past its descriptor limit a server fails every ``accept()`` and every new file, health
+    checks and logins included; refusing MQTT connections a little before keeps the rest working.
+    """
+    if soft_limit is None:
+        soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft_limit == resource.RLIM_INFINITY:
+            return limits
+    room = max(1, soft_limit - _DESCRIPTOR_RESERVE)
+    if limits.max_connections <= room:
+        return limits
+    logging.getLogger(__name__).warning(
+        "embedded broker: at most %d MQTT connections, not %d: the process may open %d descriptors "
+        "(raise it with `ulimit -n`)",
+        room,
+        limits.max_connections,
+        soft_limit,
+    )
+    return replace(limits, max_connections=room)
+
+
 Refusal = Literal[
     "too many connections", "too many connections from one address", "too many pending connections"
 ]
@@ -63,7 +90,7 @@ class ConnectionGate:
         self.pending = 0
         self._per_address: Counter[str] = Counter()
         self._pending_per_address: Counter[str] = Counter()
-        self._pending_share = max(1, limits.max_pending_connects // 4)
+        self._pending_share = max(1, limits.max_pending_connects // 2)
 
     def enter(self, address: str) -> Refusal | None:
         """Count a new connection; why it must be closed instead, or None (counted)."""
