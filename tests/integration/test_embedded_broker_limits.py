@@ -150,3 +150,18 @@ async def test_connections_per_address_and_in_all_are_capped() -> None:
             w.close()
         await asyncio.sleep(0.2)
         assert broker.open_connections == 0
+
+
+async def test_a_client_with_keep_alive_0_is_watched_by_tcp_keep_alive() -> None:
+    """Finding G: keep-alive 0 means the broker never drops the client for silence; TCP does."""
+    import socket  # noqa: PLC0415 -- only this test looks at socket options
+
+    async with EmbeddedBroker(HOST, 0) as broker:
+        reader, writer = await asyncio.open_connection(HOST, broker.port)
+        writer.write(encode(Connect("sleepy", keep_alive=0)))
+        assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT) == b"\x20\x02\x00\x00"
+        (stream,) = broker._streams
+        sock = stream.writer.stream.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+        writer.close()
