@@ -165,3 +165,25 @@ async def test_a_client_with_keep_alive_0_is_watched_by_tcp_keep_alive() -> None
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
         writer.close()
+
+
+async def test_connect_and_close_leaves_nothing_for_shutdown_to_wait_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 18 finding 7: such clients left stuck connections; shutdown waited 10 s for them."""
+    loop = asyncio.get_running_loop()
+    async with EmbeddedBroker(HOST, 0) as broker:
+        for i in range(100):
+            _, writer = await asyncio.open_connection(HOST, broker.port)
+            writer.write(encode(Connect(f"dev{i % 5}", keep_alive=30)))
+            await writer.drain()
+            writer.transport.abort()  # gone before the CONNACK
+            writer.close()
+        started = loop.time()
+        _, writer = await connected(broker.port, "dev1")  # the same id: no wait for a stuck predecessor
+        assert loop.time() - started < 1.0
+        writer.close()
+        await asyncio.sleep(0.5)
+        stopping = loop.time()
+    assert loop.time() - stopping < 2.0
+    assert not any("cancelled at shutdown" in r.getMessage() for r in caplog.records)
