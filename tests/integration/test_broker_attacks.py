@@ -293,3 +293,22 @@ async def test_health_and_memory_hold_under_oversized_and_retained_publishes(ser
         assert (await http.get(f"{server.http}/healthz", timeout=TIMEOUT)).status_code == 200
     assert server.rss_mb() - rss_before < 30, "memory grew with the attack"
     assert "retained message on" in server.log()
+
+
+async def test_a_pubrel_flood_writes_a_bounded_number_of_log_lines(server: Server) -> None:
+    """Finding F: 20,000 PUBRELs with unknown ids were 20,000 WARNING lines (12 MB per 400 KB)."""
+    device = "honest-2"
+    lines_before = server.log().count("PUBREL")
+    reader, writer = await open_from(server.mqtt_port, "127.0.0.11")
+    writer.write(connect_packet(device, server.credentials[device]))
+    assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT) == b"\x20\x02\x00\x00"
+    for _ in range(20):
+        writer.write(b"\x62\x02\x00\x07" * 1000)
+        await writer.drain()
+    writer.write(b"\xc0\x00")  # PINGREQ: answered once every PUBREL before it was read
+    data = b""
+    while not data.endswith(b"\xd0\x00"):
+        data += await asyncio.wait_for(reader.read(65536), TIMEOUT)
+    writer.close()
+    await asyncio.sleep(0.5)
+    assert server.log().count("PUBREL") - lines_before <= 20  # IOTVAULT_MQTT_LOG_LINES_PER_CONNECTION
