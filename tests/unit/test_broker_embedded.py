@@ -300,3 +300,16 @@ async def test_past_max_inflight_the_stream_is_not_read_until_one_is_stored() ->
     assert decode(await asyncio.wait_for(third, 1)) == Publish(
         "iot-2/type/t/id/d1/evt/reading/fmt/json", b"{}", 1, packet_id=3
     )
+
+
+async def test_a_read_waiting_for_in_flight_room_ends_when_the_connection_is_dropped() -> None:
+    source = asyncio.StreamReader()
+    writer, _ = buffered()
+    stream = PacketStream(source, writer, 4096, ("127.0.0.1", 1), max_inflight=1)
+    source.feed_data(publish(1, b"{}") + publish(2, b"{}"))
+    await read_packet(stream)  # holds the only slot
+    waiting = asyncio.ensure_future(stream.read(1))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    stream.abort()  # e.g. a revoked device, while its messages are still being stored
+    assert await asyncio.wait_for(waiting, 1) == b""

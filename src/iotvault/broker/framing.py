@@ -191,6 +191,8 @@ class PacketStream:
         if left == 0:
             if not self._room.is_set():
                 await self._room.wait()
+                if self._refused:
+                    return self._eof()
             try:
                 got = await self.next_packet()
             except MalformedPacketError as exc:
@@ -235,6 +237,7 @@ class PacketStream:
         self._refused = True
         self.stop_watching()
         self.writer.abort()
+        self._room.set()  # a read waiting for in-flight room sees the end at once
 
     @property
     def closed(self) -> bool:
