@@ -191,7 +191,7 @@ class PacketStream:
         if left == 0:
             if not self._room.is_set():
                 await self._room.wait()
-                if self._refused:
+                if self.closed:  # dropped while waiting
                     return self._eof()
             try:
                 got = await self.next_packet()
