@@ -10,7 +10,7 @@ PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --g
 # What pip-audit prints when it could not ask its vulnerability service about every package
 AUDIT_UNCHECKED := could not be audited|requests\.exceptions|ConnectionError|Max retries|ServiceError|timed out
 
-.PHONY: help venv assets check test test-fast demo clean lock upgrade audit wheel bench
+.PHONY: help venv assets check test test-fast demo clean lock upgrade audit wheel bench fuzz attack
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -47,6 +47,15 @@ demo: venv  ## run the demo (embedded broker, SQLite, simulated devices)
 # shared machine; "--smoke" for a quick check of the harness; "--soak 10" for the memory run.
 bench: venv  ## benchmarks, each figure beside a same-run baseline (needs Mosquitto, PostgreSQL)
 	$(BIN)/python -m bench $(BENCH_FLAGS)
+
+FUZZ_SECONDS ?= 600
+fuzz: venv  ## fuzz the embedded broker's packet decoder (atheris) for FUZZ_SECONDS (default 600)
+	@mkdir -p .fuzz
+	$(BIN)/python tests/fuzz/fuzz_codec.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=.fuzz/ .fuzz
+
+ATTACK_SECONDS ?= 60
+attack: venv  ## hostile clients against one `iotvault serve` (embedded broker); prints the bounds
+	$(BIN)/python -m bench.attack --seconds $(ATTACK_SECONDS)
 
 lock: venv  ## re-lock requirements/ after a change to pyproject.toml (other pins stay)
 	$(PIP_COMPILE) $(LOCK_FLAGS) --extra postgres --extra redis \

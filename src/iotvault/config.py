@@ -124,6 +124,21 @@ class Settings(BaseSettings):
     command_expiry_s: Annotated[int, Field(ge=1, le=7 * 86_400)] = 300  # a command's default lifetime
     broker_log_file: str = ""  # Mosquitto's log (log_type all): its refusals become security events
     production: bool = False  # refuse insecure combinations at start (check_production)
+    # ---- embedded broker limits (README, "Embedded broker limits"; iotvault.broker.limits) ----
+    mqtt_max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000  # open connections in all
+    mqtt_max_connections_per_address: Annotated[int, Field(ge=1, le=1_000_000)] = 500  # from one IP address
+    # connections that have not sent CONNECT yet
+    mqtt_max_pending_connects: Annotated[int, Field(ge=1, le=1_000_000)] = 1_024
+    mqtt_connect_timeout_s: Annotated[float, Field(ge=0.1, le=600.0)] = 5.0  # time to send CONNECT
+    # QoS 1/2 messages of one connection being stored at once
+    mqtt_max_inflight: Annotated[int, Field(ge=1, le=65_535)] = 64
+    mqtt_max_retained: Annotated[int, Field(ge=0, le=10_000_000)] = 1_000  # retained kept; 0: off
+    mqtt_max_retained_bytes: Annotated[int, Field(ge=0, le=1 << 34)] = 1_048_576  # retained payload bytes
+    mqtt_log_lines_per_connection: Annotated[int, Field(ge=0, le=1_000_000)] = 20  # log lines per connection
+    # identical refusals within it become one row with a count
+    security_events_window_s: Annotated[float, Field(ge=1.0, le=86_400.0)] = 60.0
+    security_events_retention_days: Annotated[int, Field(ge=1, le=36_500)] = 90  # older rows are deleted
+    # ---- end of embedded broker limits ----
 
     @classmethod
     def settings_customise_sources(

@@ -33,7 +33,8 @@ from typing import Any, Final
 
 from iotvault.broker.acl import SERVICE_USERNAME
 from iotvault.broker.authority import DeviceAuthority
-from iotvault.broker.embedded import EmbeddedBroker, PublishHook
+from iotvault.broker.embedded import EmbeddedBroker, InboundPublish, PublishHook
+from iotvault.broker.limits import BrokerLimits
 from iotvault.broker.mosquitto_log import MosquittoLogWatcher
 from iotvault.broker.publisher import CommandPublisher
 from iotvault.broker.security_log import SecurityEventLog
@@ -42,7 +43,8 @@ from iotvault.broker.tls import client_context, server_context
 from iotvault.commands.keys import broker_service_password
 from iotvault.config import Settings
 from iotvault.context import Context
-from iotvault.domain.topics import StatusTopic
+from iotvault.domain.topics import StatusTopic, parse_topic
+from iotvault.errors import TopicError
 from iotvault.ingest.pipeline import Inbound, IngestPipeline
 from iotvault.ingest.subscriber import BrokerSubscriber
 
@@ -100,7 +102,11 @@ async def _embedded(
     on_publish: PublishHook | None,
     service_password: str,
 ) -> BrokerSide:
-    events = await stack.enter_async_context(SecurityEventLog(ctx.store))
+    events = await stack.enter_async_context(
+        SecurityEventLog(
+            ctx.store, window_s=s.security_events_window_s, retention_days=s.security_events_retention_days
+        )
+    )
     await asyncio.to_thread(ctx.store.mark_all_offline)  # nobody is connected to a new broker
     pending: set[asyncio.Task[object]] = set()
 
@@ -120,13 +126,14 @@ async def _embedded(
         EmbeddedBroker(
             s.mqtt_host,
             s.mqtt_port,
-            on_publish=on_publish,
+            on_publish=_presence_is_the_brokers(on_publish) if on_publish is not None else None,
             authenticate=authority.authenticate,
             authorize=authority.authorize,
             on_connection=authority.on_connection,
             on_denied=authority.on_denied,
             throttle=LoginThrottle(),
             max_packet_size=s.mqtt_max_packet_bytes,
+            limits=broker_limits(s),
             ssl=server_context(s.mqtt_tls_cert_file, s.mqtt_tls_key_file) if s.mqtt_tls_cert_file else None,
         )
     )
@@ -138,6 +145,47 @@ async def _embedded(
     stack.push_async_callback(settle_presence)
     await _background(stack, authority.keep_checking(broker, REVALIDATE_S), "iotvault-sessions")
     return BrokerSide(broker, broker.publish, authority, events)
+
+
+def _presence_is_the_brokers(on_publish: PublishHook) -> PublishHook:
+    """A connected device's own "disconnected" status message is acknowledged, not applied.
+
+    On the embedded broker presence comes from the connection itself (``on_connection``), and
+    a device that publishes is, by definition, connected: its claim to be offline would only
+    make it look offline while it is connected (a device's will reaches presence through the
+    broker, not through this hook).
+    """
+
+    def hook(p: InboundPublish) -> Awaitable[object]:
+        if p.topic.endswith("/mon") and b"disconnected" in p.payload and _is_status_topic(p.topic):
+            log.info("MQTT client %r: its own 'disconnected' status ignored while connected", p.client_id)
+            done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return on_publish(p)
+
+    return hook
+
+
+def _is_status_topic(topic: str) -> bool:
+    try:
+        return isinstance(parse_topic(topic), StatusTopic)
+    except TopicError:
+        return False
+
+
+def broker_limits(s: Settings) -> BrokerLimits:
+    """The embedded broker's limits from the settings."""
+    return BrokerLimits(
+        max_connections=s.mqtt_max_connections,
+        max_connections_per_address=s.mqtt_max_connections_per_address,
+        max_pending_connects=s.mqtt_max_pending_connects,
+        connect_timeout_s=s.mqtt_connect_timeout_s,
+        max_inflight=s.mqtt_max_inflight,
+        max_retained=s.mqtt_max_retained,
+        max_retained_bytes=s.mqtt_max_retained_bytes,
+        log_lines_per_connection=s.mqtt_log_lines_per_connection,
+    )
 
 
 async def _background(stack: AsyncExitStack, coro: Coroutine[Any, Any, None], name: str) -> None:

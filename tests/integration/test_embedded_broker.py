@@ -544,6 +544,6 @@ async def test_publish_from_the_broker_reaches_a_subscriber(mqtt: Mqtt) -> None:
 
 async def test_only_iotvaults_own_amqtt_plugins_are_loaded() -> None:
     async with EmbeddedBroker(HOST, 0) as broker:
-        assert broker._amqtt is not None
-        plugins = {type(p).__module__ for p in broker._amqtt.plugins_manager.plugins}
-    assert plugins == {"iotvault.broker.embedded"}
+        assert broker._core is not None
+        plugins = {type(p).__module__ for p in broker._core._broker.plugins_manager.plugins}
+    assert plugins == {"iotvault.broker.amqtt_adapter"}

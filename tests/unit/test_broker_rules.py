@@ -83,7 +83,12 @@ def test_throttle_per_device_and_address() -> None:
     assert t.blocked("10.0.0.1", "d2") is None
     t.failed("10.0.0.1", "d2")
     t.failed("10.0.0.1", "d3")
-    assert t.blocked("10.0.0.1", "d4") == pytest.approx(60)  # the address has had enough
+    # the address has had enough: a client id that failed from it is refused unchecked...
+    assert t.blocked("10.0.0.1", "d2") == pytest.approx(60)
+    # ...but one that has not been failing (a neighbour behind the same NAT) is still checked
+    assert t.blocked("10.0.0.1", "d4") is None
+    t.failed("10.0.0.1", "d4")  # its check failed: now it is one of the failing ones
+    assert t.blocked("10.0.0.1", "d4") == pytest.approx(60)
     clock.now += 61
     assert t.blocked("10.0.0.1", "d1") is None
     t.failed("10.0.0.1", "d1")
@@ -138,3 +143,10 @@ def test_mosquitto_log_lines_become_security_events(tmp_path: Path) -> None:
     log.write_text("5: Sending CONNACK to 10.0.0.8 (0, 4)\n")  # rotated (truncated): read from the start
     assert watcher.poll() == 1
     assert parse_line("no such line", events) is False  # type: ignore[arg-type]
+
+
+def test_connection_limit_fits_the_descriptor_limit() -> None:
+    from iotvault.broker.limits import BrokerLimits, fit_to_descriptors  # noqa: PLC0415
+
+    assert fit_to_descriptors(BrokerLimits(max_connections=10_000), soft_limit=1024).max_connections == 896
+    assert fit_to_descriptors(BrokerLimits(max_connections=500), soft_limit=1024).max_connections == 500

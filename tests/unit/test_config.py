@@ -345,3 +345,19 @@ def test_every_rate_is_read_by_the_one_parser_the_limiter_uses() -> None:
     item = limits.parse(s.oidc_anonymous_rate)
     assert (throttle._anon_count, throttle._anon_window_us) == (item.amount, item.get_expiry() * 1_000_000)
     assert (item.amount, item.get_expiry()) == (20, 3600)
+
+
+def test_embedded_broker_limits_are_on_by_default_and_configurable() -> None:
+    from iotvault.wiring import broker_limits  # noqa: PLC0415 -- the broker side only here
+
+    defaults = broker_limits(load_settings(environ={}))
+    assert defaults.max_pending_connects == 1_024
+    assert defaults.connect_timeout_s == 5.0
+    assert defaults.max_retained == 1_000
+    env = {"IOTVAULT_MQTT_MAX_RETAINED": "0", "IOTVAULT_MQTT_CONNECT_TIMEOUT_S": "2.5"}
+    tuned = broker_limits(load_settings(environ=env))
+    assert (tuned.max_retained, tuned.connect_timeout_s) == (0, 2.5)
+    with pytest.raises(ConfigError, match="IOTVAULT_MQTT_MAX_CONNECTIONS_PER_ADDRESS"):
+        load_settings(environ={"IOTVAULT_MQTT_MAX_CONNECTIONS_PER_ADDRESS": "0"})
+    with pytest.raises(ConfigError, match="IOTVAULT_SECURITY_EVENTS_RETENTION_DAYS"):
+        load_settings(environ={"IOTVAULT_SECURITY_EVENTS_RETENTION_DAYS": "0"})

@@ -149,6 +149,10 @@ class DeviceAuthority:
             return
         if denial.action == "connect":
             kind = "login_throttled" if denial.reason == "throttled" else "login_failed"
+        elif denial.action == "protocol":
+            kind = "protocol_violation"  # malformed or oversized packet, unsupported protocol level
+        elif denial.action == "limit":
+            kind = "connection_refused"  # over a connection limit (per address, pending, total)
         else:
             kind = "acl_denied"
         detail: dict[str, str] = {"action": denial.action, "reason": denial.reason, "address": denial.peer}

@@ -2,10 +2,14 @@
 
 Two limits over a sliding window: failures of one client id from one address (a device with a
 wrong password, or someone guessing one device's password), and failures from one address in
-all (someone trying many devices). Past either, further logins from there are refused at once,
-without checking a password, until the window has moved past the failures. A device connecting
-from another address is not affected, so an attacker cannot lock a device out by failing on
-its behalf from elsewhere. A success clears that device's count from that address.
+all (someone trying many devices). Past the first, that client id is refused from that address
+at once, without checking its password, until the window has moved past its failures. Past the
+second, the address is throttled: a client id that has failed from it in the window is refused
+without a check, but one that has *not* (an honest device behind the same NAT, proxy or carrier
+gateway as the attacker) is still checked, so other people's failures never lock it out (see
+:meth:`LoginThrottle.blocked`). A device connecting from another address is not affected, so an
+attacker cannot lock a device out by failing on its behalf from elsewhere. A success clears that
+device's count from that address.
 
 Memory is bounded: at most ``max_keys`` addresses and pairs are tracked; past that the oldest
 are forgotten (which can only make the throttle more lenient, never lock anyone out).
@@ -49,13 +53,21 @@ class LoginThrottle:
         return times
 
     def blocked(self, address: str, client_id: str) -> float | None:
-        """Seconds until a login from ``address`` as ``client_id`` is checked again; None: now."""
+        """Seconds until a login from ``address`` as ``client_id`` is checked again; None: now.
+
+        A throttled address blocks only the client ids that have failed from it in the window;
+        a first try of any other client id is checked (and, if it fails, counted).
+        """
         now = self._clock()
+        own = self._recent((address, client_id), now)
+        if own is None:
+            return None
         waits = []
-        for key, limit in (((address, client_id), self.per_device), ((address, None), self.per_address)):
-            times = self._recent(key, now)
-            if times is not None and len(times) >= limit:
-                waits.append(times[-limit] + self.window_s - now)
+        if len(own) >= self.per_device:
+            waits.append(own[-self.per_device] + self.window_s - now)
+        shared = self._recent((address, None), now)
+        if shared is not None and len(shared) >= self.per_address:
+            waits.append(shared[-self.per_address] + self.window_s - now)
         return max(waits) if waits else None
 
     def failed(self, address: str, client_id: str) -> bool:
