@@ -378,11 +378,12 @@ class IngestPipeline:
             outcomes.append(Outcome.REJECTED)
             rejected.append(reason.value)
 
+        taken: list[tuple[str, int, tuple[bytes, float]]] = []  # dedupe entries this batch consumed
         for p in batch:
             msg = p.msg
             if msg.packet_id is not None:
                 h = digest(msg.topic, msg.payload)
-                if self._index.check(msg.consumer, msg.packet_id, h, dup=msg.dup):
+                if self._index.check(msg.consumer, msg.packet_id, h, dup=msg.dup, taken=taken):
                     outcomes.append(Outcome.DUPLICATE)
                     duplicates += 1
                     continue
@@ -473,9 +474,17 @@ class IngestPipeline:
         out.inflight = [InflightRecord(c, created_us, pack(e)) for c, e in entries.items()]
         if now_mono - self._last_cleanup > 10.0:
             out.delete_inflight_before_us = created_us - int(self._index.window_s * 1_000_000)
-        self._store.write_batch(out)
+        try:
+            self._store.write_batch(out)
+        except BaseException:
+            # not committed: the batch is retried, and a redelivery in it must be recognised
+            # again then (else it is stored twice: issue 18, finding 2)
+            self._index.restore(taken)
+            raise
 
-        # only now that the batch is committed does the in-memory state follow it
+        # Only now that the batch is committed does the in-memory state follow it. Nothing
+        # after this point may raise: the caller would take the committed batch for a failed
+        # one and commit it again (issue 18, finding 1).
         if out.delete_inflight_before_us is not None:
             self._last_cleanup = now_mono
         for consumer, es in entries.items():
@@ -496,11 +505,28 @@ class IngestPipeline:
         return outcomes
 
     def _flush_seen(self) -> None:
-        """Write devices' ``lastSeen`` at most once a second, not once per event."""
+        """Write devices' ``lastSeen`` at most once a second, not once per event.
+
+        Never raises: it runs after a batch's commit, whose messages are answered whatever
+        happens here. ``lastSeen`` is advisory; if the update fails (database gone, a lock
+        held past ``lock_timeout``, a full disk) the times are kept for the next attempt.
+        """
         self._last_seen_flush = time.monotonic()
-        if self._seen:
-            seen, self._seen = self._seen, {}
+        if not self._seen:
+            return
+        seen, self._seen = self._seen, {}
+        try:
             self._store.touch_last_seen(seen)
+        except Exception as exc:
+            log.warning(
+                "ingest: lastSeen of %d devices not updated (%s); retrying later",
+                len(seen),
+                exc,
+                exc_info=not isinstance(exc, IotVaultError),
+            )
+            for device, at in seen.items():
+                if self._seen.get(device, 0) < at:
+                    self._seen[device] = at
 
     def _housekeeping(self) -> None:
         self._flush_seen()
