@@ -90,6 +90,13 @@ class Settings:
     mqtt_max_packet_bytes: int = 262_144  # embedded broker: a larger packet ends the connection
     command_expiry_s: int = 300  # a command's lifetime unless the request says otherwise
     broker_log_file: str = ""  # Mosquitto's log (log_type all): its refusals become security events
+    # start-up, readiness, shutdown and slow clients: see the README's "Health and readiness"
+    startup_fail_fast: bool = False  # serve: exit when the database is down at start, instead of waiting
+    http_shutdown_grace_s: float = 5.0  # serve: how long open HTTP requests may finish at shutdown
+    http_header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    http_body_timeout_s: float = 30.0  # ... and its body within this
+    http_idle_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+    http_max_connections: int = 1000  # more concurrent connections answer 503
 
     # ---- derived values -------------------------------------------------------------
     @property
@@ -124,11 +131,16 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "oidc_session_ttl_s": (300, 30 * 86_400),
     "oidc_login_max_failures": (1, 100),
     "oidc_lockout_s": (10, 86_400),
+    "http_max_connections": (10, 1_000_000),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "ingest_batch_ms": (0.1, 10_000.0),
     "ingest_dedupe_window_s": (1.0, 86_400.0),
     "key_cache_ttl_s": (0.0, 3600.0),
+    "http_shutdown_grace_s": (0.0, 300.0),
+    "http_header_timeout_s": (1.0, 300.0),
+    "http_body_timeout_s": (1.0, 3600.0),
+    "http_idle_timeout_s": (1.0, 300.0),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("debug", "info", "warning", "error"),

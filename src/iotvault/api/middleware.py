@@ -7,7 +7,9 @@
 * request bodies: ``Content-Type`` must be JSON for the JSON API (415), size is capped by
   ``Content-Length`` and by counting the streamed body (413);
 * ``Accept`` must allow what the endpoint produces (406);
-* a per-address rate limit answers 429 with ``Retry-After`` before any work is done.
+* a per-address rate limit answers 429 with ``Retry-After`` before any work is done;
+* a request body must arrive within ``body_timeout_s`` (408, a security event): a client
+  that trickles its body (slowloris) cannot hold a request open for ever.
 
 Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``: it does not buffer streamed
 responses (Server-Sent Events) and costs less per request.
@@ -15,6 +17,7 @@ responses (Server-Sent Events) and costs less per request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -72,15 +75,19 @@ class Hardening:
         limiter: RateLimiter | None,
         produces: Callable[[str], str | None],
         json_body_paths: Callable[[str], bool],
+        body_timeout_s: float = 30.0,
+        on_abuse: Callable[[str, str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.app = app
+        self.body_timeout_s = body_timeout_s
+        self.on_abuse = on_abuse
         self.max_body = max_body
         self.headers = [*_BASE_HEADERS, *([_HSTS] if https else [])]
         self.limiter = limiter
         self.produces = produces
         self.json_body_paths = json_body_paths
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0911 - one check, one exit
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0911, PLR0912, PLR0915 - one check, one exit
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -140,23 +147,51 @@ class Hardening:
                 return
 
         received = 0
+        loop = asyncio.get_running_loop()
+        body_deadline: float | None = None  # the whole body must arrive by then (slow bodies)
+        body_done = False
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_deadline, body_done
+            if body_done:  # after the body only a disconnect can come: no deadline on that
+                return await receive()
+            if body_deadline is None:
+                body_deadline = loop.time() + self.body_timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, body_deadline - loop.time()))
+            except TimeoutError:
+                raise _BodyTooSlowError from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
                     raise _BodyTooLargeError
+                body_done = not message.get("more_body", False)
             return message
 
         try:
             await self.app(scope, counting_receive, send_with_headers)
         except _BodyTooLargeError:
             await _problem(send_with_headers, 413, f"the body is larger than {self.max_body} bytes")
+        except _BodyTooSlowError:
+            client = scope.get("client")
+            address = client[0] if client else "unknown"
+            if self.on_abuse is not None:
+                self.on_abuse(
+                    "http_slow_client", address, {"phase": "body", "timeout_s": self.body_timeout_s}
+                )
+            await _problem(
+                send_with_headers,
+                408,
+                f"the request body did not arrive within {self.body_timeout_s:.0f}s",
+                [(b"connection", b"close")],
+            )
 
 
 class _BodyTooLargeError(Exception):
+    pass
+
+
+class _BodyTooSlowError(Exception):
     pass
 
 

@@ -38,7 +38,7 @@ from iotvault.commands.documents import parse_command_ack
 from iotvault.crypto.keyring import KeyRing
 from iotvault.domain.ids import EventIdFactory
 from iotvault.domain.topics import CommandTopic, EventTopic, StatusTopic, Topic, parse_topic
-from iotvault.errors import DataKeyNotFoundError, IotVaultError, TopicError
+from iotvault.errors import DatabaseUnavailableError, DataKeyNotFoundError, IotVaultError, TopicError
 from iotvault.ingest.dedupe import InflightIndex, digest, pack, unpack
 from iotvault.metrics import Metrics
 from iotvault.storage.repository import (
@@ -188,6 +188,9 @@ class IngestPipeline:
         self._closing = False
         self._on_commit = on_commit
         self._committed_devices: set[str] = set()
+        self._intake_open = True
+        self.trouble: str | None = None  # why commits are failing now (readiness), else None
+        self.feeds: dict[str, Callable[[], bool]] = {}  # broker connections feeding us: connected?
 
     # ---- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> IngestPipeline:
@@ -230,6 +233,19 @@ class IngestPipeline:
             await loop.run_in_executor(self._executor, self._flush_seen)
         self._executor.shutdown(wait=True)
 
+    def stop_intake(self) -> None:
+        """Accept no new message (shutdown's first step): each is left unacknowledged.
+
+        Batches already cut still commit and are answered; a message that arrives from now on
+        gets a cancelled future, which transports take as "do not acknowledge", so the sender
+        keeps it and delivers it to the next node or run.
+        """
+        self._intake_open = False
+
+    def attach_feed(self, name: str, connected: Callable[[], bool]) -> None:
+        """A transport that feeds this pipeline reports its connection here (readiness)."""
+        self.feeds[name] = connected
+
     # ---- the transport's entry point -------------------------------------------------
     async def submit(self, msg: Inbound) -> Outcome:
         """Return once the message is durably handled (stored, applied, recorded or deduped)."""
@@ -242,7 +258,7 @@ class IngestPipeline:
         external-broker subscriber). The future is cancelled if the pipeline is closing.
         """
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        if self._closing:
+        if self._closing or not self._intake_open:
             fut.cancel()
             return fut
         # the event id is made in the writer thread from this arrival time (_commit): a UUIDv7
@@ -325,14 +341,18 @@ class IngestPipeline:
         delay = 0.1
         while True:
             try:
-                return await attempt
+                outcomes = await attempt
             except IotVaultError as exc:
+                self.trouble = exc.reason if isinstance(exc, DatabaseUnavailableError) else type(exc).__name__
                 self._metrics.commit_failures.inc()
                 log.warning(
                     "ingest: commit of %d messages failed (%s); retrying in %.1fs", len(batch), exc, delay
                 )
+            else:
+                self.trouble = None
+                return outcomes
             await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, 5.0)  # back within seconds once the database is
             attempt = loop.run_in_executor(self._executor, self._commit, batch)
 
     # ---- the writer thread -----------------------------------------------------------
