@@ -87,7 +87,7 @@ class Hardening:
         self.produces = produces
         self.json_body_paths = json_body_paths
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0911, PLR0912, PLR0915 - one check, one exit
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # noqa: PLR0911 - one check, one exit
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -146,52 +146,85 @@ class Hardening:
                 await _problem(send_with_headers, 413, f"the body is larger than {self.max_body} bytes")
                 return
 
+        guard = _SlowBody(receive, send_with_headers, self.body_timeout_s, lambda: self._slow_body(scope))
         received = 0
-        loop = asyncio.get_running_loop()
-        body_deadline: float | None = None  # the whole body must arrive by then (slow bodies)
-        body_done = False
 
         async def counting_receive() -> Message:
-            nonlocal received, body_deadline, body_done
-            if body_done:  # after the body only a disconnect can come: no deadline on that
-                return await receive()
-            if body_deadline is None:
-                body_deadline = loop.time() + self.body_timeout_s
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, body_deadline - loop.time()))
-            except TimeoutError:
-                raise _BodyTooSlowError from None
+            nonlocal received
+            message = await guard.receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
                     raise _BodyTooLargeError
-                body_done = not message.get("more_body", False)
             return message
 
         try:
-            await self.app(scope, counting_receive, send_with_headers)
+            await self.app(scope, counting_receive, guard.send)
         except _BodyTooLargeError:
             await _problem(send_with_headers, 413, f"the body is larger than {self.max_body} bytes")
-        except _BodyTooSlowError:
+
+    def _slow_body(self, scope: Scope) -> None:
+        if self.on_abuse is not None:
             client = scope.get("client")
             address = client[0] if client else "unknown"
-            if self.on_abuse is not None:
-                self.on_abuse(
-                    "http_slow_client", address, {"phase": "body", "timeout_s": self.body_timeout_s}
+            self.on_abuse("http_slow_client", address, {"phase": "body", "timeout_s": self.body_timeout_s})
+
+
+class _SlowBody:
+    """``receive`` with one deadline for the whole request body (slowloris bodies).
+
+    Past the deadline the client gets 408 with ``Connection: close`` from here and the
+    application sees a disconnect; whatever it answers then is dropped (FastAPI turns any
+    failure while reading a body into its own 400, so an exception would not get through).
+    After the body, ``receive`` only waits for a disconnect (a live stream's) and has no deadline.
+    """
+
+    def __init__(
+        self, receive: Receive, send: Send, timeout_s: float, on_timeout: Callable[[], None]
+    ) -> None:
+        self._receive = receive
+        self._send = send
+        self._timeout_s = timeout_s
+        self._on_timeout = on_timeout
+        self._deadline: float | None = None
+        self._body_done = False
+        self._timed_out = False
+        self._started = False
+
+    async def receive(self) -> Message:
+        if self._timed_out:
+            return {"type": "http.disconnect"}
+        if self._body_done:
+            return await self._receive()
+        loop = asyncio.get_running_loop()
+        if self._deadline is None:
+            self._deadline = loop.time() + self._timeout_s
+        try:
+            message = await asyncio.wait_for(self._receive(), max(0.0, self._deadline - loop.time()))
+        except TimeoutError:
+            self._timed_out = True
+            self._on_timeout()
+            if not self._started:
+                await _problem(
+                    self._send,
+                    408,
+                    f"the request body did not arrive within {self._timeout_s:.0f}s",
+                    [(b"connection", b"close")],
                 )
-            await _problem(
-                send_with_headers,
-                408,
-                f"the request body did not arrive within {self.body_timeout_s:.0f}s",
-                [(b"connection", b"close")],
-            )
+            return {"type": "http.disconnect"}
+        if message["type"] == "http.request":
+            self._body_done = not message.get("more_body", False)
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self._timed_out:
+            return  # the 408 was the answer
+        if message["type"] == "http.response.start":
+            self._started = True
+        await self._send(message)
 
 
 class _BodyTooLargeError(Exception):
-    pass
-
-
-class _BodyTooSlowError(Exception):
     pass
 
 
