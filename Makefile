@@ -10,7 +10,7 @@ PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --g
 # What pip-audit prints when it could not ask its vulnerability service about every package
 AUDIT_UNCHECKED := could not be audited|requests\.exceptions|ConnectionError|Max retries|ServiceError|timed out
 
-.PHONY: help venv check test test-fast demo clean lock upgrade audit wheel bench
+.PHONY: help venv check test test-fast demo clean lock upgrade audit wheel bench faults
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,6 +42,12 @@ demo: venv  ## run the demo (embedded broker, SQLite, simulated devices)
 # shared machine; "--smoke" for a quick check of the harness; "--soak 10" for the memory run.
 bench: venv  ## benchmarks, each figure beside a same-run baseline (needs Mosquitto, PostgreSQL)
 	$(BIN)/python -m bench $(BENCH_FLAGS)
+
+# bench/faults.py: SIGKILL/SIGTERM, broker restart, database outage, table locks, full disk, on
+# services of its own (a private PostgreSQL and Mosquitto; the disk needs root). Several minutes;
+# the short version runs in the test suite (tests/integration/test_faults_suite.py).
+faults: venv  ## the long fault-injection run: prints published/acknowledged/stored/lost/duplicates
+	$(BIN)/python -m bench.faults $(FAULTS_FLAGS)
 
 lock: venv  ## re-lock requirements/ after a change to pyproject.toml (other pins stay)
 	$(PIP_COMPILE) $(LOCK_FLAGS) --extra postgres --extra redis \
