@@ -362,6 +362,7 @@ class Scenario:
         self.node = Iotvault(self.env, workdir / "iotvault.log")
         self.report = Report(name)
         self.t0 = time.monotonic()
+        self.t0_wall = time.time()
         self.devices: list[Device] = []
         self.auth = ""
 
@@ -457,6 +458,7 @@ class Scenario:
         r.resent = sum(d.resent for d in self.devices)
         settings = load_settings(environ=self.env)
         seqs: Counter[tuple[str, int]] = Counter()
+        when: dict[tuple[str, int], list[float]] = {}  # stored copies' receive times, run-relative
         deadline = time.monotonic() + 60  # with an external broker, stored can trail acknowledged
         while True:
             seqs.clear()
@@ -468,7 +470,9 @@ class Scenario:
                         for e in page:
                             try:
                                 doc = json.loads(ctx.keyring.decrypt(d.device_id, e.event_id, e.payload))
-                                seqs[(d.device_id, int(doc["seq"]))] += 1
+                                k = (d.device_id, int(doc["seq"]))
+                                seqs[k] += 1
+                                when.setdefault(k, []).append(e.received_us / 1e6 - self.t0_wall)
                             except (IotVaultError, ValueError, KeyError):
                                 r.undecryptable += 1
                         after = page[-1].event_id
@@ -477,6 +481,12 @@ class Scenario:
                 break
             time.sleep(1)
         r.duplicates = sum(n - 1 for n in seqs.values() if n > 1)
+        dupes = sorted(k for k, n in seqs.items() if n > 1)
+        if dupes:
+            r.problems.append(
+                "stored twice, e.g. "
+                + ", ".join(f"{k} at {', '.join(f'{t:.1f}s' for t in when[k])}" for k in dupes[:5])
+            )
         lost = sorted((d.device_id, s) for d in self.devices for s in d.acked if (d.device_id, s) not in seqs)
         r.lost = len(lost)
         if lost:

@@ -131,7 +131,7 @@ def build_verifier(s: Settings, identity: Identity | None = None) -> TokenVerifi
 
 
 def http_limits(s: Settings) -> dict[str, Any]:
-    """uvicorn's bounds on slow and idle clients (README, "Slow and abusive clients").
+    """uvicorn's bounds on slow and idle clients (README, "Health and readiness").
 
     ``timeout_keep_alive`` closes a connection idle between requests; ``limit_concurrency``
     answers 503 beyond that many connections and running requests, so idle sockets cannot

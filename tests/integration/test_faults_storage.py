@@ -20,7 +20,12 @@ from bench.private_pg import PrivatePostgres, PrivatePostgresError
 from helpers import ServerProcess, server_env, unavailable
 
 from iotvault.config import Settings, load_settings
+from iotvault.errors import DatabaseUnavailableError
+from iotvault.ingest.pipeline import Inbound, IngestPipeline, Outcome
+from iotvault.metrics import Metrics
 from iotvault.runtime import context, register_device
+from iotvault.storage.repository import BatchWrite
+from iotvault.storage.sql import SqlStore
 from rawmqtt import RawDevice, publish_packet
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -122,3 +127,45 @@ async def test_a_resent_message_in_a_failed_batch_is_stored_once(node: _Node) ->
     assert sorted(acked) == [13, 14, 15]
     assert "commit of 3 messages failed" in node.server.log.read_text()
     assert _count(node.settings, node.device_id) == 3
+
+
+class _LosesTheCommitAnswer:
+    """A real store whose first batch commits, and then the answer to COMMIT is lost.
+
+    What a connection cut at the wrong moment, or PostgreSQL's fast shutdown, does: durable in
+    the database, an error for the caller.
+    """
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    def write_batch(self, batch: BatchWrite) -> None:
+        self._store.write_batch(batch)
+        if not self.lost:
+            self.lost += 1
+            raise DatabaseUnavailableError("sqlite:///iotvault.db", "connection lost")
+
+
+async def test_a_commit_whose_answer_was_lost_is_not_written_again(tmp_path: Path, database_url: str) -> None:
+    settings = load_settings(
+        environ={"IOTVAULT_DATA_DIR": str(tmp_path / "data"), "IOTVAULT_DATABASE_URL": database_url}
+    )
+    with context(settings) as ctx:
+        register_device(ctx, "thermo", "dev-1")
+        store = _LosesTheCommitAnswer(ctx.store)
+        pipeline = IngestPipeline(store, ctx.keyring, Metrics(), batch_ms=50)  # type: ignore[arg-type]
+        topic = "iot-2/type/thermo/id/dev-1/evt/reading/fmt/json"
+        async with pipeline:
+            outcomes = await asyncio.gather(
+                *(
+                    pipeline.submit(Inbound(topic, f'{{"seq": {i}}}'.encode(), 1, False, i + 1, "dev-1"))
+                    for i in range(3)
+                )
+            )
+        assert store.lost == 1
+        assert outcomes == [Outcome.STORED] * 3
+        assert ctx.store.count_events("dev-1") == 3

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from bench.private_pg import PrivatePostgres, PrivatePostgresError
-from helpers import ServerProcess, server_env, unavailable
+from helpers import Mosquitto, ServerProcess, free_port, require_mosquitto, server_env, unavailable
 
 from iotvault.accounts import create_api_key
 from iotvault.config import load_settings
@@ -253,3 +253,28 @@ def test_a_full_sqlite_disk_is_reported_as_such_and_ingest_resumes(tmp_path: Pat
         assert "cannot reach the database" not in text
     finally:
         server.stop()
+
+
+# ---- an external broker that goes away ----------------------------------------------------
+def test_readyz_names_a_disconnected_external_broker(tmp_path: Path) -> None:
+    require_mosquitto()
+    mosq = Mosquitto(free_port(), tmp_path / "mosquitto")
+    mosq.start()
+    try:
+        setup = Setup(tmp_path, broker_url=f"mqtt://127.0.0.1:{mosq.port}")
+        server = ServerProcess(setup.env, setup.log)
+        server.start()
+        try:
+            assert setup.readyz().status_code == 200
+            mosq.stop()
+            r = _wait_ready(setup, 503, 10)
+            assert r.status_code == 503
+            assert _failing(r) == {f"broker mqtt://127.0.0.1:{mosq.port}": "disconnected"}
+            assert int(r.headers["retry-after"]) > 0
+            mosq.start()
+            r = _wait_ready(setup, 200, 15)
+            assert r.status_code == 200, r.text
+        finally:
+            server.stop()
+    finally:
+        mosq.stop()

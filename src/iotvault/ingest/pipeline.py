@@ -133,6 +133,7 @@ class _Pending:
     msg: Inbound
     received_us: int  # arrival, in whole milliseconds; a stored event's is read from its id
     future: asyncio.Future[Outcome]
+    event_id: str | None = None  # made at the first attempt to commit it, kept for the retries
 
 
 @dataclass(slots=True)
@@ -353,7 +354,7 @@ class IngestPipeline:
                 return outcomes
             await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
             delay = min(delay * 2, 5.0)  # back within seconds once the database is
-            attempt = loop.run_in_executor(self._executor, self._commit, batch)
+            attempt = loop.run_in_executor(self._executor, self._commit, batch, True)
 
     # ---- the writer thread -----------------------------------------------------------
     def _device_type(self, device_id: str) -> str | None:
@@ -380,7 +381,7 @@ class IngestPipeline:
             self._topics[topic] = parsed
         return parsed
 
-    def _commit(self, batch: list[_Pending]) -> list[Outcome]:  # noqa: PLR0912, PLR0915 - one flat pass per message
+    def _commit(self, batch: list[_Pending], retry: bool = False) -> list[Outcome]:  # noqa: PLR0912, PLR0915 - one flat pass per message
         out = BatchWrite()
         outcomes: list[Outcome] = []
         entries: dict[str, list[tuple[int, bytes]]] = {}
@@ -467,7 +468,8 @@ class IngestPipeline:
             # ids are made in arrival order, and the receive time is read back from the id, so
             # the two always agree and a time range can be served from the (device_id,
             # event_id) key
-            event_id = self._ids.new_at(p.received_us // 1000)
+            event_id = p.event_id or self._ids.new_at(p.received_us // 1000)
+            p.event_id = event_id
             received_us = _millis(event_id) * 1000
             try:
                 record = self._keyring.encrypt(topic.device_id, event_id, msg.payload)
@@ -495,7 +497,8 @@ class IngestPipeline:
         if now_mono - self._last_cleanup > 10.0:
             out.delete_inflight_before_us = created_us - int(self._index.window_s * 1_000_000)
         try:
-            self._store.write_batch(out)
+            if not (retry and self._committed_before(out)):
+                self._store.write_batch(out)
         except BaseException:
             # not committed: the batch is retried, and a redelivery in it must be recognised
             # again then (else it is stored twice: issue 18, finding 2)
@@ -523,6 +526,22 @@ class IngestPipeline:
         if now_mono - self._last_seen_flush > 1.0:
             self._flush_seen()
         return outcomes
+
+    def _committed_before(self, out: BatchWrite) -> bool:
+        """Whether the failed previous attempt of this batch had in fact committed.
+
+        A commit can fail after the database made it durable (the connection lost while
+        ``COMMIT`` was answered, a fast shutdown of PostgreSQL): writing the batch again would
+        store it twice. Event ids are kept across attempts, so one look-up tells; a batch
+        without events holds only idempotent changes (statuses, command answers) and records.
+        """
+        if not out.events:
+            return False
+        first = out.events[0]
+        if not self._store.has_event(first.device_id, first.event_id):
+            return False
+        log.warning("ingest: the failed commit of a batch had in fact committed; not writing it again")
+        return True
 
     def _flush_seen(self) -> None:
         """Write devices' ``lastSeen`` at most once a second, not once per event.

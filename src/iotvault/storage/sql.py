@@ -322,6 +322,13 @@ class SqlStore(EngineStore):
         with mapped_errors(self.url), self.engine.begin() as conn:
             conn.execute(stmt, [{"b_device": d, "b_at": at} for d, at in seen.items()])
 
+    def has_event(self, device_id: str, event_id: str) -> bool:
+        """Whether an event is stored: asked by ingest before it retries a commit that failed
+        without saying whether it had committed (a connection lost at ``COMMIT``)."""
+        q = select(events.c.event_id).where(events.c.device_id == device_id, events.c.event_id == event_id)
+        with mapped_errors(self.url), self.engine.connect() as conn:
+            return conn.execute(q).first() is not None
+
     def load_inflight(self) -> list[InflightRecord]:
         with mapped_errors(self.url), self.engine.connect() as conn:
             rows = conn.execute(select(ingest_inflight).order_by(ingest_inflight.c.id)).all()
