@@ -105,6 +105,7 @@ class Device:
     unacked: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # pid -> (seq, payload)
     acked: set[int] = field(default_factory=set)
     resent: int = 0
+    resent_seqs: set[int] = field(default_factory=set)
     reconnects: int = 0
 
     def __post_init__(self) -> None:
@@ -136,9 +137,10 @@ class Device:
             kind, body = await asyncio.wait_for(_read_packet(reader), 10)
             if kind != 0x20 or body[1] != 0:
                 raise ConnectionError("CONNACK refused")
-            for pid, (_, payload) in sorted(self.unacked.items()):
+            for pid, (seq, payload) in sorted(self.unacked.items()):
                 writer.write(_publish(self.topic, payload, pid, dup=True))
                 self.resent += 1
+                self.resent_seqs.add(seq)
             await writer.drain()
             while not self.done and time.monotonic() < deadline:
                 due = min(self.total, int((time.monotonic() - started) * self.rate) + 1)
@@ -311,6 +313,10 @@ class Report:
     acknowledged: int = 0
     stored: int = 0
     duplicates: int = 0
+    # stored twice because the device resent it to a restarted external broker, which passes a
+    # resend on as a new message (QoS 1 is at-least-once between the device and the broker;
+    # README, "The dedupe window, and exactly-once beyond it")
+    broker_resends: int = 0
     lost: int = 0
     undecryptable: int = 0
     resent: int = 0
@@ -328,6 +334,11 @@ class Report:
             f"duplicates {self.duplicates}  lost {self.lost}  undecryptable {self.undecryptable}  "
             f"(resent {self.resent})"
         )
+        if self.broker_resends:
+            print(
+                f"   and {self.broker_resends} stored twice that devices resent to a restarted external "
+                "broker (at-least-once through the broker: README, exactly-once)"
+            )
         print("   API answers: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.api.items())))
         for line in self.readiness:
             print(f"   readyz {line}")
@@ -363,6 +374,7 @@ class Scenario:
         self.report = Report(name)
         self.t0 = time.monotonic()
         self.t0_wall = time.time()
+        self.external = "IOTVAULT_BROKER_URL" in settings
         self.devices: list[Device] = []
         self.auth = ""
 
@@ -480,8 +492,10 @@ class Scenario:
             if r.stored >= r.acknowledged or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        r.duplicates = sum(n - 1 for n in seqs.values() if n > 1)
-        dupes = sorted(k for k, n in seqs.items() if n > 1)
+        resent = {(d.device_id, s) for d in self.devices for s in d.resent_seqs} if self.external else set()
+        r.broker_resends = sum(n - 1 for k, n in seqs.items() if n > 1 and k in resent)
+        r.duplicates = sum(n - 1 for k, n in seqs.items() if n > 1 and k not in resent)
+        dupes = sorted(k for k, n in seqs.items() if n > 1 and k not in resent)
         if dupes:
             r.problems.append(
                 "stored twice, e.g. "
