@@ -41,7 +41,7 @@ from pathlib import Path
 import httpx
 
 from bench.private_pg import PrivatePostgres, PrivatePostgresError
-from bench.publisher import connect_packet
+from bench.publisher import connect_packet, publish_packet
 from bench.services import Mosquitto, base_env, free_port, mosquitto_binary, stop_process, tail, wait_port
 
 WINDOW = 20  # unacknowledged messages a device keeps in flight
@@ -61,20 +61,6 @@ class Plan:
 
 SHORT = Plan(devices=3, rate=25.0, seconds=25.0, outage_s=6.0, lock_s=4.0, disk_full_s=4.0, kills=1)
 LONG = Plan(devices=8, rate=60.0, seconds=150.0, outage_s=10.0, lock_s=6.0, disk_full_s=8.0, kills=3)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _publish(topic: bytes, payload: bytes, pid: int, *, dup: bool) -> bytes:
-    body = len(topic).to_bytes(2, "big") + topic + pid.to_bytes(2, "big") + payload
-    return bytes([0x32 | (0x08 if dup else 0)]) + _varint(len(body)) + body
 
 
 async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -138,7 +124,7 @@ class Device:
             if kind != 0x20 or body[1] != 0:
                 raise ConnectionError("CONNACK refused")
             for pid, (seq, payload) in sorted(self.unacked.items()):
-                writer.write(_publish(self.topic, payload, pid, dup=True))
+                writer.write(publish_packet(self.topic, payload, pid, dup=True))
                 self.resent += 1
                 self.resent_seqs.add(seq)
             await writer.drain()
@@ -148,7 +134,7 @@ class Device:
                     seq, pid = self.next_seq, self._pid()
                     payload = json.dumps({"seq": seq, "device": self.device_id}).encode()
                     self.unacked[pid] = (seq, payload)
-                    writer.write(_publish(self.topic, payload, pid, dup=False))
+                    writer.write(publish_packet(self.topic, payload, pid))
                     self.next_seq += 1
                 await writer.drain()
                 try:
@@ -410,6 +396,15 @@ class Scenario:
             )
         self.auth = "Basic " + base64.b64encode(f"{key.key}:{key.password}".encode()).decode()
 
+    def kill_and_restart(self, times: int, every_s: float) -> None:
+        for _ in range(times):
+            time.sleep(every_s)
+            self.node.kill()
+            self.fault("SIGKILL iotvault")
+            time.sleep(1)
+            self.node.start()
+            self.fault("iotvault restarted")
+
     def sigterm_with_streams(self) -> None:
         streams = [open_sse(self.node.http, d.device_id, self.auth) for d in self.devices[:3]]
         try:
@@ -567,13 +562,7 @@ def external_scenario(plan: Plan, workdir: Path) -> Report:
 
             def faults(s: Scenario) -> None:
                 step = plan.seconds / (5 + plan.kills)
-                for _ in range(plan.kills):
-                    time.sleep(step)
-                    s.node.kill()
-                    s.fault("SIGKILL iotvault")
-                    time.sleep(1)
-                    s.node.start()
-                    s.fault("iotvault restarted")
+                s.kill_and_restart(plan.kills, step)
                 time.sleep(step)
                 s.fault(f"LOCK TABLE events IN SHARE MODE for {plan.lock_s:.0f}s")
                 _hold_lock(url, "events", plan.lock_s).join()
@@ -628,13 +617,7 @@ def embedded_scenario(plan: Plan, workdir: Path) -> Report:
 
         def faults(s: Scenario) -> None:
             step = plan.seconds / (3 + plan.kills)
-            for _ in range(plan.kills):
-                time.sleep(step)
-                s.node.kill()
-                s.fault("SIGKILL iotvault")
-                time.sleep(1)
-                s.node.start()
-                s.fault("iotvault restarted")
+            s.kill_and_restart(plan.kills, step)
             time.sleep(step)
             filler = disk / "filler"
             with filler.open("wb") as fh, contextlib.suppress(OSError):

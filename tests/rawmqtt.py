@@ -11,21 +11,11 @@ import socket
 import time
 
 from bench.publisher import connect_packet
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+from bench.publisher import publish_packet as bench_publish
 
 
 def publish_packet(topic: str, payload: bytes, packet_id: int, *, dup: bool = False) -> bytes:
-    t = topic.encode()
-    body = len(t).to_bytes(2, "big") + t + packet_id.to_bytes(2, "big") + payload
-    return bytes([0x32 | (0x08 if dup else 0)]) + _varint(len(body)) + body
+    return bench_publish(topic.encode(), payload, packet_id, dup=dup)
 
 
 class RawDevice:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from bench.private_pg import PrivatePostgres, PrivatePostgresError
-from helpers import ServerProcess, server_env, unavailable
+from bench.private_pg import PrivatePostgres
+from helpers import ServerProcess, server_env
 
 from iotvault.config import Settings, load_settings
 from iotvault.errors import DatabaseUnavailableError
@@ -29,16 +29,6 @@ from iotvault.storage.sql import SqlStore
 from rawmqtt import RawDevice, publish_packet
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(scope="module")
-def private_pg() -> Iterator[PrivatePostgres]:
-    try:
-        pg = PrivatePostgres()
-    except PrivatePostgresError as exc:
-        unavailable(str(exc))
-    with pg:
-        yield pg
 
 
 def _hold_lock(url: str, table: str, mode: str, seconds: float, locked: threading.Event) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from bench.private_pg import PrivatePostgres, PrivatePostgresError
+from bench.private_pg import PrivatePostgres
 from helpers import Mosquitto, ServerProcess, free_port, require_mosquitto, server_env, unavailable
 
 from iotvault.accounts import create_api_key
@@ -31,16 +31,6 @@ from iotvault.runtime import context, register_device
 from rawmqtt import RawDevice, publish_packet
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-
-
-@pytest.fixture(scope="module")
-def private_pg() -> Iterator[PrivatePostgres]:
-    try:
-        pg = PrivatePostgres()
-    except PrivatePostgresError as exc:
-        unavailable(str(exc))
-    with pg:
-        yield pg
 
 
 class Setup:
