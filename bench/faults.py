@@ -45,6 +45,8 @@ from bench.publisher import connect_packet, publish_packet
 from bench.services import Mosquitto, base_env, free_port, mosquitto_binary, stop_process, tail, wait_port
 
 WINDOW = 20  # unacknowledged messages a device keeps in flight
+REPORT_S = 3.0  # /readyz must report an outage within this of its start (its probe: every 2 s)
+RECOVER_S = 10.0  # ... and be ready again within this of its end (commit retries: every 5 s at most)
 API_TIMEOUT_S = 10.0  # an API call slower than this is a hang
 
 
@@ -228,6 +230,7 @@ class ApiWatch:
     statuses: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
     readiness: list[tuple[float, str]] = field(default_factory=list)  # (time, status) changes
+    samples: list[tuple[float, str]] = field(default_factory=list)  # every readyz answer
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def _loop(self) -> None:
@@ -266,8 +269,10 @@ class ApiWatch:
             self._ready(state)
 
     def _ready(self, state: str) -> None:
+        now = time.monotonic()
+        self.samples.append((now, state))
         if not self.readiness or self.readiness[-1][1] != state:
-            self.readiness.append((time.monotonic(), state))
+            self.readiness.append((now, state))
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -361,6 +366,7 @@ class Scenario:
         self.t0 = time.monotonic()
         self.t0_wall = time.time()
         self.external = "IOTVAULT_BROKER_URL" in settings
+        self.windows: list[tuple[str, float, float]] = []  # (dependency, start, end) of outages
         self.devices: list[Device] = []
         self.auth = ""
 
@@ -395,6 +401,27 @@ class Scenario:
                 created_by="faults",
             )
         self.auth = "Basic " + base64.b64encode(f"{key.key}:{key.password}".encode()).decode()
+
+    def outage(self, dependency: str, started: float) -> None:
+        """A fault window that ``/readyz`` must report (naming ``dependency``) and recover from."""
+        self.windows.append((dependency, started, time.monotonic()))
+
+    def _check_readiness(self, samples: list[tuple[float, str]]) -> None:
+        """Readiness matches the outage windows: not ready (naming the dependency) during
+        each, or within :data:`REPORT_S` after its start, and ready again within
+        :data:`RECOVER_S` of its end."""
+        for dependency, start, end in self.windows:
+            during = [st for t, st in samples if start <= t <= end + REPORT_S]
+            if not any(st.startswith("not ready") and dependency in st for st in during):
+                self.report.problems.append(
+                    f"readyz never named {dependency!r} during its outage at {start - self.t0:.1f}s"
+                )
+            after = [t for t, st in samples if t > end and st == "ready"]
+            if not after or after[0] - end > RECOVER_S:
+                self.report.problems.append(
+                    f"readyz not ready again within {RECOVER_S:.0f}s of the {dependency!r} recovery "
+                    f"at {end - self.t0:.1f}s"
+                )
 
     def kill_and_restart(self, times: int, every_s: float) -> None:
         for _ in range(times):
@@ -452,6 +479,7 @@ class Scenario:
         r.api = dict(watch.statuses)
         r.problems += watch.problems[:20]
         r.readiness = [f"{at - self.t0:6.1f}s {state}" for at, state in watch.readiness]
+        self._check_readiness(watch.samples)
         return r
 
     def _settle_and_count(self) -> None:
@@ -565,20 +593,26 @@ def external_scenario(plan: Plan, workdir: Path) -> Report:
                 s.kill_and_restart(plan.kills, step)
                 time.sleep(step)
                 s.fault(f"LOCK TABLE events IN SHARE MODE for {plan.lock_s:.0f}s")
+                started = time.monotonic()
                 _hold_lock(url, "events", plan.lock_s).join()
+                s.outage("ingest", started)  # its commits time out on the lock
                 s.fault(f"LOCK TABLE devices IN SHARE MODE for {plan.lock_s:.0f}s")
                 _hold_lock(url, "devices", plan.lock_s).join()
                 time.sleep(step / 2)
                 mosq.stop()
+                started = time.monotonic()
                 s.fault("Mosquitto stopped")
                 time.sleep(1)
                 mosq.start()
+                s.outage("broker", started)
                 s.fault("Mosquitto started")
                 time.sleep(step / 2)
                 pg.stop()
+                started = time.monotonic()
                 s.fault(f"PostgreSQL stopped for {plan.outage_s:.0f}s")
                 time.sleep(plan.outage_s)
                 pg.start()
+                s.outage("database", started)
                 s.fault("PostgreSQL started")
                 time.sleep(step)
                 s.sigterm_with_streams()
@@ -623,9 +657,11 @@ def embedded_scenario(plan: Plan, workdir: Path) -> Report:
             with filler.open("wb") as fh, contextlib.suppress(OSError):
                 while True:
                     fh.write(b"\0" * (1 << 20))
+            started = time.monotonic()
             s.fault(f"disk full for {plan.disk_full_s:.0f}s")
             time.sleep(plan.disk_full_s)
             filler.unlink()
+            s.outage("disk full", started)
             s.fault("disk space freed")
             time.sleep(step)
             s.sigterm_with_streams()
