@@ -617,9 +617,10 @@ def external_scenario(plan: Plan, workdir: Path) -> Report:
                 time.sleep(step)
                 s.sigterm_with_streams()
 
-            report = sc.run(faults)
-            sc.node.stop()
-            return report
+            try:
+                return sc.run(faults)
+            finally:
+                sc.node.stop()
         finally:
             mosq.stop()
 
@@ -666,9 +667,10 @@ def embedded_scenario(plan: Plan, workdir: Path) -> Report:
             time.sleep(step)
             s.sigterm_with_streams()
 
-        report = sc.run(faults)
-        sc.node.stop()
-        return report
+        try:
+            return sc.run(faults)
+        finally:
+            sc.node.stop()
 
 
 def run(plan: Plan, scenarios: list[str], *, keep: bool = False) -> list[Report]:

@@ -162,32 +162,32 @@ def test_serve_waits_for_the_database_unless_told_to_fail_fast(
     url = private_pg.create_database(f"wait_{uuid.uuid4().hex[:10]}")
     setup = Setup(tmp_path, database_url=url)  # schema made while the database is up
     fast = dict(setup.env, IOTVAULT_STARTUP_FAIL_FAST="true")
+    server = ServerProcess(setup.env, setup.log)
     private_pg.stop()
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "iotvault", "serve"],
-            env=fast,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode != 0
-        assert "cannot reach the database" in done.stderr.decode()
-        server = ServerProcess(setup.env, setup.log)
-        waiting = threading.Thread(target=server.start, kwargs={"timeout": 90}, daemon=True)
-        waiting.start()
-        deadline = time.monotonic() + 30
-        text = ""
-        while "attempt 2" not in text and time.monotonic() < deadline:
-            time.sleep(0.2)
-            text = setup.log.read_text(errors="replace") if setup.log.exists() else ""
-        assert "database not available (attempt 1" in text
-        assert "attempt 2" in text
-        assert server.proc is not None
-        assert server.proc.poll() is None
-    finally:
-        private_pg.start()
-    try:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "iotvault", "serve"],
+                env=fast,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode != 0
+            assert "cannot reach the database" in done.stderr.decode()
+            waiting = threading.Thread(target=server.start, kwargs={"timeout": 90}, daemon=True)
+            waiting.start()
+            deadline = time.monotonic() + 30
+            text = ""
+            while "attempt 2" not in text and time.monotonic() < deadline:
+                time.sleep(0.2)
+                text = setup.log.read_text(errors="replace") if setup.log.exists() else ""
+            assert "database not available (attempt 1" in text
+            assert "attempt 2" in text
+            assert server.proc is not None
+            assert server.proc.poll() is None  # still waiting, not exited
+        finally:
+            private_pg.start()
         waiting.join(60)
         assert setup.readyz().status_code == 200
     finally:
