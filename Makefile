@@ -10,7 +10,7 @@ PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --g
 # What pip-audit prints when it could not ask its vulnerability service about every package
 AUDIT_UNCHECKED := could not be audited|requests\.exceptions|ConnectionError|Max retries|ServiceError|timed out
 
-.PHONY: help venv assets check test test-fast demo clean lock upgrade audit wheel bench fuzz attack
+.PHONY: help venv assets check test test-fast demo clean lock upgrade audit wheel bench fuzz attack faults
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -56,6 +56,12 @@ fuzz: venv  ## fuzz the embedded broker's packet decoder (atheris) for FUZZ_SECO
 ATTACK_SECONDS ?= 60
 attack: venv  ## hostile clients against one `iotvault serve` (embedded broker); prints the bounds
 	$(BIN)/python -m bench.attack --seconds $(ATTACK_SECONDS)
+
+# bench/faults.py: SIGKILL/SIGTERM, broker restart, database outage, table locks, full disk, on
+# services of its own (a private PostgreSQL and Mosquitto; the disk needs root). Several minutes;
+# the short version runs in the test suite (tests/integration/test_faults_suite.py).
+faults: venv  ## the long fault-injection run: prints published/acknowledged/stored/lost/duplicates
+	$(BIN)/python -m bench.faults $(FAULTS_FLAGS)
 
 lock: venv  ## re-lock requirements/ after a change to pyproject.toml (other pins stay)
 	$(PIP_COMPILE) $(LOCK_FLAGS) --extra postgres --extra redis \

@@ -47,6 +47,12 @@ def _utf8(s: str) -> bytes:
     return len(b).to_bytes(2, "big") + b
 
 
+def publish_packet(topic: bytes, payload: bytes, packet_id: int, *, dup: bool = False) -> bytes:
+    """One QoS 1 PUBLISH; ``dup`` marks a resend (same packet id) of one not acknowledged."""
+    body = len(topic).to_bytes(2, "big") + topic + packet_id.to_bytes(2, "big") + payload
+    return bytes([0x32 | (0x08 if dup else 0)]) + _varint(len(body)) + body
+
+
 def connect_packet(client_id: str, username: str | None, password: str | None) -> bytes:
     flags = 0x02  # clean session: the publishers keep no state between runs
     payload = _utf8(client_id)

@@ -10,7 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import PG_ADMIN_URL, Mosquitto, ServerProcess, free_port, pg_admin_connect, require_mosquitto
+from bench.private_pg import PrivatePostgres, PrivatePostgresError
+from helpers import (
+    PG_ADMIN_URL,
+    Mosquitto,
+    ServerProcess,
+    free_port,
+    pg_admin_connect,
+    require_mosquitto,
+    unavailable,
+)
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +42,17 @@ def pg_url() -> Iterator[str]:
     yield f"{base}/{name}"
     with pg_admin_connect() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of the tests' own, which they may stop, start and lock (bench.private_pg)."""
+    try:
+        pg = PrivatePostgres()
+    except PrivatePostgresError as exc:
+        unavailable(str(exc))
+    with pg:
+        yield pg
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

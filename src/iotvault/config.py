@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     max_request_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1_048_576
     rate_limit_per_ip: str = "1200/minute"
     rate_limit_per_principal: str = "600/minute"
-    rate_limit_auth_failures: str = "30/minute"  # failed authentications per client address
+    rate_limit_auth_failures: str = "30/minute"  # failed authentications per address and per API key
     # the built-in OpenID Connect provider (iotvault.identity)
     oidc_access_token_ttl_s: Annotated[int, Field(ge=60, le=3600)] = 300  # access and ID tokens
     # a token family's whole life, rotations included
@@ -139,6 +139,16 @@ class Settings(BaseSettings):
     security_events_window_s: Annotated[float, Field(ge=1.0, le=86_400.0)] = 60.0
     security_events_retention_days: Annotated[int, Field(ge=1, le=36_500)] = 90  # older rows are deleted
     # ---- end of embedded broker limits ----
+    # ---- start-up, readiness, shutdown and slow clients: the README's "Health and readiness" ----
+    startup_fail_fast: bool = False  # serve: exit when the database is down at start, instead of waiting
+    # serve: how long open HTTP requests may finish at shutdown
+    http_shutdown_grace_s: Annotated[float, Field(ge=0.0, le=300.0)] = 5.0
+    http_header_timeout_s: Annotated[float, Field(ge=1.0, le=300.0)] = (
+        10.0  # a request's headers arrive within
+    )
+    http_body_timeout_s: Annotated[float, Field(ge=1.0, le=3600.0)] = 30.0  # ... and its body within this
+    http_idle_timeout_s: Annotated[float, Field(ge=1.0, le=300.0)] = 5.0  # idle keep-alive connections close
+    http_max_connections: Annotated[int, Field(ge=10, le=1_000_000)] = 1000  # more answer 503
 
     @classmethod
     def settings_customise_sources(

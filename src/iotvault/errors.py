@@ -22,6 +22,7 @@ attributes and a message a person can act on.
     │   └── SignatureError           a signed command does not verify (unsigned, forged, wrong key)
     ├── StorageError
     │   ├── DatabaseUnavailableError the database cannot be reached
+    │   │   └── DatabaseUnwritableError  it answers but cannot write (disk full, read-only)
     │   ├── SchemaError              the schema is missing or not at the expected revision
     │   ├── NotInitialisedError      a read-only command found no installation (creates none)
     │   ├── DeviceExistsError
@@ -153,6 +154,21 @@ class DatabaseUnavailableError(StorageError):
         self.reason = reason
         super().__init__(
             f"cannot reach the database {url}: {reason} (set IOTVAULT_DATABASE_URL or database_url)"
+        )
+
+
+class DatabaseUnwritableError(DatabaseUnavailableError):
+    """The database answers but cannot write: its disk is full or its file system read-only.
+
+    A kind of unavailability (ingest retries, the API answers 503), with its own message: the
+    fix is disk space or permissions, not the URL.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        StorageError.__init__(
+            self, f"the database {url} cannot write: {reason} (free disk space, or make it writable)"
         )
 
 

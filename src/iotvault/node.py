@@ -12,6 +12,8 @@ import contextlib
 import errno
 import gc
 import logging
+import math
+import random
 import signal
 import socket
 from collections.abc import Callable, Generator
@@ -24,13 +26,16 @@ import uvicorn
 from iotvault.api.app import create_app
 from iotvault.api.ratelimit import RateLimiter
 from iotvault.api.services import ApiServices, EventNotifier
+from iotvault.api.slowclients import guarded_protocol
 from iotvault.auth.keys import RemoteJwks
 from iotvault.auth.tokens import IssuerConfig, TokenVerifier
 from iotvault.broker.embedded import EmbeddedBroker, InboundPublish
+from iotvault.broker.security_log import SecurityEventLog
 from iotvault.commands.service import CommandService
 from iotvault.config import Settings
 from iotvault.context import Context, open_context
-from iotvault.errors import PortInUseError
+from iotvault.errors import DatabaseUnavailableError, PortInUseError
+from iotvault.health import Failing, Phase, Readiness
 from iotvault.identity import Identity
 from iotvault.ingest.pipeline import Inbound, IngestPipeline, Outcome
 from iotvault.metrics import Metrics
@@ -60,6 +65,14 @@ def tune_gc_for_serving() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
+
+
+MAX_HEADER_BYTES = 64 * 1024
+"""The largest request header block (request line and every header): larger is refused with 400.
+
+Room for the largest Authorization header the API accepts (16 KiB) and cookies; uvicorn's
+default (h11's 16 KiB) would refuse a legitimate large bearer pair.
+"""
 
 
 class Role(StrEnum):
@@ -119,6 +132,20 @@ def build_verifier(s: Settings, identity: Identity | None = None) -> TokenVerifi
     return TokenVerifier(issuers) if issuers else None
 
 
+def http_limits(s: Settings) -> dict[str, Any]:
+    """uvicorn's bounds on slow and idle clients (README, "Health and readiness").
+
+    ``timeout_keep_alive`` closes a connection idle between requests; ``limit_concurrency``
+    answers 503 beyond that many connections and running requests, so idle sockets cannot
+    take every slot. The deadline for a request's headers is :class:`~iotvault.api.slowclients`'s.
+    """
+    return {
+        "timeout_keep_alive": max(1, math.ceil(s.http_idle_timeout_s)),
+        "limit_concurrency": s.http_max_connections,
+        "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+    }
+
+
 class Node:
     def __init__(self, settings: Settings, role: Role = Role.ALL) -> None:
         self.settings = settings
@@ -131,6 +158,7 @@ class Node:
         self._stop = asyncio.Event()
         self._main: asyncio.Task[Any] | None = None
         self.notifier = EventNotifier()
+        self.readiness: Readiness | None = None
 
     def stop(self) -> None:
         """Ask the node to stop; during start-up this cancels the start-up itself."""
@@ -140,6 +168,74 @@ class Node:
 
     def is_ready(self) -> bool:
         return self._ready
+
+    def failing(self) -> list[Failing]:
+        """What keeps this node from being ready now (``/readyz``); empty when ready."""
+        if self.readiness is None:
+            return [Failing("node", Phase.READY.value if self._ready else Phase.STARTING.value)]
+        return self.readiness.failing()
+
+    async def _open_context(self) -> Context:
+        """Open the database, waiting for it with backoff unless ``startup_fail_fast`` is set.
+
+        An orchestrator often starts iotvault before its database answers (or restarts both at
+        once): waiting is then the useful thing to do. Each attempt logs one line; a stop
+        request (SIGTERM) ends the wait, as it ends any start-up.
+        """
+        s = self.settings
+        delay, attempt = 1.0, 1
+        while True:
+            try:
+                return await asyncio.to_thread(open_context, s)
+            except DatabaseUnavailableError as exc:
+                if s.startup_fail_fast:
+                    raise
+                log.warning(
+                    "start-up: database not available (attempt %d: %s); retrying in %.0fs "
+                    "(set IOTVAULT_STARTUP_FAIL_FAST=true to exit instead)",
+                    attempt,
+                    exc.reason,
+                    delay,
+                )
+            await asyncio.sleep(delay * (0.75 + random.random() / 2))  # noqa: S311 - jitter, not a secret
+            delay, attempt = min(delay * 2, 30.0), attempt + 1
+
+    async def _shut_down(
+        self, svc: ApiServices | None, server: _Server | None, server_task: asyncio.Task[None] | None
+    ) -> None:
+        """Stop in the order that loses nothing and waits for nobody (issue 18, finding 3).
+
+        1. not ready: load balancers stop sending work here;
+        2. ingest stops acknowledging: a message arriving now stays with its sender (or the
+           broker's session) for the next node, rather than being acknowledged by a node that
+           is going away; batches already cut still commit and are answered;
+        3. live streams (SSE) end, woken at once;
+        4. the HTTP server stops with a bounded grace (``http_shutdown_grace_s``), after which
+           what still runs is cancelled.
+
+        The rest (broker side, pipeline, database) is left by the exit stack, in reverse order.
+        """
+        self._ready = False
+        if self.readiness is not None:
+            self.readiness.phase = Phase.STOPPING
+        if self.pipeline is not None:
+            self.pipeline.stop_intake()
+        if svc is not None:
+            svc.stopping.set()
+            self.notifier.wake_all()
+        if server is not None and server_task is not None:
+            server.should_exit = True
+            grace = self.settings.http_shutdown_grace_s + 2.0  # uvicorn's own bound, then ours
+            try:
+                await asyncio.wait_for(asyncio.shield(server_task), grace)
+            except TimeoutError:
+                log.warning("HTTP server still stopping after %.0fs; forcing it", grace)
+                server.force_exit = True
+                server_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await server_task
+            except asyncio.CancelledError:
+                pass
 
     def _embedded_hook(self, p: InboundPublish) -> asyncio.Future[Outcome]:
         # The pipeline's own future (what ``submit`` awaits), not a coroutine: the broker then
@@ -161,7 +257,7 @@ class Node:
             if self.role in (Role.ALL, Role.API):
                 http_sock = bind_socket(s.http_host, s.http_port, "IOTVAULT_HTTP_PORT")
                 stack.callback(http_sock.close)
-            self.ctx = await asyncio.to_thread(open_context, s)
+            self.ctx = await self._open_context()
             stack.callback(self.ctx.close)
             if self.role in (Role.ALL, Role.INGEST):
                 self.pipeline = await stack.enter_async_context(
@@ -180,6 +276,10 @@ class Node:
             # and how commands are sent: iotvault.wiring
             broker_side = await start_broker_side(stack, s, self.ctx, self.pipeline, self._embedded_hook)
             self.broker = broker_side.broker
+            self.readiness = await stack.enter_async_context(
+                Readiness(self.ctx.engine, s.effective_database_url, pipeline=self.pipeline)
+            )
+            svc: ApiServices | None = None
             server_task: asyncio.Task[None] | None = None
             server: _Server | None = None
             if http_sock is not None:
@@ -197,15 +297,24 @@ class Node:
                     ),
                     notifier=self.notifier,
                 )
+                http_events = await stack.enter_async_context(SecurityEventLog(self.ctx.store))
+                svc.on_abuse = lambda kind, address, detail: http_events.record(kind, address, **detail)
                 stack.callback(svc.stopping.set)
                 if svc.limiter is not None:
                     stack.push_async_callback(svc.limiter.close)
-                app = create_app(svc, ready=self.is_ready, identity=identity)
+                app = create_app(svc, ready=self.failing, identity=identity)
                 app.state.commands = CommandService(
                     self.ctx, broker_side.publish, default_expiry_s=s.command_expiry_s
                 )
                 config = uvicorn.Config(
-                    app, log_level="warning", access_log=False, server_header=False, lifespan="off"
+                    app,
+                    log_level="warning",
+                    access_log=False,
+                    server_header=False,
+                    lifespan="off",
+                    timeout_graceful_shutdown=max(1, math.ceil(s.http_shutdown_grace_s)),
+                    http=guarded_protocol(s.http_header_timeout_s, svc.on_abuse),
+                    **http_limits(s),
                 )
                 server = _Server(config)
                 server_task = asyncio.create_task(server.serve(sockets=[http_sock]), name="iotvault-http")
@@ -215,6 +324,7 @@ class Node:
                 if server_task.done():
                     server_task.result()
             self._ready = True
+            self.readiness.phase = Phase.READY
             if on_ready is not None:
                 on_ready(self)
             stop_wait = asyncio.create_task(self._stop.wait(), name="iotvault-stop")
@@ -222,10 +332,6 @@ class Node:
             if server_task is not None:
                 waiters.add(server_task)
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            self._ready = False
-            if server is not None and server_task is not None:
-                server.should_exit = True
-                with contextlib.suppress(asyncio.CancelledError):
-                    await server_task
+            await self._shut_down(svc, server, server_task)
             stop_wait.cancel()
         log.info("iotvault stopped")

@@ -152,3 +152,18 @@ def test_pack_layout_is_big_endian_packet_id_then_digest() -> None:
     assert pack([(0x0102, bytes(range(16)))]) == b"\x01\x02" + bytes(range(16))
     assert pack([]) == b""
     assert unpack(b"") == []
+
+
+def test_restore_undoes_check_for_a_batch_that_was_not_committed() -> None:
+    index = InflightIndex(window_s=120)
+    h = digest("t", b"x")
+    index.remember("c", 13, h, now=0.0)
+    taken: list[tuple[str, int, tuple[bytes, float]]] = []
+    assert index.check("c", 13, h, dup=True, taken=taken)
+    assert len(index) == 0
+    assert len(taken) == 1
+    index.restore(taken)  # the batch failed: the redelivery, retried, is recognised again
+    assert index.check("c", 13, h, dup=True)
+    index.restore(taken)
+    index.expire(121.0)  # a restored entry keeps its original expiry
+    assert not index.check("c", 13, h, dup=True)

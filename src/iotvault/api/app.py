@@ -8,8 +8,6 @@ OpenID Connect provider's endpoints (:mod:`iotvault.api.routes.oidc`) are public
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -19,6 +17,7 @@ from iotvault.api import problems
 from iotvault.api.middleware import Hardening
 from iotvault.api.routes import access, admin, commands, devices, oidc, oidc_admin
 from iotvault.api.services import ApiServices
+from iotvault.health import RETRY_AFTER_S, ReadyCheck
 from iotvault.identity import Identity
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -46,11 +45,10 @@ def _json_body(path: str) -> bool:
     return path.startswith("/iotf/")
 
 
-def create_app(
-    svc: ApiServices, *, ready: Callable[[], bool] = lambda: True, identity: Identity | None = None
-) -> FastAPI:
+def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity | None = None) -> FastAPI:
     """``identity`` is the OpenID Connect provider, which the node builds with ``svc.verifier``
-    (:func:`iotvault.node.build_verifier`); without it, one is made here on ``svc.ctx``."""
+    (:func:`iotvault.node.build_verifier`); without it, one is made here on ``svc.ctx``.
+    ``ready`` lists what keeps the node from being ready (:class:`iotvault.health.Readiness`)."""
     settings = svc.settings
     app = FastAPI(
         title="iotvault",
@@ -74,12 +72,26 @@ def create_app(
     @app.get(
         "/readyz",
         tags=["operations"],
-        summary="Readiness: storage and ingest are up",
-        responses={503: {"description": "starting or stopping"}},
+        summary="Readiness: the node can serve and store now",
+        responses={
+            503: {
+                "description": "starting, stopping, or a dependency fails (named in `failing`); "
+                "`Retry-After` says when to ask again"
+            }
+        },
     )
     async def readyz() -> JSONResponse:
-        ok = ready()
-        return JSONResponse({"status": "ready" if ok else "starting"}, status_code=200 if ok else 503)
+        failing = ready()
+        if not failing:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse(
+            {
+                "status": "not ready",
+                "failing": [{"dependency": f.dependency, "reason": f.reason} for f in failing],
+            },
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> PlainTextResponse:
@@ -110,5 +122,7 @@ def create_app(
         limiter=svc.limiter,
         produces=_produces,
         json_body_paths=_json_body,
+        body_timeout_s=settings.http_body_timeout_s,
+        on_abuse=svc.on_abuse,
     )
     return app

@@ -7,7 +7,9 @@
 * request bodies: ``Content-Type`` must be JSON for the JSON API (415), size is capped by
   ``Content-Length`` and by counting the streamed body (413);
 * ``Accept`` must allow what the endpoint produces (406);
-* a per-address rate limit answers 429 with ``Retry-After`` before any work is done.
+* a per-address rate limit answers 429 with ``Retry-After`` before any work is done;
+* a request body must arrive within ``body_timeout_s`` (408, a security event): a client
+  that trickles its body (slowloris) cannot hold a request open for ever.
 
 Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``: it does not buffer streamed
 responses (Server-Sent Events) and costs less per request.
@@ -15,6 +17,7 @@ responses (Server-Sent Events) and costs less per request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -72,8 +75,12 @@ class Hardening:
         limiter: RateLimiter | None,
         produces: Callable[[str], str | None],
         json_body_paths: Callable[[str], bool],
+        body_timeout_s: float = 30.0,
+        on_abuse: Callable[[str, str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.app = app
+        self.body_timeout_s = body_timeout_s
+        self.on_abuse = on_abuse
         self.max_body = max_body
         self.headers = [*_BASE_HEADERS, *([_HSTS] if https else [])]
         self.limiter = limiter
@@ -139,11 +146,12 @@ class Hardening:
                 await _problem(send_with_headers, 413, f"the body is larger than {self.max_body} bytes")
                 return
 
+        guard = _SlowBody(receive, send_with_headers, self.body_timeout_s, lambda: self._slow_body(scope))
         received = 0
 
         async def counting_receive() -> Message:
             nonlocal received
-            message = await receive()
+            message = await guard.receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
@@ -151,9 +159,69 @@ class Hardening:
             return message
 
         try:
-            await self.app(scope, counting_receive, send_with_headers)
+            await self.app(scope, counting_receive, guard.send)
         except _BodyTooLargeError:
             await _problem(send_with_headers, 413, f"the body is larger than {self.max_body} bytes")
+
+    def _slow_body(self, scope: Scope) -> None:
+        if self.on_abuse is not None:
+            client = scope.get("client")
+            address = client[0] if client else "unknown"
+            self.on_abuse("http_slow_client", address, {"phase": "body", "timeout_s": self.body_timeout_s})
+
+
+class _SlowBody:
+    """``receive`` with one deadline for the whole request body (slowloris bodies).
+
+    Past the deadline the client gets 408 with ``Connection: close`` from here and the
+    application sees a disconnect; whatever it answers then is dropped (FastAPI turns any
+    failure while reading a body into its own 400, so an exception would not get through).
+    After the body, ``receive`` only waits for a disconnect (a live stream's) and has no deadline.
+    """
+
+    def __init__(
+        self, receive: Receive, send: Send, timeout_s: float, on_timeout: Callable[[], None]
+    ) -> None:
+        self._receive = receive
+        self._send = send
+        self._timeout_s = timeout_s
+        self._on_timeout = on_timeout
+        self._deadline: float | None = None
+        self._body_done = False
+        self._timed_out = False
+        self._started = False
+
+    async def receive(self) -> Message:
+        if self._timed_out:
+            return {"type": "http.disconnect"}
+        if self._body_done:
+            return await self._receive()
+        loop = asyncio.get_running_loop()
+        if self._deadline is None:
+            self._deadline = loop.time() + self._timeout_s
+        try:
+            message = await asyncio.wait_for(self._receive(), max(0.0, self._deadline - loop.time()))
+        except TimeoutError:
+            self._timed_out = True
+            self._on_timeout()
+            if not self._started:
+                await _problem(
+                    self._send,
+                    408,
+                    f"the request body did not arrive within {self._timeout_s:.0f}s",
+                    [(b"connection", b"close")],
+                )
+            return {"type": "http.disconnect"}
+        if message["type"] == "http.request":
+            self._body_done = not message.get("more_body", False)
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self._timed_out:
+            return  # the 408 was the answer
+        if message["type"] == "http.response.start":
+            self._started = True
+        await self._send(message)
 
 
 class _BodyTooLargeError(Exception):

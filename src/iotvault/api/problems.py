@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from iotvault import errors
+from iotvault.health import RETRY_AFTER_S
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ TITLES = {
     404: "Not Found",
     405: "Method Not Allowed",
     406: "Not Acceptable",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Content Too Large",
     415: "Unsupported Media Type",
@@ -128,7 +130,11 @@ def install(app: FastAPI) -> None:
         status = status_for(exc)
         if status == 500:
             return _internal(request, exc)
-        return problem_response(status, str(exc) if status != 503 else "a backing service is unavailable")
+        if status == 503:  # a dependency is down: say when to come back (RFC 9110, 10.2.3)
+            return problem_response(
+                503, "a backing service is unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}
+            )
+        return problem_response(status, str(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -8,7 +8,17 @@ Accepted forms (the contract, and the seed's clients):
 * ``Basic base64(key:password)``: an API key (Cloudant's form).
 
 Failures all answer 401 with ``WWW-Authenticate`` and a short reason, and count against the
-caller's address; too many in a window answer 429 before any verification work is done.
+caller's address and, for an API key, against the key's id. Past the limit (per address) they
+answer 429 instead.
+
+An address over its failure limit is *not* refused outright: everyone behind one NAT, proxy
+or carrier gateway shares it, and one of them failing must not lock the others out. Their
+credentials are still checked; a valid one is accepted, an invalid one answers 429. What
+keeps that from becoming free work for an attacker at a throttled address: bearer tokens are
+cheap to check (a signature, and the verifier's cache); an API key's password (argon2) is
+checked from a throttled address only while that key id is itself under its failure limit,
+and every request still counts against the per-address request limit. SECURITY.md has the
+trade-off.
 """
 
 from __future__ import annotations
@@ -40,8 +50,9 @@ class _Cached:
 
 
 class _Failed(Exception):  # noqa: N818 - internal signal, never escapes this module
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, identity: str | None = None) -> None:
         self.reason = reason
+        self.identity = identity  # what the credential claimed to be, when it names someone
 
 
 def services(request: Request) -> ApiServices:
@@ -116,7 +127,7 @@ class Authenticator:
         return principal
 
     @staticmethod
-    async def _basic(svc: ApiServices, value: str) -> Principal:
+    async def _basic(svc: ApiServices, value: str, *, address_blocked: bool) -> Principal:
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):
@@ -124,18 +135,25 @@ class Authenticator:
         key, sep, password = decoded.partition(":")
         if not sep or not key or not password or len(key) > 64 or len(password) > 256:
             raise _Failed("malformed Basic credentials")
-        return await run_in_threadpool(_principal_for_api_key, svc, key, password)
+        identity = f"apikey:{key}"
+        if address_blocked and svc.limiter is not None:
+            retry = await svc.limiter.identity_blocked(identity)
+            if retry is not None:  # both throttled: no password hash is computed for this
+                raise Problem(429, "too many failed authentications", headers={"Retry-After": str(retry)})
+        try:
+            return await run_in_threadpool(_principal_for_api_key, svc, key, password)
+        except _Failed as exc:
+            raise _Failed(exc.reason, identity) from None
 
     async def __call__(self, request: Request) -> Principal:
         svc = services(request)
         address = client_address(request)
         limiter = svc.limiter
-        if limiter is not None:
-            retry = await limiter.auth_blocked(address)
-            if retry is not None:
-                raise Problem(429, "too many failed authentications", headers={"Retry-After": str(retry)})
+        blocked = await limiter.auth_blocked(address) if limiter is not None else None
         header = request.headers.get("authorization")
         if header is None:
+            if blocked is not None:
+                raise Problem(429, "too many failed authentications", headers={"Retry-After": str(blocked)})
             raise unauthorized()
         scheme, _, value = header.strip().partition(" ")
         try:
@@ -144,12 +162,17 @@ class Authenticator:
             if scheme.lower() == "bearer":
                 principal = await self._bearer(svc, value.strip())
             elif scheme.lower() == "basic":
-                principal = await self._basic(svc, value)
+                principal = await self._basic(svc, value, address_blocked=blocked is not None)
             else:
                 raise _Failed("unsupported authorization scheme")  # noqa: TRY301 - handled just below
         except _Failed as exc:
             if limiter is not None:
-                await limiter.auth_failed(address)
+                retry = await limiter.auth_failed(address, exc.identity)
+                if retry is not None or blocked is not None:
+                    wait = str(retry or blocked)
+                    raise Problem(
+                        429, "too many failed authentications", headers={"Retry-After": wait}
+                    ) from None
             raise unauthorized(exc.reason) from None
         if limiter is not None:
             retry = await limiter.hit_principal(f"{principal.kind}:{principal.id}")

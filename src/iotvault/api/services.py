@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from iotvault.api.ratelimit import RateLimiter
 from iotvault.auth.tokens import TokenVerifier
@@ -40,6 +42,10 @@ class EventNotifier:
             for ev in self._waiters.get(d, ()):
                 ev.set()
 
+    def wake_all(self) -> None:
+        """Wake every stream (at shutdown: they see ``stopping`` at once, not at their next poll)."""
+        self.notify(set(self._waiters))
+
 
 @dataclass
 class ApiServices:
@@ -51,3 +57,5 @@ class ApiServices:
     notifier: EventNotifier = field(default_factory=EventNotifier)
     stream_poll_s: float = 2.0
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # (kind, client address, detail) of an abusive HTTP client: a security event (node.py)
+    on_abuse: Callable[[str, str, dict[str, Any]], None] | None = None

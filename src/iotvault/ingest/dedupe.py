@@ -65,15 +65,35 @@ class InflightIndex:
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_consumer.values())
 
-    def check(self, consumer: str, packet_id: int, h: bytes, *, dup: bool) -> bool:
-        """True if this message is a redelivery of a committed one (and forget that entry)."""
+    def check(
+        self,
+        consumer: str,
+        packet_id: int,
+        h: bytes,
+        *,
+        dup: bool,
+        taken: list[tuple[str, int, tuple[bytes, float]]] | None = None,
+    ) -> bool:
+        """True if this message is a redelivery of a committed one (and forget that entry).
+
+        An entry forgotten here is appended to ``taken``: if the batch that consumed it is not
+        committed after all, :meth:`restore` puts it back, so that the redelivery, retried
+        with its batch, is recognised again instead of being stored a second time.
+        """
         entries = self._by_consumer.get(consumer)
         if not entries:
             return False
         entry = entries.pop(packet_id, None)
+        if entry is not None and taken is not None:
+            taken.append((consumer, packet_id, entry))
         # any arrival with this packet id ends the old entry: either it is the redelivery,
         # or the sender reused the id, which it does only after it got our acknowledgement
         return entry is not None and dup and entry[0] == h
+
+    def restore(self, taken: list[tuple[str, int, tuple[bytes, float]]]) -> None:
+        """Undo :meth:`check` for a batch whose commit failed (newest state wins on conflict)."""
+        for consumer, packet_id, entry in taken:
+            self._by_consumer.setdefault(consumer, {}).setdefault(packet_id, entry)
 
     def remember(self, consumer: str, packet_id: int, h: bytes, now: float) -> None:
         self.remember_all(consumer, [(packet_id, h)], now)

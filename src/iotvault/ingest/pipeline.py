@@ -38,7 +38,7 @@ from iotvault.crypto.keyring import KeyRing
 from iotvault.domain.commands import parse_command_ack
 from iotvault.domain.ids import EventIdFactory
 from iotvault.domain.topics import CommandTopic, EventTopic, StatusTopic, Topic, parse_topic
-from iotvault.errors import DataKeyNotFoundError, IotVaultError, TopicError
+from iotvault.errors import DatabaseUnavailableError, DataKeyNotFoundError, IotVaultError, TopicError
 from iotvault.ingest.dedupe import InflightIndex, digest, pack, unpack
 from iotvault.metrics import Metrics
 from iotvault.storage.repository import (
@@ -133,6 +133,7 @@ class _Pending:
     msg: Inbound
     received_us: int  # arrival, in whole milliseconds; a stored event's is read from its id
     future: asyncio.Future[Outcome]
+    event_id: str | None = None  # made at the first attempt to commit it, kept for the retries
 
 
 @dataclass(slots=True)
@@ -188,6 +189,9 @@ class IngestPipeline:
         self._closing = False
         self._on_commit = on_commit
         self._committed_devices: set[str] = set()
+        self._intake_open = True
+        self.trouble: str | None = None  # why commits are failing now (readiness), else None
+        self.feeds: dict[str, Callable[[], bool]] = {}  # broker connections feeding us: connected?
 
     # ---- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> IngestPipeline:
@@ -199,7 +203,8 @@ class IngestPipeline:
             self._index.remember_all(rec.consumer, unpack(rec.entries), now)
         if records:
             log.info(
-                "ingest: %d committed-but-unconfirmed messages from the last run kept for dedupe",
+                "ingest: %d messages were stored but not yet acknowledged before the last stop; a "
+                "redelivery of them is recognised and stored once (normal after a restart)",
                 len(self._index),
             )
         self._task = asyncio.create_task(self._run(), name="iotvault-ingest-batcher")
@@ -230,6 +235,19 @@ class IngestPipeline:
             await loop.run_in_executor(self._executor, self._flush_seen)
         self._executor.shutdown(wait=True)
 
+    def stop_intake(self) -> None:
+        """Accept no new message (shutdown's first step): each is left unacknowledged.
+
+        Batches already cut still commit and are answered; a message that arrives from now on
+        gets a cancelled future, which transports take as "do not acknowledge", so the sender
+        keeps it and delivers it to the next node or run.
+        """
+        self._intake_open = False
+
+    def attach_feed(self, name: str, connected: Callable[[], bool]) -> None:
+        """A transport that feeds this pipeline reports its connection here (readiness)."""
+        self.feeds[name] = connected
+
     # ---- the transport's entry point -------------------------------------------------
     async def submit(self, msg: Inbound) -> Outcome:
         """Return once the message is durably handled (stored, applied, recorded or deduped)."""
@@ -242,7 +260,7 @@ class IngestPipeline:
         external-broker subscriber). The future is cancelled if the pipeline is closing.
         """
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        if self._closing:
+        if self._closing or not self._intake_open:
             fut.cancel()
             return fut
         # the event id is made in the writer thread from this arrival time (_commit): a UUIDv7
@@ -325,15 +343,19 @@ class IngestPipeline:
         delay = 0.1
         while True:
             try:
-                return await attempt
+                outcomes = await attempt
             except IotVaultError as exc:
+                self.trouble = exc.reason if isinstance(exc, DatabaseUnavailableError) else type(exc).__name__
                 self._metrics.commit_failures.inc()
                 log.warning(
                     "ingest: commit of %d messages failed (%s); retrying in %.1fs", len(batch), exc, delay
                 )
+            else:
+                self.trouble = None
+                return outcomes
             await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not a secret
-            delay = min(delay * 2, 10.0)
-            attempt = loop.run_in_executor(self._executor, self._commit, batch)
+            delay = min(delay * 2, 5.0)  # back within seconds once the database is
+            attempt = loop.run_in_executor(self._executor, self._commit, batch, True)
 
     # ---- the writer thread -----------------------------------------------------------
     def _device_type(self, device_id: str) -> str | None:
@@ -360,7 +382,7 @@ class IngestPipeline:
             self._topics[topic] = parsed
         return parsed
 
-    def _commit(self, batch: list[_Pending]) -> list[Outcome]:  # noqa: PLR0912, PLR0915 - one flat pass per message
+    def _commit(self, batch: list[_Pending], retry: bool = False) -> list[Outcome]:  # noqa: PLR0912, PLR0915 - one flat pass per message
         out = BatchWrite()
         outcomes: list[Outcome] = []
         entries: dict[str, list[tuple[int, bytes]]] = {}
@@ -378,11 +400,12 @@ class IngestPipeline:
             outcomes.append(Outcome.REJECTED)
             rejected.append(reason.value)
 
+        taken: list[tuple[str, int, tuple[bytes, float]]] = []  # dedupe entries this batch consumed
         for p in batch:
             msg = p.msg
             if msg.packet_id is not None:
                 h = digest(msg.topic, msg.payload)
-                if self._index.check(msg.consumer, msg.packet_id, h, dup=msg.dup):
+                if self._index.check(msg.consumer, msg.packet_id, h, dup=msg.dup, taken=taken):
                     outcomes.append(Outcome.DUPLICATE)
                     duplicates += 1
                     continue
@@ -446,7 +469,8 @@ class IngestPipeline:
             # ids are made in arrival order, and the receive time is read back from the id, so
             # the two always agree and a time range can be served from the (device_id,
             # event_id) key
-            event_id = self._ids.new_at(p.received_us // 1000)
+            event_id = p.event_id or self._ids.new_at(p.received_us // 1000)
+            p.event_id = event_id
             received_us = _millis(event_id) * 1000
             try:
                 record = self._keyring.encrypt(topic.device_id, event_id, msg.payload)
@@ -473,9 +497,18 @@ class IngestPipeline:
         out.inflight = [InflightRecord(c, created_us, pack(e)) for c, e in entries.items()]
         if now_mono - self._last_cleanup > 10.0:
             out.delete_inflight_before_us = created_us - int(self._index.window_s * 1_000_000)
-        self._store.write_batch(out)
+        try:
+            if not (retry and self._committed_before(out)):
+                self._store.write_batch(out)
+        except BaseException:
+            # not committed: the batch is retried, and a redelivery in it must be recognised
+            # again then (else it is stored twice: issue 18, finding 2)
+            self._index.restore(taken)
+            raise
 
-        # only now that the batch is committed does the in-memory state follow it
+        # Only now that the batch is committed does the in-memory state follow it. Nothing
+        # after this point may raise: the caller would take the committed batch for a failed
+        # one and commit it again (issue 18, finding 1).
         if out.delete_inflight_before_us is not None:
             self._last_cleanup = now_mono
         for consumer, es in entries.items():
@@ -495,12 +528,45 @@ class IngestPipeline:
             self._flush_seen()
         return outcomes
 
+    def _committed_before(self, out: BatchWrite) -> bool:
+        """Whether the failed previous attempt of this batch had in fact committed.
+
+        A commit can fail after the database made it durable (the connection lost while
+        ``COMMIT`` was answered, a fast shutdown of PostgreSQL): writing the batch again would
+        store it twice. Event ids are kept across attempts, so one look-up tells; a batch
+        without events holds only idempotent changes (statuses, command answers) and records.
+        """
+        if not out.events:
+            return False
+        first = out.events[0]
+        if not self._store.has_event(first.device_id, first.event_id):
+            return False
+        log.warning("ingest: the failed commit of a batch had in fact committed; not writing it again")
+        return True
+
     def _flush_seen(self) -> None:
-        """Write devices' ``lastSeen`` at most once a second, not once per event."""
+        """Write devices' ``lastSeen`` at most once a second, not once per event.
+
+        Never raises: it runs after a batch's commit, whose messages are answered whatever
+        happens here. ``lastSeen`` is advisory; if the update fails (database gone, a lock
+        held past ``lock_timeout``, a full disk) the times are kept for the next attempt.
+        """
         self._last_seen_flush = time.monotonic()
-        if self._seen:
-            seen, self._seen = self._seen, {}
+        if not self._seen:
+            return
+        seen, self._seen = self._seen, {}
+        try:
             self._store.touch_last_seen(seen)
+        except Exception as exc:
+            log.warning(
+                "ingest: lastSeen of %d devices not updated (%s); retrying later",
+                len(seen),
+                exc,
+                exc_info=not isinstance(exc, IotVaultError),
+            )
+            for device, at in seen.items():
+                if self._seen.get(device, 0) < at:
+                    self._seen[device] = at
 
     def _housekeeping(self) -> None:
         self._flush_seen()

@@ -123,6 +123,7 @@ class BrokerSubscriber:
             raise BrokerUnavailableError(
                 self._broker.display, exc.strerror or str(exc) or type(exc).__name__
             ) from None
+        self._pipeline.attach_feed(f"broker {self._broker.display}", self.connected.is_set)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -10,6 +10,7 @@ overwritten in the file rather than left in free pages.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ from sqlalchemy import Select, create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
-from iotvault.errors import ConfigError, DatabaseUnavailableError
+from iotvault.errors import ConfigError, DatabaseUnavailableError, DatabaseUnwritableError
 
 
 def redact(url: str) -> str:
@@ -79,6 +80,11 @@ def create_db_engine(url: str, *, sqlite_synchronous: str = "full") -> Engine:
         ) from None
 
 
+# Driver messages that mean "cannot write" rather than "cannot reach": SQLite's disk-full and
+# read-only-database errors, PostgreSQL's no-space-left and read-only-transaction errors.
+_UNWRITABLE = re.compile(r"disk is full|no space left|readonly database|read-only", re.IGNORECASE)
+
+
 @contextmanager
 def mapped_errors(url: str) -> Iterator[None]:
     """Translate connection failures into :class:`DatabaseUnavailableError` (one place)."""
@@ -86,6 +92,8 @@ def mapped_errors(url: str) -> Iterator[None]:
         yield
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else "operational error"
+        if _UNWRITABLE.search(reason):
+            raise DatabaseUnwritableError(redact(url), reason) from exc
         raise DatabaseUnavailableError(redact(url), reason) from exc
     except DBAPIError as exc:
         if exc.connection_invalidated:

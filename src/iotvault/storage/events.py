@@ -154,6 +154,13 @@ class EventTable(EngineStore):
         with self.begin() as conn:
             conn.execute(stmt, [{"b_device": d, "b_at": at} for d, at in seen.items()])
 
+    def has_event(self, device_id: str, event_id: str) -> bool:
+        """Whether an event is stored: asked by ingest before it retries a commit that failed
+        without saying whether it had committed (a connection lost at ``COMMIT``)."""
+        q = select(events.c.event_id).where(events.c.device_id == device_id, events.c.event_id == event_id)
+        with self.connect() as conn:
+            return conn.execute(q).first() is not None
+
     def load_inflight(self) -> list[InflightRecord]:
         with self.connect() as conn:
             rows = conn.execute(select(ingest_inflight).order_by(ingest_inflight.c.id)).all()

@@ -1,0 +1,103 @@
+"""Bounds on slow and abusive HTTP clients, which uvicorn alone leaves open.
+
+uvicorn's h11 protocol closes a keep-alive connection that stays idle *between* requests
+(``timeout_keep_alive``), but a connection that sends nothing at all after connecting, or
+sends its headers a byte at a time (slowloris), is kept for ever: each one holds a descriptor
+and a slot of ``limit_concurrency``, and a few thousand of them starve everyone else. This
+protocol adds the missing deadline: a request's headers must be complete within
+``header_timeout_s`` of the connection being made or of the previous response, else the
+connection is closed and the attempt recorded as a security event (``http_slow_client``).
+
+A header block larger than uvicorn's ``h11_max_incomplete_event_size`` is refused by uvicorn
+with 400 and the connection closed; it is recorded here too (``http_headers_too_large``).
+Slow *bodies* are bounded by :class:`iotvault.api.middleware.Hardening` (``body_timeout_s``),
+which answers 408.
+
+A subclass of uvicorn's ``H11Protocol``: the hooks used (``connection_made``,
+``handle_events``, ``on_response_complete``, ``send_400_response``, ``cycle``) are those of
+uvicorn 0.3x-0.5x, covered by the raw-socket tests in ``tests/integration/test_http_abuse.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger(__name__)
+
+SecurityRecorder = Callable[[str, str, dict[str, Any]], None]
+"""``(kind, client address, detail)``: how a refused client becomes a security event."""
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers."""
+
+    header_timeout_s: float = 10.0
+    record: SecurityRecorder | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _in_request(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._in_request():  # the headers are in: the application has the request now
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self._in_request():
+            self._arm()  # the next request's headers (uvicorn's keep-alive timer covers idleness)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _headers_too_slow(self) -> None:
+        self._deadline = None
+        if self._in_request() or self.transport.is_closing():
+            return
+        self._report("http_slow_client", {"phase": "headers", "timeout_s": self.header_timeout_s})
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        if len(self.conn.trailing_data[0]) >= self.conn._max_incomplete_event_size:
+            self._report("http_headers_too_large", {"limit_bytes": self.conn._max_incomplete_event_size})
+        self._disarm()
+        super().send_400_response(msg)
+
+    def _report(self, kind: str, detail: dict[str, Any]) -> None:
+        address = self.client[0] if self.client else "unknown"
+        log.warning("HTTP: %s from %s (%s)", kind, address, detail)
+        recorder = type(self).record
+        if recorder is not None:
+            recorder(kind, address, detail)
+
+
+def guarded_protocol(header_timeout_s: float, record: SecurityRecorder | None) -> type[GuardedH11Protocol]:
+    """A protocol class for ``uvicorn.Config(http=...)`` with these settings baked in.
+
+    uvicorn instantiates the class itself, with its own arguments only, hence a class per node.
+    """
+    return type(
+        "NodeH11Protocol",
+        (GuardedH11Protocol,),
+        {"header_timeout_s": header_timeout_s, "record": staticmethod(record) if record else None},
+    )
