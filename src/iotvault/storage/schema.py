@@ -353,3 +353,41 @@ security_events = Table(
     Column("detail", Text, nullable=False, server_default="{}"),
     Index("ix_security_events_at", "at_us"),
 )
+
+# The audit log (iotvault.audit): append-only, hash-chained. ``prev_hash`` is unique so that two
+# writers can never both extend the same record (a fork fails to commit and is retried); the
+# one-row ``audit_head`` is what writers lock, so PostgreSQL serialises them without advisory
+# locks (which CockroachDB lacks). ``detail`` is small JSON, never a secret or a payload.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("at_us", BigInteger, nullable=False),
+    Column("actor", String(160), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(200), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("client", String(64), nullable=False, server_default=""),
+    Column("request_id", String(64), nullable=False, server_default=""),
+    Column("detail", Text, nullable=False, server_default="{}"),
+    Column("prev_hash", String(64), nullable=False, unique=True),
+    Column("hash", String(64), nullable=False),
+    Index("ix_audit_log_at", "at_us"),
+)
+
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("hash", String(64), nullable=False),
+    Column("at_us", BigInteger, nullable=False),
+    Column("signature", String(128), nullable=False),
+)

@@ -1,0 +1,159 @@
+"""The audit log's hash chain: how a record is linked to the one before it, and how a chain is checked.
+
+Pure: no I/O, no clock, no database. The storage writes what :func:`link` returns and the
+verifier reads it back through :func:`verify`.
+
+Why a chain and signed checkpoints, and what each catches. Every record holds the hash of the
+record before it and its own hash over its fields and that link, so editing a record, deleting
+one or moving one breaks the chain at that record. A chain alone does not stop someone with write
+access to the database from rewriting the tail and recomputing every hash after it, nor from
+cutting the tail off: so the head of the chain (sequence number and hash) is signed periodically
+with an Ed25519 key that only the master key unwraps (:mod:`iotvault.audit.checkpoint`), and may
+be exported outside the database. A rewrite before the newest checkpoint no longer matches it; a
+truncation leaves the chain shorter than a checkpoint names.
+
+The hashed bytes are canonical JSON (sorted keys, no spaces, UTF-8), with a version field so the
+format can change without making old records unverifiable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+__all__ = [
+    "FORMAT_VERSION",
+    "GENESIS",
+    "Anchor",
+    "AuditEntry",
+    "AuditRecord",
+    "Verdict",
+    "canonical",
+    "link",
+    "verify",
+]
+
+FORMAT_VERSION: Final = 1
+GENESIS: Final = "0" * 64  # the "hash" before the first record
+OUTCOMES: Final = frozenset({"success", "failure", "denied", "error"})
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """What happened: the fields a caller gives; the log adds the sequence number and hashes.
+
+    ``actor`` is ``kind:id`` (``user:alice``, ``apikey:k_…``, ``device:d1``, ``system``,
+    ``cli``); ``detail`` is small JSON that never holds a secret or a payload.
+    """
+
+    at_us: int
+    actor: str
+    action: str
+    target: str
+    outcome: str
+    client: str = ""
+    request_id: str = ""
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"audit outcome must be one of {sorted(OUTCOMES)}, not {self.outcome!r}")
+        if not self.actor or not self.action:
+            raise ValueError("an audit entry needs an actor and an action")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """An entry as stored: its place in the chain, the hash it follows and its own."""
+
+    seq: int
+    entry: AuditEntry
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """A point of the chain: record ``seq`` has hash ``hash`` (``seq`` 0 is the start)."""
+
+    seq: int
+    hash: str
+
+
+START: Final = Anchor(0, GENESIS)
+
+
+def canonical(seq: int, entry: AuditEntry, prev_hash: str) -> bytes:
+    """The bytes a record's hash covers: every field, its place and its predecessor's hash."""
+    document = {
+        "v": FORMAT_VERSION,
+        "seq": seq,
+        "at": entry.at_us,
+        "actor": entry.actor,
+        "action": entry.action,
+        "target": entry.target,
+        "outcome": entry.outcome,
+        "client": entry.client,
+        "request_id": entry.request_id,
+        "detail": dict(entry.detail),
+        "prev": prev_hash,
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def link(seq: int, entry: AuditEntry, prev_hash: str) -> AuditRecord:
+    """The record that puts ``entry`` at ``seq``, after the record whose hash is ``prev_hash``."""
+    return AuditRecord(seq, entry, prev_hash, hashlib.sha256(canonical(seq, entry, prev_hash)).hexdigest())
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The result of :func:`verify`: ``bad_seq`` names the first record that does not hold."""
+
+    ok: bool
+    checked: int
+    head: Anchor
+    bad_seq: int | None = None
+    reason: str = ""
+
+
+def verify(
+    records: Iterable[AuditRecord], *, start: Anchor = START, checkpoints: Iterable[Anchor] = ()
+) -> Verdict:
+    """Walk ``records`` (in stored order) from ``start`` and check every link and hash.
+
+    ``checkpoints`` are signed heads already checked for their signatures: each must name a
+    record of the chain with exactly that hash, and none may lie past the chain's end (a
+    truncated tail). The first failure wins, named by the sequence number where it shows.
+    """
+    pending = {c.seq: c.hash for c in checkpoints if c.seq > start.seq}
+    prev = start
+    checked = 0
+    for record in records:
+        expected = prev.seq + 1
+        if record.seq != expected:
+            what = "is missing" if record.seq > expected else "is out of order"
+            return Verdict(False, checked, prev, expected, f"record {expected} {what} (found {record.seq})")
+        if record.prev_hash != prev.hash:
+            return Verdict(
+                False, checked, prev, record.seq, f"record {record.seq} does not follow {prev.seq}"
+            )
+        if link(record.seq, record.entry, record.prev_hash).hash != record.hash:
+            return Verdict(False, checked, prev, record.seq, f"record {record.seq} was altered")
+        signed = pending.pop(record.seq, None)
+        if signed is not None and signed != record.hash:
+            return Verdict(
+                False, checked, prev, record.seq, f"record {record.seq} differs from its signed checkpoint"
+            )
+        prev = Anchor(record.seq, record.hash)
+        checked += 1
+    if pending:
+        last = max(pending)
+        return Verdict(
+            False, checked, prev, prev.seq + 1,
+            f"the chain ends at record {prev.seq} but a signed checkpoint names record {last} (truncated)",
+        )  # fmt: skip
+    return Verdict(True, checked, prev)

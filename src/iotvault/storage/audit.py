@@ -1,0 +1,229 @@
+"""The audit log's tables: append a batch to the chain, read it back in order, query, checkpoints, pruning.
+
+Serialising writers. Several processes (API and ingest nodes, the CLI) append to one chain.
+Each append's first statement writes the one-row ``audit_head`` (``UPDATE … SET seq = seq``):
+on PostgreSQL that row lock queues the other writers until this transaction commits, and they
+then read the new head (READ COMMITTED re-reads a row it waited for); on SQLite it takes the
+database's write lock before anything is read, so no writer works from a stale snapshot. The
+unique ``prev_hash`` is the last line: a writer that somehow extended a record that was already
+extended fails to commit, and :meth:`AuditStore.append` retries it on the new head.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import IntegrityError
+
+from iotvault.audit.chain import GENESIS, AuditEntry, AuditRecord, link
+from iotvault.audit.checkpoint import Checkpoint
+from iotvault.errors import StorageError
+from iotvault.storage.db import EngineStore
+from iotvault.storage.schema import audit_checkpoints, audit_head, audit_log
+
+__all__ = ["AuditFilter", "AuditStore"]
+
+_APPEND_ATTEMPTS = 5
+_HEAD_ID = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    """What ``GET /iotf/audit`` and ``iotvault audit export`` may narrow a listing by."""
+
+    actor: str | None = None
+    action: str | None = None
+    target: str | None = None
+    outcome: str | None = None
+    since_us: int | None = None
+    until_us: int | None = None
+
+
+def _record(row: Row[Any]) -> AuditRecord:
+    entry = AuditEntry(
+        at_us=row.at_us,
+        actor=row.actor,
+        action=row.action,
+        target=row.target,
+        outcome=row.outcome,
+        client=row.client,
+        request_id=row.request_id,
+        detail=json.loads(row.detail or "{}"),
+    )
+    return AuditRecord(row.seq, entry, row.prev_hash, row.hash)
+
+
+def _row(record: AuditRecord) -> dict[str, Any]:
+    e = record.entry
+    return {
+        "seq": record.seq,
+        "at_us": e.at_us,
+        "actor": e.actor[:160],
+        "action": e.action[:64],
+        "target": e.target[:200],
+        "outcome": e.outcome,
+        "client": e.client[:64],
+        "request_id": e.request_id[:64],
+        "detail": json.dumps(dict(e.detail), sort_keys=True, separators=(",", ":")),
+        "prev_hash": record.prev_hash,
+        "hash": record.hash,
+    }
+
+
+def _clipped(entry: AuditEntry) -> AuditEntry:
+    """The entry as the columns will hold it, so the hash covers exactly what is stored."""
+    return AuditEntry(
+        at_us=entry.at_us,
+        actor=entry.actor[:160],
+        action=entry.action[:64],
+        target=entry.target[:200],
+        outcome=entry.outcome,
+        client=entry.client[:64],
+        request_id=entry.request_id[:64],
+        detail=json.loads(json.dumps(dict(entry.detail), sort_keys=True)),
+    )
+
+
+class AuditStore(EngineStore):
+    """Reads and writes the audit tables on the node's engine."""
+
+    _local_writer = threading.Lock()  # threads of one process queue here, not in the database
+
+    def _lock_head(self, conn: Connection) -> tuple[int, str]:
+        locked = conn.execute(
+            update(audit_head).where(audit_head.c.id == _HEAD_ID).values(seq=audit_head.c.seq)
+        ).rowcount
+        if not locked:  # a schema made without the migration's row
+            conn.execute(insert(audit_head).values(id=_HEAD_ID, seq=0, hash=GENESIS))
+        seq, hash_hex = conn.execute(
+            select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == _HEAD_ID)
+        ).one()
+        return int(seq), str(hash_hex)
+
+    def append(self, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
+        """Chain ``entries`` after the current head in one transaction; the records as stored."""
+        if not entries:
+            return []
+        clipped = [_clipped(e) for e in entries]
+        for attempt in range(_APPEND_ATTEMPTS):
+            try:
+                with self._local_writer, self.begin() as conn:
+                    seq, prev = self._lock_head(conn)
+                    records = []
+                    for entry in clipped:
+                        seq += 1
+                        record = link(seq, entry, prev)
+                        records.append(record)
+                        prev = record.hash
+                    conn.execute(insert(audit_log), [_row(r) for r in records])
+                    conn.execute(
+                        update(audit_head).where(audit_head.c.id == _HEAD_ID).values(seq=seq, hash=prev)
+                    )
+                    return records
+            except IntegrityError as exc:
+                if attempt == _APPEND_ATTEMPTS - 1:
+                    raise StorageError(
+                        "the audit log's head kept moving; the records were not appended"
+                    ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def head(self) -> tuple[int, str]:
+        """The last record's sequence number and hash, as the writers see it."""
+        with self.connect() as conn:
+            row = conn.execute(
+                select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == _HEAD_ID)
+            ).first()
+        return (0, GENESIS) if row is None else (int(row.seq), str(row.hash))
+
+    def oldest(self) -> AuditRecord | None:
+        with self.connect() as conn:
+            row = conn.execute(select(audit_log).order_by(audit_log.c.seq).limit(1)).first()
+        return None if row is None else _record(row)
+
+    def count(self) -> int:
+        with self.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(audit_log)).scalar_one())
+
+    def records(
+        self, *, from_seq: int = 0, until_seq: int | None = None, batch: int = 1000
+    ) -> Iterator[AuditRecord]:
+        """Records from ``from_seq`` (to ``until_seq``) in stored order (by ``seq``), a batch at a time."""
+        after = from_seq - 1
+        while True:
+            q = select(audit_log).where(audit_log.c.seq > after).order_by(audit_log.c.seq).limit(batch)
+            if until_seq is not None:
+                q = q.where(audit_log.c.seq <= until_seq)
+            with self.connect() as conn:
+                rows = conn.execute(q).all()
+            if not rows:
+                return
+            for row in rows:
+                yield _record(row)
+            after = rows[-1].seq
+
+    def query(
+        self, where: AuditFilter, *, before_seq: int | None = None, limit: int = 100
+    ) -> list[AuditRecord]:
+        """Records matching ``where``, newest first, older than ``before_seq`` (the cursor)."""
+        q = select(audit_log).order_by(audit_log.c.seq.desc()).limit(limit)
+        for column, value in (
+            (audit_log.c.actor, where.actor),
+            (audit_log.c.action, where.action),
+            (audit_log.c.target, where.target),
+            (audit_log.c.outcome, where.outcome),
+        ):
+            if value is not None:
+                q = q.where(column == value)
+        if where.since_us is not None:
+            q = q.where(audit_log.c.at_us >= where.since_us)
+        if where.until_us is not None:
+            q = q.where(audit_log.c.at_us < where.until_us)
+        if before_seq is not None:
+            q = q.where(audit_log.c.seq < before_seq)
+        with self.connect() as conn:
+            return [_record(r) for r in conn.execute(q)]
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        with self.begin() as conn:
+            conn.execute(
+                insert(audit_checkpoints).values(
+                    seq=checkpoint.seq,
+                    hash=checkpoint.hash,
+                    at_us=checkpoint.at_us,
+                    signature=checkpoint.signature,
+                )
+            )
+
+    def checkpoints(self) -> list[Checkpoint]:
+        with self.connect() as conn:
+            rows = conn.execute(select(audit_checkpoints).order_by(audit_checkpoints.c.seq)).all()
+        return [Checkpoint(r.seq, r.hash, r.at_us, r.signature) for r in rows]
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        with self.connect() as conn:
+            r = conn.execute(
+                select(audit_checkpoints).order_by(audit_checkpoints.c.seq.desc()).limit(1)
+            ).first()
+        return None if r is None else Checkpoint(r.seq, r.hash, r.at_us, r.signature)
+
+    def prune_before(self, seq: int) -> int:
+        """Delete the records before ``seq``; only after a checkpoint signed record ``seq - 1``.
+
+        Verification then starts from that checkpoint: the records that remain still prove
+        themselves, and the pruned part is vouched for by the signature.
+        """
+        with self.begin() as conn:
+            anchored = conn.execute(
+                select(audit_checkpoints.c.seq).where(audit_checkpoints.c.seq == seq - 1)
+            ).first()
+            if anchored is None:
+                raise ValueError(
+                    f"no signed checkpoint of record {seq - 1}: pruning would break verification"
+                )
+            return int(conn.execute(delete(audit_log).where(audit_log.c.seq < seq)).rowcount)

@@ -1,0 +1,195 @@
+"""The audit log on a real database (SQLite and PostgreSQL): tampering found, writers never fork.
+
+Each tampering test changes the stored rows with plain SQL, as someone with database access
+would, and expects :func:`verify_log` to name the first record that no longer holds.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from iotvault.audit.chain import AuditEntry
+from iotvault.audit.checkpoint import CheckpointSigner
+from iotvault.audit.log import AuditLog, AuditSettings, read_exported, verify_log
+from iotvault.storage.audit import AuditFilter, AuditStore
+from iotvault.storage.db import create_db_engine
+from iotvault.storage.migrate import ensure_schema
+
+pytestmark = pytest.mark.integration
+
+SEED = b"\x07" * 32
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000_000_000
+
+    def __call__(self) -> int:
+        self.now += 1000
+        return self.now
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[AuditStore]:
+    engine = create_db_engine(database_url)
+    ensure_schema(engine)
+    yield AuditStore(engine, database_url)
+    engine.dispose()
+
+
+def entry(n: int, actor: str = "user:alice") -> AuditEntry:
+    return AuditEntry(
+        at_us=1_700_000_000_000_000 + n, actor=actor, action="device.read", target=f"d{n % 3}",
+        outcome="success", client="192.0.2.1", request_id=f"r{n}", detail={"events": n},
+    )  # fmt: skip
+
+
+def written(store: AuditStore, n: int = 10, *, checkpoint: bool = True) -> AuditLog:
+    audit = AuditLog(store, CheckpointSigner(SEED), Clock())
+    for i in range(1, n + 1):
+        audit.record(entry(i))
+    assert audit.flush() == n
+    if checkpoint:
+        assert audit.checkpoint() is not None
+    return audit
+
+
+def sql(store: AuditStore, statement: str) -> None:
+    with store.begin() as conn:
+        conn.execute(text(statement))
+
+
+def test_records_round_trip_and_verify(store: AuditStore) -> None:
+    audit = written(store)
+    verdict = verify_log(store, audit.public_key)
+    assert verdict.ok, verdict.reason
+    assert verdict.checked == 10
+    newest = store.query(AuditFilter(target="d1"), limit=2)
+    assert [r.seq for r in newest] == [10, 7]
+    assert newest[0].entry.detail == {"events": 10}
+    page2 = store.query(AuditFilter(target="d1"), before_seq=7, limit=10)
+    assert [r.seq for r in page2] == [4, 1]
+
+
+def test_an_edited_record_is_named(store: AuditStore) -> None:
+    audit = written(store)
+    sql(store, "UPDATE audit_log SET outcome = 'failure' WHERE seq = 4")
+    verdict = verify_log(store, audit.public_key)
+    assert (verdict.ok, verdict.bad_seq) == (False, 4)
+
+
+def test_a_deleted_record_is_named(store: AuditStore) -> None:
+    audit = written(store)
+    sql(store, "DELETE FROM audit_log WHERE seq = 6")
+    verdict = verify_log(store, audit.public_key)
+    assert (verdict.ok, verdict.bad_seq) == (False, 6)
+
+
+def test_reordered_records_are_named(store: AuditStore) -> None:
+    audit = written(store)
+    sql(store, "UPDATE audit_log SET seq = 1000 WHERE seq = 3")
+    sql(store, "UPDATE audit_log SET seq = 3 WHERE seq = 5")
+    sql(store, "UPDATE audit_log SET seq = 5 WHERE seq = 1000")
+    verdict = verify_log(store, audit.public_key)
+    assert (verdict.ok, verdict.bad_seq) == (False, 3)
+
+
+def test_a_truncated_tail_is_found_by_the_head_and_the_checkpoint(store: AuditStore) -> None:
+    audit = written(store)
+    sql(store, "DELETE FROM audit_log WHERE seq > 7")
+    verdict = verify_log(store, audit.public_key)
+    assert not verdict.ok
+    assert "truncated" in verdict.reason
+    # Also moving the head back is not enough: the signed checkpoint still names record 10.
+    sql(store, "UPDATE audit_head SET seq = 7, hash = (SELECT hash FROM audit_log WHERE seq = 7)")
+    verdict = verify_log(store, audit.public_key)
+    assert not verdict.ok
+    assert "checkpoint names record 10" in verdict.reason
+
+
+def test_a_rehashed_forgery_fails_against_the_signed_checkpoint(store: AuditStore) -> None:
+    audit = written(store)
+    records = list(store.records())
+    sql(store, "DELETE FROM audit_log")
+    sql(store, "UPDATE audit_head SET seq = 0, hash = '" + "0" * 64 + "'")
+    forged = [r.entry for r in records]
+    forged[2] = AuditEntry(
+        **{**{f: getattr(forged[2], f) for f in AuditEntry.__slots__}, "outcome": "denied"}
+    )
+    store.append(forged)  # a forger with database access rebuilds a consistent chain
+    verdict = verify_log(store, audit.public_key)
+    assert (verdict.ok, verdict.bad_seq) == (False, 10)  # the first record the checkpoint pins
+    # A checkpoint signed with another key does not help the forger.
+    sql(store, "DELETE FROM audit_checkpoints")
+    AuditLog(store, CheckpointSigner(b"\x09" * 32), Clock()).checkpoint()
+    verdict = verify_log(store, audit.public_key)
+    assert not verdict.ok
+    assert "no valid signature" in verdict.reason
+
+
+def test_retention_prunes_behind_a_signed_checkpoint(store: AuditStore, tmp_path: Path) -> None:
+    audit = written(store, 20, checkpoint=False)
+    assert audit.prune_before(15) == 14
+    verdict = verify_log(store, audit.public_key)
+    assert verdict.ok, verdict.reason
+    assert verdict.checked == 6
+    # Deleting more behind the checkpoint's back is found.
+    sql(store, "DELETE FROM audit_log WHERE seq = 15")
+    assert verify_log(store, audit.public_key).bad_seq == 1
+
+
+def test_exported_checkpoints_catch_a_deleted_checkpoint_table(store: AuditStore, tmp_path: Path) -> None:
+    export = tmp_path / "audit-heads.jsonl"
+    audit = AuditLog(store, CheckpointSigner(SEED), Clock(), AuditSettings(export_path=export))
+    for i in range(1, 6):
+        audit.record(entry(i))
+    audit.flush()
+    audit.checkpoint()
+    sql(store, "DELETE FROM audit_log WHERE seq > 3")
+    sql(store, "DELETE FROM audit_checkpoints")
+    sql(store, "UPDATE audit_head SET seq = 3, hash = (SELECT hash FROM audit_log WHERE seq = 3)")
+    assert verify_log(store, audit.public_key).ok  # the database alone now looks whole
+    verdict = verify_log(store, audit.public_key, read_exported(export))
+    assert not verdict.ok
+    assert "truncated" in verdict.reason
+
+
+def _writer(url: str, actor: str, batches: int) -> None:
+    engine = create_db_engine(url)
+    store = AuditStore(engine, url)
+    for b in range(batches):
+        store.append([entry(b * 10 + i, actor) for i in range(10)])
+    engine.dispose()
+
+
+@pytest.mark.slow
+def test_concurrent_writer_processes_never_fork_the_chain(store: AuditStore, database_url: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_writer, args=(database_url, f"node:{n}", 20)) for n in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+        assert w.exitcode == 0
+    assert store.count() == 4 * 20 * 10
+    verdict = verify_log(store, CheckpointSigner(SEED).public_key_b64())
+    assert verdict.ok, verdict.reason
+    assert verdict.checked == 800
+
+
+def test_the_writer_thread_flushes_and_a_full_queue_is_itself_recorded(store: AuditStore) -> None:
+    audit = AuditLog(store, CheckpointSigner(SEED), Clock(), AuditSettings(flush_interval=0.05, queue_size=5))
+    for i in range(8):  # 3 over the bound: dropped, and counted
+        audit.record(entry(i))
+    audit.start()
+    audit.close()
+    actions = [r.entry.action for r in store.records()]
+    assert actions.count("device.read") == 5
+    dropped = store.query(AuditFilter(action="audit.dropped"))
+    assert [r.entry.detail for r in dropped] == [{"count": 3}]
+    assert verify_log(store, audit.public_key).ok

@@ -1,0 +1,130 @@
+"""The audit chain's links and its verifier, on records made in memory (pure logic)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from iotvault.audit.chain import GENESIS, Anchor, AuditEntry, AuditRecord, link, verify
+from iotvault.audit.checkpoint import CheckpointSigner, checkpoint_valid
+
+texts = st.text(min_size=1, max_size=20)
+entries = st.builds(
+    AuditEntry,
+    at_us=st.integers(0, 2**62),
+    actor=texts,
+    action=texts,
+    target=st.text(max_size=20),
+    outcome=st.sampled_from(["success", "failure", "denied", "error"]),
+    client=st.text(max_size=10),
+    request_id=st.text(max_size=10),
+    detail=st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3),
+)
+
+
+def chain(items: list[AuditEntry]) -> list[AuditRecord]:
+    out, prev = [], GENESIS
+    for seq, entry in enumerate(items, start=1):
+        record = link(seq, entry, prev)
+        out.append(record)
+        prev = record.hash
+    return out
+
+
+def entry(n: int) -> AuditEntry:
+    return AuditEntry(at_us=n, actor="user:alice", action="login", target="alice", outcome="success")
+
+
+@given(st.lists(entries, min_size=1, max_size=12))
+def test_an_untouched_chain_verifies(items: list[AuditEntry]) -> None:
+    records = chain(items)
+    verdict = verify(records)
+    assert verdict.ok, verdict.reason
+    assert verdict.checked == len(records)
+    assert verdict.head == Anchor(len(records), records[-1].hash)
+
+
+@given(st.lists(entries, min_size=2, max_size=8), st.data())
+def test_any_edit_of_any_field_is_found_at_that_record(items: list[AuditEntry], data: st.DataObject) -> None:
+    records = chain(items)
+    i = data.draw(st.integers(0, len(records) - 1))
+    name = data.draw(st.sampled_from(["at_us", "actor", "action", "target", "outcome", "client", "detail"]))
+    old = records[i].entry
+    new_value = {
+        "at_us": old.at_us + 1,
+        "actor": old.actor + "x",
+        "action": old.action + "x",
+        "target": old.target + "x",
+        "outcome": "denied" if old.outcome != "denied" else "success",
+        "client": old.client + "x",
+        "detail": {**old.detail, "edited": True},
+    }[name]
+    records[i] = dataclasses.replace(records[i], entry=dataclasses.replace(old, **{name: new_value}))
+    verdict = verify(records)
+    assert not verdict.ok
+    assert verdict.bad_seq == i + 1
+    assert "altered" in verdict.reason
+
+
+def test_a_deleted_record_is_found_where_the_gap_is() -> None:
+    records = chain([entry(n) for n in range(6)])
+    del records[3]
+    verdict = verify(records)
+    assert (verdict.ok, verdict.bad_seq, verdict.checked) == (False, 4, 3)
+    assert "missing" in verdict.reason
+
+
+def test_reordered_records_are_found() -> None:
+    records = chain([entry(n) for n in range(6)])
+    records[2], records[3] = records[3], records[2]
+    verdict = verify(records)
+    assert (verdict.ok, verdict.bad_seq) == (False, 3)
+
+
+def test_a_rewritten_and_rehashed_tail_fails_against_a_signed_checkpoint() -> None:
+    records = chain([entry(n) for n in range(6)])
+    signed = Anchor(5, records[4].hash)
+    forged = chain(
+        [entry(n) for n in range(4)] + [dataclasses.replace(entry(4), outcome="failure"), entry(5)]
+    )
+    assert verify(forged).ok  # the chain alone cannot tell...
+    verdict = verify(forged, checkpoints=[signed])  # ...the checkpoint can
+    assert (verdict.ok, verdict.bad_seq) == (False, 5)
+
+
+def test_a_truncated_tail_fails_against_a_checkpoint_past_its_end() -> None:
+    records = chain([entry(n) for n in range(6)])
+    verdict = verify(records[:4], checkpoints=[Anchor(6, records[5].hash)])
+    assert not verdict.ok
+    assert "truncated" in verdict.reason
+
+
+def test_a_chain_can_start_after_a_pruned_prefix() -> None:
+    records = chain([entry(n) for n in range(6)])
+    start = Anchor(3, records[2].hash)
+    assert verify(records[3:], start=start).ok
+    assert not verify(records[3:]).ok  # without the anchor the prefix is simply missing
+
+
+def test_outcome_is_a_closed_set() -> None:
+    with pytest.raises(ValueError, match="outcome"):
+        AuditEntry(at_us=1, actor="cli", action="x", target="", outcome="maybe")
+
+
+def test_checkpoints_verify_only_with_their_key_and_fields() -> None:
+    signer = CheckpointSigner(b"\x01" * 32)
+    other = CheckpointSigner(b"\x02" * 32)
+    cp = signer.sign(Anchor(7, "ab" * 32), 1234)
+    assert checkpoint_valid(signer.public_key_b64(), cp)
+    assert not checkpoint_valid(other.public_key_b64(), cp)
+    for changed in (
+        dataclasses.replace(cp, seq=8),
+        dataclasses.replace(cp, hash="cd" * 32),
+        dataclasses.replace(cp, at_us=1235),
+        dataclasses.replace(cp, signature="AAAA"),
+        dataclasses.replace(cp, signature="not base64!"),
+    ):
+        assert not checkpoint_valid(signer.public_key_b64(), changed)
