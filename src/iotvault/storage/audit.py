@@ -25,9 +25,9 @@ from iotvault.audit.chain import GENESIS, AuditEntry, AuditRecord, link
 from iotvault.audit.checkpoint import Checkpoint
 from iotvault.errors import StorageError
 from iotvault.storage.db import EngineStore
-from iotvault.storage.schema import audit_checkpoints, audit_head, audit_log
+from iotvault.storage.schema import alerts, audit_checkpoints, audit_head, audit_log
 
-__all__ = ["AuditFilter", "AuditStore"]
+__all__ = ["AlertRecord", "AuditFilter", "AuditStore"]
 
 _APPEND_ATTEMPTS = 5
 _HEAD_ID = 1
@@ -43,6 +43,18 @@ class AuditFilter:
     outcome: str | None = None
     since_us: int | None = None
     until_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    id: int
+    at_us: int
+    kind: str
+    subject: str
+    severity: str
+    count: int
+    summary: str
+    delivery: str  # none (no webhook), pending, delivered, failed
 
 
 def _record(row: Row[Any]) -> AuditRecord:
@@ -227,3 +239,37 @@ class AuditStore(EngineStore):
                     f"no signed checkpoint of record {seq - 1}: pruning would break verification"
                 )
             return int(conn.execute(delete(audit_log).where(audit_log.c.seq < seq)).rowcount)
+
+    # -- alerts ------------------------------------------------------------------------------
+
+    def add_alert(
+        self, at_us: int, *, kind: str, subject: str, severity: str, count: int, summary: str, delivery: str
+    ) -> int:
+        values = {
+            "at_us": at_us,
+            "kind": kind,
+            "subject": subject[:160],
+            "severity": severity,
+            "count": count,
+            "summary": summary,
+            "delivery": delivery,
+        }
+        with self.begin() as conn:
+            key = conn.execute(insert(alerts).values(**values)).inserted_primary_key
+        assert key is not None  # noqa: S101 - an INSERT always has one
+        return int(key[0])
+
+    def set_alert_delivery(self, alert_id: int, delivery: str) -> None:
+        with self.begin() as conn:
+            conn.execute(update(alerts).where(alerts.c.id == alert_id).values(delivery=delivery))
+
+    def list_alerts(
+        self, *, kind: str | None = None, before_id: int | None = None, limit: int = 100
+    ) -> list[AlertRecord]:
+        q = select(alerts).order_by(alerts.c.id.desc()).limit(limit)
+        if kind is not None:
+            q = q.where(alerts.c.kind == kind)
+        if before_id is not None:
+            q = q.where(alerts.c.id < before_id)
+        with self.connect() as conn:
+            return [AlertRecord(**r._mapping) for r in conn.execute(q)]

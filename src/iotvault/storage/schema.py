@@ -391,3 +391,19 @@ audit_checkpoints = Table(
     Column("at_us", BigInteger, nullable=False),
     Column("signature", String(128), nullable=False),
 )
+
+# Alerts raised from audit records and security events (iotvault.audit.alerts): one row per
+# episode, with the webhook's delivery state.
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at_us", BigInteger, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("subject", String(160), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("summary", Text, nullable=False),
+    Column("delivery", String(16), nullable=False, server_default="none"),
+    Index("ix_alerts_at", "at_us"),
+)

@@ -1,4 +1,4 @@
-"""The tamper-evident audit log: hash-chained records, the chain's head, signed checkpoints.
+"""The tamper-evident audit log: hash-chained records, the chain's head, signed checkpoints; alerts.
 
 Revision ID: 0005_audit
 Revises: 0004
@@ -48,9 +48,23 @@ def upgrade() -> None:
         sa.Column("at_us", sa.BigInteger, nullable=False),
         sa.Column("signature", sa.String(128), nullable=False),
     )
+    op.create_table(
+        "alerts",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("at_us", sa.BigInteger, nullable=False),
+        sa.Column("kind", sa.String(32), nullable=False),
+        sa.Column("subject", sa.String(160), nullable=False),
+        sa.Column("severity", sa.String(16), nullable=False),
+        sa.Column("count", sa.Integer, nullable=False),
+        sa.Column("summary", sa.Text, nullable=False),
+        sa.Column("delivery", sa.String(16), nullable=False, server_default="none"),
+    )
+    op.create_index("ix_alerts_at", "alerts", ["at_us"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_alerts_at", table_name="alerts")
+    op.drop_table("alerts")
     op.drop_table("audit_checkpoints")
     op.drop_table("audit_head")
     op.drop_index("ix_audit_log_at", table_name="audit_log")

@@ -1,0 +1,106 @@
+"""Turn what the node observes into stored alerts and webhook deliveries.
+
+The monitor is the only stateful part of alerting: it feeds signals through the pure
+:class:`~iotvault.audit.alerts.AlertEngine`, stores each alert once and hands it to the webhook.
+Signals come from the audit records the node writes and from its security events; each node
+runs its own engine, so an attack spread over several API nodes is counted per node (the
+thresholds are per node), which SECURITY.md states.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+
+from iotvault.audit.alerts import Alert, AlertEngine, Signal
+from iotvault.audit.chain import AuditEntry
+from iotvault.audit.webhook import Webhook
+from iotvault.errors import StorageError
+from iotvault.storage.audit import AuditStore
+
+__all__ = ["AlertMonitor", "printable", "signals_of"]
+
+log = logging.getLogger(__name__)
+
+# audit actions whose failure is a failed login of a person (the target is the account)
+_LOGIN_ACTIONS = frozenset({"login", "token.password"})
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so that no name can forge a log line."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def signals_of(entry: AuditEntry) -> list[Signal]:
+    """What an audit entry tells the alert rules (most entries tell them nothing)."""
+    e, status = entry, entry.detail.get("status")
+    kind = ""
+    if e.action in _LOGIN_ACTIONS and e.outcome == "failure":
+        kind = "login_failure"
+    elif e.action == "device.login" and e.outcome in ("failure", "denied"):
+        kind = "device_login_failure"
+    elif e.action == "device.publish" and e.outcome == "denied":
+        kind = "topic_denied"
+    elif e.outcome == "denied" and status in (403, 404):
+        kind = "forbidden" if status == 403 else "not_found"
+    elif e.detail.get("revoked") is True:
+        kind = "revoked_use"
+    elif e.action == "command.send":
+        kind = "command"
+    if not kind:
+        return []
+    device = e.target if kind in ("device_login_failure", "topic_denied", "command") else ""
+    account = e.target if kind == "login_failure" else ""
+    return [Signal(e.at_us, kind, account=account, address=e.client, device=device, principal=e.actor)]
+
+
+class AlertMonitor:
+    """Thread-safe: the API's worker threads and the event loop both observe."""
+
+    def __init__(
+        self, store: AuditStore, engine: AlertEngine | None = None, webhook: Webhook | None = None
+    ) -> None:
+        self._store = store
+        self._engine = engine or AlertEngine()
+        self._webhook = webhook
+        self._lock = threading.Lock()
+
+    def observe_entry(self, entry: AuditEntry) -> list[Alert]:
+        return self.observe(signals_of(entry))
+
+    def observe(self, signals: Iterable[Signal]) -> list[Alert]:
+        with self._lock:
+            raised = [alert for s in signals for alert in self._engine.observe(s)]
+        for alert in raised:
+            self._raise(alert)
+        return raised
+
+    def _raise(self, alert: Alert) -> None:
+        delivery = "pending" if self._webhook is not None else "none"
+        try:
+            alert_id = self._store.add_alert(
+                alert.at_us,
+                kind=alert.kind.value,
+                subject=alert.key,
+                severity=alert.severity,
+                count=alert.count,
+                summary=alert.summary,
+                delivery=delivery,
+            )
+        except StorageError as exc:
+            log.warning("alert %s for %s could not be stored: %s", alert.kind.value, alert.key, exc)
+            return
+        log.warning("ALERT %s", printable(alert.summary))
+        if self._webhook is not None:
+            document = {
+                "id": alert_id,
+                "kind": alert.kind.value,
+                "subject": alert.key,
+                "severity": alert.severity,
+                "count": alert.count,
+                "at_us": alert.at_us,
+                "summary": alert.summary,
+            }
+            if not self._webhook.submit(alert_id, document):
+                self._store.set_alert_delivery(alert_id, "failed")
