@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from iotvault.audit.chain import AuditEntry
-from iotvault.audit.checkpoint import CheckpointSigner
 from iotvault.audit.log import AuditLog, AuditSettings, read_exported, verify_log
+from iotvault.crypto.audit_signing import CheckpointSigner
+from iotvault.domain.audit import AuditEntry
 from iotvault.storage.audit import AuditFilter, AuditStore
 from iotvault.storage.db import create_db_engine
 from iotvault.storage.migrate import ensure_schema

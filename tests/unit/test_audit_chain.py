@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iotvault.audit.chain import GENESIS, Anchor, AuditEntry, AuditRecord, link, verify
-from iotvault.audit.checkpoint import CheckpointSigner, checkpoint_valid
+from iotvault.crypto.audit_signing import CheckpointSigner, checkpoint_valid
+from iotvault.domain.audit import GENESIS, Anchor, AuditEntry, AuditRecord, link, verify
 
 texts = st.text(min_size=1, max_size=20)
 entries = st.builds(

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from iotvault.audit.chain import START, Anchor, AuditEntry, Verdict, verify
-from iotvault.audit.checkpoint import Checkpoint, CheckpointSigner, checkpoint_valid
+from iotvault.crypto.audit_signing import CheckpointSigner, checkpoint_valid
+from iotvault.domain.audit import START, Anchor, AuditEntry, Checkpoint, Verdict, verify
 from iotvault.errors import StorageError
 from iotvault.storage.audit import AuditStore
 

@@ -14,8 +14,8 @@ import threading
 from collections.abc import Iterable
 
 from iotvault.audit.alerts import Alert, AlertEngine, Signal
-from iotvault.audit.chain import AuditEntry
 from iotvault.audit.webhook import Webhook
+from iotvault.domain.audit import AuditEntry
 from iotvault.errors import StorageError
 from iotvault.storage.audit import AuditStore
 

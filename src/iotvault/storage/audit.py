@@ -21,8 +21,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
-from iotvault.audit.chain import GENESIS, AuditEntry, AuditRecord, link
-from iotvault.audit.checkpoint import Checkpoint
+from iotvault.domain.audit import GENESIS, AuditEntry, AuditRecord, Checkpoint, link
 from iotvault.errors import StorageError
 from iotvault.storage.db import EngineStore
 from iotvault.storage.schema import alerts, audit_checkpoints, audit_head, audit_log

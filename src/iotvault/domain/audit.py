@@ -1,14 +1,14 @@
 """The audit log's hash chain: how a record is linked to the one before it, and how a chain is checked.
 
-Pure: no I/O, no clock, no database. The storage writes what :func:`link` returns and the
-verifier reads it back through :func:`verify`.
+Pure: no I/O, no clock, no database. The storage (:mod:`iotvault.storage.audit`) writes what
+:func:`link` returns and the verifier reads it back through :func:`verify`.
 
 Why a chain and signed checkpoints, and what each catches. Every record holds the hash of the
 record before it and its own hash over its fields and that link, so editing a record, deleting
 one or moving one breaks the chain at that record. A chain alone does not stop someone with write
 access to the database from rewriting the tail and recomputing every hash after it, nor from
 cutting the tail off: so the head of the chain (sequence number and hash) is signed periodically
-with an Ed25519 key that only the master key unwraps (:mod:`iotvault.audit.checkpoint`), and may
+with an Ed25519 key that only the master key unwraps (:mod:`iotvault.crypto.audit_signing`), and may
 be exported outside the database. A rewrite before the newest checkpoint no longer matches it; a
 truncation leaves the chain shorter than a checkpoint names.
 
@@ -30,6 +30,7 @@ __all__ = [
     "Anchor",
     "AuditEntry",
     "AuditRecord",
+    "Checkpoint",
     "Verdict",
     "canonical",
     "link",
@@ -84,6 +85,20 @@ class Anchor:
 
 
 START: Final = Anchor(0, GENESIS)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A signed head: record ``seq`` had hash ``hash`` at ``at_us`` (:mod:`iotvault.crypto.audit_signing`)."""
+
+    seq: int
+    hash: str
+    at_us: int
+    signature: str  # base64url, unpadded
+
+    @property
+    def anchor(self) -> Anchor:
+        return Anchor(self.seq, self.hash)
 
 
 def canonical(seq: int, entry: AuditEntry, prev_hash: str) -> bytes:

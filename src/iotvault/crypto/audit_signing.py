@@ -13,34 +13,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
 from typing import Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from iotvault.audit.chain import Anchor
+from iotvault.domain.audit import Anchor, Checkpoint
 
-__all__ = ["Checkpoint", "CheckpointSigner", "checkpoint_valid", "signed_bytes"]
+__all__ = ["CheckpointSigner", "checkpoint_valid", "signed_bytes"]
 
 _DOMAIN: Final = b"iotvault-audit-checkpoint/v1"
 
 
 def signed_bytes(seq: int, hash_hex: str, at_us: int) -> bytes:
     return b"\n".join((_DOMAIN, str(seq).encode(), hash_hex.encode(), str(at_us).encode()))
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    seq: int
-    hash: str
-    at_us: int
-    signature: str  # base64url, unpadded
-
-    @property
-    def anchor(self) -> Anchor:
-        return Anchor(self.seq, self.hash)
 
 
 class CheckpointSigner:
