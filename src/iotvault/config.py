@@ -139,6 +139,12 @@ class Settings(BaseSettings):
     security_events_window_s: Annotated[float, Field(ge=1.0, le=86_400.0)] = 60.0
     security_events_retention_days: Annotated[int, Field(ge=1, le=36_500)] = 90  # older rows are deleted
     # ---- end of embedded broker limits ----
+    # ---- the audit log and alerts (README, "Audit log and alerts") ----
+    audit_export_file: str = ""  # each signed checkpoint of the audit chain is also appended here
+    audit_checkpoint_interval_s: Annotated[float, Field(ge=1.0, le=86_400.0)] = 60.0
+    audit_retention_days: Annotated[int, Field(ge=0, le=36_500)] = 0  # 0: keep every record
+    alert_webhook_url: str = ""  # alerts are POSTed here, signed with alert_webhook_secret
+    alert_webhook_secret: SecretStr = SecretStr("")
     # ---- start-up, readiness, shutdown and slow clients: the README's "Health and readiness" ----
     startup_fail_fast: bool = False  # serve: exit when the database is down at start, instead of waiting
     # serve: how long open HTTP requests may finish at shutdown
@@ -325,6 +331,14 @@ def _validate(s: Settings) -> None:
     if s.redis_url and urlsplit(s.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis_url", "expected redis://host:port/db")
     _check_device_security(s)
+    if s.alert_webhook_url:
+        hook = urlsplit(s.alert_webhook_url)
+        if hook.scheme not in ("http", "https") or not hook.hostname or hook.username or hook.password:
+            raise ConfigError("alert_webhook_url", "expected an http(s):// URL without credentials")
+        if len(s.alert_webhook_secret.get_secret_value()) < 16:
+            raise ConfigError(
+                "alert_webhook_secret", "needs at least 16 characters when alert_webhook_url is set"
+            )
 
 
 def load_settings(
@@ -385,7 +399,7 @@ def _config_error(exc: ValidationError) -> ConfigError:
     name = str(first["loc"][0]) if first["loc"] else "settings"
     message = str(first["msg"])
     reason = message[:1].lower() + message[1:]
-    if name != "broker_admin_password" and "input" in first:
+    if name not in ("broker_admin_password", "alert_webhook_secret") and "input" in first:
         reason = f"{first['input']!r}: {reason}"
     return ConfigError(name, reason)
 

@@ -12,20 +12,28 @@ decryption errors later.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
+from iotvault.audit.log import AuditLog, AuditSettings
+from iotvault.audit.sources import NameHasher, entry_of_security_event
+from iotvault.clock import now_us
+from iotvault.commands.keys import stored_secret
 from iotvault.config import Settings
+from iotvault.crypto.audit_signing import CheckpointSigner
 from iotvault.crypto.keyring import FINGERPRINT_META, KeyRing
 from iotvault.crypto.master_key import MasterKey
 from iotvault.devices import DeviceAccounts
 from iotvault.errors import MasterKeyError
 from iotvault.storage import migrate
 from iotvault.storage.accounts import AccountStore
+from iotvault.storage.audit import AuditStore
 from iotvault.storage.db import check_connection, create_db_engine, redact
+from iotvault.storage.repository import SecurityEvent
 from iotvault.storage.sql import SqlStore
 
 
@@ -38,9 +46,41 @@ class Context:
     keyring: KeyRing
     master: MasterKey
     device_accounts: DeviceAccounts | None = None  # None: the embedded broker reads the registry
+    _audit: AuditLog | None = field(default=None, repr=False)
+
+    @property
+    def audit(self) -> AuditLog:
+        """The audit log, made on first use (its signing key is made on first use too, so a
+        command that only reads writes nothing until it records something)."""
+        if self._audit is None:
+            seed = stored_secret(self.store, self.master, AUDIT_SIGNING_KEY)
+            s = self.settings
+            export = Path(s.audit_export_file) if s.audit_export_file else None
+            self._audit = AuditLog(
+                AuditStore(self.engine, s.effective_database_url),
+                CheckpointSigner(seed),
+                now_us,
+                AuditSettings(checkpoint_interval=s.audit_checkpoint_interval_s, export_path=export),
+            )
+            hash_name = NameHasher(seed)
+
+            def record_security_events(rows: Sequence[SecurityEvent]) -> None:
+                for row in rows:
+                    self.audit.record(entry_of_security_event(row, hash_name))
+
+            self.store.on_security_events(record_security_events)
+        return self._audit
 
     def close(self) -> None:
+        if self._audit is not None:
+            if self._audit.running:
+                self._audit.close()  # the node's writer: last flush and checkpoint
+            else:
+                self._audit.flush()  # a command's records
         self.engine.dispose()
+
+
+AUDIT_SIGNING_KEY = "audit_signing_key"
 
 
 def open_context(settings: Settings, *, auto_migrate_empty: bool = True, create: bool = True) -> Context:

@@ -27,6 +27,7 @@ from iotvault.api.app import create_app
 from iotvault.api.ratelimit import RateLimiter
 from iotvault.api.services import ApiServices, EventNotifier
 from iotvault.api.slowclients import guarded_protocol
+from iotvault.audit.node import AuditService
 from iotvault.auth.keys import RemoteJwks
 from iotvault.auth.tokens import IssuerConfig, TokenVerifier
 from iotvault.broker.embedded import EmbeddedBroker, InboundPublish
@@ -39,6 +40,7 @@ from iotvault.health import Failing, Phase, Readiness
 from iotvault.identity import Identity
 from iotvault.ingest.pipeline import Inbound, IngestPipeline, Outcome
 from iotvault.metrics import Metrics
+from iotvault.storage.audit import AuditStore
 from iotvault.wiring import start_broker_side
 
 log = logging.getLogger(__name__)
@@ -245,6 +247,12 @@ class Node:
             Inbound(p.topic, p.payload, p.qos, p.dup, p.packet_id if p.qos else None, p.client_id)
         )
 
+    async def _audit_service(self, ctx: Context) -> AuditService:
+        """The audit log's writer, alerts and webhook, and the record of this start."""
+        audit = await asyncio.to_thread(lambda: ctx.audit)  # its signing key may be made now
+        store = AuditStore(ctx.engine, self.settings.effective_database_url)
+        return AuditService(audit, store, self.settings, self.role.value)
+
     async def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
@@ -259,6 +267,7 @@ class Node:
                 stack.callback(http_sock.close)
             self.ctx = await self._open_context()
             stack.callback(self.ctx.close)
+            await stack.enter_async_context(await self._audit_service(self.ctx))
             if self.role in (Role.ALL, Role.INGEST):
                 self.pipeline = await stack.enter_async_context(
                     IngestPipeline(

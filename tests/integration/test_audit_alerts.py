@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from iotvault.audit.monitor import AlertMonitor, printable
+from iotvault.audit.monitor import AlertMonitor
 from iotvault.audit.webhook import Webhook, WebhookSettings
-from iotvault.domain.audit import AuditEntry
+from iotvault.domain.audit import AuditEntry, printable
 from iotvault.storage.audit import AuditStore
 from iotvault.storage.db import create_db_engine
 from iotvault.storage.migrate import ensure_schema

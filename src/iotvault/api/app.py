@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from iotvault import __version__, web
 from iotvault.api import problems
+from iotvault.api.audit import AuditTrail
 from iotvault.api.middleware import Hardening
-from iotvault.api.routes import access, admin, commands, devices, oidc, oidc_admin
+from iotvault.api.routes import access, admin, audit, commands, devices, oidc, oidc_admin
 from iotvault.api.services import ApiServices
 from iotvault.health import RETRY_AFTER_S, ReadyCheck
 from iotvault.identity import Identity
@@ -101,6 +102,7 @@ def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity
     app.include_router(devices.router)
     app.include_router(commands.router)
     app.include_router(admin.router)
+    app.include_router(audit.router)
     app.include_router(oidc_admin.router)
     app.include_router(oidc.router)
 
@@ -125,4 +127,6 @@ def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity
         body_timeout_s=settings.http_body_timeout_s,
         on_abuse=svc.on_abuse,
     )
+    # outermost: it records what the hardening refuses too (429, 413), with the request id
+    app.add_middleware(AuditTrail, record=svc.ctx.audit.record, skip=oidc.OIDC_ROUTES)
     return app

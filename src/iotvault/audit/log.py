@@ -60,6 +60,7 @@ class AuditLog:
         self._flush_lock = threading.Lock()
         self._last_checkpoint_us = 0
         self.dropped = 0
+        self.observers: list[Callable[[AuditEntry], object]] = []  # e.g. the alert monitor
 
     @property
     def public_key(self) -> str:
@@ -71,6 +72,11 @@ class AuditLog:
             self._queue.put_nowait(entry)
         except queue.Full:
             self.dropped += 1
+        for observe in self.observers:
+            try:
+                observe(entry)
+            except Exception:  # an observer's failure must never cost the caller its answer
+                log.exception("audit: an observer failed")
 
     def flush(self) -> int:
         """Append everything queued so far; the number of records written."""
@@ -145,6 +151,10 @@ class AuditLog:
             self.checkpoint()
         except StorageError as exc:
             log.warning("audit: could not write the last records at shutdown: %s", exc)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
         interval = self._settings.flush_interval

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from iotvault.audit.alerts import Alert, AlertEngine, Signal
 from iotvault.audit.webhook import Webhook
-from iotvault.domain.audit import AuditEntry
+from iotvault.domain.audit import AuditEntry, printable
 from iotvault.errors import StorageError
 from iotvault.storage.audit import AuditStore
 
@@ -24,35 +24,39 @@ __all__ = ["AlertMonitor", "printable", "signals_of"]
 log = logging.getLogger(__name__)
 
 # audit actions whose failure is a failed login of a person (the target is the account)
-_LOGIN_ACTIONS = frozenset({"login", "token.password"})
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters escaped, so that no name can forge a log line."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+_LOGIN_ACTIONS = frozenset({"oidc.login_failed", "oidc.login_refused"})
+# a device's refused publish or subscribe
+_TOPIC_ACTIONS = frozenset({"device.publish", "device.subscribe"})
 
 
 def signals_of(entry: AuditEntry) -> list[Signal]:
-    """What an audit entry tells the alert rules (most entries tell them nothing)."""
+    """What an audit entry tells the alert rules (most entries tell them nothing).
+
+    A security event that stands for several (a broker row with ``count``) counts as that many.
+    """
     e, status = entry, entry.detail.get("status")
-    kind = ""
-    if e.action in _LOGIN_ACTIONS and e.outcome == "failure":
-        kind = "login_failure"
+    kind, account = "", ""
+    if e.action in _LOGIN_ACTIONS:
+        kind, account = "login_failure", e.target
+    elif e.action == "http.request" and status == 401:
+        kind, account = "login_failure", f"http-credentials@{e.client}"  # per address: keys, tokens
     elif e.action == "device.login" and e.outcome in ("failure", "denied"):
         kind = "device_login_failure"
-    elif e.action == "device.publish" and e.outcome == "denied":
+    elif e.action in _TOPIC_ACTIONS and e.outcome == "denied":
         kind = "topic_denied"
     elif e.outcome == "denied" and status in (403, 404):
         kind = "forbidden" if status == 403 else "not_found"
     elif e.detail.get("revoked") is True:
         kind = "revoked_use"
-    elif e.action == "command.send":
+    elif e.action == "http.request" and e.detail.get("route", "").endswith("/commands") and status == 202:
         kind = "command"
     if not kind:
         return []
-    device = e.target if kind in ("device_login_failure", "topic_denied", "command") else ""
-    account = e.target if kind == "login_failure" else ""
-    return [Signal(e.at_us, kind, account=account, address=e.client, device=device, principal=e.actor)]
+    device = e.target if kind in ("device_login_failure", "topic_denied") else ""
+    repeats = e.detail.get("count")
+    times = min(int(repeats), 1000) if isinstance(repeats, int) and repeats > 0 else 1
+    signal = Signal(e.at_us, kind, account=account, address=e.client, device=device, principal=e.actor)
+    return [signal] * times
 
 
 class AlertMonitor:

@@ -19,10 +19,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from iotvault.clock import now_us
 from iotvault.config import Settings, load_settings
 from iotvault.context import Context, context
 from iotvault.documents import iso
 from iotvault.domain.accounts import Roles
+from iotvault.domain.audit import AuditEntry
 from iotvault.errors import ConfigError, MasterKeyError, NotFoundError, NotInitialisedError
 
 PIPED_WIDTH = 1_000
@@ -85,10 +87,29 @@ def opened(cli: typer.Context, *, read_only: bool = False) -> Iterator[Context]:
         _require_installation(s)
     try:
         with context(s, create=not read_only) as ctx:
-            yield ctx
+            if read_only:
+                yield ctx
+                return
+            outcome = "failure"
+            try:
+                yield ctx
+                outcome = "success"
+            finally:
+                ctx.audit.record(_cli_entry(cli, outcome))
     except NotFoundError as exc:
         exc.add_note(where(s))
         raise
+
+
+# command parameters whose values name what a command changed (never a secret)
+_TARGET_PARAMS = ("device_id", "type_id", "user_name", "name", "group_name", "key", "client_id")
+
+
+def _cli_entry(cli: typer.Context, outcome: str) -> AuditEntry:
+    """The audit record of a command that may change something (actor ``cli``)."""
+    target = next((str(cli.params[p]) for p in _TARGET_PARAMS if cli.params.get(p)), "")
+    command = cli.command_path.removeprefix(cli.find_root().info_name or "iotvault").strip()
+    return AuditEntry(now_us(), "cli", "cli." + command.replace(" ", "."), target, outcome)
 
 
 def _require_installation(s: Settings) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "Verdict",
     "canonical",
     "link",
+    "printable",
     "verify",
 ]
 
@@ -99,6 +100,12 @@ class Checkpoint:
     @property
     def anchor(self) -> Anchor:
         return Anchor(self.seq, self.hash)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x0a``), so that no name, topic or detail
+    a client chose can forge or split a log line."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def canonical(seq: int, entry: AuditEntry, prev_hash: str) -> bytes:

@@ -32,6 +32,7 @@ from sqlalchemy.engine import Engine
 from iotvault.clock import now_us
 from iotvault.config import Settings
 from iotvault.crypto.master_key import MasterKey
+from iotvault.domain.audit import printable
 from iotvault.identity.clients import GRANT_TYPES, authenticate_client, is_client_id
 from iotvault.identity.keys import ALG, SigningKeys
 from iotvault.identity.minting import SCOPES, Minter, parse_scope, profile_claims, subject_for
@@ -77,6 +78,8 @@ PATHS: Final = {
     "device_confirm": "/device/confirm",
 }
 BEARER: Final = "Bearer"  # the token type (RFC 6750)
+# identity events whose user name is an account that signed in, so it may be logged in clear
+_NAMED_IN_LOGS: Final = frozenset({"login_succeeded", "logout", "token_revoked", "device_approved"})
 
 
 def api_audience(public_url: str) -> str:
@@ -203,13 +206,18 @@ class IdentityProvider:
                 )
             ]
         )
+        # A failed login's "user name" may be a password typed into the wrong field: only the
+        # names of successful sign-ins are written to the log (the audit log keeps a keyed hash).
+        user = (
+            event.user_name if event.kind in _NAMED_IN_LOGS else ("<not logged>" if event.user_name else None)
+        )
         log.info(
             "identity event %s user=%s client=%s address=%s %s",
             event.kind,
-            event.user_name,
-            event.client_id,
+            printable(user or "-"),
+            printable(event.client_id or "-"),
             event.address,
-            event.detail,
+            printable(event.detail),
         )
 
     def housekeeping(self, *, force: bool = False) -> dict[str, int]:

@@ -7,7 +7,7 @@ read at ``GET /iotf/security/events``. ``detail`` is small JSON, never a payload
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import insert, select
@@ -18,11 +18,20 @@ from iotvault.storage.schema import security_events
 
 
 class SecurityEventTable(EngineStore):
+    _security_listeners: tuple[Callable[[Sequence[SecurityEvent]], object], ...] = ()
+
+    def on_security_events(self, listener: Callable[[Sequence[SecurityEvent]], object]) -> None:
+        """Call ``listener`` with every batch once it is stored (the audit log: the composition
+        registers it, so storage imports nothing above it)."""
+        self._security_listeners = (*self._security_listeners, listener)
+
     def add_security_events(self, rows: Sequence[SecurityEvent]) -> None:
         if not rows:
             return
         with self.begin() as conn:
             conn.execute(insert(security_events), [security_row(e) for e in rows])
+        for listener in self._security_listeners:
+            listener(rows)
 
     def list_security_events(
         self, limit: int = 100, kinds: Sequence[str] | None = None

@@ -112,6 +112,7 @@ async def latest_events(
         page = ctx.store.last_events(deviceId, count)
         if not page:  # a device's events go with it, so only an empty page asks whether it exists
             _device_or_404(ctx, deviceId)
+        request.state.audit = {"events": len(page)}  # the audit record says how many were read
         return to_json({"deviceId": deviceId, "events": [event_doc(ctx.keyring, e) for e in page]})
 
     return await _read(request, load)
@@ -155,6 +156,7 @@ async def events_page(
         )
         if not page:
             _device_or_404(ctx, deviceId)
+        request.state.audit = {"events": len(page)}
         nxt = page[-1].event_id if len(page) == count else None
         return to_json(
             {"deviceId": deviceId, "events": [event_doc(ctx.keyring, e) for e in page], "next": nxt}

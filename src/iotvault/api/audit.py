@@ -1,0 +1,117 @@
+"""The audit record of HTTP requests: who did what to which resource, and how it ended.
+
+One pure ASGI middleware, outside the routes, so that no route can forget it: every state change
+(any method but GET, HEAD and OPTIONS) and every read of device data or administrative listings
+(``GET /iotf/…`` and the web application's device pages) becomes one audit record when its
+response ends — actor (the authenticated principal, or ``anonymous``), the route template and
+the path's ids, the status, the client address and the request id. The OpenID Connect endpoints
+are left to the provider's own events (login success and failure, lockout, revocation), which
+reach the audit log as security events with names of failed logins hashed.
+
+A route adds what only it knows (how many events a read returned) to ``request.state.audit``.
+Bodies are never recorded: before/after values of administrative changes are not in this
+release's records (they would need each route's help, and secrets must never enter them).
+
+Each request gets an id: a well-formed ``X-Request-Id`` from the caller is kept, otherwise one is
+made; it is echoed in the response and stored with the record.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any, Final
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from iotvault.clock import now_us
+from iotvault.domain.audit import AuditEntry
+
+__all__ = ["AuditTrail"]
+
+_READ_PREFIXES: Final = ("/iotf/", "/devices/", "/api/")
+_QUIET_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._-]{1,64}")
+
+
+def _outcome(status: int) -> str:
+    if status < 400:
+        return "success"
+    if status in (401, 403, 404, 429):
+        return "denied"
+    return "failure" if status < 500 else "error"
+
+
+def _actor(state: dict[str, Any]) -> str:
+    principal = state.get("principal")
+    if principal is None:
+        return "anonymous"
+    kind = getattr(principal, "kind", "unknown")
+    ident = getattr(principal, "id", "")
+    return f"{kind}:{ident}" if ident else str(kind)
+
+
+class AuditTrail:
+    """Records requests through ``record`` (the audit log's, which never blocks)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        record: Callable[[AuditEntry], None],
+        skip: frozenset[tuple[str, str]] = frozenset(),
+    ) -> None:
+        self.app = app
+        self._record = record
+        self._skip = skip  # (method, route path) recorded elsewhere: the provider's endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method: str = scope["method"]
+        path: str = scope["path"]
+        audited = method not in _QUIET_METHODS or path.startswith(_READ_PREFIXES)
+        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"")
+        request_id = given.decode() if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if audited:
+                self._after(scope, method, path, status, request_id)
+
+    def _after(self, scope: Scope, method: str, path: str, status: int, request_id: str) -> None:
+        route = scope.get("route")
+        template = str(getattr(route, "path", "") or path)
+        if (method, template) in self._skip:
+            return
+        state: dict[str, Any] = scope.get("state") or {}
+        params = scope.get("path_params") or {}
+        detail: dict[str, Any] = {"method": method, "route": template, "status": status}
+        extra = state.get("audit")
+        if isinstance(extra, dict):
+            detail.update(extra)
+        target = str(params.get("deviceId") or params.get("userName") or params.get("groupName") or path)
+        client = scope.get("client")
+        self._record(
+            AuditEntry(
+                at_us=now_us(),
+                actor=_actor(state),
+                action="http.request",
+                target=target[:200],
+                outcome=_outcome(status),
+                client=str(client[0]) if client else "",
+                request_id=request_id,
+                detail=detail,
+            )
+        )
