@@ -34,6 +34,7 @@ from types import TracebackType
 
 import orjson
 
+from iotvault.clock import now_us
 from iotvault.crypto.keyring import KeyRing
 from iotvault.domain.commands import parse_command_ack
 from iotvault.domain.ids import EventIdFactory
@@ -493,7 +494,7 @@ class IngestPipeline:
             outcomes.append(Outcome.STORED)
             stored += 1
 
-        created_us = time.time_ns() // 1000
+        created_us = now_us()
         out.inflight = [InflightRecord(c, created_us, pack(e)) for c, e in entries.items()]
         if now_mono - self._last_cleanup > 10.0:
             out.delete_inflight_before_us = created_us - int(self._index.window_s * 1_000_000)
