@@ -260,6 +260,13 @@ def topic_name_problem(topic: str) -> str | None:
     return None
 
 
+def publish_topic_problem(topic: str) -> str | None:
+    """Why a client may not publish to ``topic`` (a topic name, and no ``$`` topics), or None."""
+    if topic.startswith("$"):
+        return "topic names starting with $ are reserved"
+    return topic_name_problem(topic)
+
+
 # ---- decode --------------------------------------------------------------------------------
 
 
