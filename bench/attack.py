@@ -14,10 +14,11 @@ PUBRELs with unknown packet ids.
 
 The verdict is the bounds, each printed with its figure: sockets back to their baseline after
 the attack, and every other descriptor too except the SQLite database's own files (its file and
-WAL, opened once per pooled connection, which the summary lists), security-event rows at most :data:`ROWS_PER_WINDOW` per
-aggregation window however many hostile connections, RSS growth over the second half of the
-attack under :data:`RSS_GROWTH_MB`, and the honest device never refused or timed out during or
-after the attack, its 95th percentile PUBACK latency during the attack under :data:`P95_MS`.
+WAL, opened once per pooled connection, which the summary lists), security-event rows at most
+:data:`ROWS_PER_WINDOW` per aggregation window however many hostile connections, RSS growth
+over the second half of the attack under :data:`RSS_GROWTH_MB`, and the honest device never
+refused or timed out during or after the attack, its 95th percentile PUBACK latency during the
+attack under :data:`P95_MS`.
 The honest device runs in a process of its own, so the attackers' client-side load (all in
 this process) is not counted in its latency.
 """
