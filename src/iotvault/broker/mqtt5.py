@@ -233,7 +233,12 @@ class V5Session:
         buf += data
         out = bytearray()
         while len(buf) >= 2:
-            size = fixed_header_size(bytes(buf[:5]))
+            try:
+                size = fixed_header_size(bytes(buf[:5]))
+            except MalformedPacketError:  # not ours to judge: what was written goes out as it is
+                out += buf
+                buf.clear()
+                break
             if size is None or len(buf) < size[0] + size[1]:
                 break
             total = size[0] + size[1]
