@@ -13,7 +13,8 @@ the connection is closed (MQTT 3.1.1 section 4.8).
 that :func:`encode` accepts, and :func:`decode` accepts only what :func:`encode` could have
 written (the remaining length in its shortest form, flags as the specification fixes them).
 A CONNECT naming another protocol level decodes to :class:`Connect` with that level and the
-rest of the packet unread: the broker answers it (MQTT 5: reason code 0x84) and closes.
+rest of the packet unread: the broker decodes an MQTT 5 one with :mod:`iotvault.broker.codec5`
+and refuses any other level.
 """
 
 from __future__ import annotations
@@ -258,6 +259,13 @@ def topic_name_problem(topic: str) -> str | None:
     if "\x00" in topic:
         return "NUL character in topic"
     return None
+
+
+def publish_topic_problem(topic: str) -> str | None:
+    """Why a client may not publish to ``topic`` (a topic name, and no ``$`` topics), or None."""
+    if topic.startswith("$"):
+        return "topic names starting with $ are reserved"
+    return topic_name_problem(topic)
 
 
 # ---- decode --------------------------------------------------------------------------------

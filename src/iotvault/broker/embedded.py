@@ -3,11 +3,10 @@
 How it is built, and why, is in ``docs/design/embedded-broker.md``; in short:
 
 - **The door is ours.** :class:`EmbeddedBroker` accepts TCP connections itself, counts them
-  against :class:`~iotvault.broker.limits.BrokerLimits` (in all, per address, before CONNECT),
-  reads and decodes the CONNECT with iotvault's codec, answers an MQTT 5 or unknown protocol
-  level with a refusal, and asks ``authenticate`` (and ``authorize`` for the will topic) before
-  amqtt sees anything. A refused client gets CONNACK 5 and touches no state. Closing a
-  connection closes its transport itself, whatever the peer did (no descriptor left to the GC).
+  against :class:`~iotvault.broker.limits.BrokerLimits`, decodes the CONNECT with iotvault's
+  codec and asks ``authenticate`` (and ``authorize`` for the will) before amqtt sees anything.
+  A refused client gets CONNACK 5 (MQTT 5: 0x86, 0x87, 0x8C or 0x9F) and touches no state.
+  MQTT 5 clients are translated to 3.1.1 for amqtt (:mod:`iotvault.broker.mqtt5`).
 - **Whole packets only.** Every packet is cut from the stream by its header, bounded by
   ``max_packet_size`` and decoded in full (:mod:`iotvault.broker.codec`) before amqtt reads
   it, one packet at a time (:mod:`iotvault.broker.framing`). A malformed packet (QoS 3, a
@@ -49,9 +48,9 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
 from iotvault.broker.amqtt_adapter import AmqttCore, Flow, Incoming
-from iotvault.broker.codec import Connack, Connect, MalformedPacketError, encode, topic_name_problem
+from iotvault.broker.codec import Connack, Connect, MalformedPacketError, encode, publish_topic_problem
 from iotvault.broker.filter_index import FilterIndex
-from iotvault.broker.framing import GatheringWriter, PacketStream, addr, host, keep_alive
+from iotvault.broker.framing import GatheringWriter, PacketStream, addr, host, keep_alive, settle
 from iotvault.broker.hooks import (
     Authenticator,
     ConnectionHook,
@@ -69,6 +68,15 @@ from iotvault.broker.limits import (
     fit_to_descriptors,
     install_log_budget,
     log_budget,
+)
+from iotvault.broker.mqtt5 import (
+    NOT_AUTHORIZED,
+    UNSPECIFIED,
+    PublishRefusedError,
+    V5Limits,
+    V5Session,
+    connack_refusal,
+    refusal_ack,
 )
 from iotvault.errors import PortInUseError
 
@@ -97,7 +105,6 @@ _SHUTDOWN_GRACE: Final = 10.0  # seconds __aexit__ waits for running hooks and c
 _TAKE_OVER_GRACE: Final = 5.0  # seconds a new connection waits for its predecessor to end
 _PORT_SETTING: Final = "IOTVAULT_MQTT_PORT"
 _PUBACK: Final = struct.Struct("!BBH")  # packet type 4, remaining length 2, packet id
-_CONNACK_V5_UNSUPPORTED: Final = b"\x20\x03\x00\x84\x00"  # MQTT 5: 0x84 unsupported protocol version
 _CONNACK_REFUSED_LEVEL: Final = 1  # MQTT 3.1.1: unacceptable protocol version
 _CONNACK_NOT_AUTHORIZED: Final = 5
 _REFUSAL_LOG_EVERY_S: Final = 10.0  # refused connections are logged once in this many seconds
@@ -105,7 +112,7 @@ _COLLECT_AFTER: Final = (2_000, 10.0)  # ended connections, and seconds since th
 
 
 class EmbeddedBroker:
-    """An MQTT 3.1.1 broker inside the process; ``async with`` starts and stops it.
+    """An MQTT 3.1.1 and 5 broker inside the process; ``async with`` starts and stops it.
 
     ``authenticate=None`` admits everyone and ``authorize=None`` allows every topic: the
     development defaults until device credentials are plugged in.
@@ -195,7 +202,7 @@ class EmbeddedBroker:
             server.close()  # stop accepting
         for stream in list(self._streams):
             stream.abort()  # amqtt ends each session as if the client had gone
-        await _settle(self._connections, self._hooks)
+        await settle(self._connections, self._hooks, grace_s=_SHUTDOWN_GRACE)
         if core is not None:
             await core.shutdown()
         if server is not None:
@@ -210,7 +217,7 @@ class EmbeddedBroker:
             raise RuntimeError("the embedded broker is not running; use it inside `async with`")
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, not {qos}")
-        if problem := _topic_problem(topic):
+        if problem := publish_topic_problem(topic):
             raise ValueError(f"cannot publish to {topic!r}: {problem}")
         await self._core.broadcast(topic, bytes(payload), qos)
 
@@ -292,7 +299,7 @@ class EmbeddedBroker:
     def _violation(self, stream: PacketStream, reason: str) -> None:
         self._denied(Denial("protocol", stream.client_id or "-", None, addr(stream.peer), reason))
 
-    async def _admit_and_serve(
+    async def _admit_and_serve(  # noqa: PLR0911 -- each refusal ends here
         self, stream: PacketStream, writer: GatheringWriter, pending: list[bool]
     ) -> None:
         peer = stream.peer
@@ -300,9 +307,7 @@ class EmbeddedBroker:
             async with asyncio.timeout(self.limits.connect_timeout_s):
                 got = await stream.next_packet()
         except TimeoutError:
-            _log.info(
-                "MQTT connection from %s sent no CONNECT in %ss", addr(peer), self.limits.connect_timeout_s
-            )
+            _log.info("MQTT connection from %s sent no CONNECT in time", addr(peer))
             return
         except MalformedPacketError as exc:
             stream.violation(exc.reason)
@@ -316,28 +321,49 @@ class EmbeddedBroker:
             stream.violation("first packet is not CONNECT")  # [MQTT-3.1.0-1]
             return
         stream.client_id = connect.client_id
-        if connect.protocol_level != 4:
+        if connect.protocol_level == 5:
+            if (served := await self._admit_v5(stream, writer, raw)) is None:
+                return
+            raw = served
+        elif connect.protocol_level != 4:
             level = connect.protocol_level
-            writer.write(_CONNACK_V5_UNSUPPORTED if level == 5 else encode(Connack(_CONNACK_REFUSED_LEVEL)))
-            _log.info(
-                "MQTT connection from %s refused: protocol level %d is not supported", addr(peer), level
-            )
+            writer.write(encode(Connack(_CONNACK_REFUSED_LEVEL)))
+            _log.info("MQTT connection from %s refused: protocol level %d", addr(peer), level)
             self._denied(Denial("protocol", "-", None, addr(peer), f"unsupported protocol level {level}"))
             return
-        if not await self._admit(connect, peer):
+        elif await self._admit(connect, peer) is not None:
             writer.write(encode(Connack(_CONNACK_NOT_AUTHORIZED)))
             return
         stream.serve(raw)
         if self._core is not None:
             await self._core.serve(stream, writer)
 
-    async def _admit(self, connect: Connect, peer: object) -> bool:
+    async def _admit_v5(self, stream: PacketStream, writer: GatheringWriter, raw: bytes) -> bytes | None:
+        """Decode and admit an MQTT 5 CONNECT; the 3.1.1 CONNECT amqtt is to read, or None if refused."""
+        try:
+            session = V5Session.open(raw, V5Limits(
+                self._max_packet_size, self.limits.max_inflight, self.limits.max_retained > 0))  # fmt: skip
+        except MalformedPacketError as exc:
+            stream.violation(exc.reason)
+            return None
+        stream.client_id = session.connect.client_id
+        if (refusal := await self._admit(session.as_v4(), stream.peer, session.check_connect())) is not None:
+            writer.write(connack_refusal(refusal))
+            return None
+        stream.v5 = session
+        writer.translate = session.outbound
+        return encode(session.as_v4())
+
+    async def _admit(self, connect: Connect, peer: object, refusal: str | None = None) -> str | None:
+        """Why ``connect`` is refused (``refusal`` already; a security event is recorded), or None."""
         client_id, username, address = connect.client_id, connect.username, host(peer)
 
-        def refuse(reason: str, topic: str | None = None) -> bool:
+        def refuse(reason: str, topic: str | None = None) -> str:
             self._denied(Denial("connect", client_id, username, addr(peer), reason, topic))
-            return False
+            return reason
 
+        if refusal is not None:
+            return refuse(refusal)
         throttle = self._throttle
         if throttle is not None and (wait := throttle.blocked(address, client_id)) is not None:
             _log.info(
@@ -361,7 +387,7 @@ class EmbeddedBroker:
             return refuse("admission check failed")
         if throttle is not None:
             throttle.succeeded(address, client_id)
-        return True
+        return None
 
     def _denied(self, denial: Denial) -> None:
         if self._on_denied is None:
@@ -373,7 +399,7 @@ class EmbeddedBroker:
             _log.debug("denial hook error details", exc_info=exc)
 
     async def _may(self, client_id: str, username: str | None, topic: str, action: TopicAction) -> bool:
-        if action != "subscribe" and _topic_problem(topic):
+        if action != "subscribe" and publish_topic_problem(topic):
             return False
         if self._authorize is None:
             return True
@@ -423,7 +449,12 @@ class EmbeddedBroker:
         in-flight slots from the moment it was read (:meth:`PacketStream.read`) until its hook
         is done, or until it is refused or handed on here.
         """
-        hook = await self._start_hook(stream, client_id, username, incoming)
+        try:
+            hook = await self._start_hook(stream, client_id, username, incoming)
+        except PublishRefusedError:  # answered with a reason code; the connection goes on
+            if incoming.qos:
+                stream.release()
+            return False
         if incoming.qos:
             if hook is None:
                 stream.release()
@@ -451,7 +482,11 @@ class EmbeddedBroker:
             return None
         if not allowed:
             self._denied(Denial("publish", client_id, username, addr(stream.peer), "not allowed", topic))
-            _drop(stream, "publish not allowed", topic)
+            if stream.v5 is not None and incoming.qos and incoming.packet_id is not None:
+                # MQTT 5 can say no and keep the connection: PUBACK/PUBREC 0x87, nothing stored
+                stream.send(refusal_ack(incoming.qos, incoming.packet_id))
+                raise PublishRefusedError
+            _drop(stream, "publish not allowed", topic, NOT_AUTHORIZED)
             return None
         if self._on_publish is None:
             return None
@@ -550,10 +585,10 @@ class EmbeddedBroker:
                 _log.debug("connection hook error details", exc_info=exc)
 
 
-def _drop(stream: PacketStream, reason: str, topic: str) -> bool:
+def _drop(stream: PacketStream, reason: str, topic: str, code: int = UNSPECIFIED) -> bool:
     _log.warning("MQTT client %r: %s on topic %r; dropping the connection without acknowledging",
                  stream.client_id, reason, topic)  # fmt: skip
-    stream.abort()
+    stream.disconnect(code)  # MQTT 5: DISCONNECT with ``code`` first
     return False
 
 
@@ -563,23 +598,3 @@ async def _forward(amqtt_flow: Flow, message: Any) -> None:
         await amqtt_flow(message)
     except Exception as exc:  # noqa: BLE001 -- the connection is ending; the device resends it
         _log.debug("MQTT delivery of a stored message failed", exc_info=exc)
-
-
-def _topic_problem(topic: str) -> str | None:
-    """Why ``topic`` cannot be published to (MQTT 3.1.1 section 4.7, and no ``$`` topics), or None."""
-    if topic.startswith("$"):
-        return "topic names starting with $ are reserved"
-    return topic_name_problem(topic)
-
-
-async def _settle(*groups: set[asyncio.Future[Any]]) -> None:
-    """Wait a little for connections and hooks to finish after amqtt's shutdown; cancel the rest."""
-    pending: set[asyncio.Future[Any]] = {task for group in groups for task in group if not task.done()}
-    if not pending:
-        return
-    _, late = await asyncio.wait(pending, timeout=_SHUTDOWN_GRACE)
-    for task in late:
-        task.cancel()
-    if late:
-        _log.warning("%d MQTT connection(s) or hook(s) cancelled at shutdown", len(late))
-        await asyncio.wait(late)

@@ -21,11 +21,13 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from iotvault.broker.codec import MalformedPacketError, Packet, Publish, decode, fixed_header_size
+from iotvault.broker.codec5 import Disconnect5, encode5
+from iotvault.broker.mqtt5 import DISCONNECT_WITH_WILL, V5Session, reason_for
 
-__all__ = ["GatheringWriter", "PacketStream", "PacketTooLargeError", "addr", "host", "keep_alive"]
+__all__ = ["GatheringWriter", "PacketStream", "PacketTooLargeError", "addr", "host", "keep_alive", "settle"]
 
 _log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class GatheringWriter:
         self._chunks: list[bytes] = []
         self._size = 0
         self.is_closed = False
+        self.translate: Callable[[bytes], bytes] | None = None  # MQTT 5: what amqtt writes, re-encoded
 
     def write(self, data: bytes) -> None:
         if self.is_closed:
@@ -69,6 +72,8 @@ class GatheringWriter:
         data = b"".join(self._chunks)
         self._chunks.clear()
         self._size = 0
+        if self.translate is not None:
+            data = self.translate(data)
         if not self.transport.is_closing():  # aborted: a write would only count lost calls
             self.transport.write(data)
 
@@ -120,6 +125,7 @@ class PacketStream:
         self._pos = 0
         self._refused = False
         self.client_id = ""
+        self.v5: V5Session | None = None  # an MQTT 5 client: packets translated for amqtt
         self.on_violation: Callable[[str], None] | None = None
         self.on_eof: Callable[[], None] | None = None
         self._eof_told = False
@@ -165,7 +171,7 @@ class PacketStream:
                     if len(buf) >= total:
                         raw = bytes(buf[:total])
                         del buf[:total]
-                        return raw, decode(raw)
+                        return self.v5.inbound(raw) if self.v5 is not None else (raw, decode(raw))
             try:
                 more = await self._stream.read(_READ_CHUNK)
             except OSError:  # reset by the peer: the same as its end, for what follows
@@ -196,7 +202,10 @@ class PacketStream:
             try:
                 got = await self.next_packet()
             except MalformedPacketError as exc:
-                self.violation(exc.reason)
+                if reason_for(exc) == DISCONNECT_WITH_WILL:
+                    self.abort()  # the stream's end, not a DISCONNECT, makes amqtt send the will
+                else:
+                    self.violation(exc.reason, reason_for(exc))
                 return self._eof()
             if got is None or self._refused:
                 return self._eof()
@@ -221,8 +230,11 @@ class PacketStream:
 
     # ---- ending ----------------------------------------------------------------------------
 
-    def violation(self, reason: str) -> None:
-        """End the connection because of what the client sent, and say so once."""
+    def violation(self, reason: str, code: int = 0x81) -> None:
+        """End the connection because of what the client sent, and say so once.
+
+        ``code`` is the MQTT 5 DISCONNECT reason an MQTT 5 client is sent first (0x81 malformed).
+        """
         if self._refused:
             return
         _log.warning(
@@ -230,6 +242,12 @@ class PacketStream:
         )
         if self.on_violation is not None:
             self.on_violation(reason)
+        self.disconnect(code)
+
+    def disconnect(self, code: int) -> None:
+        """Drop the connection; an MQTT 5 client is told why first (a DISCONNECT with ``code``)."""
+        if self.v5 is not None and not self._refused:
+            self.writer.write(encode5(Disconnect5(code)))
         self.abort()
 
     def abort(self) -> None:
@@ -302,3 +320,16 @@ def addr(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer)
+
+
+async def settle(*groups: set[asyncio.Future[Any]], grace_s: float = 10.0) -> None:
+    """Wait a little for connections and hooks to finish after amqtt's shutdown; cancel the rest."""
+    pending: set[asyncio.Future[Any]] = {task for group in groups for task in group if not task.done()}
+    if not pending:
+        return
+    _, late = await asyncio.wait(pending, timeout=grace_s)
+    for task in late:
+        task.cancel()
+    if late:
+        _log.warning("%d MQTT connection(s) or hook(s) cancelled at shutdown", len(late))
+        await asyncio.wait(late)
