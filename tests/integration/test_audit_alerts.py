@@ -73,7 +73,7 @@ def store(tmp_path: Path) -> Iterator[AuditStore]:
 
 
 def failed_login(n: int, account: str, address: str = "198.51.100.7") -> AuditEntry:
-    return AuditEntry(at_us=n * 1_000_000, actor="anonymous", action="login", target=account,
+    return AuditEntry(at_us=n * 1_000_000, actor="anonymous", action="oidc.login_failed", target=account,
                       outcome="failure", client=address)  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from iotvault.api.audit import AuditTrail
 from iotvault.api.middleware import Hardening
 from iotvault.api.routes import access, admin, audit, commands, devices, oidc, oidc_admin
 from iotvault.api.services import ApiServices
+from iotvault.documents import describe
 from iotvault.health import RETRY_AFTER_S, ReadyCheck
 from iotvault.identity import Identity
 
@@ -128,5 +129,5 @@ def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity
         on_abuse=svc.on_abuse,
     )
     # outermost: it records what the hardening refuses too (429, 413), with the request id
-    app.add_middleware(AuditTrail, record=svc.ctx.audit.record, skip=oidc.OIDC_ROUTES)
+    app.add_middleware(AuditTrail, record=svc.ctx.audit.record, describe=describe, skip=oidc.OIDC_ROUTES)
     return app

@@ -9,8 +9,10 @@ are left to the provider's own events (login success and failure, lockout, revoc
 reach the audit log as security events with names of failed logins hashed.
 
 A route adds what only it knows (how many events a read returned) to ``request.state.audit``.
-Bodies are never recorded: before/after values of administrative changes are not in this
-release's records (they would need each route's help, and secrets must never enter them).
+Bodies are never recorded. Administrative changes get a record of their own, with the documents
+before and after, from the services that make them (:mod:`iotvault.audit.changes`): this
+middleware gives them the request's :class:`~iotvault.audit.changes.Origin` (actor, address,
+request id).
 
 Each request gets an id: a well-formed ``X-Request-Id`` from the caller is kept, otherwise one is
 made; it is echoed in the response and stored with the record.
@@ -25,6 +27,7 @@ from typing import Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from iotvault.audit.changes import Origin, origin
 from iotvault.clock import now_us
 from iotvault.domain.audit import AuditEntry
 
@@ -60,10 +63,12 @@ class AuditTrail:
         app: ASGIApp,
         *,
         record: Callable[[AuditEntry], None],
+        describe: Callable[[Any], Any],
         skip: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
         self.app = app
         self._record = record
+        self._describe = describe
         self._skip = skip  # (method, route path) recorded elsewhere: the provider's endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -84,8 +89,18 @@ class AuditTrail:
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        state: dict[str, Any] = scope.setdefault("state", {})
+        client = scope.get("client")
+        where = Origin(
+            self._record,
+            lambda: _actor(state),
+            self._describe,
+            client=str(client[0]) if client else "",
+            request_id=request_id,
+        )
         try:
-            await self.app(scope, receive, send_with_id)
+            with origin(where):
+                await self.app(scope, receive, send_with_id)
         finally:
             if audited:
                 self._after(scope, method, path, status, request_id)

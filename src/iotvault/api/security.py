@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from iotvault.accounts import api_key_grant, verify_api_key
+from iotvault.accounts import api_key_grant, check_api_key
 from iotvault.api.problems import Problem, unauthorized
 from iotvault.api.services import ApiServices
 from iotvault.auth.claims import InvalidTokenError, TokenClaims
@@ -50,9 +50,10 @@ class _Cached:
 
 
 class _Failed(Exception):  # noqa: N818 - internal signal, never escapes this module
-    def __init__(self, reason: str, identity: str | None = None) -> None:
+    def __init__(self, reason: str, identity: str | None = None, *, revoked: str = "") -> None:
         self.reason = reason
         self.identity = identity  # what the credential claimed to be, when it names someone
+        self.revoked = revoked  # the revoked credential that was used (``apikey:<id>``, ``token#<hash>``)
 
 
 def services(request: Request) -> ApiServices:
@@ -93,9 +94,9 @@ def _principal_for_claims(svc: ApiServices, claims: TokenClaims) -> Principal:
 
 
 def _principal_for_api_key(svc: ApiServices, key: str, password: str) -> Principal:
-    record = verify_api_key(svc.ctx, key, password, now_us())
+    record, revoked = check_api_key(svc.ctx, key, password, now_us())
     if record is None:
-        raise _Failed("invalid, expired or revoked API key")
+        raise _Failed("invalid, expired or revoked API key", revoked=f"apikey:{key}" if revoked else "")
     grant = api_key_grant(svc.ctx, record.roles, record.devices, record.groups)
     return Principal.from_grants("api_key", record.key, [grant], record.groups)
 
@@ -118,7 +119,9 @@ class Authenticator:
         try:
             claims = await svc.verifier.verify(parts[0], parts[1] if len(parts) == 2 else None)
         except InvalidTokenError as exc:
-            raise _Failed(f"invalid token: {exc.reason}") from None
+            # a revoked token is named by a hash of it (the token itself is a secret)
+            revoked = "token#" + digest.hex()[:16] if exc.reason == "revoked" else ""
+            raise _Failed(f"invalid token: {exc.reason}", revoked=revoked) from None
         principal = await run_in_threadpool(_principal_for_claims, svc, claims)
         ttl = min(CACHE_TTL_S, max(0.0, claims.expires_at - time.time()))
         if len(self._cache) > 10_000:
@@ -143,7 +146,7 @@ class Authenticator:
         try:
             return await run_in_threadpool(_principal_for_api_key, svc, key, password)
         except _Failed as exc:
-            raise _Failed(exc.reason, identity) from None
+            raise _Failed(exc.reason, identity, revoked=exc.revoked) from None
 
     async def __call__(self, request: Request) -> Principal:
         svc = services(request)
@@ -166,6 +169,8 @@ class Authenticator:
             else:
                 raise _Failed("unsupported authorization scheme")  # noqa: TRY301 - handled just below
         except _Failed as exc:
+            if exc.revoked:  # the audit record says so, and the alert monitor raises an alert
+                request.state.audit = {"revoked": True, "credential": exc.revoked}
             if limiter is not None:
                 retry = await limiter.auth_failed(address, exc.identity)
                 if retry is not None or blocked is not None:

@@ -19,10 +19,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from iotvault.audit.changes import Origin, origin
 from iotvault.clock import now_us
 from iotvault.config import Settings, load_settings
 from iotvault.context import Context, context
-from iotvault.documents import iso
+from iotvault.documents import describe, iso
 from iotvault.domain.accounts import Roles
 from iotvault.domain.audit import AuditEntry
 from iotvault.errors import ConfigError, MasterKeyError, NotFoundError, NotInitialisedError
@@ -92,7 +93,8 @@ def opened(cli: typer.Context, *, read_only: bool = False) -> Iterator[Context]:
                 return
             outcome = "failure"
             try:
-                yield ctx
+                with origin(Origin(ctx.audit.record, lambda: "cli", describe)):
+                    yield ctx
                 outcome = "success"
             finally:
                 ctx.audit.record(_cli_entry(cli, outcome))
