@@ -154,7 +154,10 @@ async def test_a_refused_change_records_nothing_but_the_request(api: Api) -> Non
 
 async def test_using_a_revoked_api_key_raises_exactly_one_alert(api: Api) -> None:
     store = AuditStore(api.ctx.engine, api.ctx.settings.effective_database_url)
-    api.ctx.audit.observers.append(AlertMonitor(store).observe_entry)
+    raised: list[str] = []  # what the node's /metrics alert counter is told
+    api.ctx.audit.observers.append(
+        AlertMonitor(store, on_alert=lambda a: raised.append(a.kind.value)).observe_entry
+    )
     new = create_api_key(api.ctx, roles=Roles(reader=True), devices=("d1",), created_by="test")
     other = create_api_key(api.ctx, roles=Roles(reader=True), devices=("d1",), created_by="test")
     headers = {"Authorization": "Basic " + base64.b64encode(f"{new.key}:{new.password}".encode()).decode()}
@@ -167,6 +170,7 @@ async def test_using_a_revoked_api_key_raises_exactly_one_alert(api: Api) -> Non
 
     alerts = store.list_alerts(kind="revoked_credential_use")
     assert [(a.subject, a.severity) for a in alerts] == [(f"apikey:{new.key}", "high")]
+    assert raised == ["revoked_credential_use"]
     api.ctx.audit.flush()
     refused = [r.entry for r in store.records(from_seq=1) if r.entry.detail.get("revoked") is True]
     assert len(refused) == 3

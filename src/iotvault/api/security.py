@@ -148,27 +148,35 @@ class Authenticator:
         except _Failed as exc:
             raise _Failed(exc.reason, identity, revoked=exc.revoked) from None
 
+    async def _credential(self, svc: ApiServices, header: str, *, address_blocked: bool) -> Principal:
+        if len(header) > MAX_HEADER:
+            raise _Failed("Authorization header too large")
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return await self._bearer(svc, value.strip())
+        if scheme.lower() == "basic":
+            return await self._basic(svc, value, address_blocked=address_blocked)
+        raise _Failed("unsupported authorization scheme")
+
     async def __call__(self, request: Request) -> Principal:
         svc = services(request)
         address = client_address(request)
         limiter = svc.limiter
         blocked = await limiter.auth_blocked(address) if limiter is not None else None
         header = request.headers.get("authorization")
+        counted = svc.metrics.authentications.inc
         if header is None:
+            counted(label_value="missing")
             if blocked is not None:
                 raise Problem(429, "too many failed authentications", headers={"Retry-After": str(blocked)})
             raise unauthorized()
-        scheme, _, value = header.strip().partition(" ")
         try:
-            if len(header) > MAX_HEADER:
-                raise _Failed("Authorization header too large")  # noqa: TRY301 - handled just below
-            if scheme.lower() == "bearer":
-                principal = await self._bearer(svc, value.strip())
-            elif scheme.lower() == "basic":
-                principal = await self._basic(svc, value, address_blocked=blocked is not None)
-            else:
-                raise _Failed("unsupported authorization scheme")  # noqa: TRY301 - handled just below
+            principal = await self._credential(svc, header, address_blocked=blocked is not None)
+        except Problem:  # throttled before any password hash was computed
+            counted(label_value="throttled")
+            raise
         except _Failed as exc:
+            counted(label_value="revoked" if exc.revoked else "failure")
             if exc.revoked:  # the audit record says so, and the alert monitor raises an alert
                 request.state.audit = {"revoked": True, "credential": exc.revoked}
             if limiter is not None:
@@ -179,6 +187,7 @@ class Authenticator:
                         429, "too many failed authentications", headers={"Retry-After": wait}
                     ) from None
             raise unauthorized(exc.reason) from None
+        counted(label_value="success")
         if limiter is not None:
             retry = await limiter.hit_principal(f"{principal.kind}:{principal.id}")
             if retry is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from iotvault.audit.alerts import Alert, AlertEngine, Signal
 from iotvault.audit.webhook import Webhook
@@ -63,11 +63,16 @@ class AlertMonitor:
     """Thread-safe: the API's worker threads and the event loop both observe."""
 
     def __init__(
-        self, store: AuditStore, engine: AlertEngine | None = None, webhook: Webhook | None = None
+        self,
+        store: AuditStore,
+        engine: AlertEngine | None = None,
+        webhook: Webhook | None = None,
+        on_alert: Callable[[Alert], object] | None = None,
     ) -> None:
         self._store = store
         self._engine = engine or AlertEngine()
         self._webhook = webhook
+        self._on_alert = on_alert  # e.g. the alert counter of /metrics
         self._lock = threading.Lock()
 
     def observe_entry(self, entry: AuditEntry) -> list[Alert]:
@@ -81,6 +86,8 @@ class AlertMonitor:
         return raised
 
     def _raise(self, alert: Alert) -> None:
+        if self._on_alert is not None:
+            self._on_alert(alert)
         delivery = "pending" if self._webhook is not None else "none"
         try:
             alert_id = self._store.add_alert(

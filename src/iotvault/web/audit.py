@@ -19,7 +19,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from iotvault.api.routes.audit import audit_doc
+from iotvault.api.routes.audit import MAX_CURSOR, audit_doc
 from iotvault.api.security import client_address, services
 from iotvault.audit.log import verify_log
 from iotvault.auth.policy import Permission, Principal
@@ -64,7 +64,7 @@ async def audit_page(
     action: _Text = "",
     target: _Text = "",
     outcome: Annotated[str, Query(pattern="^(|success|failure|denied|error)$")] = "",
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=MAX_CURSOR)] = None,
 ) -> Response:
     ctx = services(request).ctx
 
