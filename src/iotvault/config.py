@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     oidc_external_audience: str = ""
     oidc_external_groups_claim: str = "groups"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # text lines, or one JSON object per line for a log shipper; either way control characters
+    # a client sent are escaped (iotvault.logformat)
+    log_format: Annotated[Literal["text", "json"], Field(description="text or json lines")] = "text"
     # HTTP hardening
     cors_origins: str = ""  # comma-separated exact origins allowed to call the API from a browser
     max_request_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1_048_576

@@ -27,6 +27,7 @@ from iotvault.documents import describe, iso
 from iotvault.domain.accounts import Roles
 from iotvault.domain.audit import AuditEntry
 from iotvault.errors import ConfigError, MasterKeyError, NotFoundError, NotInitialisedError
+from iotvault.logformat import formatter
 
 PIPED_WIDTH = 1_000
 """Columns of a console that is not a terminal: rich would cut tables to 80 when piped."""
@@ -128,12 +129,11 @@ def _require_installation(s: Settings) -> None:
         )
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, kind: str = "text") -> None:
+    """Log to stderr as text or JSON lines (``IOTVAULT_LOG_FORMAT``); see :mod:`iotvault.logformat`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(kind))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     for noisy in ("amqtt", "transitions", "gmqtt", "uvicorn.error", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
