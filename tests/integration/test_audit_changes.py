@@ -176,3 +176,15 @@ async def test_using_a_revoked_api_key_raises_exactly_one_alert(api: Api) -> Non
     assert len(refused) == 3
     assert {e.detail["credential"] for e in refused} == {f"apikey:{new.key}"}
     assert new.password not in json.dumps([dict(e.detail) for e in refused])
+
+
+async def test_without_request_records_changes_are_still_recorded(tmp_path: Path) -> None:
+    async with running_api(tmp_path, audit_requests="false") as api:
+        r = await api.client.post("/iotf/groups", json={"groupName": "g7"}, headers=api.auth("root"))
+        assert r.status_code == 201, r.text
+        assert (await api.client.get("/iotf/devices/d1", headers=api.auth("alice"))).status_code == 200
+        api.ctx.audit.flush()
+        store = AuditStore(api.ctx.engine, api.ctx.settings.effective_database_url)
+        actions = [r.entry.action for r in store.records(from_seq=1)]
+        assert "http.request" not in actions
+        assert one(changes(api), "group.create", "g7")["actor"] == "user:root"

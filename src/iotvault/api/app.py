@@ -139,5 +139,11 @@ def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity
         on_abuse=svc.on_abuse,
     )
     # outermost: it records what the hardening refuses too (429, 413), with the request id
-    app.add_middleware(AuditTrail, record=svc.ctx.audit.record, describe=describe, skip=oidc.OIDC_ROUTES)
+    app.add_middleware(
+        AuditTrail,
+        record=svc.ctx.audit.record,
+        describe=describe,
+        skip=oidc.OIDC_ROUTES,
+        requests=settings.audit_requests,
+    )
     return app

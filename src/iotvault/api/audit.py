@@ -65,8 +65,10 @@ class AuditTrail:
         record: Callable[[AuditEntry], None],
         describe: Callable[[Any], Any],
         skip: frozenset[tuple[str, str]] = frozenset(),
+        requests: bool = True,
     ) -> None:
         self.app = app
+        self._requests = requests  # False: only the changes' own records (to measure the cost)
         self._record = record
         self._describe = describe
         self._skip = skip  # (method, route path) recorded elsewhere: the provider's endpoints
@@ -77,7 +79,7 @@ class AuditTrail:
             return
         method: str = scope["method"]
         path: str = scope["path"]
-        audited = method not in _QUIET_METHODS or path.startswith(_READ_PREFIXES)
+        audited = self._requests and (method not in _QUIET_METHODS or path.startswith(_READ_PREFIXES))
         given = dict(scope.get("headers") or ()).get(b"x-request-id", b"")
         request_id = given.decode() if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         status = 500
