@@ -122,12 +122,15 @@ async def test_no_secret_of_a_run_reaches_the_log_or_the_audit_log(tmp_path: Pat
                       "client_id": "leakapp"},
             )  # fmt: skip
             assert r.status_code == 200, r.text
-            keep(r.json()["access_token"])
-            keep(r.json()["refresh_token"])
+            fresh = r.json()
+            keep(fresh["access_token"])
+            keep(fresh["refresh_token"])
             r = await http.post(
-                "/oauth/revoke", data={"token": r.json()["refresh_token"], "client_id": "leakapp"}
+                "/oauth/revoke", data={"token": fresh["refresh_token"], "client_id": "leakapp"}
             )
             assert r.status_code == 200
+            revoked = {"Authorization": f"Bearer {fresh['access_token']}"}  # its login is revoked
+            assert (await http.get("/iotf/devices", headers=revoked)).status_code == 401
 
             # a device: its credential on the broker, an event whose payload must stay secret
             cred = DeviceCredential("leak-1", "thermo", device["password"])
@@ -166,7 +169,9 @@ async def test_no_secret_of_a_run_reaches_the_log_or_the_audit_log(tmp_path: Pat
     log = (tmp_path / "serve.log").read_text(encoding="utf-8", errors="replace")
     assert "oidc.token_issued" in exported  # the scan reads records that were there to read
     assert "apikey.revoke" in exported
-    assert '"revoked":true' in exported.replace(" ", "")
+    compact = exported.replace(" ", "")
+    assert f'"credential":"apikey:{reader["key"]}"' in compact  # both revoked credentials were marked
+    assert '"credential":"token#' in compact
     leaks = [
         (where, s[:12] + "…")
         for s in found
