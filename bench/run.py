@@ -360,6 +360,19 @@ def register(env: dict[str, str], n: int) -> tuple[list[tuple[str, str, str]], s
     return creds, probe_cred
 
 
+def operator_auth(env: dict[str, str]) -> dict[str, str]:
+    """Basic credentials of a new administrator's API key: ``/metrics`` needs ``metrics:read``."""
+    import base64  # noqa: PLC0415
+
+    from iotvault.accounts import create_api_key  # noqa: PLC0415
+    from iotvault.context import context  # noqa: PLC0415
+    from iotvault.domain.accounts import Roles  # noqa: PLC0415
+
+    with context(load_settings(environ=env)) as ctx:
+        key = create_api_key(ctx, roles=Roles(admin=True), created_by="bench")
+    return {"Authorization": "Basic " + base64.b64encode(f"{key.key}:{key.password}".encode()).decode()}
+
+
 def mqtt_port(env: dict[str, str], mosq: Mosquitto | None) -> int:
     return mosq.port if mosq is not None else int(env["IOTVAULT_MQTT_PORT"])
 
@@ -486,7 +499,9 @@ def run_case(cfg: Config, case: str, root: Path, issuer: Issuer) -> CaseResult: 
         time.sleep(1.0)  # anything stored twice would show up now
         res.stored = db.count()
         _, res.peak_rss = memory(server.pid)
-        res.batches = _metric(int(env["IOTVAULT_HTTP_PORT"]), "iotvault_ingest_batches_total")
+        res.batches = _metric(
+            int(env["IOTVAULT_HTTP_PORT"]), "iotvault_ingest_batches_total", operator_auth(env)
+        )
         if res.stored != n or res.published != n:
             raise BenchError(f"{case}: published {res.published}, stored {res.stored}, expected {n}")
         say(
@@ -509,8 +524,10 @@ def run_case(cfg: Config, case: str, root: Path, issuer: Issuer) -> CaseResult: 
     return res
 
 
-def _metric(http_port: int, name: str) -> int:
-    _, body = _get(f"http://127.0.0.1:{http_port}/metrics", {})
+def _metric(http_port: int, name: str, auth: dict[str, str]) -> int:
+    status, body = _get(f"http://127.0.0.1:{http_port}/metrics", auth)
+    if status != 200:
+        raise BenchError(f"/metrics answered {status}")
     for line in body.decode(errors="replace").splitlines():
         if line.startswith((name + " ", name + "{")):
             return int(float(line.rsplit(" ", 1)[1]))

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, NamedTuple, Protocol
 
+from iotvault.audit.changes import changed
 from iotvault.auth.policy import Grant
 from iotvault.clock import now_us
 from iotvault.crypto.passwords import generate_password, hash_password, needs_rehash, verify_password
@@ -82,6 +83,7 @@ def create_user(
     group_names = check_group_names(groups)
     secret = generate_password() if password is None else check_password(password)
     ctx.accounts.add_user(name, shown, hash_password(secret), attrs, group_names)
+    changed("user.create", name, after=ctx.accounts.get_user(name))
     return secret
 
 
@@ -101,19 +103,22 @@ def update_user(
     disabled: bool | None = None,
 ) -> UserRecord:
     """Change the given fields (``attributes`` replaces them all); returns the user as now stored."""
-    _existing_user(ctx, user_name)
+    before = _existing_user(ctx, user_name)
     ctx.accounts.update_user(
         user_name,
         display_name=check_display_name(display_name) if display_name is not None else None,
         attributes=check_attributes(attributes) if attributes is not None else None,
         disabled=parse_flag("disabled", disabled) if disabled is not None else None,
     )
-    return _existing_user(ctx, user_name)
+    after = _existing_user(ctx, user_name)
+    changed("user.update", user_name, before=before, after=after)
+    return after
 
 
 def set_password(ctx: AccountServices, user_name: str, password: str) -> None:
     _existing_user(ctx, user_name)
     ctx.accounts.set_password_hash(user_name, hash_password(check_password(password)))
+    changed("user.password.set", user_name)
 
 
 def reset_password(ctx: AccountServices, user_name: str) -> str:
@@ -121,12 +126,15 @@ def reset_password(ctx: AccountServices, user_name: str) -> str:
     _existing_user(ctx, user_name)
     password = generate_password()
     ctx.accounts.set_password_hash(user_name, hash_password(password))
+    changed("user.password.reset", user_name, generated=True)
     return password
 
 
 def delete_user(ctx: AccountServices, user_name: str) -> None:
-    if not is_valid_name(user_name) or not ctx.accounts.delete_user(user_name):
+    before = ctx.accounts.get_user(user_name) if is_valid_name(user_name) else None
+    if before is None or not ctx.accounts.delete_user(user_name):
         raise UserNotFoundError(user_name)
+    changed("user.delete", user_name, before=before)
 
 
 def authenticate(ctx: AccountServices, user_name: str, password: str) -> UserRecord | None:
@@ -169,7 +177,9 @@ def create_group(
     ctx.accounts.add_group(
         name, check_display_name(display_name if display_name else name), roles, check_device_ids(devices)
     )
-    return _existing_group(ctx, name)
+    after = _existing_group(ctx, name)
+    changed("group.create", name, after=after)
+    return after
 
 
 def update_group(
@@ -181,7 +191,7 @@ def update_group(
     devices: Iterable[str] | None = None,
 ) -> GroupRecord:
     """Change the given fields (``devices`` replaces the list); returns the group as now stored."""
-    _existing_group(ctx, group_name)
+    before = _existing_group(ctx, group_name)
     if roles is not None and not isinstance(roles, Roles):
         raise ValidationError("roles", "must be Roles")
     ctx.accounts.update_group(
@@ -190,32 +200,51 @@ def update_group(
         roles=roles,
         devices=check_device_ids(devices) if devices is not None else None,
     )
-    return _existing_group(ctx, group_name)
+    after = _existing_group(ctx, group_name)
+    changed("group.update", group_name, before=before, after=after)
+    return after
 
 
 def delete_group(ctx: AccountServices, group_name: str) -> None:
-    if not is_valid_name(group_name) or not ctx.accounts.delete_group(group_name):
+    before = ctx.accounts.get_group(group_name) if is_valid_name(group_name) else None
+    if before is None or not ctx.accounts.delete_group(group_name):
         raise GroupNotFoundError(group_name)
+    changed("group.delete", group_name, before=before)
+
+
+def _group_change(ctx: AccountServices, action: str, group_name: str, change: Callable[[], bool]) -> bool:
+    """Run ``change`` (membership or device list) and record the group before and after it."""
+    before = ctx.accounts.get_group(group_name)
+    done = change()
+    if done:
+        changed(action, group_name, before=before, after=ctx.accounts.get_group(group_name))
+    return done
 
 
 def add_member(ctx: AccountServices, group_name: str, user_name: str) -> bool:
     """Add ``user_name`` to ``group_name``; False if it already was a member."""
-    return ctx.accounts.add_member(check_name("groupName", group_name), check_name("userName", user_name))
+    group, user = check_name("groupName", group_name), check_name("userName", user_name)
+    return _group_change(ctx, "group.member.add", group, lambda: ctx.accounts.add_member(group, user))
 
 
 def remove_member(ctx: AccountServices, group_name: str, user_name: str) -> bool:
     """Remove ``user_name`` from ``group_name``; False if it was not a member."""
-    return ctx.accounts.remove_member(check_name("groupName", group_name), check_name("userName", user_name))
+    group, user = check_name("groupName", group_name), check_name("userName", user_name)
+    return _group_change(ctx, "group.member.remove", group, lambda: ctx.accounts.remove_member(group, user))
 
 
 def add_group_device(ctx: AccountServices, group_name: str, device_id: str) -> bool:
     (did,) = check_device_ids([device_id])
-    return ctx.accounts.add_group_device(check_name("groupName", group_name), did)
+    group = check_name("groupName", group_name)
+    return _group_change(ctx, "group.device.add", group, lambda: ctx.accounts.add_group_device(group, did))
 
 
 def remove_group_device(ctx: AccountServices, group_name: str, device_id: str) -> bool:
     (did,) = check_device_ids([device_id])
-    return ctx.accounts.remove_group_device(check_name("groupName", group_name), did)
+    group = check_name("groupName", group_name)
+    return _group_change(
+        ctx, "group.device.remove", group, lambda: ctx.accounts.remove_group_device(group, did)
+    )
 
 
 # ---- API keys ------------------------------------------------------------------------
@@ -267,6 +296,7 @@ def create_api_key(
         created_us=at,
     )
     ctx.accounts.add_api_key(record, hash_secret(new.password))
+    changed("apikey.create", new.key, after=record)
     return new
 
 
@@ -294,23 +324,42 @@ def verify_api_key(ctx: AccountServices, key: str, password: str, now_us: int) -
     Unknown keys cost a hash like a wrong password. A successful check records ``lastUsed``
     (at most once a minute).
     """
+    return check_api_key(ctx, key, password, now_us).record
+
+
+class ApiKeyCheck(NamedTuple):
+    record: ApiKeyRecord | None  # set only when the key is accepted
+    revoked: bool = False  # the right password of a revoked key: someone still holds it
+
+
+def check_api_key(ctx: AccountServices, key: str, password: str, now_us: int) -> ApiKeyCheck:
+    """:func:`verify_api_key`, and whether a refusal was the right password of a revoked key.
+
+    That case is worth an alert (a leaked or forgotten key still in use); a wrong password for
+    a revoked key is not told apart from any other wrong password.
+    """
     found = ctx.accounts.get_api_key(key) if is_api_key_id(key) else None
     if found is None:
         verify_secret(password, _DUMMY_SECRET_HASH)
-        return None
+        return ApiKeyCheck(None)
     record, stored = found
     if not verify_secret(password, stored):
-        return None
-    if record.revoked_us is not None or (record.expires_us is not None and record.expires_us <= now_us):
-        return None
+        return ApiKeyCheck(None)
+    if record.revoked_us is not None:
+        return ApiKeyCheck(None, revoked=True)
+    if record.expires_us is not None and record.expires_us <= now_us:
+        return ApiKeyCheck(None)
     if ctx.accounts.touch_api_key(record.key, now_us):
         record = replace(record, last_used_us=now_us)
-    return record
+    return ApiKeyCheck(record)
 
 
 def revoke_api_key(ctx: AccountServices, key: str, at_us: int | None = None) -> None:
-    if not is_api_key_id(key) or not ctx.accounts.revoke_api_key(key, now_us() if at_us is None else at_us):
+    found = ctx.accounts.get_api_key(key) if is_api_key_id(key) else None
+    if found is None or not ctx.accounts.revoke_api_key(key, now_us() if at_us is None else at_us):
         raise ApiKeyNotFoundError(key)
+    after = ctx.accounts.get_api_key(key)
+    changed("apikey.revoke", key, before=found[0], after=after[0] if after is not None else None)
 
 
 # ---- seed import ---------------------------------------------------------------------

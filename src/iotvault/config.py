@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     oidc_external_audience: str = ""
     oidc_external_groups_claim: str = "groups"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # text lines, or one JSON object per line for a log shipper; either way control characters
+    # a client sent are escaped (iotvault.logformat)
+    log_format: Annotated[Literal["text", "json"], Field(description="text or json lines")] = "text"
     # HTTP hardening
     cors_origins: str = ""  # comma-separated exact origins allowed to call the API from a browser
     max_request_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1_048_576
@@ -143,6 +146,9 @@ class Settings(BaseSettings):
     audit_export_file: str = ""  # each signed checkpoint of the audit chain is also appended here
     audit_checkpoint_interval_s: Annotated[float, Field(ge=1.0, le=86_400.0)] = 60.0
     audit_retention_days: Annotated[int, Field(ge=0, le=36_500)] = 0  # 0: keep every record
+    # false only to measure what recording every HTTP request costs (BENCHMARKS.md): changes,
+    # sign-ins and refusals are still recorded, and the node's start record shows the setting
+    audit_requests: Annotated[bool, Field(description="record every HTTP request")] = True
     alert_webhook_url: str = ""  # alerts are POSTed here, signed with alert_webhook_secret
     alert_webhook_secret: SecretStr = SecretStr("")
     # ---- start-up, readiness, shutdown and slow clients: the README's "Health and readiness" ----

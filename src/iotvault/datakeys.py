@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from iotvault.audit.changes import changed
 from iotvault.context import Context
 
 PAGE = 500
@@ -19,7 +20,9 @@ PAGE = 500
 
 def rotate_data_keys(ctx: Context) -> dict[str, int]:
     """A new data-key version for every registered device: ``{deviceId: version}``."""
-    return {d: ctx.keyring.rotate(d) for d in ctx.store.device_ids()}
+    versions = {d: ctx.keyring.rotate(d) for d in ctx.store.device_ids()}
+    changed("keys.rotate", "data keys", devices=len(versions))
+    return versions
 
 
 def reencrypt_events(
@@ -29,8 +32,9 @@ def reencrypt_events(
 
     ``on_page`` is told how many events each page held (rewritten or not), for progress.
     """
-    rewritten = 0
+    rewritten, done = 0, 0
     for device_id in device_ids:
+        done += 1
         after: str | None = "0"
         while True:
             page = ctx.store.events_page(device_id, count=PAGE, after=after)
@@ -47,4 +51,5 @@ def reencrypt_events(
             rewritten += len(rows)
             on_page(len(page))
             after = page[-1].event_id
+    changed("keys.reencrypt", "events", devices=done, rewritten=rewritten)
     return rewritten

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from iotvault.audit.changes import changed
 from iotvault.clock import US_PER_S, Clock, now_us
 from iotvault.crypto.tokens import hash_secret, new_secret
 from iotvault.domain.ids import DeviceId, TypeId
@@ -96,6 +97,7 @@ def register_device(
             ctx.store.delete_device(did)  # a device the broker would refuse is not registered
             ctx.keyring.forget(did)
             raise
+    changed("device.register", did, after=record, credential="issued")
     return NewDevice(did, tid, credential)
 
 
@@ -115,6 +117,7 @@ def rotate_device_credential(
         ctx.device_accounts.credential_rotated(device.device_id, device.type_id, credential)
     until = clock() + grace_s * US_PER_S if grace_s > 0 else None
     ctx.store.set_credential(device_id, hash_secret(credential), previous_valid_until_us=until)
+    changed("device.credential.rotate", device.device_id, credential="issued", graceSeconds=grace_s)
     return credential
 
 
@@ -123,14 +126,21 @@ def revoke_device_credential(ctx: DeviceServices, device_id: str) -> None:
     ctx.store.revoke_credentials(device_id)
     if ctx.device_accounts is not None:
         ctx.device_accounts.credential_revoked(device_id)
+    changed("device.credential.revoke", device_id)
 
 
 def delete_device(ctx: DeviceServices, device_id: str) -> None:
-    """Remove a device, its keys and events, and every API key's or group's mention of it."""
-    if not ctx.store.delete_device(device_id):
+    """Remove a device, its keys and events, and every API key's or group's mention of it.
+
+    Its data keys go with it (crypto-shredding): any copy of its events left in a backup or a
+    replica no longer decrypts, which the audit record says.
+    """
+    before = ctx.store.get_device(device_id)
+    if before is None or not ctx.store.delete_device(device_id):
         raise DeviceNotFoundError(device_id)
     ctx.keyring.forget(device_id)
     ctx.accounts.forget_device(device_id)  # API keys that named it; its group grants are gone
     if ctx.device_accounts is not None:
         # a failure here is repaired at the next start (DynsecAccounts.reconcile)
         ctx.device_accounts.device_deleted(device_id)
+    changed("device.delete", device_id, before=before, dataKeysDestroyed=True, eventsDeleted=True)

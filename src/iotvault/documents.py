@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -200,3 +201,23 @@ def to_json(body: Any) -> bytes:
     replace them with spaces.
     """
     return orjson.dumps(body)
+
+
+def describe(record: Any) -> dict[str, Any]:
+    """The document of a user, group, API key, OAuth client or device record (audit before/after).
+
+    By the record's class name, so that this module still imports no record class at run time.
+    """
+    doc = _DOCUMENTS.get(type(record).__name__)
+    if doc is None:
+        raise TypeError(f"no document for {type(record).__name__}")
+    return doc(record)
+
+
+_DOCUMENTS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "UserRecord": user_doc,
+    "GroupRecord": group_doc,
+    "ApiKeyRecord": api_key_doc,
+    "ClientRecord": client_doc,
+    "DeviceRecord": device_doc,
+}

@@ -71,6 +71,12 @@ class Metrics:
         self.commit_failures = Counter(
             "iotvault_ingest_commit_failures_total", "Batch commits that failed and were retried."
         )
+        self.authentications = Counter(
+            "iotvault_http_authentications_total",
+            "API authentications by outcome (success, failure, revoked, throttled, missing).",
+            "outcome",
+        )
+        self.alerts = Counter("iotvault_alerts_total", "Alerts raised by this node, by kind.", "kind")
         self.gauges: list[Gauge] = []
 
     def render(self) -> str:
@@ -83,6 +89,8 @@ class Metrics:
                 self.status_updates,
                 self.batches,
                 self.commit_failures,
+                self.authentications,
+                self.alerts,
             )
         ]
         parts += [g.render() for g in self.gauges]

@@ -251,7 +251,7 @@ class Node:
         """The audit log's writer, alerts and webhook, and the record of this start."""
         audit = await asyncio.to_thread(lambda: ctx.audit)  # its signing key may be made now
         store = AuditStore(ctx.engine, self.settings.effective_database_url)
-        return AuditService(audit, store, self.settings, self.role.value)
+        return AuditService(audit, store, self.settings, self.role.value, self.metrics)
 
     async def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
         s = self.settings

@@ -193,3 +193,17 @@ def test_the_writer_thread_flushes_and_a_full_queue_is_itself_recorded(store: Au
     dropped = store.query(AuditFilter(action="audit.dropped"))
     assert [r.entry.detail for r in dropped] == [{"count": 3}]
     assert verify_log(store, audit.public_key).ok
+
+
+def test_queue_depth_and_write_lag_for_metrics(store: AuditStore) -> None:
+    clock = Clock()
+    audit = AuditLog(store, CheckpointSigner(SEED), clock)
+    assert (audit.queue_depth, audit.write_lag_s) == (0, 0.0)
+    first = clock()
+    audit.record(AuditEntry(first, "user:alice", "device.read", "d1", "success"))
+    audit.record(AuditEntry(clock(), "user:alice", "device.read", "d2", "success"))
+    assert audit.queue_depth == 2
+    clock.now = first + 3_000_000  # three seconds later, nothing written yet
+    assert audit.write_lag_s == pytest.approx(3.0, abs=0.01)
+    assert audit.flush() == 2
+    assert (audit.queue_depth, audit.write_lag_s) == (0, 0.0)

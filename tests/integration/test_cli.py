@@ -137,6 +137,9 @@ def test_device_lifecycle_and_secret_shown_once(tmp_path: Path) -> None:
 
 def test_serve_health_metrics_and_sigterm(tmp_path: Path, server_factory: list[ServerProcess]) -> None:
     env = server_env(tmp_path)
+    made = iotvault("apikeys", "add", "--admin", "--description", "prometheus", "--json", env=env)
+    operator = json.loads(made.stdout)
+    reader = json.loads(iotvault("apikeys", "add", "--reader", "--json", env=env).stdout)
     server = ServerProcess(env, tmp_path / "server.log")
     server_factory.append(server)
     server.start()
@@ -149,9 +152,22 @@ def test_serve_health_metrics_and_sigterm(tmp_path: Path, server_factory: list[S
         assert health.headers["x-content-type-options"] == "nosniff"
         assert "server" not in health.headers
         assert client.get("/readyz").json() == {"status": "ready"}
-        metrics = client.get("/metrics")
+        # /metrics is for operators: Basic credentials of an administrator's API key
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", auth=(reader["key"], reader["password"])).status_code == 403
+        assert client.get("/metrics", auth=(operator["key"], "not-its-password")).status_code == 401
+        metrics = client.get("/metrics", auth=(operator["key"], operator["password"]))
+        assert metrics.status_code == 200
         assert metrics.headers["content-type"].startswith("text/plain")
         assert "iotvault_ingest_events_stored_total 0" in metrics.text
+        lines = set(metrics.text.splitlines())
+        # this request's own authentication is counted before the page is made
+        assert 'iotvault_http_authentications_total{outcome="missing"} 1' in lines
+        assert 'iotvault_http_authentications_total{outcome="failure"} 1' in lines
+        assert 'iotvault_http_authentications_total{outcome="success"} 2' in lines
+        assert "iotvault_alerts_total 0" in lines
+        assert any(line.startswith("iotvault_audit_queue_depth ") for line in lines)
+        assert any(line.startswith("iotvault_audit_write_lag_seconds ") for line in lines)
     assert server.proc is not None
     started = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)

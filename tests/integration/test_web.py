@@ -40,6 +40,7 @@ ADMIN_PAGES = (
     "/admin/apikeys",
     "/admin/clients",
     "/security",
+    "/audit",
     "/admin/devices/thermo-1/access",
 )
 # text whose contrast with its background is below WCAG AA (4.5:1)
@@ -265,6 +266,46 @@ async def test_an_admin_registers_a_device_and_sees_its_credential_once(site: Si
         assert "maria" in table
         assert "root" not in table
         await page.screenshot(path=shot("admin-access"), full_page=True)
+
+
+async def test_audit_page_verifies_the_chain_and_security_lists_a_revoked_key_alert(site: Site) -> None:
+    async with browser_page(site) as page:
+        await sign_in(page, "root")
+        await page.goto("/admin/apikeys")
+        await page.get_by_label("Description").fill("leaked-later")
+        await page.get_by_role("button", name="Create key").click()
+        key, key_password = (t.strip() for t in await page.locator("code.secret").all_inner_texts())
+        await page.goto("/admin/apikeys")
+        await page.get_by_role("button", name=f"Revoke {key}").click()
+        async with httpx.AsyncClient(base_url=site.url, auth=(key, key_password)) as http:
+            assert (await http.get("/iotf/devices")).status_code == 401
+
+        await page.goto("/audit")
+        await page.get_by_label("Action").fill("apikey.revoke")
+        await page.get_by_role("button", name="Filter").click()
+        await page.wait_for_url("**/audit?*action=apikey.revoke*")
+        rows = page.locator("#audit-records tbody tr")
+        assert await rows.count() == 1
+        row = await rows.first.inner_text()
+        assert key in row
+        assert "user:root" in row
+        assert key_password not in await page.content()
+        await page.get_by_role("button", name="Verify the whole chain now").click()
+        await page.wait_for_url("**/audit")
+        status = page.locator("#audit-verification")
+        await expect(status).to_have_attribute("data-ok", "true")
+        await expect(status).to_contain_text("Intact")
+        await expect(status.locator("time")).to_have_attribute("datetime", re.compile(r"^\d{4}-.*Z$"))
+        await page.screenshot(path=shot("audit-desktop"), full_page=True)
+
+        for _ in range(50):  # the alert is raised as the node writes the record
+            await page.goto("/security")
+            alerts = await page.locator("#security-alerts tbody").inner_text()
+            if "revoked_credential_use" in alerts:
+                break
+            await asyncio.sleep(0.2)
+        assert "revoked_credential_use" in alerts
+        assert f"apikey:{key}" in alerts
 
 
 async def test_access_api_answers_from_the_policy(site: Site) -> None:

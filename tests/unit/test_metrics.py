@@ -109,6 +109,8 @@ def test_metrics_page_is_valid_exposition_text() -> None:
         "iotvault_ingest_status_updates_total",
         "iotvault_ingest_batches_total",
         "iotvault_ingest_commit_failures_total",
+        "iotvault_http_authentications_total",
+        "iotvault_alerts_total",
     }
     for name, fam in families.items():
         assert fam.type == "counter"

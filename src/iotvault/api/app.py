@@ -8,6 +8,8 @@ OpenID Connect provider's endpoints (:mod:`iotvault.api.routes.oidc`) are public
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -15,9 +17,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from iotvault import __version__, web
 from iotvault.api import problems
 from iotvault.api.audit import AuditTrail
+from iotvault.api.deps import Requires
 from iotvault.api.middleware import Hardening
 from iotvault.api.routes import access, admin, audit, commands, devices, oidc, oidc_admin
 from iotvault.api.services import ApiServices
+from iotvault.auth.policy import Permission, Principal
+from iotvault.documents import describe
 from iotvault.health import RETRY_AFTER_S, ReadyCheck
 from iotvault.identity import Identity
 
@@ -28,7 +33,6 @@ PUBLIC_ROUTES = frozenset(
     {
         ("GET", "/healthz"),
         ("GET", "/readyz"),
-        ("GET", "/metrics"),
         ("GET", "/openapi.json"),
     }
     | oidc.OIDC_ROUTES
@@ -94,8 +98,15 @@ def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=PlainTextResponse)
-    async def metrics_endpoint() -> PlainTextResponse:
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics (operators: an administrator's API key as Basic credentials)",
+        response_class=PlainTextResponse,
+    )
+    async def metrics_endpoint(
+        _p: Annotated[Principal, Requires(Permission.METRICS_READ)],
+    ) -> PlainTextResponse:
         return PlainTextResponse(svc.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     app.include_router(access.router)  # before devices: its path is more specific
@@ -128,5 +139,11 @@ def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity
         on_abuse=svc.on_abuse,
     )
     # outermost: it records what the hardening refuses too (429, 413), with the request id
-    app.add_middleware(AuditTrail, record=svc.ctx.audit.record, skip=oidc.OIDC_ROUTES)
+    app.add_middleware(
+        AuditTrail,
+        record=svc.ctx.audit.record,
+        describe=describe,
+        skip=oidc.OIDC_ROUTES,
+        requests=settings.audit_requests,
+    )
     return app

@@ -9,8 +9,10 @@ are left to the provider's own events (login success and failure, lockout, revoc
 reach the audit log as security events with names of failed logins hashed.
 
 A route adds what only it knows (how many events a read returned) to ``request.state.audit``.
-Bodies are never recorded: before/after values of administrative changes are not in this
-release's records (they would need each route's help, and secrets must never enter them).
+Bodies are never recorded. Administrative changes get a record of their own, with the documents
+before and after, from the services that make them (:mod:`iotvault.audit.changes`): this
+middleware gives them the request's :class:`~iotvault.audit.changes.Origin` (actor, address,
+request id).
 
 Each request gets an id: a well-formed ``X-Request-Id`` from the caller is kept, otherwise one is
 made; it is echoed in the response and stored with the record.
@@ -25,6 +27,7 @@ from typing import Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from iotvault.audit.changes import Origin, origin
 from iotvault.clock import now_us
 from iotvault.domain.audit import AuditEntry
 
@@ -60,10 +63,14 @@ class AuditTrail:
         app: ASGIApp,
         *,
         record: Callable[[AuditEntry], None],
+        describe: Callable[[Any], Any],
         skip: frozenset[tuple[str, str]] = frozenset(),
+        requests: bool = True,
     ) -> None:
         self.app = app
+        self._requests = requests  # False: only the changes' own records (to measure the cost)
         self._record = record
+        self._describe = describe
         self._skip = skip  # (method, route path) recorded elsewhere: the provider's endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -72,7 +79,7 @@ class AuditTrail:
             return
         method: str = scope["method"]
         path: str = scope["path"]
-        audited = method not in _QUIET_METHODS or path.startswith(_READ_PREFIXES)
+        audited = self._requests and (method not in _QUIET_METHODS or path.startswith(_READ_PREFIXES))
         given = dict(scope.get("headers") or ()).get(b"x-request-id", b"")
         request_id = given.decode() if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         status = 500
@@ -84,8 +91,18 @@ class AuditTrail:
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        state: dict[str, Any] = scope.setdefault("state", {})
+        client = scope.get("client")
+        where = Origin(
+            self._record,
+            lambda: _actor(state),
+            self._describe,
+            client=str(client[0]) if client else "",
+            request_id=request_id,
+        )
         try:
-            await self.app(scope, receive, send_with_id)
+            with origin(where):
+                await self.app(scope, receive, send_with_id)
         finally:
             if audited:
                 self._after(scope, method, path, status, request_id)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from iotvault.accounts import api_key_grant, verify_api_key
+from iotvault.accounts import api_key_grant, check_api_key
 from iotvault.api.problems import Problem, unauthorized
 from iotvault.api.services import ApiServices
 from iotvault.auth.claims import InvalidTokenError, TokenClaims
@@ -50,9 +50,10 @@ class _Cached:
 
 
 class _Failed(Exception):  # noqa: N818 - internal signal, never escapes this module
-    def __init__(self, reason: str, identity: str | None = None) -> None:
+    def __init__(self, reason: str, identity: str | None = None, *, revoked: str = "") -> None:
         self.reason = reason
         self.identity = identity  # what the credential claimed to be, when it names someone
+        self.revoked = revoked  # the revoked credential that was used (``apikey:<id>``, ``token#<hash>``)
 
 
 def services(request: Request) -> ApiServices:
@@ -93,9 +94,9 @@ def _principal_for_claims(svc: ApiServices, claims: TokenClaims) -> Principal:
 
 
 def _principal_for_api_key(svc: ApiServices, key: str, password: str) -> Principal:
-    record = verify_api_key(svc.ctx, key, password, now_us())
+    record, revoked = check_api_key(svc.ctx, key, password, now_us())
     if record is None:
-        raise _Failed("invalid, expired or revoked API key")
+        raise _Failed("invalid, expired or revoked API key", revoked=f"apikey:{key}" if revoked else "")
     grant = api_key_grant(svc.ctx, record.roles, record.devices, record.groups)
     return Principal.from_grants("api_key", record.key, [grant], record.groups)
 
@@ -118,7 +119,9 @@ class Authenticator:
         try:
             claims = await svc.verifier.verify(parts[0], parts[1] if len(parts) == 2 else None)
         except InvalidTokenError as exc:
-            raise _Failed(f"invalid token: {exc.reason}") from None
+            # a revoked token is named by a hash of it (the token itself is a secret)
+            revoked = "token#" + digest.hex()[:16] if exc.reason == "revoked" else ""
+            raise _Failed(f"invalid token: {exc.reason}", revoked=revoked) from None
         principal = await run_in_threadpool(_principal_for_claims, svc, claims)
         ttl = min(CACHE_TTL_S, max(0.0, claims.expires_at - time.time()))
         if len(self._cache) > 10_000:
@@ -143,7 +146,17 @@ class Authenticator:
         try:
             return await run_in_threadpool(_principal_for_api_key, svc, key, password)
         except _Failed as exc:
-            raise _Failed(exc.reason, identity) from None
+            raise _Failed(exc.reason, identity, revoked=exc.revoked) from None
+
+    async def _credential(self, svc: ApiServices, header: str, *, address_blocked: bool) -> Principal:
+        if len(header) > MAX_HEADER:
+            raise _Failed("Authorization header too large")
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return await self._bearer(svc, value.strip())
+        if scheme.lower() == "basic":
+            return await self._basic(svc, value, address_blocked=address_blocked)
+        raise _Failed("unsupported authorization scheme")
 
     async def __call__(self, request: Request) -> Principal:
         svc = services(request)
@@ -151,21 +164,21 @@ class Authenticator:
         limiter = svc.limiter
         blocked = await limiter.auth_blocked(address) if limiter is not None else None
         header = request.headers.get("authorization")
+        counted = svc.metrics.authentications.inc
         if header is None:
+            counted(label_value="missing")
             if blocked is not None:
                 raise Problem(429, "too many failed authentications", headers={"Retry-After": str(blocked)})
             raise unauthorized()
-        scheme, _, value = header.strip().partition(" ")
         try:
-            if len(header) > MAX_HEADER:
-                raise _Failed("Authorization header too large")  # noqa: TRY301 - handled just below
-            if scheme.lower() == "bearer":
-                principal = await self._bearer(svc, value.strip())
-            elif scheme.lower() == "basic":
-                principal = await self._basic(svc, value, address_blocked=blocked is not None)
-            else:
-                raise _Failed("unsupported authorization scheme")  # noqa: TRY301 - handled just below
+            principal = await self._credential(svc, header, address_blocked=blocked is not None)
+        except Problem:  # throttled before any password hash was computed
+            counted(label_value="throttled")
+            raise
         except _Failed as exc:
+            counted(label_value="revoked" if exc.revoked else "failure")
+            if exc.revoked:  # the audit record says so, and the alert monitor raises an alert
+                request.state.audit = {"revoked": True, "credential": exc.revoked}
             if limiter is not None:
                 retry = await limiter.auth_failed(address, exc.identity)
                 if retry is not None or blocked is not None:
@@ -174,6 +187,7 @@ class Authenticator:
                         429, "too many failed authentications", headers={"Retry-After": wait}
                     ) from None
             raise unauthorized(exc.reason) from None
+        counted(label_value="success")
         if limiter is not None:
             retry = await limiter.hit_principal(f"{principal.kind}:{principal.id}")
             if retry is not None:

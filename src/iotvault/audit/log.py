@@ -59,6 +59,7 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._flush_lock = threading.Lock()
         self._last_checkpoint_us = 0
+        self._pending_since_us: int | None = None  # when the oldest entry not yet written was queued
         self.dropped = 0
         self.observers: list[Callable[[AuditEntry], object]] = []  # e.g. the alert monitor
 
@@ -72,6 +73,8 @@ class AuditLog:
             self._queue.put_nowait(entry)
         except queue.Full:
             self.dropped += 1
+        if self._pending_since_us is None:
+            self._pending_since_us = entry.at_us
         for observe in self.observers:
             try:
                 observe(entry)
@@ -102,7 +105,19 @@ class AuditLog:
                 for entry in batch:  # back on the queue for the next attempt, in order
                     self.record(entry)
                 raise
+            self._pending_since_us = None if self._queue.empty() else self._clock()
             return len(batch)
+
+    @property
+    def queue_depth(self) -> int:
+        """Entries queued and not yet written (``/metrics``)."""
+        return self._queue.qsize()
+
+    @property
+    def write_lag_s(self) -> float:
+        """How long the oldest entry not yet written has waited, in seconds; 0 when none waits."""
+        since = self._pending_since_us
+        return 0.0 if since is None else max(0.0, (self._clock() - since) / 1_000_000)
 
     def checkpoint(self) -> Checkpoint | None:
         """Sign the chain's current head (unless already signed) and keep it, and export it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from iotvault.audit.alerts import Alert, AlertEngine, Signal
 from iotvault.audit.webhook import Webhook
@@ -35,8 +35,10 @@ def signals_of(entry: AuditEntry) -> list[Signal]:
     A security event that stands for several (a broker row with ``count``) counts as that many.
     """
     e, status = entry, entry.detail.get("status")
-    kind, account = "", ""
-    if e.action in _LOGIN_ACTIONS:
+    kind, account, principal = "", "", e.actor
+    if e.detail.get("revoked") is True:  # before the 401 below: a revoked credential that still works
+        kind, principal = "revoked_use", str(e.detail.get("credential") or e.actor)
+    elif e.action in _LOGIN_ACTIONS:
         kind, account = "login_failure", e.target
     elif e.action == "http.request" and status == 401:
         kind, account = "login_failure", f"http-credentials@{e.client}"  # per address: keys, tokens
@@ -46,8 +48,6 @@ def signals_of(entry: AuditEntry) -> list[Signal]:
         kind = "topic_denied"
     elif e.outcome == "denied" and status in (403, 404):
         kind = "forbidden" if status == 403 else "not_found"
-    elif e.detail.get("revoked") is True:
-        kind = "revoked_use"
     elif e.action == "http.request" and e.detail.get("route", "").endswith("/commands") and status == 202:
         kind = "command"
     if not kind:
@@ -55,7 +55,7 @@ def signals_of(entry: AuditEntry) -> list[Signal]:
     device = e.target if kind in ("device_login_failure", "topic_denied") else ""
     repeats = e.detail.get("count")
     times = min(int(repeats), 1000) if isinstance(repeats, int) and repeats > 0 else 1
-    signal = Signal(e.at_us, kind, account=account, address=e.client, device=device, principal=e.actor)
+    signal = Signal(e.at_us, kind, account=account, address=e.client, device=device, principal=principal)
     return [signal] * times
 
 
@@ -63,11 +63,16 @@ class AlertMonitor:
     """Thread-safe: the API's worker threads and the event loop both observe."""
 
     def __init__(
-        self, store: AuditStore, engine: AlertEngine | None = None, webhook: Webhook | None = None
+        self,
+        store: AuditStore,
+        engine: AlertEngine | None = None,
+        webhook: Webhook | None = None,
+        on_alert: Callable[[Alert], object] | None = None,
     ) -> None:
         self._store = store
         self._engine = engine or AlertEngine()
         self._webhook = webhook
+        self._on_alert = on_alert  # e.g. the alert counter of /metrics
         self._lock = threading.Lock()
 
     def observe_entry(self, entry: AuditEntry) -> list[Alert]:
@@ -81,6 +86,8 @@ class AlertMonitor:
         return raised
 
     def _raise(self, alert: Alert) -> None:
+        if self._on_alert is not None:
+            self._on_alert(alert)
         delivery = "pending" if self._webhook is not None else "none"
         try:
             alert_id = self._store.add_alert(

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
+from iotvault.audit.alerts import Alert
 from iotvault.audit.log import AuditLog
 from iotvault.audit.monitor import AlertMonitor
 from iotvault.audit.webhook import Webhook, WebhookSettings
@@ -20,6 +22,7 @@ from iotvault.clock import now_us
 from iotvault.config import Settings
 from iotvault.domain.audit import AuditEntry
 from iotvault.errors import StorageError
+from iotvault.metrics import Gauge, Metrics
 from iotvault.storage.audit import AuditStore
 
 __all__ = ["AuditService", "settings_summary"]
@@ -58,8 +61,16 @@ def settings_summary(settings: Settings) -> dict[str, Any]:
 class AuditService:
     """``async with AuditService(audit, store, settings, role)``: the node's audit machinery."""
 
-    def __init__(self, audit: AuditLog, store: AuditStore, settings: Settings, role: str) -> None:
+    def __init__(
+        self,
+        audit: AuditLog,
+        store: AuditStore,
+        settings: Settings,
+        role: str,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._audit = audit
+        self._metrics = metrics
         self._store = store
         self._settings = settings
         self._role = role
@@ -73,7 +84,26 @@ class AuditService:
             self._webhook = await Webhook(
                 WebhookSettings(s.alert_webhook_url, secret), on_outcome=self._delivered
             ).__aenter__()
-        monitor = AlertMonitor(self._store, webhook=self._webhook)
+        on_alert: Callable[[Alert], None] | None = None
+        if self._metrics is not None:
+            counter, audit = self._metrics.alerts, self._audit
+
+            def on_alert(alert: Alert) -> None:
+                counter.inc(label_value=alert.kind.value)
+
+            self._metrics.gauges += [
+                Gauge(
+                    "iotvault_audit_queue_depth",
+                    "Audit entries queued, not yet written.",
+                    lambda: audit.queue_depth,
+                ),
+                Gauge(
+                    "iotvault_audit_write_lag_seconds",
+                    "How long the oldest audit entry not yet written has waited.",
+                    lambda: audit.write_lag_s,
+                ),
+            ]
+        monitor = AlertMonitor(self._store, webhook=self._webhook, on_alert=on_alert)
         self._audit.observers.append(monitor.observe_entry)
         self._audit.start()
         self._audit.record(

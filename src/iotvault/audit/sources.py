@@ -25,7 +25,16 @@ __all__ = ["NameHasher", "entry_of_security_event"]
 
 # identity-provider event kinds (``oidc_<kind>``) that are a success of the one named
 _OIDC_SUCCESS: Final = frozenset(
-    {"login_succeeded", "anonymous_login", "logout", "token_revoked", "device_approved", "allow"}
+    {
+        "login_succeeded",
+        "anonymous_login",
+        "logout",
+        "token_issued",
+        "token_refreshed",
+        "token_revoked",
+        "device_approved",
+        "allow",
+    }
 )
 _BROKER_LOGIN: Final = frozenset({"login_failed", "login_throttled"})
 _KEPT_DETAIL: Final = ("action", "reason", "topic", "count", "repeated", "window_s", "clientId", "folded")

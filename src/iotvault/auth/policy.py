@@ -35,6 +35,7 @@ class Permission(StrEnum):
     DEVICE_READ = "device:read"
     DEVICES_LIST = "devices:list"
     DEVICES_MANAGE = "devices:manage"
+    METRICS_READ = "metrics:read"
     SECURITY_EVENTS_READ = "security:events:read"
     SELF_READ = "self:read"
 
@@ -46,6 +47,7 @@ ADMIN_PERMISSIONS = frozenset(
         Permission.AUDIT_READ,
         Permission.CLIENTS_MANAGE,
         Permission.DEVICES_MANAGE,
+        Permission.METRICS_READ,
         Permission.SECURITY_EVENTS_READ,
     }
 )

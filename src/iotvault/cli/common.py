@@ -19,13 +19,15 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from iotvault.audit.changes import Origin, origin
 from iotvault.clock import now_us
 from iotvault.config import Settings, load_settings
 from iotvault.context import Context, context
-from iotvault.documents import iso
+from iotvault.documents import describe, iso
 from iotvault.domain.accounts import Roles
 from iotvault.domain.audit import AuditEntry
 from iotvault.errors import ConfigError, MasterKeyError, NotFoundError, NotInitialisedError
+from iotvault.logformat import formatter
 
 PIPED_WIDTH = 1_000
 """Columns of a console that is not a terminal: rich would cut tables to 80 when piped."""
@@ -92,7 +94,8 @@ def opened(cli: typer.Context, *, read_only: bool = False) -> Iterator[Context]:
                 return
             outcome = "failure"
             try:
-                yield ctx
+                with origin(Origin(ctx.audit.record, lambda: "cli", describe)):
+                    yield ctx
                 outcome = "success"
             finally:
                 ctx.audit.record(_cli_entry(cli, outcome))
@@ -126,12 +129,11 @@ def _require_installation(s: Settings) -> None:
         )
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, kind: str = "text") -> None:
+    """Log to stderr as text or JSON lines (``IOTVAULT_LOG_FORMAT``); see :mod:`iotvault.logformat`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(kind))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     for noisy in ("amqtt", "transitions", "gmqtt", "uvicorn.error", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 

@@ -190,7 +190,7 @@ def demo(
         raise ConfigError("broker_url", "the demo runs the embedded broker; unset IOTVAULT_BROKER_URL")
     s = settle_ports(st)
     st.use(s)
-    setup_logging(s.log_level)
+    setup_logging(s.log_level, s.log_format)
     with context(s) as ctx:
         creds = _demo_devices(ctx)
         accounts_made = _demo_accounts(ctx)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,6 +15,7 @@ from iotvault import __version__, nodefile
 from iotvault.cli.common import setup_logging, state
 from iotvault.config import Settings
 from iotvault.errors import ConfigError
+from iotvault.logformat import JsonFormatter
 
 if TYPE_CHECKING:
     from iotvault.node import Node
@@ -60,7 +63,7 @@ def serve(
         raise ConfigError("--role", f"{role!r} is not one of all, api, ingest") from None
     st = state(cli)
     s = st.settings
-    setup_logging(s.log_level)
+    setup_logging(s.log_level, s.log_format)
 
     def ready(node: Node) -> None:
         parts = []
@@ -70,7 +73,13 @@ def serve(
             parts.append(f"embedded MQTT broker on {s.mqtt_host}:{node.broker.port}")
         elif r in (Role.ALL, Role.INGEST):
             parts.append(f"ingesting from {s.broker.display}")
-        st.err.print(f"iotvault {__version__} ready: " + ", ".join(parts), highlight=False)
+        line = f"iotvault {__version__} ready: " + ", ".join(parts)
+        if s.log_format == "json":  # every line of stderr is then a JSON object, this one too
+            record = logging.LogRecord("iotvault.node", logging.INFO, __file__, 0, "%s", (line,), None)
+            sys.stderr.write(JsonFormatter().format(record) + "\n")
+            sys.stderr.flush()
+        else:
+            st.err.print(line, highlight=False)
         tune_gc_for_serving()
 
     try:

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
+from iotvault.audit.changes import changed
 from iotvault.clock import now_us
 from iotvault.crypto.tokens import hash_secret, new_secret, verify_secret
 from iotvault.domain.accounts import check_text
@@ -138,6 +139,7 @@ def add_client(
     )
     secret = new_secret() if confidential else None
     store.add_client(record, hash_secret(secret) if secret is not None else None)
+    changed("client.create", record.client_id, after=record)
     return NewClient(record, secret)
 
 
@@ -150,8 +152,10 @@ def get_client(store: IdentityStore, client_id: str) -> ClientRecord:
 
 def remove_client(store: IdentityStore, client_id: str) -> None:
     """Delete a client; the grants it holds are revoked with it."""
-    if not is_client_id(client_id) or not store.delete_client(client_id, now_us()):
+    found = store.get_client(client_id) if is_client_id(client_id) else None
+    if found is None or not store.delete_client(client_id, now_us()):
         raise ClientNotFoundError(client_id)
+    changed("client.delete", client_id, before=found[0], grantsRevoked=True)
 
 
 def authenticate_client(store: IdentityStore, client_id: str, secret: str) -> ClientRecord | None:

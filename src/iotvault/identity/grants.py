@@ -180,9 +180,13 @@ class Grants:
         _check_pkce(client, record.code_challenge, verifier)
         if not self._still_stands(record.who):
             raise OAuthError("invalid_grant", "the login of this code no longer stands")
-        return self.idp.new_grant(
+        answer = self.idp.new_grant(
             client, scope=record.scope, who=record.who, nonce=record.nonce, code_hash=code_hash
         )
+        self.idp.event(
+            "token_issued", user_name=record.who.user_name, client_id=client.client_id, address=call.address
+        )
+        return answer
 
     def _code_replayed(self, record: CodeRecord, client: ClientRecord, call: Call) -> NoReturn:
         grant = self.idp.store.get_grant(record.grant_id) if record.grant_id else None
@@ -235,7 +239,11 @@ class Grants:
             token_hash, sha256_hex(fresh), grant.grant_id, now_us(), live.expires_us
         ):
             self._replayed(grant.grant_id, client, call)  # a concurrent refresh won the race
-        return self.idp.token_answer(live, scope=scope, nonce=None, refresh_token=fresh)
+        answer = self.idp.token_answer(live, scope=scope, nonce=None, refresh_token=fresh)
+        self.idp.event(
+            "token_refreshed", user_name=grant.who.user_name, client_id=client.client_id, address=call.address
+        )
+        return answer
 
     def _replayed(self, grant_id: str, client: ClientRecord, call: Call) -> NoReturn:
         grant = self.idp.store.get_grant(grant_id)

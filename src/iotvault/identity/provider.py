@@ -79,7 +79,9 @@ PATHS: Final = {
 }
 BEARER: Final = "Bearer"  # the token type (RFC 6750)
 # identity events whose user name is an account that signed in, so it may be logged in clear
-_NAMED_IN_LOGS: Final = frozenset({"login_succeeded", "logout", "token_revoked", "device_approved"})
+_NAMED_IN_LOGS: Final = frozenset(
+    {"login_succeeded", "logout", "token_issued", "token_refreshed", "token_revoked", "device_approved"}
+)
 
 
 def api_audience(public_url: str) -> str:

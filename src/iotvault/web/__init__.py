@@ -25,7 +25,7 @@ from starlette.types import Scope
 
 from iotvault.api.services import ApiServices
 from iotvault.identity import Identity
-from iotvault.web import admin, pages
+from iotvault.web import admin, audit, pages
 from iotvault.web.bff import COOKIE_KEY, SessionBridge
 from iotvault.web.client import WebClient
 from iotvault.web.render import LoginRequired, PageError, page, static_dir
@@ -68,6 +68,7 @@ def mount(app: FastAPI, svc: ApiServices, identity: Identity) -> None:
     app.state.web = WebState(sessions, client)
     app.include_router(pages.router)
     app.include_router(admin.router)
+    app.include_router(audit.router)
     app.mount("/static", _Static(directory=static_dir(), check_dir=False), name="static")
 
     @app.get("/sw.js", include_in_schema=False)

@@ -23,7 +23,7 @@ from iotvault import accounts
 from iotvault.api.problems import Problem
 from iotvault.api.routes.access import device_access, holders
 from iotvault.api.security import services
-from iotvault.auth.policy import Grant, Permission, Principal, may_grant, reach
+from iotvault.auth.policy import Decision, Grant, Permission, Principal, authorize, may_grant, reach
 from iotvault.clock import now_us
 from iotvault.context import Context
 from iotvault.devices import (
@@ -37,6 +37,7 @@ from iotvault.domain.accounts import Roles
 from iotvault.domain.types import AccountName, Identifier
 from iotvault.errors import IotVaultError
 from iotvault.identity.clients import remove_client
+from iotvault.web.audit import recent_alerts
 from iotvault.web.pages import form_of
 from iotvault.web.render import Page, PageError, page
 from iotvault.web.state import web_state
@@ -339,4 +340,7 @@ async def delete_client(
 # ---- security events -----------------------------------------------------------------------
 @router.get("/security")
 async def security(request: Request, principal: Security) -> Response:
-    return page(request, "security.html", principal=principal)
+    alerts = None
+    if authorize(principal, Permission.AUDIT_READ) is Decision.ALLOW:
+        alerts = await run_in_threadpool(recent_alerts, services(request).ctx)
+    return page(request, "security.html", principal=principal, alerts=alerts, iso=iso)

@@ -26,7 +26,7 @@ from iotvault.devices import delete_device, register_device, rotate_device_crede
 from iotvault.documents import api_key_doc, device_doc, group_doc, iso, user_doc
 from iotvault.domain.accounts import Roles
 from iotvault.domain.types import AccountName, Identifier, Password
-from iotvault.storage.accounts import GroupNotFoundError, GroupRecord, UserRecord
+from iotvault.storage.accounts import ApiKeyNotFoundError, GroupNotFoundError, GroupRecord, UserRecord
 
 router = APIRouter(prefix="/iotf", responses=ERRORS)
 
@@ -337,8 +337,10 @@ async def create_key(ctx: Ctx, body: ApiKeyCreate, principal: ApiKeysAdmin) -> A
 async def revoke_key(
     ctx: Ctx, key: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")], _p: ApiKeysAdmin
 ) -> Response:
-    if not await run_in_threadpool(ctx.accounts.revoke_api_key, key, now_us()):
-        raise Problem(404, "API key not found")
+    try:
+        await run_in_threadpool(accounts.revoke_api_key, ctx, key, now_us())
+    except ApiKeyNotFoundError:
+        raise Problem(404, "API key not found") from None
     return Response(status_code=204)
 
 

@@ -27,6 +27,7 @@ router = APIRouter(prefix="/iotf", tags=["audit"], responses=ERRORS)
 
 AuditReader = Annotated[Principal, Requires(Permission.AUDIT_READ)]
 _Text = Annotated[str | None, Query(max_length=200)]
+MAX_CURSOR = 2**63 - 1  # the largest sequence number or id a database column holds
 
 
 def audit_doc(r: AuditRecord) -> dict[str, Any]:
@@ -77,7 +78,9 @@ async def audit_records(
     outcome: Annotated[str | None, Query(pattern="^(success|failure|denied|error)$")] = None,
     since: Annotated[datetime | None, Query(description="ISO 8601 time, inclusive")] = None,
     until: Annotated[datetime | None, Query(description="ISO 8601 time, exclusive")] = None,
-    before: Annotated[int | None, Query(ge=1, description="records older than this seq (the cursor)")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_CURSOR, description="records older than this seq (the cursor)")
+    ] = None,
     count: Annotated[int, Query(ge=1, le=1000)] = 100,
     verify: Annotated[bool, Query(description="also verify the whole chain (reads every record)")] = False,
 ) -> Any:
@@ -107,7 +110,9 @@ async def alerts(
     ctx: Ctx,
     _p: AuditReader,
     kind: Annotated[str | None, Query(pattern="^[a-z_]{1,32}$")] = None,
-    before: Annotated[int | None, Query(ge=1, description="alerts older than this id (the cursor)")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_CURSOR, description="alerts older than this id (the cursor)")
+    ] = None,
     count: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Any:
     store = AuditStore(ctx.engine, ctx.settings.effective_database_url)
