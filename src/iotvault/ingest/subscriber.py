@@ -21,6 +21,11 @@ fails or is cancelled is not acknowledged, as before. QoS 0 and 2 messages still
 The session is persistent (clean start off, long session expiry) and subscribed with QoS 1,
 so messages that arrive while iotvault is down wait in the broker. A large receive maximum
 lets the broker keep enough messages in flight to fill a batch.
+
+Several ingest nodes share the load through an MQTT shared subscription
+(``$share/<group>/iot-2/...``, ``ingest_share_group``): each has its own persistent session
+(:mod:`iotvault.ingest.nodeid`), and the broker gives each message to one of them. The topic
+of a delivered message carries no ``$share`` prefix, so nothing else changes.
 """
 
 from __future__ import annotations
@@ -86,12 +91,15 @@ class BrokerSubscriber:
         pipeline: IngestPipeline,
         *,
         client_id: str,
+        share_group: str = "",
         ssl_context: ssl.SSLContext | None = None,
         on_connected: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._broker = broker
         self._pipeline = pipeline
         self._client_id = client_id
+        prefix = f"$share/{share_group}/" if share_group else ""
+        self._filters = [prefix + EVENT_FILTER, prefix + STATUS_FILTER]
         self._ssl = ssl_context if ssl_context is not None else (tls_context() if broker.tls else None)
         self._on_connected = on_connected
         check_version()
@@ -133,9 +141,7 @@ class BrokerSubscriber:
             log.debug("ingest: broker connection already gone at shutdown")
 
     def _on_connect(self, client: gmqtt.Client, flags: int, rc: int, properties: dict[str, Any]) -> None:
-        client.subscribe(
-            [gmqtt.Subscription(EVENT_FILTER, qos=1), gmqtt.Subscription(STATUS_FILTER, qos=1)],
-        )
+        client.subscribe([gmqtt.Subscription(f, qos=1) for f in self._filters])
         self.connected.set()
         log.info("ingest: connected to %s as %s", self._broker.display, self._client_id)
         if self._on_connected is not None:
