@@ -5,6 +5,11 @@ The wake-up travels over an engine the deployment already runs: PostgreSQL ``LIS
 (channel ``iotvault_events``), or Redis pub/sub when ``IOTVAULT_REDIS_URL`` is set. SQLite is a
 single node: its in-process :class:`~iotvault.api.services.EventNotifier` is enough.
 
+Two kinds of message, each a comma-joined list of device ids after a prefix: ``e:`` these
+devices have new events (wake their streams); ``f:`` these devices were deleted (every node
+drops their unwrapped data keys and its cached idea of them at once, rather than within
+``key_cache_ttl_s`` or, for the keys that open old records, at its next restart).
+
 What is sent is only the ids of the devices that have new events, never an event: a stream that
 is woken reads its events from the database behind its own authorization, as before, so the
 channel needs no secrecy and a lost wake-up costs latency, not data (the streams' slow safety
@@ -29,7 +34,7 @@ from typing import Any, Final, Protocol
 log = logging.getLogger(__name__)
 
 CHANNEL: Final = "iotvault_events"
-MAX_PAYLOAD: Final = 7900  # PostgreSQL refuses a NOTIFY payload of 8000 bytes or more
+MAX_PAYLOAD: Final = 7900  # PostgreSQL refuses a NOTIFY payload of 8000 bytes or more (prefix included)
 
 
 def chunks(device_ids: set[str]) -> list[str]:
@@ -119,48 +124,69 @@ class _Redis:
 
 
 class Fanout:
-    """Sends this node's commits to the other nodes and wakes local streams on theirs.
+    """Sends this node's commits and deletions to the other nodes, and acts on theirs.
 
     ``publish`` is the pipeline's ``on_commit`` (synchronous, on the event loop): it only adds
     to a set and signals the sender task. ``wake`` is called with the device ids another node
-    (or this one: the channel echoes) committed.
+    (or this one: the channel echoes) committed; ``forget`` with the ids of deleted devices.
     """
 
     def __init__(
-        self, transport: _Transport, wake: Callable[[set[str]], None], wake_all: Callable[[], None]
+        self,
+        transport: _Transport,
+        wake: Callable[[set[str]], None],
+        wake_all: Callable[[], None],
+        forget: Callable[[set[str]], None] | None = None,
     ) -> None:
         self._transport = transport
         self._wake = wake
         self._wake_all = wake_all
+        self._forget = forget
         self._pending: set[str] = set()
+        self._pending_forget: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._signal = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = asyncio.Event()
 
     @classmethod
     def for_settings(
-        cls, redis_url: str, database_url: str, wake: Callable[[set[str]], None], wake_all: Callable[[], None]
+        cls,
+        redis_url: str,
+        database_url: str,
+        wake: Callable[[set[str]], None],
+        wake_all: Callable[[], None],
+        forget: Callable[[set[str]], None] | None = None,
     ) -> Fanout | None:
         """Redis pub/sub when Redis is configured, else LISTEN/NOTIFY on PostgreSQL, else None."""
         if redis_url:
-            return cls(_Redis(redis_url), wake, wake_all)
+            return cls(_Redis(redis_url), wake, wake_all, forget)
         if database_url.startswith(("postgresql", "postgres")):
             url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-            return cls(_Postgres(url), wake, wake_all)
+            return cls(_Postgres(url), wake, wake_all, forget)
         return None
 
     def publish(self, device_ids: set[str]) -> None:
+        """These devices have new events (on the event loop: the pipeline's ``on_commit``)."""
         self._pending |= device_ids
+        self._signal.set()
+
+    def announce_forget(self, device_id: str) -> None:
+        """This device was deleted: tell every node. Safe from any thread (deletions run in one)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._add_forget, device_id)
+
+    def _add_forget(self, device_id: str) -> None:
+        self._pending_forget.add(device_id)
         self._signal.set()
 
     async def __aenter__(self) -> Fanout:
         return self
 
-    def start(self, *, send: bool, receive: bool) -> None:
-        if send:
-            self._tasks.append(asyncio.create_task(self._send_loop(), name="iotvault-fanout-send"))
-        if receive:
-            self._tasks.append(asyncio.create_task(self._listen_loop(), name="iotvault-fanout-listen"))
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._tasks.append(asyncio.create_task(self._send_loop(), name="iotvault-fanout-send"))
+        self._tasks.append(asyncio.create_task(self._listen_loop(), name="iotvault-fanout-listen"))
 
     async def __aexit__(self, *exc: object) -> None:
         for t in self._tasks:
@@ -176,16 +202,27 @@ class Fanout:
             await self._signal.wait()
             self._signal.clear()
             batch, self._pending = self._pending, set()
+            gone, self._pending_forget = self._pending_forget, set()
             try:
+                for payload in chunks(gone):
+                    await self._transport.send("f:" + payload)
                 for payload in chunks(batch):
-                    await self._transport.send(payload)
+                    await self._transport.send("e:" + payload)
                 delay = 0.5
             except Exception as exc:  # noqa: BLE001 - a lost wake-up costs latency only
                 log.warning("fan-out: could not notify other nodes (%s); retrying", type(exc).__name__)
                 self._pending |= batch
+                self._pending_forget |= gone
                 self._signal.set()
                 await asyncio.sleep(delay * (0.75 + random.random() / 2))  # noqa: S311 - jitter
                 delay = min(delay * 2, 10.0)
+
+    def _received(self, payload: str) -> None:
+        kind, _, ids = payload.partition(":")
+        if kind == "e":
+            self._wake(set(ids.split(",")))
+        elif kind == "f" and self._forget is not None:
+            self._forget(set(ids.split(",")))
 
     async def _listen_loop(self) -> None:
         delay = 0.5
@@ -197,7 +234,7 @@ class Fanout:
                         self._wake_all()  # wake-ups may have been missed while not listening
                         delay = 0.5
                         continue
-                    self._wake(set(payload.split(",")))
+                    self._received(payload)
             except Exception as exc:  # noqa: BLE001 - reconnect; the streams' safety poll covers the gap
                 log.warning("fan-out: listening failed (%s); reconnecting", type(exc).__name__)
             self.listening.clear()

@@ -261,16 +261,26 @@ class Node:
         store = AuditStore(ctx.engine, self.settings.effective_database_url)
         return AuditService(audit, store, self.settings, self.role.value)
 
-    async def _start_shared(self, stack: AsyncExitStack, ctx: Context, *, api: bool) -> None:
+    async def _start_shared(self, stack: AsyncExitStack, ctx: Context) -> None:
         """The audit service, and wake-ups for the live streams of every node (not on SQLite)."""
         s = self.settings
         await stack.enter_async_context(await self._audit_service(ctx))
         fanout = Fanout.for_settings(
-            s.redis_url, s.database_url, self.notifier.notify, self.notifier.wake_all
+            s.redis_url, s.database_url, self.notifier.notify, self.notifier.wake_all, self._forget_here
         )
         if fanout is not None:
             self._fanout = await stack.enter_async_context(fanout)
-            fanout.start(send=self.role is not Role.API, receive=api)
+            fanout.start()
+            ctx.keyring.on_forget = fanout.announce_forget
+            stack.callback(setattr, ctx.keyring, "on_forget", None)
+
+    def _forget_here(self, device_ids: set[str]) -> None:
+        """Another node deleted these devices: their keys and cached type go from this one now."""
+        if self.ctx is not None:
+            for d in device_ids:
+                self.ctx.keyring.forget_here(d)
+        if self.pipeline is not None:
+            self.pipeline.forget_devices(device_ids)
 
     async def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
         s = self.settings
@@ -286,7 +296,7 @@ class Node:
                 stack.callback(http_sock.close)
             self.ctx = await self._open_context()
             stack.callback(self.ctx.close)
-            await self._start_shared(stack, self.ctx, api=http_sock is not None)
+            await self._start_shared(stack, self.ctx)
             if self.role in (Role.ALL, Role.INGEST):
                 self.pipeline = await stack.enter_async_context(
                     IngestPipeline(
