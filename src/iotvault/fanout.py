@@ -240,3 +240,30 @@ class Fanout:
             self.listening.clear()
             await asyncio.sleep(delay * (0.75 + random.random() / 2))  # noqa: S311 - jitter
             delay = min(delay * 2, 10.0)
+
+
+def announce_deleted(redis_url: str, database_url: str, device_id: str) -> bool:
+    """Tell the running nodes that a device was deleted, from a process without a fan-out.
+
+    ``iotvault devices delete`` runs outside every node; without this, the nodes would keep the
+    device's unwrapped keys that open old records until they restart. One message, sent once:
+    False (and a log line) if the channel could not be reached, the deletion itself stands.
+    """
+    payload = "f:" + device_id
+    try:
+        if redis_url:
+            import redis  # noqa: PLC0415 - only Redis deployments need it
+
+            with redis.Redis.from_url(redis_url, socket_connect_timeout=5) as r:
+                r.publish(CHANNEL, payload)
+            return True
+        if database_url.startswith(("postgresql", "postgres")):
+            import psycopg  # noqa: PLC0415 - only PostgreSQL deployments need it
+
+            url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+            with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+            return True
+    except Exception as exc:  # noqa: BLE001 - the nodes' caches then drop the keys at restart
+        log.warning("fan-out: the nodes were not told of the deletion (%s)", type(exc).__name__)
+    return False

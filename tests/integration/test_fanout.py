@@ -11,7 +11,7 @@ import pytest
 import redis
 from helpers import unavailable
 
-from iotvault.fanout import MAX_PAYLOAD, Fanout, chunks
+from iotvault.fanout import MAX_PAYLOAD, Fanout, announce_deleted, chunks
 
 pytestmark = pytest.mark.integration
 
@@ -109,3 +109,14 @@ def test_chunks_stay_below_the_notify_limit_and_keep_every_id() -> None:
     assert all(len(p) + 2 < MAX_PAYLOAD for p in parts)
     assert set(",".join(parts).split(",")) == ids
     assert chunks(set()) == []
+
+
+async def test_a_deletion_from_the_command_line_reaches_running_nodes(urls: tuple[str, str]) -> None:
+    b = Node()
+    async with b.fanout(*urls) as fb:
+        fb.start()
+        await asyncio.wait_for(fb.listening.wait(), 10)
+        gone = f"cli-{uuid.uuid4().hex[:8]}"
+        assert await asyncio.to_thread(announce_deleted, *urls, gone)
+        await _until(lambda: {gone} in b.forgotten, b)
+    assert not announce_deleted("redis://127.0.0.1:1/0", "", "nobody")  # unreachable: said, not raised
