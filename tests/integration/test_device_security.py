@@ -796,3 +796,36 @@ async def test_an_api_node_sends_commands_through_the_ingest_nodes_embedded_brok
     finally:
         ingest.stop()
         await asyncio.wait_for(ingest_task, 20)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Mosquitto 2 checks the $share/<group>/... filter itself against the service role's ACL, "
+    "which names only the plain filters (iotvault.broker.dynsec): SUBACK 0x87. The role needs "
+    "$share/+/ variants of its two subscribePattern entries (broker/ is another change's).",
+)
+async def test_ingest_in_a_share_group_passes_mosquittos_dynamic_security(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service account's ACL names the plain event filter; Mosquitto must accept the
+    ``$share/<group>/`` subscription of an ingest node under it (docs/design/cluster.md)."""
+    mosquitto = DynsecMosquitto(tmp_path / "mosquitto")
+    mosquitto.start()
+    env = {
+        "IOTVAULT_DATA_DIR": str(tmp_path / "data"),
+        "IOTVAULT_HTTP_PORT": str(free_port()),
+        "IOTVAULT_INGEST_CLIENT_ID": f"ingest-{uuid.uuid4().hex[:8]}",
+        "IOTVAULT_INGEST_SHARE_GROUP": "ingest",
+        "IOTVAULT_BROKER_URL": f"mqtt://{HOST}:{mosquitto.port}",
+        "IOTVAULT_BROKER_ADMIN_USERNAME": mosquitto.admin_username,
+        "IOTVAULT_BROKER_ADMIN_PASSWORD": mosquitto.admin_password,
+    }
+    async with running(load_settings(environ=env), mosquitto) as platform:
+        cred = platform.register("shared-1")
+        dev = await platform.raw("shared-1", "shared-1", cred.password)
+        dev.client.publish("iot-2/type/thermo/id/shared-1/evt/reading/fmt/json", b'{"t": 1}', qos=1)
+
+        async def stored() -> bool:
+            return platform.ctx.store.count_events("shared-1") == 1
+
+        await eventually(stored, what="an event through the shared subscription")

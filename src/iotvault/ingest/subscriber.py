@@ -115,6 +115,7 @@ class BrokerSubscriber:
         take_qos1(self._client, self._on_qos1)
         self._client.on_message = self._on_message
         self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.reconnect_retries = -1  # forever
         self._client.reconnect_delay = 2
@@ -142,8 +143,25 @@ class BrokerSubscriber:
 
     def _on_connect(self, client: gmqtt.Client, flags: int, rc: int, properties: dict[str, Any]) -> None:
         client.subscribe([gmqtt.Subscription(f, qos=1) for f in self._filters])
-        self.connected.set()
         log.info("ingest: connected to %s as %s", self._broker.display, self._client_id)
+
+    def _on_subscribe(
+        self, client: gmqtt.Client, mid: int, granted: tuple[int, ...], properties: Any
+    ) -> None:
+        """Ready only once the broker granted every subscription: a refused one (an ACL that
+        does not allow ``$share/...``, say) would otherwise leave a connected node that ingests
+        nothing, which readiness must say."""
+        refused = [f for f, code in zip(self._filters, granted, strict=False) if code >= 0x80]
+        if refused:
+            log.error(
+                "ingest: the broker %s refused the subscription to %s (reason codes %s); "
+                "check the ingest account's ACL",
+                self._broker.display,
+                ", ".join(refused),
+                ", ".join(f"0x{c:02x}" for c in granted),
+            )
+            return
+        self.connected.set()
         if self._on_connected is not None:
             asyncio.ensure_future(self._on_connected())  # noqa: RUF006 - fire and forget notification
 
