@@ -79,15 +79,18 @@ def redis_url() -> str:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, pg_url: str, redis_url: str) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str, redis_url: str) -> Iterator[Cluster]:
+    """The four nodes; ``indirect`` param ``"postgresql"`` leaves Redis out, so that the
+    streams are woken through LISTEN/NOTIFY (and rate limits are per node)."""
     require_mosquitto()
+    shared_redis = redis_url if getattr(request, "param", "redis") == "redis" else ""
     mosq = Mosquitto(free_port(), tmp_path / "mosquitto")  # its own persistence directory
     mosq.start()
     api_port = free_port()
     env = server_env(
         tmp_path,
         database_url=pg_url,
-        redis_url=redis_url,
+        redis_url=shared_redis,
         broker_url=f"mqtt://127.0.0.1:{mosq.port}",
         master_key_file=str(tmp_path / "master.key"),
         public_url=f"http://127.0.0.1:{api_port}",  # one issuer for both API nodes
@@ -298,6 +301,7 @@ async def test_what_one_api_node_decides_holds_on_the_other(cluster: Cluster) ->
         assert gone.status_code == 404, gone.text
 
 
+@pytest.mark.parametrize("cluster", ["redis", "postgresql"], indirect=True)
 async def test_a_stream_on_one_api_node_hears_events_ingested_elsewhere_within_milliseconds(
     cluster: Cluster,
 ) -> None:
