@@ -10,7 +10,7 @@ PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --g
 # What pip-audit prints when it could not ask its vulnerability service about every package
 AUDIT_UNCHECKED := could not be audited|requests\.exceptions|ConnectionError|Max retries|ServiceError|timed out
 
-.PHONY: help venv assets check test test-fast demo clean lock upgrade audit wheel bench fuzz attack faults
+.PHONY: help venv assets check test test-fast demo clean lock upgrade audit wheel bench fuzz attack faults cluster-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,6 +42,11 @@ test-fast: venv  ## unit tests only
 
 demo: venv  ## run the demo (embedded broker, SQLite, simulated devices)
 	$(BIN)/iotvault demo
+
+# docs/design/cluster.md: two API and two ingest nodes on loopback, PostgreSQL, Redis and a
+# private Mosquitto; simulated devices publish until Ctrl-C (CLUSTER_FLAGS="--seconds 30").
+cluster-demo: venv  ## two API and two ingest nodes on loopback (PostgreSQL, Redis, Mosquitto)
+	$(BIN)/python -m bench.cluster_demo $(CLUSTER_FLAGS)
 
 # BENCHMARKS.md: what it measures, the figures, the profiles. BENCH_FLAGS="--repeat 3" on a
 # shared machine; "--smoke" for a quick check of the harness; "--soak 10" for the memory run.

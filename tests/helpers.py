@@ -82,11 +82,12 @@ class ServerProcess:
     env: dict[str, str]
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()  # after ``serve``, e.g. ("--role", "ingest")
 
     def start(self, timeout: float = 30.0) -> None:
         with self.log.open("ab") as fh:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "iotvault", "serve"],
+                [sys.executable, "-m", "iotvault", "serve", *self.args],
                 env=self.env,
                 stdout=fh,
                 stderr=fh,
@@ -100,7 +101,8 @@ class ServerProcess:
                     f"iotvault exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
                 )
             if "ready:" in self.log.read_text(errors="replace"):
-                wait_port(port)
+                if self.args[-2:] != ("--role", "ingest"):  # an ingest node serves no HTTP
+                    wait_port(port)
                 return
             time.sleep(0.05)
         raise TimeoutError(f"iotvault not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -113,6 +114,15 @@ class Settings(BaseSettings):
     ingest_batch_ms: Annotated[float, _between(0.1, 10_000.0)] = 5.0
     ingest_client_id: str = "iotvault-ingest"
     ingest_dedupe_window_s: Annotated[float, _between(1.0, 86_400.0)] = 120.0
+    # ---- several nodes (README, "Several nodes"; docs/design/cluster.md) ----
+    # set: every ingest node subscribes through $share/<group>/... and the broker splits the load
+    ingest_share_group: str = ""
+    # this ingest node's identity in the group (its MQTT client id is <ingest_client_id>-<node id>);
+    # empty: generated once and kept in <data_dir>/ingest-node-id. A replacement takes a dead
+    # node's queued messages by starting with the same id.
+    ingest_node_id: str = ""
+    # streams re-read the database this often even without a wake-up (a safety net only)
+    stream_safety_poll_s: Annotated[float, _between(0.05, 3600.0)] = 30.0
     max_payload_bytes: Annotated[int, Field(ge=2, le=16 * 1024 * 1024)] = 65536
     key_cache_ttl_s: Annotated[float, _between(0.0, 3600.0)] = 5.0
     sqlite_synchronous: Literal["full", "normal"] = "full"
@@ -217,6 +227,7 @@ class Settings(BaseSettings):
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104  # nosec B104 - names to compare with, nothing binds them
 
 
@@ -305,6 +316,14 @@ def _coerce(name: str, raw: Any, field_name: str) -> Any:
         raise ConfigError(name, f"{raw!r} is not a valid {type(current).__name__}") from None
 
 
+def _check_node_names(s: Settings) -> None:
+    """A share group and a node id become parts of a topic filter and a client id."""
+    for name in ("ingest_share_group", "ingest_node_id"):
+        value = getattr(s, name)
+        if value and not _NODE_NAME.fullmatch(value):
+            raise ConfigError(name, "expected 1-64 of A-Z a-z 0-9 . _ -")
+
+
 def _validate(s: Settings) -> None:
     """The checks a field constraint cannot say: formats, and settings that go together."""
     parse_broker_url(s.broker_url)
@@ -336,6 +355,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError("public_url", "must not have a query, a fragment or credentials")
     if s.redis_url and urlsplit(s.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis_url", "expected redis://host:port/db")
+    _check_node_names(s)
     _check_device_security(s)
     if s.alert_webhook_url:
         hook = urlsplit(s.alert_webhook_url)

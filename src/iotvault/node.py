@@ -36,6 +36,7 @@ from iotvault.commands.service import CommandService
 from iotvault.config import Settings
 from iotvault.context import Context, open_context
 from iotvault.errors import DatabaseUnavailableError, PortInUseError
+from iotvault.fanout import Fanout
 from iotvault.health import Failing, Phase, Readiness
 from iotvault.identity import Identity
 from iotvault.ingest.pipeline import Inbound, IngestPipeline, Outcome
@@ -160,7 +161,14 @@ class Node:
         self._stop = asyncio.Event()
         self._main: asyncio.Task[Any] | None = None
         self.notifier = EventNotifier()
+        self._fanout: Fanout | None = None
         self.readiness: Readiness | None = None
+
+    def _committed(self, device_ids: set[str]) -> None:
+        """The pipeline committed events of these devices: wake the streams here and elsewhere."""
+        self.notifier.notify(device_ids)
+        if self._fanout is not None:
+            self._fanout.publish(device_ids)
 
     def stop(self) -> None:
         """Ask the node to stop; during start-up this cancels the start-up itself."""
@@ -253,6 +261,27 @@ class Node:
         store = AuditStore(ctx.engine, self.settings.effective_database_url)
         return AuditService(audit, store, self.settings, self.role.value, self.metrics)
 
+    async def _start_shared(self, stack: AsyncExitStack, ctx: Context) -> None:
+        """The audit service, and wake-ups for the live streams of every node (not on SQLite)."""
+        s = self.settings
+        await stack.enter_async_context(await self._audit_service(ctx))
+        fanout = Fanout.for_settings(
+            s.redis_url, s.database_url, self.notifier.notify, self.notifier.wake_all, self._forget_here
+        )
+        if fanout is not None:
+            self._fanout = await stack.enter_async_context(fanout)
+            fanout.start()
+            ctx.keyring.on_forget = fanout.announce_forget
+            stack.callback(setattr, ctx.keyring, "on_forget", None)
+
+    def _forget_here(self, device_ids: set[str]) -> None:
+        """Another node deleted these devices: their keys and cached type go from this one now."""
+        if self.ctx is not None:
+            for d in device_ids:
+                self.ctx.keyring.forget_here(d)
+        if self.pipeline is not None:
+            self.pipeline.forget_devices(device_ids)
+
     async def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
@@ -267,7 +296,7 @@ class Node:
                 stack.callback(http_sock.close)
             self.ctx = await self._open_context()
             stack.callback(self.ctx.close)
-            await stack.enter_async_context(await self._audit_service(self.ctx))
+            await self._start_shared(stack, self.ctx)
             if self.role in (Role.ALL, Role.INGEST):
                 self.pipeline = await stack.enter_async_context(
                     IngestPipeline(
@@ -278,7 +307,7 @@ class Node:
                         batch_ms=s.ingest_batch_ms,
                         max_payload_bytes=s.max_payload_bytes,
                         dedupe_window_s=s.ingest_dedupe_window_s,
-                        on_commit=self.notifier.notify,
+                        on_commit=self._committed,
                     )
                 )
             # the embedded broker (device accounts, topic rules) or the external one's subscriber,
@@ -305,6 +334,8 @@ class Node:
                         redis_url=s.redis_url,
                     ),
                     notifier=self.notifier,
+                    # with wake-ups from every node the poll is only a safety net
+                    stream_poll_s=s.stream_safety_poll_s if self._fanout is not None else 2.0,
                 )
                 http_events = await stack.enter_async_context(SecurityEventLog(self.ctx.store))
                 svc.on_abuse = lambda kind, address, detail: http_events.record(kind, address, **detail)

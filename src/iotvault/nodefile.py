@@ -32,6 +32,8 @@ def write(data_dir: Path, address: NodeAddress) -> Path:
     """Write ``node.json`` atomically, readable by the owner only."""
     path = data_dir / FILE_NAME
     tmp = data_dir / f".{FILE_NAME}.{address.pid}"
+    # a node on PostgreSQL with its master key elsewhere has written nothing here yet
+    data_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "pid": address.pid,
         "httpHost": address.http_host,

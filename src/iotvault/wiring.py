@@ -45,6 +45,7 @@ from iotvault.config import Settings
 from iotvault.context import Context
 from iotvault.domain.topics import StatusTopic, parse_topic
 from iotvault.errors import TopicError
+from iotvault.ingest.nodeid import ingest_client_id
 from iotvault.ingest.pipeline import Inbound, IngestPipeline
 from iotvault.ingest.subscriber import BrokerSubscriber
 
@@ -225,7 +226,13 @@ async def _external(
     if pipeline is not None:
         address = replace(b, username=username or None, password=password or None)
         await stack.enter_async_context(
-            BrokerSubscriber(address, pipeline, client_id=s.ingest_client_id, ssl_context=client_ssl)
+            BrokerSubscriber(
+                address,
+                pipeline,
+                client_id=ingest_client_id(s),
+                share_group=s.ingest_share_group,
+                ssl_context=client_ssl,
+            )
         )
     if not username:
         log.warning("commands: the broker %s is used without credentials", b.display)

@@ -89,11 +89,14 @@ def devices_rotate(
 def devices_delete(cli: typer.Context, device_id: IdArg, yes: YesOption = False) -> None:
     """Delete a device, its events and its data keys (crypto-shredding)."""
     from iotvault.devices import delete_device
+    from iotvault.fanout import announce_deleted
 
     if not yes:
         typer.confirm(f"Delete {device_id}, all its events and its keys? This cannot be undone", abort=True)
     with opened(cli) as ctx:
         delete_device(ctx, device_id)
+    s = state(cli).settings
+    announce_deleted(s.redis_url, s.database_url, device_id)  # running nodes drop its cached keys
     state(cli).out.print(f"deleted {device_id}; its data keys are destroyed")
 
 

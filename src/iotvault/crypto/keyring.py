@@ -65,6 +65,8 @@ class KeyRing:
         self._cached_key = self._cache.cached_key
         self._clock = self._cache.clock
         self._load_for_record = self._load
+        # set by a node whose deletions must reach other nodes' caches (iotvault.fanout)
+        self.on_forget: Callable[[str], None] | None = None
 
     # ---- key management --------------------------------------------------------------
     def new_device_key(self, device_id: str, version: int = 1) -> bytes:
@@ -80,6 +82,13 @@ class KeyRing:
         return version
 
     def forget(self, device_id: str) -> None:
+        """Drop the device's unwrapped keys here, and (``on_forget``) on every other node."""
+        self._cache.forget_device(device_id)
+        if self.on_forget is not None:
+            self.on_forget(device_id)
+
+    def forget_here(self, device_id: str) -> None:
+        """Drop the device's unwrapped keys in this process only (another node deleted it)."""
         self._cache.forget_device(device_id)
 
     # ---- use -------------------------------------------------------------------------

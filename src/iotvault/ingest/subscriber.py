@@ -21,6 +21,11 @@ fails or is cancelled is not acknowledged, as before. QoS 0 and 2 messages still
 The session is persistent (clean start off, long session expiry) and subscribed with QoS 1,
 so messages that arrive while iotvault is down wait in the broker. A large receive maximum
 lets the broker keep enough messages in flight to fill a batch.
+
+Several ingest nodes share the load through an MQTT shared subscription
+(``$share/<group>/iot-2/...``, ``ingest_share_group``): each has its own persistent session
+(:mod:`iotvault.ingest.nodeid`), and the broker gives each message to one of them. The topic
+of a delivered message carries no ``$share`` prefix, so nothing else changes.
 """
 
 from __future__ import annotations
@@ -86,12 +91,15 @@ class BrokerSubscriber:
         pipeline: IngestPipeline,
         *,
         client_id: str,
+        share_group: str = "",
         ssl_context: ssl.SSLContext | None = None,
         on_connected: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._broker = broker
         self._pipeline = pipeline
         self._client_id = client_id
+        prefix = f"$share/{share_group}/" if share_group else ""
+        self._filters = [prefix + EVENT_FILTER, prefix + STATUS_FILTER]
         self._ssl = ssl_context if ssl_context is not None else (tls_context() if broker.tls else None)
         self._on_connected = on_connected
         check_version()
@@ -107,6 +115,7 @@ class BrokerSubscriber:
         take_qos1(self._client, self._on_qos1)
         self._client.on_message = self._on_message
         self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.reconnect_retries = -1  # forever
         self._client.reconnect_delay = 2
@@ -133,11 +142,26 @@ class BrokerSubscriber:
             log.debug("ingest: broker connection already gone at shutdown")
 
     def _on_connect(self, client: gmqtt.Client, flags: int, rc: int, properties: dict[str, Any]) -> None:
-        client.subscribe(
-            [gmqtt.Subscription(EVENT_FILTER, qos=1), gmqtt.Subscription(STATUS_FILTER, qos=1)],
-        )
-        self.connected.set()
+        client.subscribe([gmqtt.Subscription(f, qos=1) for f in self._filters])
         log.info("ingest: connected to %s as %s", self._broker.display, self._client_id)
+
+    def _on_subscribe(
+        self, client: gmqtt.Client, mid: int, granted: tuple[int, ...], properties: Any
+    ) -> None:
+        """Ready only once the broker granted every subscription: a refused one (an ACL that
+        does not allow ``$share/...``, say) would otherwise leave a connected node that ingests
+        nothing, which readiness must say."""
+        refused = [f for f, code in zip(self._filters, granted, strict=False) if code >= 0x80]
+        if refused:
+            log.error(
+                "ingest: the broker %s refused the subscription to %s (reason codes %s); "
+                "check the ingest account's ACL",
+                self._broker.display,
+                ", ".join(refused),
+                ", ".join(f"0x{c:02x}" for c in granted),
+            )
+            return
+        self.connected.set()
         if self._on_connected is not None:
             asyncio.ensure_future(self._on_connected())  # noqa: RUF006 - fire and forget notification
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from functools import partial
@@ -33,6 +34,7 @@ from iotvault.storage.repository import DeviceRecord
 router = APIRouter(prefix="/iotf", tags=["devices"], responses=ERRORS)
 
 READ_THREADS = 4
+KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 """Threads reading device data at once, per app; more requests wait on the event loop.
 
 The database pool keeps 5 connections (:mod:`iotvault.storage.db`) and ingest's writer holds
@@ -193,7 +195,7 @@ async def stream(
         wake = svc.notifier.subscribe(deviceId)
         try:
             yield b": connected\n\nretry: 2000\n\n"
-            idle = 0.0
+            quiet_since = time.monotonic()
             while not svc.stopping.is_set():
                 page = await run_in_threadpool(
                     partial(ctx.store.events_page, deviceId, count=500, after=cursor)
@@ -204,13 +206,15 @@ async def stream(
                     yield b"id: " + e.event_id.encode() + b"\nevent: event\ndata: " + data + b"\n\n"
                     cursor = e.event_id
                 if page:
+                    quiet_since = time.monotonic()
                     continue
                 wake.clear()
+                # woken by a commit on any node (iotvault.fanout), else by the poll; a keep-alive
+                # line at least every KEEPALIVE_S whatever the poll interval
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), timeout=svc.stream_poll_s)
-                idle += svc.stream_poll_s
-                if idle >= 15:
-                    idle = 0.0
+                    await asyncio.wait_for(wake.wait(), timeout=min(svc.stream_poll_s, KEEPALIVE_S))
+                if time.monotonic() - quiet_since >= KEEPALIVE_S:
+                    quiet_since = time.monotonic()
                     yield b": keep-alive\n\n"
                 if await request.is_disconnected():
                     return
