@@ -82,6 +82,10 @@ SERVICE_ACLS: Final = [
     {"acltype": "subscribePattern", "topic": STATUS_FILTER, "allow": True},
     {"acltype": "publishClientReceive", "topic": STATUS_FILTER, "allow": True},
     {"acltype": "publishClientSend", "topic": COMMAND_FILTER, "allow": True},
+    # ingest nodes in a share group (IOTVAULT_INGEST_SHARE_GROUP): Mosquitto checks the whole
+    # $share/<group>/… filter against the ACL
+    {"acltype": "subscribePattern", "topic": f"$share/+/{EVENT_FILTER}", "allow": True},
+    {"acltype": "subscribePattern", "topic": f"$share/+/{STATUS_FILTER}", "allow": True},
 ]
 
 DEFAULT_ACCESS: Final = [
@@ -277,17 +281,22 @@ class DynsecAccounts:
             ]
         )
         if created[0].error and "already exists" in created[0].error:
-            answers = await self.client.execute(
-                [
-                    {
-                        "command": "setClientPassword",
-                        "username": service_username,
-                        "password": service_password,
-                    },
-                    {"command": "addClientRole", "username": service_username, "rolename": SERVICE_ROLE},
-                    {"command": "enableClient", "username": service_username},
-                ]
-            )
+            # Another start (a restart, a second node) made the account: update its password and
+            # give it the role only if it lacks it — Mosquitto 2.0 answers "Internal error", not
+            # "already has", to adding a role a client holds.
+            (found,) = await self.client.execute([{"command": "getClient", "username": service_username}])
+            _expect([found])
+            roles = found.data.get("client", {}).get("roles", [])
+            has_role = any(isinstance(r, dict) and r.get("rolename") == SERVICE_ROLE for r in roles)
+            commands = [
+                {"command": "setClientPassword", "username": service_username, "password": service_password},
+                {"command": "enableClient", "username": service_username},
+            ]
+            if not has_role:
+                commands.insert(
+                    1, {"command": "addClientRole", "username": service_username, "rolename": SERVICE_ROLE}
+                )
+            answers = await self.client.execute(commands)
             _expect(answers, tolerate=["already has"])
         else:
             _expect(created)
