@@ -159,7 +159,7 @@ def _presence_is_the_brokers(on_publish: PublishHook) -> PublishHook:
 
     def hook(p: InboundPublish) -> Awaitable[object]:
         if p.topic.endswith("/mon") and b"disconnected" in p.payload and _is_status_topic(p.topic):
-            log.info("MQTT client %r: its own 'disconnected' status ignored while connected", p.client_id)
+            log.debug("MQTT client %r: its own 'disconnected' status ignored while connected", p.client_id)
             done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done

@@ -324,7 +324,9 @@ def decode(packet: bytes) -> Packet:  # noqa: PLR0912 -- one branch per packet t
     return result
 
 
-def _decode_publish(flags: int, body: _Cursor) -> Publish:
+def publish_head(flags: int, body: _Cursor) -> tuple[str, int, bool, int | None]:
+    """A PUBLISH's flags, topic name and packet id (topic, QoS, DUP, packet id), checked the same
+    way for MQTT 3.1.1 and 5 (:mod:`iotvault.broker.codec5`)."""
     qos = (flags >> 1) & 0x03
     if qos == 3:
         raise MalformedPacketError("PUBLISH with QoS 3")  # [MQTT-3.3.1-4]
@@ -333,8 +335,12 @@ def _decode_publish(flags: int, body: _Cursor) -> Publish:
         raise MalformedPacketError("DUP set on a QoS 0 PUBLISH")  # [MQTT-3.3.1-2]
     topic = body.string()
     if (problem := topic_name_problem(topic)) is not None:
-        raise MalformedPacketError(problem)
-    pid = body.packet_id() if qos else None
+        raise MalformedPacketError(problem)  # MQTT 5: an empty name needs a topic alias, never granted
+    return topic, qos, dup, body.packet_id() if qos else None
+
+
+def _decode_publish(flags: int, body: _Cursor) -> Publish:
+    topic, qos, dup, pid = publish_head(flags, body)
     return Publish(topic, body.rest(), qos, bool(flags & 0x01), dup, pid)
 
 

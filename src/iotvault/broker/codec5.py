@@ -42,6 +42,7 @@ from iotvault.broker.codec import (
     _remaining_length,
     _string,
     fixed_header_size,
+    publish_head,
     topic_name_problem,
 )
 
@@ -408,16 +409,7 @@ def decode5(packet: bytes) -> Packet5:  # noqa: PLR0912, PLR0915 -- one branch p
 
 
 def _decode_publish(flags: int, body: _Cursor) -> Publish5:
-    qos = (flags >> 1) & 0x03
-    if qos == 3:
-        raise MalformedPacketError("PUBLISH with QoS 3")  # [MQTT-3.3.1-4]
-    dup = bool(flags & 0x08)
-    if dup and qos == 0:
-        raise MalformedPacketError("DUP set on a QoS 0 PUBLISH")  # [MQTT-3.3.1-2]
-    topic = body.string()
-    if (problem := topic_name_problem(topic)) is not None:
-        raise MalformedPacketError(problem)  # an empty name needs a topic alias, never granted
-    pid = body.packet_id() if qos else None
+    topic, qos, dup, pid = publish_head(flags, body)
     props = _read_props(body, PUBLISH)
     return Publish5(topic, body.rest(), qos, bool(flags & 0x01), dup, pid, props)
 
