@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     # empty: generated once and kept in <data_dir>/ingest-node-id. A replacement takes a dead
     # node's queued messages by starting with the same id.
     ingest_node_id: str = ""
+    # ---- Watson IoT Platform devices and applications (docs/watson-migration.md) ----
+    # the organization in `d:<org>:<type>:<id>` and `a:<org>:<app>` client ids; empty: made once
+    # (six lowercase letters and digits), kept in the database, shown by `iotvault org`
+    org_id: str = ""
     # streams re-read the database this often even without a wake-up (a safety net only)
     stream_safety_poll_s: Annotated[float, _between(0.05, 3600.0)] = 30.0
     max_payload_bytes: Annotated[int, Field(ge=2, le=16 * 1024 * 1024)] = 65536
@@ -316,6 +320,15 @@ def _coerce(name: str, raw: Any, field_name: str) -> Any:
         raise ConfigError(name, f"{raw!r} is not a valid {type(current).__name__}") from None
 
 
+_ORG_ID = re.compile(r"[a-z0-9]{1,32}")
+
+
+def _check_org_id(s: Settings) -> None:
+    """An organization id becomes part of client ids, so it has no ':' and no wildcards."""
+    if s.org_id and not _ORG_ID.fullmatch(s.org_id):
+        raise ConfigError("org_id", "expected 1-32 of a-z 0-9 (Watson IoT organization ids are six)")
+
+
 def _check_node_names(s: Settings) -> None:
     """A share group and a node id become parts of a topic filter and a client id."""
     for name in ("ingest_share_group", "ingest_node_id"):
@@ -356,6 +369,7 @@ def _validate(s: Settings) -> None:
     if s.redis_url and urlsplit(s.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis_url", "expected redis://host:port/db")
     _check_node_names(s)
+    _check_org_id(s)
     _check_device_security(s)
     if s.alert_webhook_url:
         hook = urlsplit(s.alert_webhook_url)

@@ -12,6 +12,7 @@ decryption errors later.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class Context:
     master: MasterKey
     device_accounts: DeviceAccounts | None = None  # None: the embedded broker reads the registry
     _audit: AuditLog | None = field(default=None, repr=False)
+    _org_id: str | None = field(default=None, repr=False)
 
     @property
     def audit(self) -> AuditLog:
@@ -71,6 +73,17 @@ class Context:
             self.store.on_security_events(record_security_events)
         return self._audit
 
+    @property
+    def org_id(self) -> str:
+        """The Watson IoT organization id: the ``org_id`` setting, or one made once and kept in
+        the database, so every node and every later start names the same organization."""
+        if self.settings.org_id:
+            return self.settings.org_id
+        if self._org_id is None:
+            made = "".join(secrets.choice(ORG_ID_ALPHABET) for _ in range(6))
+            self._org_id = self.store.add_meta_if_absent(ORG_ID_META, made)
+        return self._org_id
+
     def close(self) -> None:
         if self._audit is not None:
             if self._audit.running:
@@ -81,6 +94,8 @@ class Context:
 
 
 AUDIT_SIGNING_KEY = "audit_signing_key"
+ORG_ID_META = "org_id"
+ORG_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
 def open_context(settings: Settings, *, auto_migrate_empty: bool = True, create: bool = True) -> Context:

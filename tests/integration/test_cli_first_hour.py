@@ -286,3 +286,17 @@ def test_token_refreshes_the_saved_login(tmp_path: Path, server_factory: list[Se
     assert doc["tokenType"] == "Bearer"
     assert str(doc["expiresOn"]).endswith("Z")
     assert "not logged in" in error_line(iotvault("token", "--output", str(tmp_path / "none.json"), env=env))
+
+
+def test_org_id_is_made_once_kept_and_a_setting_wins(tmp_path: Path) -> None:
+    env = server_env(tmp_path)
+    first = iotvault("org", env=env)
+    assert first.returncode == 0, first.stderr
+    made = first.stdout.strip()
+    assert re.fullmatch(r"[a-z0-9]{6}", made), made
+    again = json.loads(iotvault("org", "--json", env=env).stdout)
+    assert again == {"orgId": made, "source": "database"}
+    env["IOTVAULT_ORG_ID"] = "myorg"
+    assert iotvault("org", env=env).stdout.strip() == "myorg"
+    env["IOTVAULT_ORG_ID"] = "my:org"
+    assert "invalid setting IOTVAULT_ORG_ID" in error_line(iotvault("org", env=env))

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from iotvault import __version__
-from iotvault.cli import apikeys, audit, clients, devices, groups, keys, node, session, users
+from iotvault.cli import apikeys, audit, clients, devices, groups, keys, node, org, session, users
 from iotvault.cli.common import CliState
 from iotvault.errors import ConfigError, IotVaultError
 
@@ -76,6 +76,7 @@ apikeys.register(app)
 clients.register(app)
 session.register(app)
 audit.register(app)
+org.register(app)
 
 
 def run() -> None:
