@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
@@ -34,17 +35,20 @@ from typing import Any, Final
 from iotvault.broker.acl import SERVICE_USERNAME
 from iotvault.broker.authority import DeviceAuthority
 from iotvault.broker.embedded import EmbeddedBroker, InboundPublish, PublishHook
+from iotvault.broker.hooks import NOT_FORWARDED
 from iotvault.broker.limits import BrokerLimits
 from iotvault.broker.mosquitto_log import MosquittoLogWatcher
 from iotvault.broker.publisher import CommandPublisher
 from iotvault.broker.security_log import SecurityEventLog
 from iotvault.broker.throttle import LoginThrottle
 from iotvault.broker.tls import client_context, server_context
+from iotvault.broker.watson import WatsonApp, parse_client_id
 from iotvault.commands.keys import broker_service_password
+from iotvault.commands.service import CommandService
 from iotvault.config import Settings
 from iotvault.context import Context
-from iotvault.domain.topics import StatusTopic, parse_topic
-from iotvault.errors import TopicError
+from iotvault.domain.topics import CommandTopic, StatusTopic, parse_topic
+from iotvault.errors import DeviceNotFoundError, TopicError, ValidationError
 from iotvault.ingest.nodeid import ingest_client_id
 from iotvault.ingest.pipeline import Inbound, IngestPipeline
 from iotvault.ingest.subscriber import BrokerSubscriber
@@ -120,14 +124,26 @@ async def _embedded(
         pending.add(task)
         task.add_done_callback(pending.discard)
 
+    org_id = await asyncio.to_thread(lambda: ctx.org_id)  # made once and kept, when not set
     authority = DeviceAuthority(
-        ctx.store, service_password=service_password, events=events, on_status=on_status
+        ctx.store,
+        service_password=service_password,
+        events=events,
+        on_status=on_status,
+        org_id=org_id,
+        accounts=ctx,
     )
+    commands: list[CommandService] = []  # the broker's own, made once the broker runs
+
+    def send_command(topic: CommandTopic, payload: bytes, api_key: str) -> Awaitable[object]:
+        return _app_command(ctx, commands[0], topic, payload, api_key)
+
+    hook = _presence_is_the_brokers(on_publish) if on_publish is not None else None
     broker = await stack.enter_async_context(
         EmbeddedBroker(
             s.mqtt_host,
             s.mqtt_port,
-            on_publish=_presence_is_the_brokers(on_publish) if on_publish is not None else None,
+            on_publish=_app_commands_to_service(hook, send_command) if hook is not None else None,
             authenticate=authority.authenticate,
             authorize=authority.authorize,
             on_connection=authority.on_connection,
@@ -144,6 +160,7 @@ async def _embedded(
             await asyncio.wait(set(pending), timeout=5.0)
 
     stack.push_async_callback(settle_presence)
+    commands.append(CommandService(ctx, broker.publish, default_expiry_s=s.command_expiry_s))
     await _background(stack, authority.keep_checking(broker, REVALIDATE_S), "iotvault-sessions")
     return BrokerSide(broker, broker.publish, authority, events)
 
@@ -166,6 +183,46 @@ def _presence_is_the_brokers(on_publish: PublishHook) -> PublishHook:
         return on_publish(p)
 
     return hook
+
+
+def _app_commands_to_service(
+    on_publish: PublishHook, send: Callable[[CommandTopic, bytes, str], Awaitable[object]]
+) -> PublishHook:
+    """A Watson application's command goes through iotvault's commands service, never as sent.
+
+    The broker authorized it already (the policy: a writer of that device); the service signs,
+    records and audits it like a command sent through the REST API, and publishes it on the
+    device's topic. The application's own message is acknowledged and forwarded to nobody.
+    """
+
+    def hook(p: InboundPublish) -> Awaitable[object]:
+        if not isinstance(parse_client_id(p.client_id), WatsonApp):
+            return on_publish(p)
+        topic = parse_topic(p.topic)  # authorized: a command topic
+        if not isinstance(topic, CommandTopic):
+            raise TopicError(p.topic, "an application publishes only commands")
+        if p.qos == 2 or p.retain:
+            raise TopicError(p.topic, "a command is sent with QoS 0 or 1, not retained")
+        return send(topic, p.payload, p.username or "")
+
+    return hook
+
+
+async def _app_command(
+    ctx: Context, commands: CommandService, topic: CommandTopic, payload: bytes, api_key: str
+) -> object:
+    device = await asyncio.to_thread(ctx.store.get_device, topic.device_id)
+    if device is None or device.type_id != topic.type_id:
+        raise DeviceNotFoundError(topic.device_id)
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValidationError("payload", "a command's payload is a JSON object") from None
+    if not isinstance(body, dict):
+        raise ValidationError("payload", "a command's payload is a JSON object")
+    record = await commands.send(topic.device_id, topic.command, body, sent_by=f"api_key:{api_key}")
+    log.info("command %s to %r sent for application key %r", record.command_id, topic.device_id, api_key)
+    return NOT_FORWARDED
 
 
 def _is_status_topic(topic: str) -> bool:

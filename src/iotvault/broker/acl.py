@@ -4,8 +4,9 @@ The contract (section 5): a device publishes only its own event and status topic
 subscribes only to its own command topic. "Own" means the exact prefix
 ``iot-2/type/{typeId}/id/{deviceId}/`` of its registration — the type included, so a device
 cannot publish as another type either. No wildcard reaches beyond that prefix: a device may
-subscribe to ``…/cmd/+/fmt/json`` (all its commands) or to one command's topic, never to
-``#``, ``+`` levels above its own, or ``$SYS``.
+subscribe to ``…/cmd/+/fmt/json`` (all its commands), to one command's topic, or to
+``…/cmd/<command|+>/fmt/<format|+>`` (what a Watson IoT device asks for), never to ``#``, ``+``
+levels above its own, or ``$SYS``.
 
 iotvault's own account (``iotvault:service``) only publishes commands; on the embedded broker
 ingest runs inside the broker and needs no subscription. On Mosquitto the same account also
@@ -45,7 +46,7 @@ def device_may(type_id: str, device_id: str, topic: str, action: TopicAction) ->
     if action == "subscribe":
         if topic == command_filter(type_id, device_id):
             return True
-        return _own_command_topic(type_id, device_id, topic)
+        return _own_command_filter(type_id, device_id, topic) or _own_command_topic(type_id, device_id, topic)
     if action == "receive":
         return _own_command_topic(type_id, device_id, topic)
     try:
@@ -67,6 +68,20 @@ def service_may(topic: str, action: TopicAction) -> bool:
         return isinstance(parse_topic(topic), CommandTopic)
     except TopicError:
         return False
+
+
+def _own_command_filter(type_id: str, device_id: str, topic_filter: str) -> bool:
+    """``<own prefix>cmd/<command|+>/fmt/<format|+>``: its own commands, nothing wider."""
+    prefix = device_prefix(type_id, device_id)
+    if not topic_filter.startswith(prefix):
+        return False
+    parts = topic_filter[len(prefix) :].split("/")
+    return (
+        len(parts) == 4  # cmd/C/fmt/F
+        and parts[0] == "cmd"
+        and parts[2] == "fmt"
+        and all(part == "+" or is_device_id(part) for part in (parts[1], parts[3]))
+    )
 
 
 def _own_command_topic(type_id: str, device_id: str, topic: str) -> bool:

@@ -3,7 +3,12 @@
 It supplies :class:`~iotvault.broker.embedded.EmbeddedBroker`'s hooks:
 
 ``authenticate``
-    Devices connect with username = client id = deviceId and their credential. One database
+    Devices connect with username = client id = deviceId and their credential, or the Watson
+    IoT way (:mod:`.watson`): client id ``d:<org>:<typeId>:<deviceId>``, username
+    ``use-token-auth`` — the org must be the node's (``IOTVAULT_ORG_ID``) and the type the
+    device's registered type. Watson applications connect with client id ``a:<org>:<appId>``
+    and an API key (username = its id, password = its password), checked as the REST API
+    checks one (:func:`iotvault.accounts.check_api_key`). One database
     read per CONNECT (in a thread) fetches the device's type and credential hashes; the
     password is then checked against the current *and* the previous credential, always both,
     each against a dummy hash when there is none, with constant-time comparisons — so a wrong
@@ -13,16 +18,21 @@ It supplies :class:`~iotvault.broker.embedded.EmbeddedBroker`'s hooks:
     that starts ``iotvault:``, which no device can have.
 ``authorize``
     Topic rules of :mod:`iotvault.broker.acl`, from what was learnt at CONNECT: no database
-    read per packet. A session opened with a previous credential ends at its expiry.
+    read per packet. A session opened with a previous credential ends at its expiry. An
+    application's rights are its API key's :class:`~iotvault.auth.policy.Principal`, and the
+    authorization policy decides each message it would receive and each command it sends.
 ``on_connection``
-    Presence: a device's first connection makes it ``online``, its last one ending ``offline``
+    Presence: a device's first connection (under any client id) makes it ``online``, its last
+    one ending ``offline``
     (through ``on_status``, which feeds the ingest pipeline, so ``lastSeen`` follows).
 ``on_denied``
     Refused logins and topic denials become security events (:mod:`.security_log`).
 
 Sessions are re-checked every ``revalidate_s`` seconds with one query for all connected
 devices: a deleted device, or a credential that was revoked, rotated without grace or whose
-grace has ended, is disconnected (``revalidate`` returns the client ids to drop). So a change
+grace has ended, is disconnected (``revalidate`` returns the client ids to drop); so is an
+application whose API key was revoked, deleted or expired, and the rights of one that stays are
+re-read (a group's devices may have changed). So a change
 made by another process (``iotvault devices delete`` on the command line) reaches a connected
 device within seconds.
 """
@@ -36,6 +46,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from iotvault.accounts import AccountServices, api_key_grant, check_api_key
+from iotvault.auth.policy import Decision, Permission, Principal, authorize
 from iotvault.broker.acl import (
     SERVICE_CLIENT_PREFIX,
     SERVICE_USERNAME,
@@ -44,9 +56,11 @@ from iotvault.broker.acl import (
     is_device_id,
     service_may,
 )
+from iotvault.broker.watson import DEVICE_USERNAME, WatsonApp, WatsonDevice, parse_client_id
 from iotvault.clock import now_us
 from iotvault.crypto.tokens import hash_secret, verify_secret
-from iotvault.errors import IotVaultError
+from iotvault.domain.topics import PREFIX, CommandTopic, EventTopic, StatusTopic, parse_topic
+from iotvault.errors import IotVaultError, TopicError
 from iotvault.storage.sql import SqlStore
 
 if TYPE_CHECKING:
@@ -63,10 +77,12 @@ _DUMMY_HASH: Final = hash_secret("iotvault: no such credential")
 
 @dataclass(slots=True)
 class _Session:
-    device_id: str | None  # None: iotvault's own account
+    device_id: str | None  # None: iotvault's own account, or an application
     type_id: str
     used_hash: str
     valid_until_us: int | None  # set when the previous credential (in its grace period) was used
+    app: Principal | None = None  # a Watson application: its API key's rights...
+    api_key: str = ""  # ... and the key's id
 
 
 class DeviceAuthority:
@@ -78,23 +94,33 @@ class DeviceAuthority:
         events: SecurityEventLog | None = None,
         on_status: StatusHook | None = None,
         clock_us: Callable[[], int] = now_us,
+        org_id: str = "",
+        accounts: AccountServices | None = None,
     ) -> None:
         self._store = store
+        self._org_id = org_id  # "": Watson clients (d: and a: client ids) are not admitted
+        self._accounts = accounts  # None: Watson applications are not admitted
         self._service_password = service_password
         self._events = events
         self._on_status = on_status
         self._clock_us = clock_us
         self._sessions: dict[str, _Session] = {}
         self._online: set[str] = set()
+        self._device_connections: dict[str, int] = {}  # deviceId -> connected client ids
 
     # ---- EmbeddedBroker hooks ----------------------------------------------------------------
     async def authenticate(self, client_id: str, username: str | None, password: str | None) -> bool:
         if username == SERVICE_USERNAME:
             return self._service_login(client_id, password)
+        watson = parse_client_id(client_id)
+        if isinstance(watson, WatsonApp):
+            return await self._app_login(client_id, watson, username, password)
+        # A device: deviceId as client id and user name, or the Watson form (d:org:type:id).
+        wanted = watson.device_id if isinstance(watson, WatsonDevice) else username
         found = None
-        if is_device_id(username) and password is not None:
-            rows = await asyncio.to_thread(self._store.device_credentials, [str(username)])
-            found = rows.get(str(username))
+        if is_device_id(wanted) and password is not None:
+            rows = await asyncio.to_thread(self._store.device_credentials, [str(wanted)])
+            found = rows.get(str(wanted))
         secret = password if password is not None else ""
         current = found.credential_hash if found is not None and found.credential_hash else None
         previous = found.previous_credential_hash if found is not None else None
@@ -104,7 +130,17 @@ class DeviceAuthority:
         previous_ok = verify_secret(secret, previous or _DUMMY_HASH) and previous is not None
         grace_until = found.previous_expires_us if found is not None else None
         previous_ok = previous_ok and grace_until is not None and grace_until > now
-        if found is None or client_id != username or not (current_ok or previous_ok):
+        if isinstance(watson, WatsonDevice):
+            form_ok = (
+                username == DEVICE_USERNAME
+                and bool(self._org_id)
+                and hmac.compare_digest(watson.org, self._org_id)
+                and found is not None
+                and watson.type_id == found.type_id
+            )
+        else:
+            form_ok = client_id == username
+        if found is None or not form_ok or not (current_ok or previous_ok):
             return False
         used = current if current_ok else previous
         assert used is not None  # noqa: S101 - one of the two matched
@@ -124,10 +160,44 @@ class DeviceAuthority:
             self._sessions[client_id] = _Session(None, "", "", None)
         return ok
 
+    async def _app_login(
+        self, client_id: str, app: WatsonApp, username: str | None, password: str | None
+    ) -> bool:
+        """A Watson application: its API key, checked as the REST API checks one."""
+        accounts = self._accounts
+        if accounts is None or not username or not password or len(username) > 64 or len(password) > 256:
+            return False
+        record, _revoked = await asyncio.to_thread(
+            check_api_key, accounts, username, password, self._clock_us()
+        )
+        if record is None or not self._org_id or not hmac.compare_digest(app.org, self._org_id):
+            return False
+        principal = await asyncio.to_thread(self._app_principal, record.key)
+        if principal is None:
+            return False
+        self._sessions[client_id] = _Session(None, "", "", None, principal, record.key)
+        return True
+
+    def _app_principal(self, key: str) -> Principal | None:
+        """The rights of API key ``key`` now; None if it is gone, revoked or expired (blocking)."""
+        accounts = self._accounts
+        found = accounts.accounts.get_api_key(key) if accounts is not None else None
+        if accounts is None or found is None:
+            return None
+        record = found[0]
+        if record.revoked_us is not None or (
+            record.expires_us is not None and record.expires_us <= self._clock_us()
+        ):
+            return None
+        grant = api_key_grant(accounts, record.roles, record.devices, record.groups)
+        return Principal.from_grants("api_key", record.key, [grant], record.groups)
+
     async def authorize(self, client_id: str, username: str | None, topic: str, action: TopicAction) -> bool:
         session = self._sessions.get(client_id)
         if session is None:
             return False
+        if session.app is not None:
+            return app_may(session.app, topic, action)
         if session.device_id is None:
             return service_may(topic, action)
         if session.valid_until_us is not None and self._clock_us() > session.valid_until_us:
@@ -140,9 +210,20 @@ class DeviceAuthority:
         else:
             self._online.discard(client_id)
         session = self._sessions.get(client_id)
-        if session is None or session.device_id is None or self._on_status is None:
+        if session is None or session.device_id is None:
             return
-        await self._on_status(session.device_id, session.type_id, connected)
+        # One device may be connected under two client ids (deviceId, and d:org:type:deviceId):
+        # it is online from the first connection until the last one ends.
+        device_id = session.device_id
+        before = self._device_connections.get(device_id, 0)
+        after = before + (1 if connected else -1)
+        if after > 0:
+            self._device_connections[device_id] = after
+        else:
+            self._device_connections.pop(device_id, None)
+        if self._on_status is None or (before > 0) == (after > 0):
+            return
+        await self._on_status(device_id, session.type_id, connected)
 
     def on_denied(self, denial: Denial) -> None:
         if self._events is None:
@@ -165,18 +246,18 @@ class DeviceAuthority:
     # ---- re-checking connected sessions ------------------------------------------------------
     async def revalidate(self) -> list[str]:
         """Client ids whose session no longer holds (device gone, credential changed or expired)."""
+        stale = await self._revalidate_apps()
         devices = {
             cid: s
             for cid in self._online
             if (s := self._sessions.get(cid)) is not None and s.device_id is not None
         }
         if not devices:
-            return []
+            return stale
         rows = await asyncio.to_thread(
             self._store.device_credentials, sorted({str(s.device_id) for s in devices.values()})
         )
         now = self._clock_us()
-        stale: list[str] = []
         for cid, session in devices.items():
             row = rows.get(str(session.device_id))
             reason = None
@@ -199,6 +280,23 @@ class DeviceAuthority:
                     self._events.record("session_revoked", cid, reason=reason)
         return stale
 
+    async def _revalidate_apps(self) -> list[str]:
+        """Applications whose API key was revoked, deleted or expired; the others' rights re-read."""
+        apps = {
+            cid: s for cid in self._online if (s := self._sessions.get(cid)) is not None and s.app is not None
+        }
+        stale: list[str] = []
+        for cid, session in apps.items():
+            principal = await asyncio.to_thread(self._app_principal, session.api_key)
+            if principal is not None:
+                session.app = principal
+                continue
+            self._sessions.pop(cid, None)
+            stale.append(cid)
+            if self._events is not None:
+                self._events.record("session_revoked", cid, reason="API key revoked, deleted or expired")
+        return stale
+
     async def keep_checking(self, broker: EmbeddedBroker, interval_s: float = 5.0) -> None:
         """Run :meth:`revalidate` forever, dropping what it finds (a background task)."""
         while True:
@@ -211,3 +309,40 @@ class DeviceAuthority:
             for client_id in stale:
                 log.info("broker: ending the session of %r: its credential no longer holds", client_id)
                 broker.disconnect(client_id)
+
+
+def app_may(principal: Principal, topic: str, action: TopicAction) -> bool:
+    """May a Watson application with ``principal``'s rights do ``action`` on ``topic``?
+
+    It subscribes to ``iot-2/type/<t|+>/id/<d|+>/evt/<e|+>/fmt/<f|+>`` and
+    ``iot-2/type/<t|+>/id/<d|+>/mon`` (a named device only if it may read it); the policy then
+    decides each message it would *receive* (a reader of that device); it *publishes* only
+    commands, to devices it may command (they go out through iotvault's commands service,
+    signed, never as it sent them).
+    """
+    if action == "subscribe":
+        return _app_filter(principal, topic)
+    try:
+        parsed = parse_topic(topic)
+    except TopicError:
+        return False
+    if action == "receive":
+        return isinstance(parsed, EventTopic | StatusTopic) and (
+            authorize(principal, Permission.DEVICE_EVENTS_READ, parsed.device_id) is Decision.ALLOW
+        )
+    return isinstance(parsed, CommandTopic) and (
+        authorize(principal, Permission.DEVICE_COMMAND, parsed.device_id) is Decision.ALLOW
+    )
+
+
+def _app_filter(principal: Principal, topic_filter: str) -> bool:
+    parts = topic_filter.split("/")
+    if len(parts) < 6 or parts[0] != PREFIX or parts[1] != "type" or parts[3] != "id":
+        return False
+    rest = parts[5:]
+    shape = rest == ["mon"] or (len(rest) == 4 and rest[0] == "evt" and rest[2] == "fmt")
+    levels = [parts[2], parts[4], *(rest[1::2] if rest != ["mon"] else [])]
+    if not shape or not all(level == "+" or is_device_id(level) for level in levels):
+        return False
+    device = parts[4]
+    return device == "+" or authorize(principal, Permission.DEVICE_EVENTS_READ, device) is Decision.ALLOW

@@ -52,6 +52,7 @@ from iotvault.broker.codec import Connack, Connect, MalformedPacketError, encode
 from iotvault.broker.filter_index import FilterIndex
 from iotvault.broker.framing import GatheringWriter, PacketStream, addr, host, keep_alive, settle
 from iotvault.broker.hooks import (
+    NOT_FORWARDED,
     Authenticator,
     ConnectionHook,
     Denial,
@@ -78,6 +79,7 @@ from iotvault.broker.mqtt5 import (
     connack_refusal,
     refusal_ack,
 )
+from iotvault.broker.watson import DeviceTopics
 from iotvault.errors import PortInUseError
 
 if TYPE_CHECKING:
@@ -331,9 +333,14 @@ class EmbeddedBroker:
             _log.info("MQTT connection from %s refused: protocol level %d", addr(peer), level)
             self._denied(Denial("protocol", "-", None, addr(peer), f"unsupported protocol level {level}"))
             return
-        elif await self._admit(connect, peer) is not None:
-            writer.write(encode(Connack(_CONNACK_NOT_AUTHORIZED)))
-            return
+        else:
+            topics = DeviceTopics.for_client(connect.client_id)
+            if topics is not None and (mapped := topics.connect(connect)) != connect:
+                connect, raw = mapped, encode(mapped)
+            if await self._admit(connect, peer) is not None:
+                writer.write(encode(Connack(_CONNACK_NOT_AUTHORIZED)))
+                return
+            self._map_topics(stream, writer, topics)
         stream.serve(raw)
         if self._core is not None:
             await self._core.serve(stream, writer)
@@ -347,12 +354,26 @@ class EmbeddedBroker:
             stream.violation(exc.reason)
             return None
         stream.client_id = session.connect.client_id
-        if (refusal := await self._admit(session.as_v4(), stream.peer, session.check_connect())) is not None:
+        connect = session.as_v4()
+        topics = DeviceTopics.for_client(connect.client_id)
+        if topics is not None:
+            connect = topics.connect(connect)
+        if (refusal := await self._admit(connect, stream.peer, session.check_connect())) is not None:
             writer.write(connack_refusal(refusal))
             return None
         stream.v5 = session
         writer.translate = session.outbound
-        return encode(session.as_v4())
+        self._map_topics(stream, writer, topics)
+        return encode(connect)
+
+    @staticmethod
+    def _map_topics(stream: PacketStream, writer: GatheringWriter, topics: DeviceTopics | None) -> None:
+        """A Watson device's session: its relative topics mapped both ways (:mod:`.watson`)."""
+        if topics is None:
+            return
+        stream.topics = topics
+        then = writer.translate
+        writer.translate = topics.outbound if then is None else lambda data: then(topics.outbound(data))
 
     async def _admit(self, connect: Connect, peer: object, refusal: str | None = None) -> str | None:
         """Why ``connect`` is refused (``refusal`` already; a security event is recorded), or None."""
@@ -516,6 +537,8 @@ class EmbeddedBroker:
         except Exception as exc:  # noqa: BLE001 -- any failure means "not stored": do not ack
             _log.debug("publish hook error details", exc_info=exc)
             return _drop(stream, f"publish hook failed ({type(exc).__name__})", topic)
+        if hook.result() == NOT_FORWARDED:  # amqtt's QoS 2 and retain flows would forward it
+            return _drop(stream, "a message not to be forwarded sent with QoS 2 or retained", topic)
         return True
 
     def _stored(
@@ -530,7 +553,7 @@ class EmbeddedBroker:
             failure = f"publish hook failed ({type(exc).__name__})"
         elif stream.closed:
             return  # the device went meanwhile: stored, not acknowledged, so it sends it again
-        elif self._subscribed.may_match(incoming.topic):
+        elif hook.result() != NOT_FORWARDED and self._subscribed.may_match(incoming.topic):
             # Someone may receive it: amqtt's flow queues it for its subscribers and then
             # acknowledges it. Decided now, so a subscription made meanwhile still gets it.
             forward = asyncio.ensure_future(_forward(flow, message))

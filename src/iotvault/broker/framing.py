@@ -26,6 +26,7 @@ from typing import Any, Final
 from iotvault.broker.codec import MalformedPacketError, Packet, Publish, decode, fixed_header_size
 from iotvault.broker.codec5 import Disconnect5, encode5
 from iotvault.broker.mqtt5 import DISCONNECT_WITH_WILL, V5Session, reason_for
+from iotvault.broker.watson import DeviceTopics
 
 __all__ = ["GatheringWriter", "PacketStream", "PacketTooLargeError", "addr", "host", "keep_alive", "settle"]
 
@@ -126,6 +127,7 @@ class PacketStream:
         self._refused = False
         self.client_id = ""
         self.v5: V5Session | None = None  # an MQTT 5 client: packets translated for amqtt
+        self.topics: DeviceTopics | None = None  # a Watson device: its relative topics mapped
         self.on_violation: Callable[[str], None] | None = None
         self.on_eof: Callable[[], None] | None = None
         self._eof_told = False
@@ -171,7 +173,8 @@ class PacketStream:
                     if len(buf) >= total:
                         raw = bytes(buf[:total])
                         del buf[:total]
-                        return self.v5.inbound(raw) if self.v5 is not None else (raw, decode(raw))
+                        got = self.v5.inbound(raw) if self.v5 is not None else (raw, decode(raw))
+                        return self.topics.inbound(*got) if self.topics is not None else got
             try:
                 more = await self._stream.read(_READ_CHUNK)
             except OSError:  # reset by the peer: the same as its end, for what follows

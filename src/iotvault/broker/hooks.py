@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 __all__ = [
+    "NOT_FORWARDED",
     "Authenticator",
     "ConnectionHook",
     "Denial",
@@ -38,8 +39,14 @@ class InboundPublish:
 
 TopicAction = Literal["publish", "subscribe", "receive"]
 
+NOT_FORWARDED: Final = "not forwarded"
+"""A publish hook's result that says: taken, acknowledge it, but deliver it to no subscriber
+(a command a Watson application sent, which iotvault re-issues signed). QoS 0 and 1 only: a
+QoS 2 or retained message with this result is not acknowledged and its connection is dropped."""
+
 PublishHook = Callable[[InboundPublish], Awaitable[object]]
-"""Stores the message; its awaitable completes once it is committed (the result is ignored).
+"""Stores the message; its awaitable completes once it is committed (the result is ignored,
+unless it is :data:`NOT_FORWARDED`).
 
 Raising, or an awaitable that fails, withholds the acknowledgement. An ``asyncio.Future`` is
 used as it is (iotvault's hook returns the ingest pipeline's); a coroutine runs as a task.

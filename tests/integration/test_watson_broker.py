@@ -1,0 +1,379 @@
+"""Watson IoT clients on the embedded broker, end to end: a real node, real MQTT clients.
+
+``d:<org>:<typeId>:<deviceId>`` devices with ``use-token-auth``, their device-relative topics
+and what they may not reach; ``a:<org>:<appId>`` applications with API keys, what the policy
+lets them receive and command, and their revocation. The unmodified ``wiotp-sdk`` runs in
+``test_wiotp_sdk.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gmqtt
+import httpx
+import pytest
+from gmqtt.mqtt.constants import MQTTv311
+from helpers import free_port
+
+from iotvault import wiring
+from iotvault.accounts import create_api_key, revoke_api_key
+from iotvault.config import Settings, load_settings
+from iotvault.context import Context, open_context
+from iotvault.devices import register_device
+from iotvault.domain.accounts import Roles
+from iotvault.node import Node, Role
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+HOST = "127.0.0.1"
+ORG = "myorg"
+NEVER = -2  # gmqtt: no automatic reconnection
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Client:
+    """A gmqtt client that never reconnects, keeping what it saw."""
+
+    def __init__(self, client_id: str) -> None:
+        self.client = gmqtt.Client(client_id, clean_session=True)
+        self.client.set_config({"reconnect_retries": NEVER})
+        self.messages: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.subacks: asyncio.Queue[tuple[int, ...]] = asyncio.Queue()
+        self.disconnected = asyncio.Event()
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda _c, _mid, qos, _p: self.subacks.put_nowait(tuple(qos))
+        self.client.on_disconnect = lambda *_a: self.disconnected.set()
+
+    def _on_message(self, _c: Any, topic: str, payload: bytes, _qos: int, _p: Any) -> int:
+        self.messages.put_nowait((topic, payload))
+        return 0
+
+    async def connect(self, port: int, username: str | None, password: str | None) -> None:
+        if username is not None:
+            self.client.set_auth_credentials(username, password)
+        await asyncio.wait_for(self.client.connect(HOST, port, version=MQTTv311, keepalive=30), 5)
+
+    async def subscribe(self, topic_filter: str) -> tuple[int, ...]:
+        self.client.subscribe(topic_filter, qos=1)
+        return await asyncio.wait_for(self.subacks.get(), 5)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        self.client.publish(topic, payload, qos=qos)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.disconnect(), 2)
+
+
+@dataclass
+class Platform:
+    settings: Settings
+    ctx: Context
+    http: httpx.AsyncClient
+    port: int
+    clients: list[Client] = field(default_factory=list)
+
+    def register(self, device_id: str, type_id: str = "rpi") -> str:
+        return register_device(self.ctx, type_id, device_id).credential
+
+    def key(self, *, devices: tuple[str, ...], roles: Roles) -> tuple[str, str]:
+        new = create_api_key(self.ctx, roles=roles, devices=devices, created_by="test")
+        return new.key, new.password
+
+    @staticmethod
+    def basic(key: tuple[str, str]) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{key[0]}:{key[1]}".encode()).decode()}
+
+    async def connect(self, client_id: str, username: str | None, password: str | None) -> Client:
+        c = Client(client_id)
+        self.clients.append(c)
+        await c.connect(self.port, username, password)
+        return c
+
+    async def refused(self, client_id: str, username: str | None, password: str | None) -> int:
+        c = Client(client_id)
+        self.clients.append(c)
+        with pytest.raises(gmqtt.MQTTConnectError) as info:
+            await c.connect(self.port, username, password)
+        return int(info.value.args[0])
+
+    async def device(self, device_id: str, credential: str, type_id: str = "rpi") -> Client:
+        return await self.connect(f"d:{ORG}:{type_id}:{device_id}", "use-token-auth", credential)
+
+    async def security_events(self) -> list[dict[str, Any]]:
+        admin = self.basic(self.key(devices=(), roles=Roles(admin=True)))
+        r = await self.http.get("/iotf/security/events", headers=admin, params={"count": 1000})
+        assert r.status_code == 200, r.text
+        return list(r.json()["events"])
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not within {within}s: {what}")
+
+
+@pytest.fixture
+async def platform(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Platform]:
+    monkeypatch.setattr(wiring, "REVALIDATE_S", 0.5)
+    settings = load_settings(
+        environ={
+            "IOTVAULT_DATA_DIR": str(tmp_path / "data"),
+            "IOTVAULT_HTTP_PORT": str(free_port()),
+            "IOTVAULT_MQTT_PORT": str(free_port()),
+            "IOTVAULT_ORG_ID": ORG,
+        }
+    )
+    async with running(settings) as p:
+        yield p
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Platform]:
+    ctx = await asyncio.to_thread(open_context, settings)
+    node = Node(settings, Role.ALL)
+    ready = asyncio.Event()
+    task = asyncio.create_task(node.run(lambda _n: ready.set()))
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED, timeout=30)
+    loop = asyncio.get_running_loop()
+    try:
+        if task.done():
+            task.result()
+        assert ready.is_set(), "the node did not start"
+        async with httpx.AsyncClient(base_url=f"http://{HOST}:{settings.http_port}", timeout=10) as http:
+            p = Platform(settings, ctx, http, settings.mqtt_port)
+            try:
+                yield p
+            finally:
+                for c in p.clients:
+                    await c.close()
+    finally:
+        waiter.cancel()
+        node.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 20)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        ctx.close()
+
+
+async def next_message(client: Client) -> tuple[str, bytes]:
+    return await asyncio.wait_for(client.messages.get(), 5.0)
+
+
+async def events_of(platform: Platform, key: tuple[str, str], device_id: str) -> list[dict[str, Any]]:
+    r = await platform.http.get(f"/iotf/devices/{device_id}", headers=platform.basic(key))
+    assert r.status_code == 200, r.text
+    return list(r.json()["events"])
+
+
+# ---- login ------------------------------------------------------------------------------------
+async def test_watson_login_and_its_refusals(platform: Platform) -> None:
+    cred = platform.register("dev1")
+    other_cred = platform.register("dev2", type_id="cam")
+    ok = await platform.device("dev1", cred)
+    await ok.close()
+    legacy = await platform.connect("dev1", "dev1", cred)  # today's form keeps working
+    await legacy.close()
+    assert await platform.refused("d:other:rpi:dev1", "use-token-auth", cred) == 5  # another org
+    assert await platform.refused(f"d:{ORG}:cam:dev1", "use-token-auth", cred) == 5  # another type
+    assert await platform.refused(f"d:{ORG}:rpi:dev1", "use-token-auth", "wrong") == 5
+    assert await platform.refused(f"d:{ORG}:rpi:dev1", "dev1", cred) == 5  # not use-token-auth
+    assert await platform.refused(f"d:{ORG}:rpi:dev1", "use-token-auth", other_cred) == 5  # dev2's
+    assert await platform.refused(f"d:{ORG}:rpi:ghost", "use-token-auth", cred) == 5
+    assert await platform.refused(f"d:{ORG}:cam:dev2", "use-token-auth", cred) == 5
+    assert await platform.refused("dev1", "use-token-auth", cred) == 5  # the Watson user, old form
+
+    async def recorded() -> bool:
+        failed = [e for e in await platform.security_events() if e["kind"] == "login_failed"]
+        return {"d:other:rpi:dev1", f"d:{ORG}:cam:dev1", f"d:{ORG}:rpi:ghost"} <= {
+            e["subject"] for e in failed
+        }
+
+    await eventually(recorded, what="refused Watson logins as security events")
+
+
+async def test_a_second_connection_with_the_client_id_ends_the_first(platform: Platform) -> None:
+    cred = platform.register("dev1")
+    first = await platform.device("dev1", cred)
+    second = await platform.device("dev1", cred)
+    await asyncio.wait_for(first.disconnected.wait(), 5)
+    assert await second.subscribe("iot-2/cmd/+/fmt/+") == (1,)  # the second one goes on
+
+
+# ---- a device's relative topics ---------------------------------------------------------------
+async def test_relative_events_are_stored_and_commands_arrive_relative(platform: Platform) -> None:
+    cred = platform.register("dev1")
+    reader = platform.key(devices=("dev1",), roles=Roles(reader=True, writer=True))
+    dev = await platform.device("dev1", cred)
+    assert await dev.subscribe("iot-2/cmd/+/fmt/+") == (1,)
+    dev.publish("iot-2/evt/temp/fmt/json", b'{"t": 21.5}')
+
+    async def stored() -> bool:
+        return len(await events_of(platform, reader, "dev1")) == 1
+
+    await eventually(stored, what="the relative event stored")
+    (event,) = await events_of(platform, reader, "dev1")
+    assert (event["eventType"], event["typeId"], event["payload"]) == ("temp", "rpi", {"t": 21.5})
+    r = await platform.http.post(
+        "/iotf/devices/dev1/commands",
+        headers=platform.basic(reader),
+        json={"command": "blink", "payload": {"n": 2}},
+    )
+    assert r.status_code == 202, r.text
+    topic, payload = await next_message(dev)
+    assert topic == "iot-2/cmd/blink/fmt/json"
+    assert set(json.loads(payload)) == {"jws"}  # signed, the default
+
+
+@pytest.mark.parametrize(
+    "topic_filter",
+    [
+        "#",
+        "iot-2/#",
+        "iot-2/cmd/#",
+        "iot-2/type/+/id/+/cmd/+/fmt/+",
+        "iot-2/type/rpi/id/+/cmd/+/fmt/+",
+        "iot-2/type/+/id/dev1/cmd/+/fmt/+",
+        "iot-2/type/rpi/id/dev2/cmd/+/fmt/+",
+        "iot-2/type/cam/id/dev1/cmd/+/fmt/+",
+        "iot-2/type/+/id/+/evt/+/fmt/+",
+        "iot-2/evt/+/fmt/+",
+        "$SYS/#",
+    ],
+)
+async def test_a_watson_device_subscribes_to_nothing_beyond_its_commands(
+    platform: Platform, topic_filter: str
+) -> None:
+    cred = platform.register("dev1")
+    platform.register("dev2")
+    dev = await platform.device("dev1", cred)
+    assert await dev.subscribe(topic_filter) == (0x80,)
+    assert await dev.subscribe("iot-2/cmd/+/fmt/+") == (1,)  # the session goes on
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "iot-2/type/rpi/id/dev2/evt/temp/fmt/json",  # another device's full topic
+        "iot-2/type/cam/id/dev1/evt/temp/fmt/json",  # its own id under another type
+        "iot-2/type/rpi/id/dev2/mon",
+        "iot-2/cmd/reboot/fmt/json",  # a command, as if iotvault had sent it
+        "iot-2/type/rpi/id/dev1/cmd/reboot/fmt/json",
+        "iot-2/evt/temp/fmt/json/extra",
+        "iot-2/other",
+        "other/topic",
+    ],
+)
+async def test_a_watson_device_publishes_nothing_beyond_its_own(platform: Platform, topic: str) -> None:
+    cred = platform.register("dev1")
+    cred2 = platform.register("dev2")
+    watcher = await platform.device("dev2", cred2)
+    assert await watcher.subscribe("iot-2/cmd/+/fmt/+") == (1,)
+    reader = platform.key(devices=("dev1", "dev2"), roles=Roles(reader=True))
+    dev = await platform.device("dev1", cred)
+    dev.publish(topic, b'{"t": 1}')
+    await asyncio.wait_for(dev.disconnected.wait(), 5)  # 3.1.1: a refused publish ends it
+    assert await events_of(platform, reader, "dev2") == []
+    assert [e for e in await events_of(platform, reader, "dev1") if e["eventType"] == "temp"] == []
+    assert watcher.messages.empty()
+
+    async def denied() -> bool:
+        return any(
+            e["kind"] == "acl_denied" and e["subject"] == f"d:{ORG}:rpi:dev1"
+            for e in await platform.security_events()
+        )
+
+    await eventually(denied, what="the refused publish as a security event")
+
+
+async def test_a_devices_commands_reach_only_its_own_session(platform: Platform) -> None:
+    cred1, cred2 = platform.register("dev1"), platform.register("dev2")
+    writer = platform.key(devices=("dev1", "dev2"), roles=Roles(reader=True, writer=True))
+    one, two = await platform.device("dev1", cred1), await platform.device("dev2", cred2)
+    assert await one.subscribe("iot-2/cmd/+/fmt/+") == (1,)
+    assert await two.subscribe("iot-2/cmd/+/fmt/+") == (1,)
+    r = await platform.http.post(
+        "/iotf/devices/dev2/commands", headers=platform.basic(writer), json={"command": "go", "payload": {}}
+    )
+    assert r.status_code == 202
+    assert (await next_message(two))[0] == "iot-2/cmd/go/fmt/json"
+    await asyncio.sleep(0.5)
+    assert one.messages.empty()
+
+
+# ---- applications -----------------------------------------------------------------------------
+async def test_an_application_receives_exactly_the_devices_its_key_may_read(platform: Platform) -> None:
+    creds = {d: platform.register(d) for d in ("a1", "a2", "b1")}
+    key = platform.key(devices=("a1", "a2"), roles=Roles(reader=True))
+    app = await platform.connect(f"a:{ORG}:app1", *key)
+    assert await app.subscribe("iot-2/type/+/id/+/evt/+/fmt/+") == (1,)
+    assert await app.subscribe("iot-2/type/rpi/id/b1/evt/+/fmt/+") == (0x80,)  # named, not readable
+    assert await app.subscribe("#") == (0x80,)
+    assert await app.subscribe("iot-2/type/+/id/+/cmd/+/fmt/+") == (0x80,)
+    devices = {d: await platform.device(d, c) for d, c in creds.items()}
+    for device_id in ("b1", "a1", "b1", "a2"):
+        devices[device_id].publish("iot-2/evt/temp/fmt/json", json.dumps({"from": device_id}).encode())
+    got = [await next_message(app) for _ in range(2)]
+    assert sorted(topic for topic, _ in got) == [
+        "iot-2/type/rpi/id/a1/evt/temp/fmt/json",
+        "iot-2/type/rpi/id/a2/evt/temp/fmt/json",
+    ]
+    await asyncio.sleep(0.5)
+    assert app.messages.empty()  # nothing of b1
+
+
+async def test_application_logins_are_checked(platform: Platform) -> None:
+    key = platform.key(devices=(), roles=Roles(reader=True))
+    assert await platform.refused(f"a:{ORG}:app1", key[0], "wrong") == 5
+    assert await platform.refused("a:other:app1", *key) == 5
+    assert await platform.refused("app1", *key) == 5  # a key is for a: client ids only
+    assert await platform.refused(f"d:{ORG}:rpi:app1", *key) == 5
+    assert await platform.refused(f"a:{ORG}:app1", "use-token-auth", key[1]) == 5
+
+
+async def test_an_applications_command_goes_out_signed_and_a_reader_cannot_send_one(
+    platform: Platform,
+) -> None:
+    cred = platform.register("dev1")
+    dev = await platform.device("dev1", cred)
+    assert await dev.subscribe("iot-2/cmd/+/fmt/+") == (1,)
+    reader = platform.key(devices=("dev1",), roles=Roles(reader=True))
+    app = await platform.connect(f"a:{ORG}:reader", *reader)
+    app.publish("iot-2/type/rpi/id/dev1/cmd/reboot/fmt/json", b'{"now": true}')
+    await asyncio.wait_for(app.disconnected.wait(), 5)  # refused: a reader commands nothing
+    writer = platform.key(devices=("dev1",), roles=Roles(reader=True, writer=True))
+    app = await platform.connect(f"a:{ORG}:writer", *writer)
+    app.publish("iot-2/type/rpi/id/dev1/cmd/reboot/fmt/json", b'{"now": true}')
+    topic, payload = await next_message(dev)
+    assert topic == "iot-2/cmd/reboot/fmt/json"
+    assert set(json.loads(payload)) == {"jws"}  # iotvault's signed command, not the app's bytes
+    assert dev.messages.empty()  # and only that one: the app's own message was not forwarded
+    events = [e for e in await platform.security_events() if e["kind"] == "command"]
+    assert [e["subject"] for e in events] == [f"api_key:{writer[0]}"]
+
+
+async def test_a_revoked_key_ends_the_session_and_cannot_log_in_again(platform: Platform) -> None:
+    key = platform.key(devices=(), roles=Roles(reader=True))
+    app = await platform.connect(f"a:{ORG}:app1", *key)
+    revoke_api_key(platform.ctx, key[0])
+    await asyncio.wait_for(app.disconnected.wait(), 5)
+    assert await platform.refused(f"a:{ORG}:app1", *key) == 5
