@@ -75,6 +75,7 @@ lock: venv  ## re-lock requirements/ after a change to pyproject.toml (other pin
 		--constraint requirements/runtime.txt --output-file requirements/dev.txt pyproject.toml
 	$(PIP_COMPILE) $(LOCK_FLAGS) --constraint requirements/dev.txt \
 		--output-file requirements/bootstrap.txt requirements/bootstrap.in
+	$(PIP_COMPILE) $(LOCK_FLAGS) --output-file requirements/wiotp.txt requirements/wiotp.in
 
 upgrade:  ## re-lock with the newest releases pyproject.toml allows, then update .venv
 	$(MAKE) lock LOCK_FLAGS=--upgrade

@@ -253,9 +253,14 @@ class NewApiKey(NamedTuple):
     password: str  # shown once, stored only as a hash
 
 
-def new_api_key_id() -> str:
-    """``k-`` and 20 URL-safe characters (120 random bits): public, but unguessable anyway."""
-    return API_KEY_PREFIX + secrets.token_urlsafe(15)
+def new_api_key_id(watson_org: str | None = None) -> str:
+    """``k-`` and 20 URL-safe characters (120 random bits): public, but unguessable anyway.
+
+    With ``watson_org``: ``a-<org>-`` and 20, the form of a Watson IoT application's key, from
+    which Watson's application SDK takes the organization it connects to.
+    """
+    prefix = API_KEY_PREFIX if watson_org is None else f"a-{watson_org}-"
+    return prefix + secrets.token_urlsafe(15)
 
 
 def create_api_key(
@@ -267,11 +272,13 @@ def create_api_key(
     expires_us: int | None = None,
     description: str = "",
     created_by: str,
+    watson_org: str | None = None,
 ) -> NewApiKey:
     """Make an API key with ``roles`` on ``devices`` and on the devices of ``groups``.
 
     Whether the caller may grant that much is the authorization policy's question, asked
-    before this is called.
+    before this is called. ``watson_org``: a key id a Watson IoT application can use
+    (:func:`new_api_key_id`).
     """
     if not isinstance(roles, Roles) or not roles:
         raise ValidationError("roles", "an API key needs at least one of roleAdmin, roleReader, roleWriter")
@@ -282,7 +289,9 @@ def create_api_key(
     at = now_us()
     if expires_us is not None and (not isinstance(expires_us, int) or expires_us <= at):
         raise ValidationError("expires", "must be in the future")
-    new = NewApiKey(new_api_key_id(), new_secret())
+    new = NewApiKey(new_api_key_id(watson_org), new_secret())
+    if not is_api_key_id(new.key):
+        raise ValidationError("orgId", "a Watson organization id is 1-32 of a-z 0-9")
     record = ApiKeyRecord(
         key=new.key,
         description=check_text("description", description, max_len=MAX_DESCRIPTION),

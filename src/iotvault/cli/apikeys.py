@@ -32,6 +32,12 @@ def apikeys_add(
         int | None, typer.Option("--expires-in", min=1, max=3650, metavar="DAYS", help="Expire after DAYS.")
     ] = None,
     description: Annotated[str, typer.Option(help="What the key is for.")] = "",
+    watson: Annotated[
+        bool,
+        typer.Option(
+            "--watson", help="A key id of Watson's form (a-<org>-...), for Watson IoT application clients."
+        ),
+    ] = False,
     json_out: JsonOption = False,
 ) -> None:
     """Create an API key; prints its key and password once (only a hash is kept)."""
@@ -48,6 +54,7 @@ def apikeys_add(
             expires_us=expires,
             description=description,
             created_by="cli",
+            watson_org=ctx.org_id if watson else None,
         )
         found = ctx.accounts.get_api_key(new.key)
     assert found is not None  # noqa: S101 - just made

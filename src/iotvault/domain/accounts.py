@@ -24,7 +24,9 @@ from iotvault.errors import ValidationError
 NAME_PATTERN: Final = "[A-Za-z0-9._@-]{1,64}"
 """``userName`` and ``groupName``."""
 _NAME_RE: Final = re.compile(NAME_PATTERN)
-_API_KEY_ID_RE: Final = re.compile(r"k-[A-Za-z0-9_-]{20}")
+# ``k-`` and 20 URL-safe characters; or a Watson IoT application key, ``a-<org>-`` and 20 (the
+# Watson SDK reads the organization from the key id: the part between the first two hyphens)
+_API_KEY_ID_RE: Final = re.compile(r"(k|a-[a-z0-9]{1,32})-[A-Za-z0-9_-]{20}")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 MAX_DISPLAY_NAME: Final = 128
@@ -120,7 +122,8 @@ def check_group_names(value: Iterable[object]) -> tuple[str, ...]:
 
 
 def is_api_key_id(value: object) -> bool:
-    """Whether ``value`` has the form of an API key's public id (``k-`` and 20 URL-safe chars)."""
+    """Whether ``value`` has the form of an API key's public id (``k-`` or ``a-<org>-``, and 20
+    URL-safe characters)."""
     return isinstance(value, str) and _API_KEY_ID_RE.fullmatch(value) is not None
 
 
