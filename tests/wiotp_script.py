@@ -26,7 +26,12 @@ def options(cfg):
     return {
         "domain": cfg["domain"],
         "logLevel": logging.INFO,
-        "mqtt": {"port": cfg.get("port", 8883), "caFile": cfg["caFile"], "cleanStart": True},
+        "mqtt": {
+            "port": cfg.get("port", 8883),
+            "caFile": cfg["caFile"],
+            "cleanStart": True,
+            "transport": cfg.get("transport", "tcp"),
+        },
     }
 
 

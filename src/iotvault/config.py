@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     broker_ca_file: str = ""  # CA certificates that verify an mqtts:// broker (default: the system's)
     mqtt_tls_cert_file: str = ""  # embedded broker: serve MQTT over TLS with this certificate chain
     mqtt_tls_key_file: str = ""  # ... and this private key
+    # embedded broker: MQTT over TLS on this port as well, mqtt_port then staying plain; 0: TLS
+    # (with a certificate) on mqtt_port itself
+    mqtt_tls_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    mqtt_ws_port: Annotated[int, Field(ge=0, le=65535)] = 0  # embedded broker: MQTT over WebSocket; 0: off
     # embedded broker: a larger packet ends the connection
     mqtt_max_packet_bytes: Annotated[int, Field(ge=1024, le=268_435_455)] = 262_144
     command_expiry_s: Annotated[int, Field(ge=1, le=7 * 86_400)] = 300  # a command's default lifetime
@@ -461,6 +465,14 @@ def _check_device_security(s: Settings) -> None:
         raise ConfigError(
             "mqtt_tls_key_file" if s.mqtt_tls_cert_file else "mqtt_tls_cert_file",
             "mqtt_tls_cert_file and mqtt_tls_key_file go together",
+        )
+    if s.mqtt_tls_port and not s.mqtt_tls_cert_file:
+        raise ConfigError("mqtt_tls_port", "needs mqtt_tls_cert_file and mqtt_tls_key_file")
+    ports = [p for p in (s.mqtt_port, s.mqtt_tls_port, s.mqtt_ws_port) if p]
+    if len(set(ports)) != len(ports):
+        raise ConfigError(
+            "mqtt_ws_port" if s.mqtt_ws_port in ports[:-1] else "mqtt_tls_port",
+            "mqtt_port, mqtt_tls_port and mqtt_ws_port must differ",
         )
     for name in ("broker_ca_file", "mqtt_tls_cert_file", "mqtt_tls_key_file"):
         value = getattr(s, name)

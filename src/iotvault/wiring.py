@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from iotvault.broker.acl import SERVICE_USERNAME
 from iotvault.broker.authority import DeviceAuthority
-from iotvault.broker.embedded import EmbeddedBroker, InboundPublish, PublishHook
+from iotvault.broker.embedded import EmbeddedBroker, InboundPublish, Listener, PublishHook
 from iotvault.broker.hooks import NOT_FORWARDED
 from iotvault.broker.limits import BrokerLimits
 from iotvault.broker.mosquitto_log import MosquittoLogWatcher
@@ -85,7 +85,7 @@ async def start_broker_side(
             return await _embedded(
                 stack, s, ctx, pipeline, on_publish=on_publish, service_password=service_password
             )
-        client_ssl = client_context(s.broker_ca_file) if s.mqtt_tls_cert_file else None
+        client_ssl = client_context(s.broker_ca_file) if main_port_tls(s) else None
         publisher = CommandPublisher(
             s.mqtt_host,
             s.mqtt_port,
@@ -139,6 +139,7 @@ async def _embedded(
         return _app_command(ctx, commands[0], topic, payload, api_key)
 
     hook = _presence_is_the_brokers(on_publish) if on_publish is not None else None
+    tls = server_context(s.mqtt_tls_cert_file, s.mqtt_tls_key_file) if s.mqtt_tls_cert_file else None
     broker = await stack.enter_async_context(
         EmbeddedBroker(
             s.mqtt_host,
@@ -151,7 +152,8 @@ async def _embedded(
             throttle=LoginThrottle(),
             max_packet_size=s.mqtt_max_packet_bytes,
             limits=broker_limits(s),
-            ssl=server_context(s.mqtt_tls_cert_file, s.mqtt_tls_key_file) if s.mqtt_tls_cert_file else None,
+            ssl=tls if main_port_tls(s) else None,
+            listeners=further_listeners(s, tls),
         )
     )
 
@@ -230,6 +232,21 @@ def _is_status_topic(topic: str) -> bool:
         return isinstance(parse_topic(topic), StatusTopic)
     except TopicError:
         return False
+
+
+def main_port_tls(s: Settings) -> bool:
+    """Whether the embedded broker's ``mqtt_port`` serves TLS: a certificate, and no TLS port."""
+    return bool(s.mqtt_tls_cert_file) and not s.mqtt_tls_port
+
+
+def further_listeners(s: Settings, tls: ssl.SSLContext | None) -> list[Listener]:
+    """MQTT over TLS on ``mqtt_tls_port``, over WebSocket on ``mqtt_ws_port`` (TLS with a certificate)."""
+    listeners = []
+    if s.mqtt_tls_port and tls is not None:
+        listeners.append(Listener(s.mqtt_tls_port, tls, setting="IOTVAULT_MQTT_TLS_PORT"))
+    if s.mqtt_ws_port:
+        listeners.append(Listener(s.mqtt_ws_port, tls, websocket=True, setting="IOTVAULT_MQTT_WS_PORT"))
+    return listeners
 
 
 def broker_limits(s: Settings) -> BrokerLimits:

@@ -13,6 +13,8 @@ import base64
 import contextlib
 import json
 import signal
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,12 +23,17 @@ from typing import Any
 
 import gmqtt
 import httpx
+import paho.mqtt.client as paho
 import pytest
+import websockets.exceptions
+import websockets.sync.client
 from gmqtt.mqtt.constants import MQTTv311
 from helpers import free_port
+from websockets.typing import Subprotocol
 
 from iotvault import wiring
 from iotvault.accounts import create_api_key, revoke_api_key
+from iotvault.certs import write_certs
 from iotvault.config import Settings, load_settings
 from iotvault.context import Context, open_context
 from iotvault.devices import register_device
@@ -377,3 +384,173 @@ async def test_a_revoked_key_ends_the_session_and_cannot_log_in_again(platform: 
     revoke_api_key(platform.ctx, key[0])
     await asyncio.wait_for(app.disconnected.wait(), 5)
     assert await platform.refused(f"a:{ORG}:app1", *key) == 5
+
+
+# ---- MQTT over WebSocket ----------------------------------------------------------------------
+@pytest.fixture
+async def ws_platform(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Platform]:
+    monkeypatch.setattr(wiring, "REVALIDATE_S", 0.5)
+    settings = load_settings(
+        environ={
+            "IOTVAULT_DATA_DIR": str(tmp_path / "data"),
+            "IOTVAULT_HTTP_PORT": str(free_port()),
+            "IOTVAULT_MQTT_PORT": str(free_port()),
+            "IOTVAULT_MQTT_WS_PORT": str(free_port()),
+            "IOTVAULT_ORG_ID": ORG,
+            "IOTVAULT_MQTT_MAX_PACKET_BYTES": "4096",
+        }
+    )
+    async with running(settings) as p:
+        yield p
+
+
+class WsClient:
+    """A paho client over WebSocket (path /mqtt, subprotocol mqtt: paho's defaults)."""
+
+    def __init__(self, platform: Platform, client_id: str, username: str, password: str) -> None:
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id, transport="websockets")
+        self.client.username_pw_set(username, password)
+        self.connack: int | None = None
+        self.loop = asyncio.get_running_loop()
+        self.received: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda _c, _u, m: self.loop.call_soon_threadsafe(
+            self.received.put_nowait, (m.topic, m.payload)
+        )
+        self.port = platform.settings.mqtt_ws_port
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.connack = reason.value
+
+    async def connect(self) -> int:
+        """CONNACK's reason code (paho 2 says a 3.1.1 refusal, code 5, as 0x87)."""
+        await asyncio.to_thread(self.client.connect, HOST, self.port)
+        self.client.loop_start()
+
+        async def answered() -> bool:
+            return self.connack is not None
+
+        await eventually(answered, 5, "CONNACK over WebSocket")
+        assert self.connack is not None
+        return self.connack
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def test_a_watson_device_over_websocket(ws_platform: Platform) -> None:
+    platform = ws_platform
+    cred = platform.register("dev1")
+    reader = platform.key(devices=("dev1",), roles=Roles(reader=True, writer=True))
+    bad = WsClient(platform, f"d:{ORG}:rpi:dev1", "use-token-auth", "wrong")
+    try:
+        assert await bad.connect() == 0x87  # the same door: refused
+    finally:
+        bad.close()
+    client = WsClient(platform, f"d:{ORG}:rpi:dev1", "use-token-auth", cred)
+    try:
+        assert await client.connect() == 0
+        client.client.subscribe("iot-2/cmd/+/fmt/+", qos=1)
+        info = client.client.publish("iot-2/evt/temp/fmt/json", b'{"t": 3}', qos=1)
+        await asyncio.to_thread(info.wait_for_publish, 5)
+
+        async def stored() -> bool:
+            return len(await events_of(platform, reader, "dev1")) == 1
+
+        await eventually(stored, what="the event sent over WebSocket stored")
+        command = {"command": "blink", "payload": {}}
+        r = await platform.http.post(
+            "/iotf/devices/dev1/commands", headers=platform.basic(reader), json=command
+        )
+        assert r.status_code == 202
+        topic, payload = await asyncio.wait_for(client.received.get(), 5)
+        assert topic == "iot-2/cmd/blink/fmt/json"
+        assert set(json.loads(payload)) == {"jws"}
+    finally:
+        client.close()
+
+
+def _ws_refusal(port: int, **kwargs: Any) -> int:
+    with pytest.raises(websockets.exceptions.InvalidStatus) as info:
+        websockets.sync.client.connect(f"ws://{HOST}:{port}{kwargs.pop('path', '/mqtt')}", **kwargs)
+    return int(info.value.response.status_code)
+
+
+def _closed_after(port: int, message: bytes | str) -> bool:
+    """Send ``message`` after the handshake; True if the broker then closes the connection."""
+    ws = websockets.sync.client.connect(f"ws://{HOST}:{port}/mqtt", subprotocols=[Subprotocol("mqtt")])
+    try:
+        ws.send(message)
+        try:
+            ws.recv(timeout=5)
+        except websockets.exceptions.ConnectionClosed:
+            return True
+        return False
+    finally:
+        ws.close()
+
+
+def _not_http_is_closed(port: int) -> bool:
+    """Plain MQTT bytes on the WebSocket port: closed at once, nothing kept."""
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00\r\n\r\n")
+        started = time.monotonic()
+        return sock.recv(1024) == b"" and time.monotonic() - started < 2
+
+
+async def test_websocket_attacks_are_refused(ws_platform: Platform) -> None:
+    port = ws_platform.settings.mqtt_ws_port
+    assert (
+        await asyncio.to_thread(_ws_refusal, port, path="/other", subprotocols=[Subprotocol("mqtt")]) == 404
+    )
+    assert await asyncio.to_thread(_ws_refusal, port) == 400  # no "mqtt" subprotocol
+    assert await asyncio.to_thread(_closed_after, port, "text is not MQTT")
+    big = b"\x30" + bytes([0xFF, 0xFF, 0x7F]) + b"\x00" * 16  # a PUBLISH announcing 2 MB
+    assert await asyncio.to_thread(_closed_after, port, big)
+    assert await asyncio.to_thread(_closed_after, port, b"\x30\x02\x00\x00")  # not CONNECT first
+    assert await asyncio.to_thread(_not_http_is_closed, port)
+
+    async def recorded() -> bool:
+        kinds = [e["kind"] for e in await ws_platform.security_events()]
+        return kinds.count("protocol_violation") >= 2
+
+    await eventually(recorded, what="the oversized and out-of-order packets as protocol violations")
+
+
+async def test_tls_on_a_port_of_its_own_beside_plain_mqtt(tmp_path: Path) -> None:
+    files = write_certs(tmp_path / "certs", ["localhost"])
+    settings = load_settings(
+        environ={
+            "IOTVAULT_DATA_DIR": str(tmp_path / "data"),
+            "IOTVAULT_HTTP_PORT": str(free_port()),
+            "IOTVAULT_MQTT_PORT": str(free_port()),
+            "IOTVAULT_MQTT_TLS_PORT": str(free_port()),
+            "IOTVAULT_MQTT_TLS_CERT_FILE": str(files.server_cert),
+            "IOTVAULT_MQTT_TLS_KEY_FILE": str(files.server_key),
+            "IOTVAULT_ORG_ID": ORG,
+        }
+    )
+    async with running(settings) as platform:
+        cred = platform.register("dev1")
+        plain = await platform.device("dev1", cred)  # mqtt_port stays plain
+        await plain.close()
+        context = ssl.create_default_context(cafile=str(files.ca_cert))
+        tls = Client(f"d:{ORG}:rpi:dev1")
+        platform.clients.append(tls)
+        tls.client.set_auth_credentials("use-token-auth", cred)
+        await asyncio.wait_for(
+            tls.client.connect("localhost", settings.mqtt_tls_port, ssl=context, version=MQTTv311), 5
+        )
+        assert await tls.subscribe("iot-2/cmd/+/fmt/+") == (1,)
+        with pytest.raises(ssl.SSLError):  # the system's CAs do not know this certificate
+            await asyncio.to_thread(_tls_handshake, settings.mqtt_tls_port, ssl.create_default_context())
+        await asyncio.to_thread(_tls_handshake, settings.mqtt_tls_port, context)
+
+
+def _tls_handshake(port: int, context: ssl.SSLContext) -> None:
+    with (
+        socket.create_connection((HOST, port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost"),
+    ):
+        pass

@@ -56,6 +56,7 @@ class Platform:
     address: str
     ca_file: Path
     workdir: Path
+    transport: str
 
     def basic(self, key: str, password: str) -> dict[str, str]:
         return {"Authorization": "Basic " + base64.b64encode(f"{key}:{password}".encode()).decode()}
@@ -65,16 +66,22 @@ class Platform:
 
 
 @pytest.fixture
-async def platform(tmp_path: Path) -> AsyncIterator[Platform]:
+async def platform(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Platform]:
+    """A node whose broker serves TLS on ``<address>:8883``: MQTT, or MQTT over WebSocket when
+    the test asks for ``"websockets"`` (the SDK's ``transport``), its MQTT port then elsewhere."""
+    transport = getattr(request, "param", "tcp")
     # a loopback address of this test's own: 127.0.0.1:8883 may be taken, and so may another's
     address = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"  # noqa: S311
     files = write_certs(tmp_path / "certs", [NAME])
+    ports = {"IOTVAULT_MQTT_PORT": str(PORT)}
+    if transport == "websockets":
+        ports = {"IOTVAULT_MQTT_PORT": str(free_port()), "IOTVAULT_MQTT_WS_PORT": str(PORT)}
     settings = load_settings(
         environ={
             "IOTVAULT_DATA_DIR": str(tmp_path / "data"),
             "IOTVAULT_HTTP_PORT": str(free_port()),
             "IOTVAULT_MQTT_HOST": address,
-            "IOTVAULT_MQTT_PORT": str(PORT),
+            **ports,
             "IOTVAULT_MQTT_TLS_CERT_FILE": str(files.server_cert),
             "IOTVAULT_MQTT_TLS_KEY_FILE": str(files.server_key),
             "IOTVAULT_BROKER_CA_FILE": str(files.ca_cert),
@@ -93,7 +100,7 @@ async def platform(tmp_path: Path) -> AsyncIterator[Platform]:
             task.result()
         assert ready.is_set(), "the node did not start"
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=10) as http:
-            yield Platform(settings, ctx, http, address, files.ca_cert, tmp_path)
+            yield Platform(settings, ctx, http, address, files.ca_cert, tmp_path, transport)
     finally:
         waiter.cancel()
         node.stop()
@@ -155,6 +162,7 @@ class Sdk:
         return (await self.proc.stderr.read()).decode(errors="replace")[-3000:]
 
 
+@pytest.mark.parametrize("platform", ["tcp", "websockets"], indirect=True)
 async def test_sdk_device_publishes_over_tls_and_gets_a_signed_command(platform: Platform) -> None:
     device = register_device(platform.ctx, "rpi", "sdkdev1")
     admin = create_api_key(
@@ -168,6 +176,7 @@ async def test_sdk_device_publishes_over_tls_and_gets_a_signed_command(platform:
         "events": [["temp", "json", {"t": 21.5}]],
         "stop_after": 1,
         "timeout_s": 30,
+        "transport": platform.transport,
     }
     async with Sdk.run(platform, "device", **config) as sdk:
         assert await sdk.line() == {"ready": True}

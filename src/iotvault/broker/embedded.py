@@ -44,8 +44,10 @@ import gc
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from ssl import SSLContext
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from iotvault.broker.amqtt_adapter import AmqttCore, Flow, Incoming
 from iotvault.broker.codec import Connack, Connect, MalformedPacketError, encode, publish_topic_problem
@@ -80,10 +82,10 @@ from iotvault.broker.mqtt5 import (
     refusal_ack,
 )
 from iotvault.broker.watson import DeviceTopics
+from iotvault.broker.websocket import open_websocket
 from iotvault.errors import PortInUseError
 
 if TYPE_CHECKING:
-    from ssl import SSLContext
     from types import TracebackType
 
     from iotvault.broker.throttle import LoginThrottle
@@ -96,6 +98,7 @@ __all__ = [
     "DenialHook",
     "EmbeddedBroker",
     "InboundPublish",
+    "Listener",
     "PublishHook",
     "TopicAction",
     "TopicAuthorizer",
@@ -111,6 +114,19 @@ _CONNACK_REFUSED_LEVEL: Final = 1  # MQTT 3.1.1: unacceptable protocol version
 _CONNACK_NOT_AUTHORIZED: Final = 5
 _REFUSAL_LOG_EVERY_S: Final = 10.0  # refused connections are logged once in this many seconds
 _COLLECT_AFTER: Final = (2_000, 10.0)  # ended connections, and seconds since the last collection
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A further port on the broker's host: MQTT over TLS, or over WebSocket (``/mqtt``).
+
+    ``setting`` names the setting that chose the port, for the error when it is taken.
+    """
+
+    port: int
+    ssl: SSLContext | None = None
+    websocket: bool = False
+    setting: str = _PORT_SETTING
 
 
 class EmbeddedBroker:
@@ -134,6 +150,7 @@ class EmbeddedBroker:
         throttle: LoginThrottle | None = None,
         ssl: SSLContext | None = None,
         limits: BrokerLimits | None = None,
+        listeners: Sequence[Listener] = (),
     ) -> None:
         if max_packet_size < 2:
             raise ValueError(f"max_packet_size must be at least 2 bytes, not {max_packet_size}")
@@ -147,6 +164,8 @@ class EmbeddedBroker:
         self._on_denied = on_denied
         self._throttle = throttle
         self._ssl = ssl
+        self._listeners = tuple(listeners)
+        self._extra_servers: list[asyncio.Server] = []
         self.limits = fit_to_descriptors(limits if limits is not None else BrokerLimits())
         self._gate = ConnectionGate(self.limits)
         self._core: AmqttCore | None = None
@@ -193,13 +212,35 @@ class EmbeddedBroker:
             raise
         self._core = core
         _log.info("embedded MQTT broker listening on %s:%d", self._host, self.port)
+        for listener in self._listeners:
+            serve = functools.partial(self._serve_connection, websocket=listener.websocket)
+            try:
+                server = await asyncio.start_server(serve, self._host, listener.port, ssl=listener.ssl)
+            except OSError as exc:
+                await self.__aexit__(None, None, None)
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUseError(self._host, listener.port, listener.setting) from None
+                raise
+            self._extra_servers.append(server)
+            kind = ("MQTT over WebSocket" if listener.websocket else "MQTT") + (
+                " over TLS" if listener.ssl else ""
+            )
+            _log.info("embedded MQTT broker listening on %s:%d (%s)", self._host, listener.port, kind)
         return self
+
+    @property
+    def ports(self) -> list[int]:
+        """Every port listened on: the main one first, then the further listeners' in order."""
+        return [self.port] + [int(s.sockets[0].getsockname()[1]) for s in self._extra_servers if s.sockets]
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         server, core = self._server, self._core
         self._server = self._core = None
+        extra, self._extra_servers = self._extra_servers, []
+        for other in extra:
+            other.close()
         if server is not None:
             server.close()  # stop accepting
         for stream in list(self._streams):
@@ -209,6 +250,8 @@ class EmbeddedBroker:
             await core.shutdown()
         if server is not None:
             await server.wait_closed()
+        for other in extra:
+            await other.wait_closed()
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
         """Send a message of iotvault's own (a command) to the clients subscribed to ``topic``.
@@ -235,7 +278,9 @@ class EmbeddedBroker:
 
     # -- the door -----------------------------------------------------------------------------
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, websocket: bool = False
+    ) -> None:
         peer = writer.get_extra_info("peername")
         address = host(peer)
         refusal = self._gate.enter(address)
@@ -243,6 +288,11 @@ class EmbeddedBroker:
             writer.transport.abort()  # nothing read, nothing sent, no descriptor kept
             self._refused_connection(address, refusal)
             return
+        if websocket:
+            opened = await self._open_websocket(reader, writer, address)
+            if opened is None:
+                return
+            reader, writer = opened
         task = asyncio.current_task()
         if task is not None:
             self._connections.add(task)
@@ -276,6 +326,25 @@ class EmbeddedBroker:
             if budget.suppressed:
                 _log.warning("MQTT client %r from %s: %d further log lines suppressed",
                              stream.client_id, address, budget.suppressed)  # fmt: skip
+
+    async def _open_websocket(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The WebSocket handshake, within the connect timeout; None (and all released) if refused."""
+        opened = None
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout_s):
+                opened = await open_websocket(reader, writer, max_size=self._max_packet_size + 16)
+        except (TimeoutError, OSError) as exc:
+            _log.info("WebSocket handshake from %s failed (%s)", address, type(exc).__name__)
+        finally:
+            if opened is None:
+                writer.transport.abort()
+                self._gate.leave(address, pending=True)
+        if opened is None:
+            return None
+        # shaped like asyncio's streams: from here on, served exactly as a TCP connection
+        return cast("asyncio.StreamReader", opened[0]), cast("asyncio.StreamWriter", opened[1])
 
     def _collect_churn(self) -> None:
         """A full collection after many ended connections: each leaves cyclic garbage behind

@@ -58,7 +58,7 @@ def simulator_extras(s: Settings, key_file: Path | None = None, *, registry: boo
             key = command_signing_key(ctx.store, ctx.master).public
         commands = CommandSupport(key, s.data_dir / "simulator")
     b = s.broker
-    tls = (not b.embedded and b.tls) or (b.embedded and bool(s.mqtt_tls_cert_file))
+    tls = (not b.embedded and b.tls) or (b.embedded and bool(s.mqtt_tls_cert_file) and not s.mqtt_tls_port)
     return commands, client_context(s.broker_ca_file) if tls else None
 
 
