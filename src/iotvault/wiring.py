@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import ssl
@@ -113,16 +114,20 @@ async def _embedded(
         )
     )
     await asyncio.to_thread(ctx.store.mark_all_offline)  # nobody is connected to a new broker
-    pending: set[asyncio.Task[object]] = set()
+    pending: set[asyncio.Future[object]] = set()
+
+    running: list[EmbeddedBroker] = []  # set once the broker runs
 
     async def on_status(device_id: str, type_id: str, online: bool) -> None:
         # Not awaited: presence must not hold up connections behind a batch commit.
-        message = Inbound(
-            str(StatusTopic(type_id, device_id)), _ONLINE if online else _OFFLINE, 0, False, None, "broker"
-        )
-        task: asyncio.Task[object] = asyncio.ensure_future(pipeline.submit(message))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
+        topic = str(StatusTopic(type_id, device_id))
+        message = Inbound(topic, _ONLINE if online else _OFFLINE, 0, False, None, "broker")
+        tasks: list[asyncio.Future[object]] = [asyncio.ensure_future(pipeline.submit(message))]
+        if running:  # and told to the applications that may read the device (Watson's .../mon)
+            tasks.append(asyncio.ensure_future(_announce(running[0], topic, online)))
+        for task in tasks:
+            pending.add(task)
+            task.add_done_callback(pending.discard)
 
     org_id = await asyncio.to_thread(lambda: ctx.org_id)  # made once and kept, when not set
     authority = DeviceAuthority(
@@ -162,6 +167,7 @@ async def _embedded(
             await asyncio.wait(set(pending), timeout=5.0)
 
     stack.push_async_callback(settle_presence)
+    running.append(broker)
     commands.append(CommandService(ctx, broker.publish, default_expiry_s=s.command_expiry_s))
     await _background(stack, authority.keep_checking(broker, REVALIDATE_S), "iotvault-sessions")
     return BrokerSide(broker, broker.publish, authority, events)
@@ -185,6 +191,24 @@ def _presence_is_the_brokers(on_publish: PublishHook) -> PublishHook:
         return on_publish(p)
 
     return hook
+
+
+async def _announce(broker: EmbeddedBroker, topic: str, online: bool) -> object:
+    """A device's connection or disconnection on its status topic, for applications (QoS 0).
+
+    Watson's keys (``Action``, ``Time``) beside iotvault's ``status``; the broker's RECEIVE check
+    lets only readers of the device have it (devices never receive status topics).
+    """
+    notice = {
+        "status": "connected" if online else "disconnected",
+        "Action": "Connect" if online else "Disconnect",
+        "Time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    }
+    try:
+        await broker.publish(topic, json.dumps(notice, separators=(",", ":")).encode(), qos=0)
+    except (RuntimeError, ValueError, OSError) as exc:  # stopping: presence is informational
+        log.debug("status of %s not announced: %s", topic, exc)
+    return None
 
 
 def _app_commands_to_service(

@@ -251,6 +251,43 @@ async def test_relative_events_are_stored_and_commands_arrive_relative(platform:
     assert set(json.loads(payload)) == {"jws"}  # signed, the default
 
 
+async def test_a_watson_device_speaking_mqtt5(platform: Platform) -> None:
+    """The relative topics under the MQTT 5 translation: mapped in, mapped back, refused with 0x87."""
+    cred = platform.register("dev1")
+    platform.register("dev2")
+    writer = platform.key(devices=("dev1",), roles=Roles(reader=True, writer=True))
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, f"d:{ORG}:rpi:dev1", protocol=paho.MQTTv5)
+    client.username_pw_set("use-token-auth", cred)
+    loop = asyncio.get_running_loop()
+    received: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+    client.on_message = lambda _c, _u, m: loop.call_soon_threadsafe(received.put_nowait, (m.topic, m.payload))
+    acks: dict[int, int] = {}
+    client.on_publish = lambda _c, _u, mid, reason, _p: acks.__setitem__(mid, reason.value)
+    await asyncio.to_thread(client.connect, HOST, platform.port)
+    client.loop_start()
+    try:
+        client.subscribe("iot-2/cmd/+/fmt/+", qos=1)
+        mine = client.publish("iot-2/evt/temp/fmt/json", b'{"t": 5}', qos=1)
+        theirs = client.publish("iot-2/type/rpi/id/dev2/evt/temp/fmt/json", b'{"t": 6}', qos=1)
+
+        async def answered() -> bool:
+            return {mine.mid, theirs.mid} <= set(acks)
+
+        await eventually(answered, 5, "both PUBACKs")
+        assert (acks[mine.mid], acks[theirs.mid]) == (0, 0x87)  # MQTT 5 keeps the session
+        assert [e["eventType"] for e in await events_of(platform, writer, "dev1")] == ["temp"]
+        command = {"command": "open", "payload": {}}
+        r = await platform.http.post(
+            "/iotf/devices/dev1/commands", headers=platform.basic(writer), json=command
+        )
+        assert r.status_code == 202
+        topic, _ = await asyncio.wait_for(received.get(), 5)
+        assert topic == "iot-2/cmd/open/fmt/json"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 @pytest.mark.parametrize(
     "topic_filter",
     [
@@ -346,6 +383,24 @@ async def test_an_application_receives_exactly_the_devices_its_key_may_read(plat
     ]
     await asyncio.sleep(0.5)
     assert app.messages.empty()  # nothing of b1
+
+
+async def test_an_application_sees_the_connections_of_the_devices_it_may_read(platform: Platform) -> None:
+    creds = {d: platform.register(d) for d in ("a1", "b1")}
+    key = platform.key(devices=("a1",), roles=Roles(reader=True))
+    app = await platform.connect(f"a:{ORG}:app1", *key)
+    assert await app.subscribe("iot-2/type/+/id/+/mon") == (1,)
+    other = await platform.device("b1", creds["b1"])
+    mine = await platform.device("a1", creds["a1"])
+    topic, payload = await next_message(app)
+    assert topic == "iot-2/type/rpi/id/a1/mon"
+    assert json.loads(payload)["Action"] == "Connect"
+    await mine.close()
+    topic, payload = await next_message(app)
+    assert (topic, json.loads(payload)["status"]) == ("iot-2/type/rpi/id/a1/mon", "disconnected")
+    await other.close()
+    await asyncio.sleep(0.5)
+    assert app.messages.empty()  # nothing of b1, connected or not
 
 
 async def test_application_logins_are_checked(platform: Platform) -> None:

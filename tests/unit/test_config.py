@@ -361,3 +361,30 @@ def test_embedded_broker_limits_are_on_by_default_and_configurable() -> None:
         load_settings(environ={"IOTVAULT_MQTT_MAX_CONNECTIONS_PER_ADDRESS": "0"})
     with pytest.raises(ConfigError, match="IOTVAULT_SECURITY_EVENTS_RETENTION_DAYS"):
         load_settings(environ={"IOTVAULT_SECURITY_EVENTS_RETENTION_DAYS": "0"})
+
+
+def test_further_broker_listeners(tmp_path: Path) -> None:
+    from iotvault.wiring import further_listeners, main_port_tls  # noqa: PLC0415 -- as above
+
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_text("x")
+    key.write_text("x")
+    tls = {"IOTVAULT_MQTT_TLS_CERT_FILE": str(cert), "IOTVAULT_MQTT_TLS_KEY_FILE": str(key)}
+    assert "IOTVAULT_MQTT_TLS_PORT" in str(
+        load_error(environ={"IOTVAULT_MQTT_TLS_PORT": "8883"})
+    )  # no certificate
+    same = {**tls, "IOTVAULT_MQTT_PORT": "8883", "IOTVAULT_MQTT_TLS_PORT": "8883"}
+    assert "must differ" in str(load_error(environ=same))
+    assert "IOTVAULT_MQTT_WS_PORT" in str(load_error(environ={"IOTVAULT_MQTT_WS_PORT": "1883"}))
+    assert "IOTVAULT_MQTT_WS_PORT" in str(load_error(environ={"IOTVAULT_MQTT_WS_PORT": "70000"}))
+    plain = load_settings(environ={})
+    assert (plain.mqtt_tls_port, plain.mqtt_ws_port, further_listeners(plain, None)) == (0, 0, [])
+    assert main_port_tls(load_settings(environ=tls))  # as before: the certificate serves mqtt_port
+    both = load_settings(environ={**tls, "IOTVAULT_MQTT_TLS_PORT": "8883", "IOTVAULT_MQTT_WS_PORT": "8884"})
+    assert not main_port_tls(both)  # mqtt_port stays plain
+    context = object()
+    listeners = further_listeners(both, context)  # type: ignore[arg-type]
+    assert [(x.port, x.ssl is context, x.websocket) for x in listeners] == [
+        (8883, True, False),
+        (8884, True, True),
+    ]
