@@ -431,6 +431,16 @@ async def test_an_applications_command_goes_out_signed_and_a_reader_cannot_send_
     assert dev.messages.empty()  # and only that one: the app's own message was not forwarded
     events = [e for e in await platform.security_events() if e["kind"] == "command"]
     assert [e["subject"] for e in events] == [f"api_key:{writer[0]}"]
+    for qos, payload in ((2, b'{"now": true}'), (1, b"not json"), (1, b"[1, 2]")):
+        # QoS 2 (amqtt's flow would forward it) and a payload that is not a JSON object: refused
+        app = await platform.connect(f"a:{ORG}:writer", *writer)
+        app.publish("iot-2/type/rpi/id/dev1/cmd/reboot/fmt/json", payload, qos=qos)
+        await asyncio.wait_for(app.disconnected.wait(), 5)
+    app = await platform.connect(f"a:{ORG}:writer", *writer)
+    app.publish("iot-2/type/cam/id/dev1/cmd/reboot/fmt/json", b"{}")  # not its registered type
+    await asyncio.wait_for(app.disconnected.wait(), 5)
+    await asyncio.sleep(0.3)
+    assert dev.messages.empty()
 
 
 async def test_a_revoked_key_ends_the_session_and_cannot_log_in_again(platform: Platform) -> None:

@@ -7,7 +7,15 @@ import pytest
 from iotvault.auth.policy import Grant, Principal
 from iotvault.broker.acl import device_may
 from iotvault.broker.authority import app_may
-from iotvault.broker.codec import Connect, Publish, Subscribe, Unsubscribe, decode, encode
+from iotvault.broker.codec import (
+    Connect,
+    MalformedPacketError,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    decode,
+    encode,
+)
 from iotvault.broker.watson import DeviceTopics, WatsonApp, WatsonDevice, parse_client_id
 
 OWN = "iot-2/type/rpi/id/dev1"
@@ -103,6 +111,14 @@ def test_packets_are_rewritten_and_deliveries_mapped_back() -> None:
     # another device's command topic is never rewritten into this device's view
     foreign = encode(Publish("iot-2/type/rpi/id/dev2/cmd/x/fmt/json", b"{}"))
     assert topics.outbound(foreign) == foreign
+
+
+def test_a_name_too_long_once_mapped_is_a_malformed_packet() -> None:
+    topics = DeviceTopics("rpi", "dev1")
+    relative = "iot-2/evt/" + "e" * 65_500 + "/fmt/json"  # fits in MQTT; with the prefix it does not
+    packet = Publish(relative, b"{}", 1, packet_id=1)
+    with pytest.raises(MalformedPacketError, match="too long"):
+        topics.inbound(encode(packet), packet)
 
 
 def test_a_will_is_mapped_too() -> None:

@@ -136,7 +136,10 @@ class DeviceTopics:
             mapped = replace(packet, filters=tuple(self.filter(f) for f in packet.filters))
         if mapped == packet:
             return raw, packet
-        return encode(mapped), mapped
+        try:
+            return encode(mapped), mapped
+        except ValueError:  # the device's prefix made a name longer than MQTT can carry
+            raise MalformedPacketError("topic too long once mapped to the device's own") from None
 
     # ---- to the device --------------------------------------------------------------------------
 
