@@ -114,6 +114,10 @@ def app(cfg):
         say(error="no SUBACK for the event subscription")
         return
     say(ready=True)
+    for type_id, device_id, command, fmt, data in cfg.get("commands", []):
+        sent = threading.Event()
+        client.publishCommand(type_id, device_id, command, fmt, data, qos=1, onPublish=sent.set)
+        say(commanded=command, acknowledged=sent.wait(10))
     done.wait(cfg["timeout_s"])
     client.disconnect()
 

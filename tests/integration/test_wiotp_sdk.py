@@ -261,3 +261,30 @@ def _publish_blocking(platform: Platform, device_id: str, credential: str) -> No
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+async def test_sdk_application_commands_a_device_through_iotvault(platform: Platform) -> None:
+    """ApplicationClient.publishCommand with a writer key: the SDK device gets iotvault's signed command."""
+    device = register_device(platform.ctx, "rpi", "sdkdev3")
+    key = create_api_key(
+        platform.ctx,
+        roles=Roles(reader=True, writer=True),
+        devices=("sdkdev3",),
+        created_by="t",
+        watson_org=ORG,
+    )
+    device_config = {"org": ORG, "typeId": "rpi", "deviceId": "sdkdev3", "token": device.credential}
+    async with Sdk.run(platform, "device", **device_config, stop_after=1, timeout_s=30) as dev:
+        assert await dev.line() == {"ready": True}
+        commands = [["rpi", "sdkdev3", "reboot", "json", {"delay": 5}]]
+        app_config = {"appId": "ops", "key": key.key, "token": key.password, "timeout_s": 1}
+        async with Sdk.run(platform, "app", **app_config, commands=commands) as app:
+            assert await app.line() == {"ready": True}
+            assert await app.line() == {"commanded": "reboot", "acknowledged": True}
+            got = await dev.line()
+            assert got["command"]["commandId"] == "reboot"
+            assert set(got["command"]["data"]) == {"jws"}  # iotvault's, not the application's bytes
+    r = await platform.http.get(
+        "/iotf/security/events", headers=platform.basic(*_admin_key(platform)), params={"kind": "command"}
+    )
+    assert [e["subject"] for e in r.json()["events"]] == [f"api_key:{key.key}"]
