@@ -29,11 +29,13 @@ import websockets.exceptions
 import websockets.sync.client
 from gmqtt.mqtt.constants import MQTTv311
 from helpers import free_port
+from typer.testing import CliRunner
 from websockets.typing import Subprotocol
 
 from iotvault import wiring
 from iotvault.accounts import create_api_key, revoke_api_key
 from iotvault.certs import write_certs
+from iotvault.cli.main import app as cli_app
 from iotvault.config import Settings, load_settings
 from iotvault.context import Context, open_context
 from iotvault.devices import register_device
@@ -619,3 +621,17 @@ def _tls_handshake(port: int, context: ssl.SSLContext) -> None:
         context.wrap_socket(raw, server_hostname="localhost"),
     ):
         pass
+
+
+def test_watson_form_api_keys_on_the_command_line(tmp_path: Path) -> None:
+    env = {"IOTVAULT_DATA_DIR": str(tmp_path / "data"), "IOTVAULT_ORG_ID": ORG}
+    runner = CliRunner()
+    made = runner.invoke(
+        cli_app, ["apikeys", "add", "--watson", "--reader", "--device", "d1", "--json"], env=env
+    )
+    assert made.exit_code == 0, made.output
+    key = json.loads(made.stdout)["key"]
+    assert key.startswith(f"a-{ORG}-")
+    assert key.split("-")[1] == ORG  # what Watson's SDK reads
+    plain = runner.invoke(cli_app, ["apikeys", "add", "--reader", "--device", "d1", "--json"], env=env)
+    assert json.loads(plain.stdout)["key"].startswith("k-")
