@@ -445,6 +445,27 @@ async def test_an_applications_command_goes_out_signed_and_a_reader_cannot_send_
     assert dev.messages.empty()
 
 
+async def test_a_watson_key_made_and_revoked_through_the_api(platform: Platform) -> None:
+    admin = platform.basic(platform.key(devices=(), roles=Roles(admin=True)))
+    r = await platform.http.post("/iotf/apikeys", headers=admin, json={"roleReader": True, "watson": True})
+    assert r.status_code == 201, r.text
+    key, password = r.json()["key"], r.json()["password"]
+    assert key.split("-")[:2] == ["a", ORG]
+    app = await platform.connect(f"a:{ORG}:app1", key, password)
+    r = await platform.http.delete(f"/iotf/apikeys/{key}", headers=admin)
+    assert r.status_code == 204
+    await asyncio.wait_for(app.disconnected.wait(), 5)
+    assert await platform.refused(f"a:{ORG}:app1", key, password) == 5
+
+    async def recorded() -> bool:
+        return any(
+            e["kind"] == "session_revoked" and e["subject"] == f"a:{ORG}:app1"
+            for e in await platform.security_events()
+        )
+
+    await eventually(recorded, what="the ended session as a security event")
+
+
 async def test_a_revoked_key_ends_the_session_and_cannot_log_in_again(platform: Platform) -> None:
     key = platform.key(devices=(), roles=Roles(reader=True))
     app = await platform.connect(f"a:{ORG}:app1", *key)

@@ -296,6 +296,9 @@ class ApiKeyCreate(Strict):
     devices: list[str] = Field(default_factory=list, max_length=10_000)
     groups: list[str] = Field(default_factory=list, max_length=64)
     expiresInSeconds: int | None = Field(None, ge=60, le=5 * 365 * 24 * 3600)
+    watson: bool = Field(
+        False, description="A key id of Watson's form (a-<org>-...), for Watson IoT application clients"
+    )
 
 
 @router.get("/apikeys", tags=["API keys"], summary="List API keys (never their passwords)")
@@ -325,6 +328,7 @@ async def create_key(ctx: Ctx, body: ApiKeyCreate, principal: ApiKeysAdmin) -> A
             expires_us=expires,
             description=body.description,
             created_by=f"{principal.kind}:{principal.id}"[:64],
+            watson_org=ctx.org_id if body.watson else None,
         )
         found = ctx.accounts.get_api_key(key)
         assert found is not None  # noqa: S101 - just made
