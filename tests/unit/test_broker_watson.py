@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iotvault.auth.policy import Grant, Principal
 from iotvault.broker.acl import device_may
@@ -180,3 +182,37 @@ WRITER = Principal.from_grants("api_key", "k2", [Grant(False, True, True, frozen
 )
 def test_application_rules(principal: Principal, topic: str, action: str, allowed: bool) -> None:
     assert app_may(principal, topic, action) is allowed  # type: ignore[arg-type]
+
+
+_LEVELS = [
+    "iot-2",
+    "evt",
+    "cmd",
+    "fmt",
+    "type",
+    "id",
+    "mon",
+    "+",
+    "#",
+    "$SYS",
+    "",
+    "rpi",
+    "cam",
+    "dev1",
+    "dev2",
+    "json",
+]
+
+
+@given(st.lists(st.sampled_from(_LEVELS), min_size=1, max_size=9), st.sampled_from(["publish", "subscribe"]))
+@settings(max_examples=3000, deadline=None)
+def test_whatever_a_device_sends_it_reaches_only_its_own_topics(levels: list[str], action: str) -> None:
+    """Any name a d: session sends, once mapped, is allowed only inside its own prefix."""
+    name = "/".join(levels)
+    topics = DeviceTopics("rpi", "dev1")
+    mapped = topics.filter(name) if action == "subscribe" else topics.topic(name)
+    if device_may("rpi", "dev1", mapped, action):  # type: ignore[arg-type]
+        assert mapped.startswith(f"{OWN}/")
+        assert mapped.split("/")[:5] == ["iot-2", "type", "rpi", "id", "dev1"]
+        assert "#" not in mapped
+        assert "$" not in mapped
