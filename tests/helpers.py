@@ -88,6 +88,9 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0) -> None:
         leakscan.server_log(self.log)  # searched for the run's secrets when the session ends
+        for name, value in self.env.items():  # e.g. IOTVAULT_BROKER_ADMIN_PASSWORD, _WEBHOOK_SECRET
+            if name.startswith("IOTVAULT_") and name.endswith(("PASSWORD", "SECRET", "TOKEN")):
+                leakscan.secret(value, f"setting {name}")
         if export := self.env.get("IOTVAULT_AUDIT_EXPORT_FILE"):
             leakscan.audit_export(Path(export))
         with self.log.open("ab") as fh:  # the child keeps its own copy of the descriptor
