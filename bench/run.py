@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import crypto
+from bench import cluster, crypto
 from bench.pyspy import Recorder
 from bench.services import (
     BenchError,
@@ -103,6 +103,8 @@ class Config:
     profile: Path | None = None
     profile_threads: bool = False
     server_settings: dict[str, str] = field(default_factory=dict)
+    cluster: bool = True  # bench.cluster: one and two ingest nodes, fan-out latency across nodes
+    cluster_fanout_events: int = 1000
 
     @property
     def per_device(self) -> int:
@@ -125,6 +127,7 @@ SMOKE = {
     "crypto_repeat": 2,
     "api_cases": ("sqlite/mosquitto", "postgres/embedded"),
     "cases": ("sqlite/mosquitto", "postgres/embedded"),  # both brokers, both databases
+    "cluster": False,  # its own smoke: python -m bench.cluster --smoke
 }
 
 
@@ -902,6 +905,7 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--api-seconds", type=float, default=None)
     p.add_argument("--no-crypto", action="store_true")
     p.add_argument("--no-api-split", action="store_true", help="skip the API-in-its-own-process run")
+    p.add_argument("--no-cluster", action="store_true", help="skip the several-nodes part (bench.cluster)")
     p.add_argument(
         "--repeat",
         type=int,
@@ -941,6 +945,7 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     cfg.soak_minutes, cfg.soak_case, cfg.soak_rate, cfg.keep = a.soak, a.soak_case, a.soak_rate, a.keep
     cfg.repeat = max(1, a.repeat)
     cfg.api_split = not a.no_api_split
+    cfg.cluster = cfg.cluster and not a.no_cluster
     for item in a.set:
         name, sep, value = item.partition("=")
         if not sep or not name:
@@ -964,6 +969,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="iotvault-bench-"))
     results: list[CaseResult] = []
     cr = None
+    several = None
     try:
         with Issuer(audience=AUDIENCE, subject="bench-reader") as issuer:
             if cfg.soak_minutes > 0:
@@ -990,9 +996,11 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(CaseResult(case, error=str(exc).splitlines()[0]))
                     continue
                 results.append(median_run(runs))
+            several = cluster.run_cluster(cfg, root, issuer) if cfg.cluster else None
         if not args.no_crypto:
             cr = crypto.measure(cfg.crypto_number, cfg.crypto_repeat)
         report(cfg, results, cr)
+        cluster.report(several)
         if args.json is not None:
             doc = {
                 "machine": m,
@@ -1006,7 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"work directory kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    return 1 if any(r.error for r in results) else 0
+    return 1 if any(r.error for r in results) or (several is not None and several.error) else 0
 
 
 if __name__ == "__main__":

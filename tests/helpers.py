@@ -19,6 +19,8 @@ import pytest
 from bench import services as bench_services  # bench/ is on the tests' path (pytest pythonpath)
 from bench.services import free_port, mosquitto_binary, stop_process, wait_port
 
+import leakscan
+
 __all__ = [
     "IN_CI",
     "PG_ADMIN_URL",
@@ -85,6 +87,12 @@ class ServerProcess:
     args: tuple[str, ...] = ()  # after ``serve``, e.g. ("--role", "ingest")
 
     def start(self, timeout: float = 30.0) -> None:
+        leakscan.server_log(self.log)  # searched for the run's secrets when the session ends
+        for name, value in self.env.items():  # e.g. IOTVAULT_BROKER_ADMIN_PASSWORD, _WEBHOOK_SECRET
+            if name.startswith("IOTVAULT_") and name.endswith(("PASSWORD", "SECRET", "TOKEN")):
+                leakscan.secret(value, f"setting {name}")
+        if export := self.env.get("IOTVAULT_AUDIT_EXPORT_FILE"):
+            leakscan.audit_export(Path(export))
         with self.log.open("ab") as fh:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "iotvault", "serve", *self.args],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -30,12 +31,14 @@ from helpers import Mosquitto, ServerProcess, free_port, require_mosquitto, serv
 from iotvault.accounts import create_api_key, create_group, create_user
 from iotvault.api.security import CACHE_TTL_S
 from iotvault.config import Settings, load_settings
-from iotvault.context import context
+from iotvault.context import Context, context
 from iotvault.devices import register_device
 from iotvault.domain.accounts import Roles
 from iotvault.identity import Identity
 from iotvault.identity.clients import add_client
 from iotvault.simulator import DeviceCredential, SimulationPlan, run_simulation
+from iotvault.storage.web_sessions import WebSessionTable
+from iotvault.web.session import SessionStore
 from oidcfixture import hidden_fields, pkce, query_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
@@ -345,3 +348,94 @@ async def test_a_stream_on_one_api_node_hears_events_ingested_elsewhere_within_m
     p99 = latencies[int(len(latencies) * 0.99) - 1]
     # the poll (stream_safety_poll_s, 30 s by default) would take seconds: this is the wake-up
     assert p99 < 0.100, f"p99 {p99 * 1000:.1f} ms, median {latencies[len(latencies) // 2] * 1000:.1f} ms"
+
+
+def _cookie(r: httpx.Response, name: str) -> str:
+    for header in r.headers.get_list("set-cookie"):
+        key, _, rest = header.partition("=")
+        if key == name:
+            return rest.split(";", 1)[0]
+    raise AssertionError(f"no {name} cookie in {r.headers.get_list('set-cookie')}")
+
+
+def _web_sessions(ctx: Context) -> SessionStore:
+    return SessionStore(WebSessionTable(ctx.engine, ctx.settings.effective_database_url), https=False)
+
+
+def _expire_web_session(settings: Settings, cookie: str) -> int:
+    """Make the session's access token stale (as its owner could: the test holds the cookie)."""
+    with context(settings) as ctx:
+        store = _web_sessions(ctx)
+        session = store.get(cookie)
+        assert session is not None
+        assert store.claim_refresh(cookie, session)
+        session.expires_at = 0.0
+        assert store.save_refreshed(cookie, session)
+        return session.version
+
+
+def _web_session_version(settings: Settings, cookie: str) -> int:
+    with context(settings) as ctx:
+        session = _web_sessions(ctx).get(cookie)
+        assert session is not None
+        return session.version
+
+
+async def test_a_web_session_made_on_one_api_node_works_and_ends_on_the_other(cluster: Cluster) -> None:
+    """The web application's sessions live in the shared database: a sign-in started on A may
+    come back to B, its cookie works on both, and signing out on A ends it on B at once."""
+    c = cluster
+    creds = _register(c.settings, 1, "web")
+    await asyncio.to_thread(_seed_accounts, c.settings, [creds[0].device_id])
+    async with (
+        httpx.AsyncClient(base_url=c.api_urls[0], timeout=10) as a,
+        httpx.AsyncClient(base_url=c.api_urls[1], timeout=10) as b,
+    ):
+        start = await a.get("/auth/login")
+        assert start.status_code == 303, start.text
+        pending = {"cookie": "iotvault-web-login=" + _cookie(start, "iotvault-web-login")}
+        authorize = urlsplit(start.headers["location"])
+        r = await a.get(f"{authorize.path}?{authorize.query}")
+        assert r.status_code == 302, r.text
+        login = urlsplit(r.headers["location"])
+        page = await a.get(f"{login.path}?{login.query}")
+        assert page.status_code == 200, page.text
+        form = {**hidden_fields(page.text), "username": "alice", "password": PASSWORD}
+        r = await a.post("/login", data=form)
+        assert r.status_code == 303, r.text
+        back = urlsplit(r.headers["location"])
+        assert back.path == "/auth/callback", r.headers["location"]
+        # the provider's answer comes back through the other node: the sign-in in flight is shared
+        done = await b.get(f"{back.path}?{back.query}", headers=pending)
+        assert done.status_code == 303, done.text
+        assert done.headers["location"] == "/devices"
+        cookie = _cookie(done, "iotvault-web")
+        session = {"cookie": f"iotvault-web={cookie}"}
+        # the same callback a second time, on either node, is refused (used once)
+        again = await a.get(f"{back.path}?{back.query}", headers=pending)
+        assert again.status_code == 400, again.text
+        on_a = await a.get("/devices", headers=session)
+        on_b = await b.get("/devices", headers=session)
+        assert on_a.status_code == on_b.status_code == 200, (on_a.text, on_b.text)
+        assert creds[0].device_id in on_b.text
+        api = await b.get("/iotf/devices", headers=session)  # the bridge's bearer token, on B
+        assert api.status_code == 200, api.text
+        # its access token runs out: requests on both nodes at once refresh it exactly once (a
+        # refresh token spent twice would make the provider revoke the whole grant)
+        version = await asyncio.to_thread(_expire_web_session, c.settings, cookie)
+        answers = await asyncio.gather(*(n.get("/iotf/devices", headers=session) for n in [a, b] * 5))
+        assert [r.status_code for r in answers] == [200] * 10, [r.text for r in answers]
+        assert await asyncio.to_thread(_web_session_version, c.settings, cookie) == version + 1
+        assert (await a.get("/iotf/devices", headers=session)).status_code == 200  # grant intact
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', on_a.text)
+        assert csrf is not None, on_a.text
+        out = await a.post("/auth/logout", data={"csrf_token": csrf.group(1)}, headers=session)
+        assert out.status_code == 303, out.text
+        refused = await b.get("/devices", headers=session)
+        assert refused.status_code == 303, refused.text  # back to the sign-in page, at once
+        assert refused.headers["location"] == "/"
+        assert (await b.get("/iotf/devices", headers=session)).status_code == 401
+        # the database never held the cookie or the tokens in clear
+        with context(c.settings) as ctx, ctx.engine.connect() as conn:
+            rows = conn.exec_driver_sql("SELECT id, sealed FROM web_sessions").all()
+        assert all(cookie not in row.id and cookie.encode() not in bytes(row.sealed) for row in rows)

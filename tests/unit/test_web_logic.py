@@ -1,4 +1,4 @@
-"""Pure parts of the web application: flattening, the access policy, sessions, the asset lock."""
+"""Pure parts of the web application: flattening, the access policy, the asset lock."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 
 from iotvault.auth.policy import Grant, Holder, access_to, reach
 from iotvault.web.flatten import MAX_FIELDS, flatten
-from iotvault.web.session import HOST_NAME, PLAIN_NAME, SessionStore, WebSession
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,40 +86,6 @@ def test_reach_is_the_union_over_grants() -> None:
     assert admin
 
 
-# ---- sessions --------------------------------------------------------------------------------
-def _session() -> WebSession:
-    return WebSession("at", "rt", "it", 0.0, user="alice", anonymous=False)
-
-
-def test_cookie_names_and_attributes() -> None:
-    https, http = SessionStore(https=True), SessionStore(https=False)
-    assert https.cookie == HOST_NAME
-    assert http.cookie == PLAIN_NAME  # browsers refuse __Host- without Secure
-    header = https.set_cookie_header(https.cookie, "v")
-    assert header == "__Host-iotvault-web=v; Path=/; HttpOnly; SameSite=Strict; Secure"
-    assert "Secure" not in http.set_cookie_header(http.cookie, "v")
-    assert "Domain" not in header
-
-
-def test_sessions_are_found_by_their_cookie_only_and_end_on_drop() -> None:
-    store = SessionStore(https=False)
-    value = store.create(_session())
-    assert store.get(value) is not None
-    assert store.get(value + "x") is None
-    assert store.get("x" * 500) is None
-    assert value not in repr(store.__dict__)  # kept under its hash only
-    assert store.drop(value) is not None
-    assert store.get(value) is None
-
-
-def test_a_pending_login_is_used_once() -> None:
-    store = SessionStore(https=False)
-    value, pending = store.start_login()
-    assert store.finish_login(value) == pending
-    assert store.finish_login(value) is None
-    assert store.finish_login(None) is None
-
-
 # ---- the asset lock --------------------------------------------------------------------------
 def test_asset_integrity_is_checked() -> None:
     fa = _fetch_assets()
@@ -157,16 +122,3 @@ def test_the_lock_pins_registry_tarballs_with_sha512() -> None:
         assert package["tarball"].startswith("https://registry.npmjs.org/")
         assert package["integrity"].startswith("sha512-")
         assert f"-{package['version']}.tgz" in package["tarball"]
-
-
-def test_sessions_and_pending_logins_stay_bounded_under_a_flood(monkeypatch: pytest.MonkeyPatch) -> None:
-    from iotvault.web import session as module  # noqa: PLC0415 - its limits are patched
-
-    monkeypatch.setattr(module, "MAX_SESSIONS", 50)
-    monkeypatch.setattr(module, "MAX_PENDING", 50)
-    store = SessionStore(https=False)
-    for _ in range(1000):
-        store.create(_session())
-        store.start_login()
-    assert len(store) == 50
-    assert len(store._pending) == 50

@@ -407,3 +407,21 @@ alerts = Table(
     Column("delivery", String(16), nullable=False, server_default="none"),
     Index("ix_alerts_at", "at_us"),
 )
+
+# Browser sessions of the web application (iotvault.web.session), shared by every API node.
+# ``id`` is the SHA-256 of the cookie value, never the value; ``sealed`` is the session (its OAuth
+# tokens, CSRF token, user) under AES-256-GCM with a key derived from the cookie value, so the
+# database alone opens none. ``kind`` is "session" or "pending" (a sign-in in flight).
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("kind", String(8), nullable=False),
+    Column("created_us", BigInteger, nullable=False),
+    Column("used_us", BigInteger, nullable=False),
+    Column("expires_us", BigInteger, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("refreshing_until_us", BigInteger, nullable=False),
+    Column("sealed", LargeBinary, nullable=False),
+    Index("ix_web_sessions_expiry", "kind", "expires_us"),
+)

@@ -20,11 +20,13 @@ from typing import Final
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from iotvault.api.services import ApiServices
 from iotvault.identity import Identity
+from iotvault.storage.web_sessions import WebSessionTable
 from iotvault.web import admin, audit, pages
 from iotvault.web.bff import COOKIE_KEY, SessionBridge
 from iotvault.web.client import WebClient
@@ -64,7 +66,7 @@ def mount(app: FastAPI, svc: ApiServices, identity: Identity) -> None:
     https = svc.settings.public_url.startswith("https://")
     client = WebClient(identity)
     client.ensure_client()
-    sessions = SessionStore(https=https)
+    sessions = SessionStore(WebSessionTable(svc.ctx.engine, svc.settings.effective_database_url), https=https)
     app.state.web = WebState(sessions, client)
     app.include_router(pages.router)
     app.include_router(admin.router)
@@ -91,7 +93,7 @@ def mount(app: FastAPI, svc: ApiServices, identity: Identity) -> None:
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired) -> Response:
         # a session whose token the API refuses (user disabled, grant revoked) is over
-        sessions.drop(request.scope.get(COOKIE_KEY))
+        await run_in_threadpool(sessions.drop, request.scope.get(COOKIE_KEY))
         answer = RedirectResponse("/", status_code=303)
         answer.headers.append("set-cookie", sessions.set_cookie_header(sessions.cookie, "", max_age=0))
         return answer

@@ -19,6 +19,7 @@ credentials; ``SameSite=Strict``) nor make it change anything (no CSRF token).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -37,6 +38,7 @@ SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 SESSION_KEY: Final = "iotvault.web.session"  # the WebSession in the ASGI scope
 COOKIE_KEY: Final = "iotvault.web.cookie"
 REFRESH_MARGIN_S: Final = 30
+REFRESH_WAIT_S: Final = 10  # how long a request waits for a refresh another one claimed
 # the OpenID Connect provider's own endpoints: a session's token is never added to them (the
 # token endpoint, for one, must see only the client's own authentication)
 PROVIDER_PAGES: Final = frozenset({"/login", "/device"})
@@ -73,6 +75,15 @@ def apply_tokens(session: WebSession, doc: dict[str, object]) -> None:
     session.expires_at = time.time() + (float(expires_in) if isinstance(expires_in, int | float) else 60.0)
 
 
+def apply_session(session: WebSession, current: WebSession) -> None:
+    """Take the tokens another request (on any node) refreshed into ``session``."""
+    session.access_token = current.access_token
+    session.refresh_token = current.refresh_token
+    session.id_token = current.id_token
+    session.expires_at = current.expires_at
+    session.version = current.version
+
+
 class SessionBridge:
     def __init__(self, app: ASGIApp, *, sessions: SessionStore, client: WebClient) -> None:
         self.app = app
@@ -80,20 +91,37 @@ class SessionBridge:
         self.client = client
         self.origin = origin_of(client.base)
 
-    async def _fresh(self, session: WebSession, address: str) -> bool:
-        """Whether the session holds a usable access token (refreshed if need be)."""
+    async def _fresh(self, value: str, session: WebSession, address: str) -> bool:
+        """Whether the session holds a usable access token (refreshed if need be).
+
+        One refresh per session across all nodes: the refresh is claimed in the session's row
+        (a spent refresh token, used twice, makes the provider revoke the grant); whoever loses
+        the claim waits for the winner's tokens.
+        """
         if session.expires_at - REFRESH_MARGIN_S > time.time():
             return True
-        async with session.lock:  # one refresh per session: a spent refresh token revokes all
-            if session.expires_at - REFRESH_MARGIN_S > time.time():
-                return True
-            if session.refresh_token is None:
-                return session.expires_at > time.time()
-            doc = await run_in_threadpool(self.client.refresh, session.refresh_token, address)
-            if doc is None:
+        if session.refresh_token is None:
+            return session.expires_at > time.time()
+        if not await run_in_threadpool(self.sessions.claim_refresh, value, session):
+            return await self._await_refresh(value, session)
+        doc = await run_in_threadpool(self.client.refresh, session.refresh_token, address)
+        if doc is None:
+            return False
+        apply_tokens(session, doc)
+        return bool(await run_in_threadpool(self.sessions.save_refreshed, value, session))
+
+    async def _await_refresh(self, value: str, session: WebSession) -> bool:
+        """Wait for the refresh another request claimed; whether the session is usable then."""
+        deadline = time.monotonic() + REFRESH_WAIT_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            current = await run_in_threadpool(self.sessions.get, value)
+            if current is None:
                 return False
-            apply_tokens(session, doc)
-            return True
+            if current.version != session.version:
+                apply_session(session, current)
+                break
+        return session.expires_at > time.time()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,12 +135,14 @@ class SessionBridge:
         cookie_header = b"; ".join(v for k, v in headers if k == b"cookie").decode("latin-1")
         value = read_cookies(cookie_header).get(self.sessions.cookie) if cookie_header else None
         has_authorization = any(k == b"authorization" for k, _ in headers)
-        session = self.sessions.get(value) if value and not has_authorization else None
-        if session is not None:
+        session = None
+        if value and not has_authorization:
+            session = await run_in_threadpool(self.sessions.get, value)
+        if session is not None and value is not None:
             client = scope.get("client")
             address = client[0] if client else "unknown"
-            if not await self._fresh(session, address):
-                self.sessions.drop(value)
+            if not await self._fresh(value, session, address):
+                await run_in_threadpool(self.sessions.drop, value)
                 session = None
         if session is None:
             await self.app(scope, receive, send)

@@ -66,7 +66,7 @@ async def login(request: Request, anonymous: Annotated[bool, Query()] = False) -
     web = web_state(request)
     if web.client.error is not None:
         raise PageError(503, "Sign-in unavailable", web.client.error)
-    value, pending = web.sessions.start_login()
+    value, pending = await run_in_threadpool(web.sessions.start_login)
     url = web.client.authorization_url(pending.state, pending.nonce, pending.verifier, anonymous=anonymous)
     answer = RedirectResponse(url, status_code=303)
     # Lax: the provider's answer arrives as a top-level navigation (a redirect after its form)
@@ -81,7 +81,9 @@ async def login(request: Request, anonymous: Annotated[bool, Query()] = False) -
 async def callback(request: Request) -> Response:
     web = web_state(request)
     params = request.query_params
-    pending = web.sessions.finish_login(request.cookies.get(web.sessions.pending_cookie))
+    pending = await run_in_threadpool(
+        web.sessions.finish_login, request.cookies.get(web.sessions.pending_cookie)
+    )
     state, code = params.get("state", ""), params.get("code")
     if pending is None or not hmac.compare_digest(pending.state.encode(), state.encode()):
         raise PageError(
@@ -100,7 +102,7 @@ async def callback(request: Request) -> Response:
     user = "anonymous" if anonymous else str(claims.get("preferred_username") or claims.get("sub"))
     session = WebSession("", None, None, 0.0, user=user, anonymous=anonymous)
     apply_tokens(session, doc)
-    value = web.sessions.create(session)
+    value = await run_in_threadpool(web.sessions.create, session)
     answer = RedirectResponse("/devices", status_code=303)
     answer.headers.append("set-cookie", web.sessions.set_cookie_header(web.sessions.cookie, value))
     answer.headers.append(
@@ -114,7 +116,7 @@ async def logout(request: Request) -> Response:
     """End the session here, revoke its tokens, then end the provider's session too."""
     await form_of(request)
     web = web_state(request)
-    session = web.sessions.drop(request.scope.get(COOKIE_KEY))
+    session = await run_in_threadpool(web.sessions.drop, request.scope.get(COOKIE_KEY))
     id_token = None
     if session is not None:
         id_token = session.id_token
