@@ -1,4 +1,4 @@
-"""The device registry's services: register, rotate a credential, revoke, delete.
+"""The device registry's services: register, rotate a credential, revoke, delete, command delivery.
 
 Shared by the HTTP API and the command line, as :mod:`iotvault.accounts` is for people. Each
 function takes the narrow set of resources it uses (:class:`DeviceServices`): the device
@@ -9,16 +9,20 @@ value a function returns: it is stored as a hash and shown once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from iotvault.audit.changes import changed
 from iotvault.clock import US_PER_S, Clock, now_us
-from iotvault.crypto.tokens import hash_secret, new_secret
-from iotvault.domain.ids import DeviceId, TypeId
+from iotvault.crypto.tokens import hash_secret, new_secret, verify_secret
+from iotvault.domain.commands import Delivery
+from iotvault.domain.ids import IDENTIFIER_PATTERN, DeviceId, TypeId
 from iotvault.errors import BrokerError, DeviceNotFoundError
-from iotvault.storage.repository import DeviceRecord
+from iotvault.storage.repository import DeviceCredentials, DeviceRecord
+
+_DUMMY_HASH: Final = hash_secret("iotvault: no such credential")
 
 
 class DeviceAccounts(Protocol):
@@ -44,6 +48,7 @@ class _Registry(Protocol):
         self, device_id: str, credential_hash: str, *, previous_valid_until_us: int | None
     ) -> None: ...
     def revoke_credentials(self, device_id: str) -> None: ...
+    def set_command_delivery(self, device_id: str, delivery: str) -> str: ...
 
 
 class _Keys(Protocol):
@@ -144,3 +149,60 @@ def delete_device(ctx: DeviceServices, device_id: str) -> None:
         # a failure here is repaired at the next start (DynsecAccounts.reconcile)
         ctx.device_accounts.device_deleted(device_id)
     changed("device.delete", device_id, before=before, dataKeysDestroyed=True, eventsDeleted=True)
+
+
+def set_command_delivery(ctx: DeviceServices, device_id: str, delivery: Delivery) -> DeviceRecord:
+    """Choose how commands reach a device: ``signed`` (default) or ``unsigned`` (Watson's way).
+
+    Audited with the setting before and after; an unchanged setting is recorded too (an admin
+    confirmed it). Takes effect for the next command sent, on every node.
+    """
+    before = ctx.store.get_device(device_id)
+    if before is None:
+        raise DeviceNotFoundError(device_id)
+    ctx.store.set_command_delivery(device_id, Delivery(delivery).value)
+    after = ctx.store.get_device(device_id)
+    if after is None:  # deleted in between
+        raise DeviceNotFoundError(device_id)
+    changed(
+        "device.command_delivery",
+        device_id,
+        before=before,
+        after=after,
+        commandDelivery=after.command_delivery,
+    )
+    return after
+
+
+class _CredentialReader(Protocol):
+    def device_credentials(self, device_ids: Sequence[str]) -> dict[str, DeviceCredentials]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLogin:
+    """A device that proved its credential (HTTP device messaging)."""
+
+    device_id: str
+    type_id: str
+
+
+def check_device_credential(
+    store: _CredentialReader, device_id: str, secret: str, *, at_us: int
+) -> DeviceLogin | None:
+    """The device if ``secret`` is its current credential, or its previous one within its grace.
+
+    The broker's rule (:class:`iotvault.broker.authority.DeviceAuthority`): both hashes are
+    always checked, each against a dummy when missing, in constant time, so a wrong secret, an
+    unknown device and one without a previous credential cost the same.
+    """
+    valid = re.fullmatch(IDENTIFIER_PATTERN, device_id) is not None
+    found = store.device_credentials([device_id]).get(device_id) if valid else None
+    current = found.credential_hash if found is not None and found.credential_hash else None
+    previous = found.previous_credential_hash if found is not None else None
+    current_ok = verify_secret(secret, current or _DUMMY_HASH) and current is not None
+    previous_ok = verify_secret(secret, previous or _DUMMY_HASH) and previous is not None
+    grace_until = found.previous_expires_us if found is not None else None
+    previous_ok = previous_ok and grace_until is not None and grace_until > at_us
+    if found is None or not (current_ok or previous_ok):
+        return None
+    return DeviceLogin(found.device_id, found.type_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from enum import StrEnum
 from typing import Annotated
 
 import orjson
@@ -54,16 +55,58 @@ def devices_list(cli: typer.Context, json_out: JsonOption = False) -> None:
                         "typeId": d.type_id,
                         "status": d.status,
                         "lastSeen": iso_text(d.last_seen_us) if d.last_seen_us else None,
+                        "commandDelivery": d.command_delivery,
                     }
                     for d in devs
                 ]
             )
         )
         return
-    table = Table("deviceId", "typeId", "status", "lastSeen")
+    table = Table("deviceId", "typeId", "status", "lastSeen", "commands")
     for d in devs:
-        table.add_row(d.device_id, d.type_id, d.status, iso_text(d.last_seen_us))
+        delivery = "unsigned delivery" if d.command_delivery == "unsigned" else d.command_delivery
+        table.add_row(d.device_id, d.type_id, d.status, iso_text(d.last_seen_us), delivery)
     out.print(table)
+
+
+class CommandDeliveryChoice(StrEnum):
+    signed = "signed"
+    unsigned = "unsigned"
+
+
+@devices_app.command("set")
+def devices_set(
+    cli: typer.Context,
+    device_id: IdArg,
+    command_delivery: Annotated[
+        CommandDeliveryChoice,
+        typer.Option(
+            "--command-delivery",
+            help="signed (default, recommended): a JWS the device verifies; unsigned: the payload "
+            "as sent, for Watson IoT devices that cannot verify a signature (audited).",
+        ),
+    ],
+    json_out: JsonOption = False,
+) -> None:
+    """Change a device's settings: how commands reach it."""
+    from iotvault.devices import set_command_delivery
+    from iotvault.documents import device_doc
+    from iotvault.domain.commands import Delivery
+
+    out = state(cli).out
+    with opened(cli) as ctx:
+        device = set_command_delivery(ctx, device_id, Delivery(command_delivery.value))
+    if json_out:
+        out.print_json(json.dumps(device_doc(device)))
+        return
+    if device.command_delivery == Delivery.UNSIGNED:
+        out.print(
+            f"{device_id}: unsigned delivery — commands go out as sent, without a signature the "
+            "device could check; signed delivery is recommended wherever the device can verify",
+            highlight=False,
+        )
+    else:
+        out.print(f"{device_id}: signed delivery (commands are signed; the device verifies them)")
 
 
 @devices_app.command("rotate-credential")
@@ -154,10 +197,14 @@ def events_tail(
                 if json_out:
                     sys.stdout.write(orjson.dumps(doc).decode() + "\n")
                 else:
+                    # a text payload as a JSON string: its control characters escaped, so that
+                    # a device cannot send escape sequences to the terminal
                     shown = (
                         orjson.dumps(doc["payload"]).decode() if doc["error"] is None else f"({doc['error']})"
                     )
-                    st.out.print(f"{doc['timestamp']} {e.event_type} {shown}", highlight=False)
+                    if doc.get("payloadEncoding") is not None:
+                        shown = f"{e.fmt} ({doc['payloadEncoding']}) {shown}"
+                    st.out.print(f"{doc['timestamp']} {e.event_type} {shown}", highlight=False, markup=False)
                 last = e.event_id
             sys.stdout.flush()
             if not follow:

@@ -26,6 +26,7 @@ def _device(row: Row[Any]) -> DeviceRecord:
         last_seen_us=row.last_seen_us,
         metadata=json.loads(row.metadata or "{}"),
         created_us=row.created_us,
+        command_delivery=row.command_delivery,
     )
 
 
@@ -45,6 +46,7 @@ class DeviceTable(EngineStore):
                         metadata=json.dumps(dict(device.metadata), separators=(",", ":")),
                         credential_hash=credential_hash,
                         created_us=device.created_us,
+                        command_delivery=device.command_delivery,
                     )
                 )
                 conn.execute(
@@ -82,6 +84,19 @@ class DeviceTable(EngineStore):
             conn.execute(delete(device_keys).where(device_keys.c.device_id == device_id))
             conn.execute(delete(events).where(events.c.device_id == device_id))
             return bool(conn.execute(delete(devices).where(devices.c.device_id == device_id)).rowcount)
+
+    def set_command_delivery(self, device_id: str, delivery: str) -> str:
+        """Set how commands reach a device; return the previous setting (for the audit record)."""
+        with self.begin() as conn:
+            before = conn.execute(
+                select(devices.c.command_delivery).where(devices.c.device_id == device_id)
+            ).scalar_one_or_none()
+            if before is None:
+                raise DeviceNotFoundError(device_id)
+            conn.execute(
+                update(devices).where(devices.c.device_id == device_id).values(command_delivery=delivery)
+            )
+        return str(before)
 
     def credential_hashes(self, device_id: str) -> tuple[str | None, str | None, int | None]:
         with self.connect() as conn:

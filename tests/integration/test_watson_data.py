@@ -1,0 +1,271 @@
+"""Watson IoT devices, the data side (issue 16), against a real ``iotvault serve`` process.
+
+Events in formats other than ``json`` (published over MQTT, or posted over HTTP as Watson's
+device messaging API took them) are stored encrypted and served as text or base64; a device
+set to unsigned command delivery gets the payload as sent, and its command is ``delivered``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gmqtt
+import httpx
+import pytest
+from gmqtt.mqtt.constants import MQTTv311
+from helpers import ServerProcess, server_env
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from iotvault.accounts import create_api_key
+from iotvault.cli.main import app as cli_app
+from iotvault.config import Settings, load_settings
+from iotvault.context import context
+from iotvault.devices import register_device
+from iotvault.domain.accounts import Roles
+from iotvault.storage.schema import events
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Served:
+    env: dict[str, str]
+    settings: Settings
+    base: str
+    mqtt_port: int
+
+    def register(self, device_id: str, type_id: str = "thermo") -> str:
+        with context(self.settings) as ctx:
+            return register_device(ctx, type_id, device_id).credential
+
+    def key(self, roles: Roles, devices: tuple[str, ...] = ()) -> dict[str, str]:
+        with context(self.settings) as ctx:
+            new = create_api_key(ctx, roles=roles, devices=devices, created_by="test")
+        token = base64.b64encode(f"{new.key}:{new.password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    def count(self, device_id: str | None = None) -> int:
+        with context(self.settings) as ctx:
+            return ctx.store.count_events(device_id)
+
+    def wait_count(self, expected: int, device_id: str | None = None, within: float = 20.0) -> int:
+        deadline = time.monotonic() + within
+        n = self.count(device_id)
+        while n < expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+            n = self.count(device_id)
+        return n
+
+    def stored_payloads(self) -> list[bytes]:
+        """The payload column as stored (ciphertext), every row."""
+        with context(self.settings) as ctx, ctx.engine.connect() as conn:
+            return [bytes(r[0]) for r in conn.execute(select(events.c.payload))]
+
+    def cli(self, *args: str) -> Any:
+        return CliRunner().invoke(cli_app, list(args), env=self.env)
+
+
+@pytest.fixture
+def served(tmp_path: Path, database_url: str, server_factory: list[ServerProcess]) -> Served:
+    env = server_env(tmp_path, database_url=database_url, max_payload_bytes="4096", http_body_timeout_s="2")
+    server = ServerProcess(env, tmp_path / "server.log")
+    server_factory.append(server)
+    settings = load_settings(environ=env)
+    with context(settings):
+        pass  # the schema, made here: the test registers devices before the server starts
+    server.start()
+    return Served(env, settings, f"http://{HOST}:{env['IOTVAULT_HTTP_PORT']}", int(env["IOTVAULT_MQTT_PORT"]))
+
+
+class Device:
+    """A device over MQTT in iotvault's own login form (client id = user name = deviceId)."""
+
+    def __init__(self, device_id: str) -> None:
+        self.client = gmqtt.Client(device_id, clean_session=True)
+        self.client.set_config({"reconnect_retries": -2})
+        self.messages: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *_a: None
+
+    def _on_message(self, _c: Any, topic: str, payload: bytes, _qos: int, _p: Any) -> int:
+        self.messages.put_nowait((topic, payload))
+        return 0
+
+    async def connect(self, port: int, password: str) -> None:
+        self.client.set_auth_credentials(self.client._client_id, password)
+        await asyncio.wait_for(self.client.connect(HOST, port, version=MQTTv311, keepalive=30), 5)
+
+    async def close(self) -> None:
+        await asyncio.wait_for(self.client.disconnect(), 5)
+
+
+# ---- formats other than json --------------------------------------------------------------------
+TEXT = "température 21,5 °C SECRET-TEXT"
+FORMATS: list[tuple[str, str, bytes]] = [
+    # each: the event type, the format, the payload
+    ("reading", "json", b'{"t": 21.5, "k": "SECRET-JSON"}'),
+    ("note", "text", TEXT.encode()),
+    ("doc", "xml", b"<r><v>SECRET-XML</v></r>"),
+    ("blob", "bin", bytes(range(256)) + b"SECRET-BIN"),
+    ("raw", "raw", b"\xff\xfe\x00SECRET-RAW"),
+    ("bad", "text", b"\xffSECRET-BADTEXT"),  # a text format, but not UTF-8: base64
+    ("long", "f" * 64, b"SECRET-LONGFMT"),  # the longest format a topic level can name
+    ("esc", "txt", b"\x1b[31mred\x1b[0m SECRET-ESC"),  # terminal escapes in a text payload
+]
+
+
+async def test_events_in_any_format_are_stored_encrypted_and_served_as_text_or_base64(
+    served: Served,
+) -> None:
+    credential = served.register("fmt-1")
+    reader = served.key(Roles(reader=True), ("fmt-1",))
+    device = Device("fmt-1")
+    await device.connect(served.mqtt_port, credential)
+    async with httpx.AsyncClient(base_url=served.base, headers=reader, timeout=10) as http:
+        # a live stream, opened before the events arrive, must carry them too
+        async with http.stream("GET", "/iotf/devices/fmt-1/stream") as stream:
+            assert stream.status_code == 200
+            for event_type, fmt, payload in FORMATS:
+                device.client.publish(
+                    f"iot-2/type/thermo/id/fmt-1/evt/{event_type}/fmt/{fmt}", payload, qos=1
+                )
+            live: list[dict[str, Any]] = []
+            lines = stream.aiter_lines()
+            async with asyncio.timeout(20):
+                while len(live) < len(FORMATS):
+                    line = await anext(lines)
+                    if line.startswith("data: "):
+                        live.append(json.loads(line[6:]))
+        await device.close()
+        assert await asyncio.to_thread(served.wait_count, len(FORMATS)) == len(FORMATS)
+
+        r = await http.get("/iotf/devices/fmt-1", params={"count": 20})
+        assert r.status_code == 200
+        latest = {e["eventType"]: e for e in r.json()["events"]}
+        page = await http.get("/iotf/devices/fmt-1/events", params={"count": 20})
+        assert {e["eventType"]: e for e in page.json()["events"]} == latest
+    assert {e["eventType"]: e for e in live} == latest
+
+    # json as before: no new field
+    assert latest["reading"]["payload"] == {"t": 21.5, "k": "SECRET-JSON"}
+    assert "payloadEncoding" not in latest["reading"]
+    shown = {
+        k: (e["format"], e["payloadEncoding"], e["payload"]) for k, e in latest.items() if k != "reading"
+    }
+    assert shown["note"] == ("text", "text", TEXT)
+    assert shown["doc"] == ("xml", "text", "<r><v>SECRET-XML</v></r>")
+    for name, fmt, payload in FORMATS:
+        if name in ("blob", "raw", "bad", "long"):
+            assert shown[name][0] == fmt
+            assert shown[name][1] == "base64"
+            assert base64.b64decode(shown[name][2]) == payload
+    assert shown["blob"][1:] == ("base64", base64.b64encode(FORMATS[3][2]).decode())
+    assert all(e["error"] is None for e in latest.values())
+
+    # nothing was refused, and no payload is in the database in plaintext
+    with context(served.settings) as ctx:
+        assert ctx.store.rejected_counts() == {}
+    rows = await asyncio.to_thread(served.stored_payloads)
+    assert len(rows) == len(FORMATS)
+    for row in rows:
+        assert b"SECRET" not in row
+        assert TEXT.encode() not in row
+
+    # the command line shows them too, a text payload with its control characters escaped
+    out = await asyncio.to_thread(served.cli, "events", "tail", "fmt-1", "--count", "20")
+    assert out.exit_code == 0, out.output
+    assert f'text (text) "{TEXT}"' in out.output
+    assert "\x1b" not in out.output
+    assert "\\u001b[31mred" in out.output
+    assert "bin (base64)" in out.output
+
+
+# ---- unsigned command delivery --------------------------------------------------------------------
+async def test_unsigned_delivery_sends_the_payload_as_sent_and_signed_stays_the_default(
+    served: Served,
+) -> None:
+    creds = {d: served.register(d) for d in ("u-1", "s-1")}
+    admin = served.key(Roles(admin=True))
+    writer = served.key(Roles(reader=True, writer=True), ("u-1", "s-1"))
+    async with httpx.AsyncClient(base_url=served.base, timeout=10) as http:
+        # only an admin may change it, and only to a known value
+        change = {"commandDelivery": "unsigned"}
+        assert (await http.patch("/iotf/devices/u-1", json=change)).status_code == 401
+        assert (await http.patch("/iotf/devices/u-1", json=change, headers=writer)).status_code == 403
+        bad = await http.patch("/iotf/devices/u-1", json={"commandDelivery": "none"}, headers=admin)
+        assert bad.status_code == 422
+        extra = await http.patch("/iotf/devices/u-1", json={**change, "typeId": "x"}, headers=admin)
+        assert extra.status_code == 422
+        r = await http.patch("/iotf/devices/nobody", json=change, headers=admin)
+        assert r.status_code == 404
+        before = await http.get("/iotf/devices", headers=admin)
+        assert {d["deviceId"]: d["commandDelivery"] for d in before.json()["devices"]} == {
+            "s-1": "signed",  # the default
+            "u-1": "signed",
+        }
+        r = await http.patch("/iotf/devices/u-1", json=change, headers=admin)
+        assert r.status_code == 200, r.text
+        assert r.json()["commandDelivery"] == "unsigned"
+
+        devices = {d: Device(d) for d in creds}
+        for d, device in devices.items():
+            await device.connect(served.mqtt_port, creds[d])
+            device.client.subscribe(f"iot-2/type/thermo/id/{d}/cmd/+/fmt/json", qos=1)
+        await asyncio.sleep(0.5)
+
+        body = {"command": "setInterval", "payload": {"zeta": 1, "alpha": "é", "n": [1, 2]}}
+        sent = await http.post("/iotf/devices/u-1/commands", json=body, headers=writer)
+        assert sent.status_code == 202, sent.text
+        assert sent.json()["status"] == "delivered"
+        assert sent.json()["delivery"] == "unsigned"
+        topic, payload = await asyncio.wait_for(devices["u-1"].messages.get(), 10)
+        assert topic == "iot-2/type/thermo/id/u-1/cmd/setInterval/fmt/json"
+        assert payload == '{"zeta":1,"alpha":"é","n":[1,2]}'.encode()  # as sent: no JWS, key order kept
+        status = await http.get(f"/iotf/devices/u-1/commands/{sent.json()['commandId']}", headers=writer)
+        assert status.json()["status"] == "delivered"
+        assert status.json()["delivery"] == "unsigned"
+
+        signed = await http.post("/iotf/devices/s-1/commands", json=body, headers=writer)
+        assert signed.status_code == 202
+        assert signed.json() == {
+            "commandId": signed.json()["commandId"],
+            "status": "sent",
+            "delivery": "signed",
+        }
+        _topic, payload = await asyncio.wait_for(devices["s-1"].messages.get(), 10)
+        assert set(json.loads(payload)) == {"jws"}
+        status = await http.get(f"/iotf/devices/s-1/commands/{signed.json()['commandId']}", headers=writer)
+        assert (status.json()["status"], status.json()["delivery"]) == ("sent", "signed")
+        for device in devices.values():
+            await device.close()
+
+        # the change and the unsigned command are on the audit record; the signed one is not
+        audit = await http.get("/iotf/audit", headers=admin, params={"count": 1000})
+        records = audit.json()["records"]
+        changes = [r for r in records if r["action"] == "device.command_delivery"]
+        assert [(r["target"], r["detail"]["commandDelivery"]) for r in changes] == [("u-1", "unsigned")]
+        assert changes[0]["detail"]["before"]["commandDelivery"] == "signed"
+        unsigned = [r for r in records if r["action"] == "command.unsigned"]
+        assert [(r["target"], r["detail"]["commandId"]) for r in unsigned] == [
+            ("u-1", sent.json()["commandId"])
+        ]
+
+    # the command line sets it back, and shows it
+    out = await asyncio.to_thread(served.cli, "devices", "list")
+    assert "unsigned delivery" in out.output
+    out = await asyncio.to_thread(
+        served.cli, "devices", "set", "u-1", "--command-delivery", "signed", "--json"
+    )
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["commandDelivery"] == "signed"
+    out = await asyncio.to_thread(served.cli, "devices", "set", "u-1", "--command-delivery", "maybe")
+    assert out.exit_code != 0
