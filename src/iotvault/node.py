@@ -353,6 +353,7 @@ class Node:
                 )
                 http_events = await stack.enter_async_context(SecurityEventLog(self.ctx.store))
                 svc.on_abuse = lambda kind, address, detail: http_events.record(kind, address, **detail)
+                svc.security_event = http_events.record
                 stack.callback(svc.stopping.set)
                 if svc.limiter is not None:
                     stack.push_async_callback(svc.limiter.close)

@@ -269,3 +269,154 @@ async def test_unsigned_delivery_sends_the_payload_as_sent_and_signed_stays_the_
     assert json.loads(out.output)["commandDelivery"] == "signed"
     out = await asyncio.to_thread(served.cli, "devices", "set", "u-1", "--command-delivery", "maybe")
     assert out.exit_code != 0
+
+
+# ---- HTTP device messaging ------------------------------------------------------------------------
+def _basic(user: str, secret: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()}
+
+
+EVENTS = "/api/v0002/device/types/{t}/devices/{d}/events/{e}"
+
+
+async def test_http_device_messaging_stores_events_as_mqtt_does(served: Served) -> None:
+    cred = served.register("h-1", "rpi")
+    other = served.register("h-2", "rpi")
+    reader = served.key(Roles(reader=True), ("h-1",))
+    with context(served.settings) as ctx:
+        org = ctx.org_id
+    url = EVENTS.format(t="rpi", d="h-1", e="status")
+    token = _basic("use-token-auth", cred)
+    async with httpx.AsyncClient(base_url=served.base, timeout=10) as http:
+        posts = [
+            ({"Content-Type": "application/json"}, b'{"cpu": 0.5}', "json"),
+            ({"Content-Type": "application/json; charset=utf-8"}, b"[1, 2]", "json"),
+            ({"Content-Type": "text/plain"}, "21,5 °C".encode(), "text"),
+            ({"Content-Type": "application/xml"}, b"<a>1</a>", "xml"),
+            ({"Content-Type": "application/octet-stream"}, b"\x00\x01\xff", "bin"),
+            ({}, b"no type at all", "bin"),
+        ]
+        for headers, body, _fmt in posts:
+            r = await http.post(url, content=body, headers={**token, **headers})
+            assert r.status_code == 200, r.text
+            assert r.content == b""  # Watson's answer: 200, empty
+        # the user name can also be the device's Watson client id
+        r = await http.post(url, content=b"{}", headers={**_basic(f"d:{org}:rpi:h-1", cred), **posts[0][0]})
+        assert r.status_code == 200, r.text
+        assert served.count("h-1") == len(posts) + 1  # 200 only after the commit: no waiting here
+
+        page = await http.get("/iotf/devices/h-1", params={"count": 20}, headers=reader)
+        docs = list(reversed(page.json()["events"]))
+        assert [d["format"] for d in docs] == [f for _h, _b, f in posts] + ["json"]
+        assert all(d["eventType"] == "status" and d["typeId"] == "rpi" for d in docs)
+        assert docs[0]["payload"] == {"cpu": 0.5}
+        assert docs[2]["payload"] == "21,5 °C"
+        assert base64.b64decode(docs[4]["payload"]) == b"\x00\x01\xff"
+
+        # ---- attacks: nothing below may store anything ----
+        stored = served.count()
+        json_type = {"Content-Type": "application/json"}
+        refused = {
+            "no credentials": await http.post(url, content=b"{}", headers=json_type),
+            "wrong credential": await http.post(
+                url, content=b"{}", headers={**_basic("use-token-auth", "x" * 43), **json_type}
+            ),
+            "another device's credential": await http.post(
+                url, content=b"{}", headers={**_basic("use-token-auth", other), **json_type}
+            ),
+            "another org": await http.post(
+                url, content=b"{}", headers={**_basic("d:otherorg:rpi:h-1", cred), **json_type}
+            ),
+            "another device's client id": await http.post(
+                url, content=b"{}", headers={**_basic(f"d:{org}:rpi:h-2", cred), **json_type}
+            ),
+            "another type in the path": await http.post(
+                EVENTS.format(t="cam", d="h-1", e="s"), content=b"{}", headers={**token, **json_type}
+            ),
+            "an unknown device": await http.post(
+                EVENTS.format(t="rpi", d="ghost", e="s"), content=b"{}", headers={**token, **json_type}
+            ),
+            "a bearer token": await http.post(
+                url, content=b"{}", headers={"Authorization": f"Bearer {cred}", **json_type}
+            ),
+            "a malformed header": await http.post(
+                url, content=b"{}", headers={"Authorization": "Basic !!!", **json_type}
+            ),
+        }
+        for what, r in refused.items():
+            assert r.status_code == 401, (what, r.status_code, r.text)
+            assert r.headers["www-authenticate"].startswith("Basic"), what
+            assert r.headers["content-type"] == "application/problem+json", what
+            assert cred not in r.text
+        bad_json = await http.post(url, content=b'{"a": NaN}', headers={**token, **json_type})
+        assert bad_json.status_code == 400
+        too_big = await http.post(url, content=b"x" * 4097, headers={**token, "Content-Type": "text/plain"})
+        assert too_big.status_code == 413
+        bad_id = await http.post(
+            EVENTS.format(t="rpi", d="h-1", e="a%2Fb"), content=b"{}", headers={**token, **json_type}
+        )
+        assert bad_id.status_code in (404, 422)
+        assert served.count() == stored
+
+        # security events are written in batches, and identical ones within a second counted
+        wanted = {
+            ("h-1", "invalid credentials"),
+            ("ghost", "invalid credentials"),
+            ("h-1", "the device type does not match the registry"),
+            ("h-1", "malformed Basic credentials"),
+            ("h-1", "expected Basic credentials: use-token-auth and the device credential"),
+        }
+        seen: set[tuple[str, str]] = set()
+        deadline = time.monotonic() + 10
+        while seen != wanted and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            with context(served.settings) as ctx:
+                failed = [
+                    e
+                    for e in ctx.store.list_security_events(kinds=["login_failed"])
+                    if e.detail["via"] == "http"
+                ]
+            seen = {(e.detail["deviceId"], e.detail["reason"]) for e in failed}
+        assert seen == wanted
+        assert all(cred not in json.dumps(e.detail) for e in failed)
+
+
+async def test_http_device_messaging_throttles_guessing_and_slow_bodies(served: Served) -> None:
+    cred = served.register("g-1", "rpi")
+    url = EVENTS.format(t="rpi", d="g-1", e="e")
+    async with httpx.AsyncClient(base_url=served.base, timeout=10) as http:
+        codes = []
+        for i in range(40):  # the default limit: 30 failures a minute per address
+            r = await http.post(url, content=b"1", headers=_basic("use-token-auth", f"guess-{i}"))
+            codes.append(r.status_code)
+        assert codes[0] == 401
+        assert codes[-1] == 429
+        assert 429 in codes[:35]
+        throttled = await http.post(url, content=b"1", headers=_basic("use-token-auth", "guess-x"))
+        assert throttled.status_code == 429
+        assert int(throttled.headers["retry-after"]) >= 1
+        # from the throttled address, this device is not even checked any more ...
+        r = await http.post(url, content=b"1", headers=_basic("use-token-auth", cred))
+        assert r.status_code == 429
+    # ... but the guessing cannot lock the device out: from its own address it gets in
+    elsewhere = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    async with httpx.AsyncClient(base_url=served.base, timeout=10, transport=elsewhere) as device:
+        r = await device.post(url, content=b"1", headers=_basic("use-token-auth", cred))
+        assert r.status_code == 200, r.text
+    assert served.count("g-1") == 1
+
+    # a body that trickles in is cut off (the server's body timeout is 2 s here)
+    port = int(served.env["IOTVAULT_HTTP_PORT"])
+    reader, writer = await asyncio.open_connection(HOST, port, local_addr=("127.0.0.3", 0))
+    auth = _basic("use-token-auth", cred)["Authorization"]
+    writer.write(
+        f"POST {url} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Type: text/plain\r\n"
+        "Content-Length: 100\r\n\r\nabc".encode()
+    )
+    await writer.drain()
+    started = time.monotonic()
+    head = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert time.monotonic() - started < 8
+    assert served.count("g-1") == 1

@@ -72,9 +72,14 @@ def _basic(header: str) -> tuple[str, str]:
     if scheme.lower() != "basic":
         raise ValueError("expected Basic credentials: use-token-auth and the device credential")
     try:
-        user, sep, secret = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         raise ValueError("malformed Basic credentials") from None
+    if decoded.startswith("d:"):  # the user name d:<org>:<type>:<id> has colons of its own
+        parts = decoded.split(":", 4)
+        user, sep, secret = ":".join(parts[:4]), ":" if len(parts) == 5 else "", parts[-1]
+    else:
+        user, sep, secret = decoded.partition(":")
     if not sep or not user or not secret or len(user) > 200 or len(secret) > MAX_CREDENTIAL:
         raise ValueError("malformed Basic credentials")
     return user, secret
@@ -119,8 +124,10 @@ async def device_login(
     if login is None or login.type_id != typeId:
         if login is not None:
             reason = "the device type does not match the registry"
-        if svc.on_abuse is not None:
-            svc.on_abuse("login_failed", address, {"via": "http", "deviceId": deviceId, "reason": reason})
+        if svc.security_event is not None:  # as the broker's: per device and address, aggregated
+            svc.security_event(
+                "login_failed", deviceId, via="http", deviceId=deviceId, reason=reason, address=address
+            )
         if limiter is not None:
             retry = await limiter.auth_failed(address, identity)
             if retry is not None or blocked is not None:
