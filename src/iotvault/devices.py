@@ -10,7 +10,7 @@ value a function returns: it is stored as a hash and shown once.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -18,8 +18,9 @@ from iotvault.audit.changes import changed
 from iotvault.clock import US_PER_S, Clock, now_us
 from iotvault.crypto.tokens import hash_secret, new_secret, verify_secret
 from iotvault.domain.commands import Delivery
+from iotvault.domain.device_import import ImportFileError, ImportRow
 from iotvault.domain.ids import IDENTIFIER_PATTERN, DeviceId, TypeId
-from iotvault.errors import BrokerError, DeviceNotFoundError
+from iotvault.errors import BrokerError, DeviceExistsError, DeviceNotFoundError
 from iotvault.storage.repository import DeviceCredentials, DeviceRecord
 
 _DUMMY_HASH: Final = hash_secret("iotvault: no such credential")
@@ -206,3 +207,33 @@ def check_device_credential(
     if found is None or not (current_ok or previous_ok):
         return None
     return DeviceLogin(found.device_id, found.type_id)
+
+
+def import_devices(
+    ctx: DeviceServices, rows: Sequence[ImportRow], *, unit: str = "line"
+) -> Iterator[tuple[ImportRow, NewDevice | None]]:
+    """Register the devices of an import file, one by one: each with its new credential, or
+    None for a device already registered with that type (so a second run changes nothing).
+
+    Checked before anything is registered: a device registered with another type stops the
+    import (:class:`ImportFileError` naming its line). A generator, so that the caller writes
+    each credential as it is issued: if the import stops half-way (the database gone), the
+    credentials already issued are not lost, and running it again completes it.
+    """
+    clashes = []
+    for row in rows:
+        found = ctx.store.get_device(row.device_id)
+        if found is not None and found.type_id != row.type_id:
+            clashes.append(
+                (row.line, f"{row.device_id} is registered with type {found.type_id}, not {row.type_id}")
+            )
+    if clashes:
+        raise ImportFileError(clashes, unit=unit)
+    for row in rows:
+        if ctx.store.get_device(row.device_id) is not None:
+            yield row, None
+            continue
+        try:
+            yield row, register_device(ctx, row.type_id, row.device_id, row.metadata)
+        except DeviceExistsError:  # registered meanwhile by someone else
+            yield row, None

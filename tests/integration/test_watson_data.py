@@ -420,3 +420,110 @@ async def test_http_device_messaging_throttles_guessing_and_slow_bodies(served: 
     assert head.startswith(b"HTTP/1.1 408"), head
     assert time.monotonic() - started < 8
     assert served.count("g-1") == 1
+
+
+# ---- importing a Watson device list -----------------------------------------------------------------
+async def test_devices_import_issues_new_credentials_once_and_devices_use_them(
+    served: Served, tmp_path: Path
+) -> None:
+    export = {
+        "results": [
+            {
+                "typeId": "rpi",
+                "deviceId": "imp-1",
+                "clientId": "d:abc123:rpi:imp-1",
+                "authToken": "OLD-TOKEN",
+            },
+            {"typeId": "rpi", "deviceId": "-imp2", "metadata": {"room": "hall"}},  # a spreadsheet's formula
+            {"typeId": "cam", "deviceId": "imp-3"},
+        ]
+    }
+    source = tmp_path / "export.json"
+    source.write_text(json.dumps(export))
+    creds_csv = tmp_path / "creds.csv"
+    out = await asyncio.to_thread(
+        served.cli, "devices", "import", str(source), "--credentials-file", str(creds_csv)
+    )
+    assert out.exit_code == 0, out.output
+    assert "registered 3, already registered 0" in out.output
+    assert creds_csv.stat().st_mode & 0o777 == 0o600
+    lines = creds_csv.read_text().splitlines()
+    assert lines[0] == '"typeId","deviceId","credential"'
+    assert lines[2].startswith('"rpi","\'-imp2","')  # what a spreadsheet would run starts with '
+    issued = {
+        row[1].lstrip("'"): row[2].lstrip("'")
+        for row in (line.replace('"', "").split(",") for line in lines[1:])
+    }
+    assert set(issued) == {"imp-1", "-imp2", "imp-3"}
+    assert "OLD-TOKEN" not in creds_csv.read_text()  # Watson's token is never used
+    assert all(c not in out.output for c in issued.values())  # written to the file only
+
+    # an imported device posts with its new credential (and the old token is refused)
+    async with httpx.AsyncClient(base_url=served.base, timeout=10) as http:
+        url = EVENTS.format(t="rpi", d="imp-1", e="hello")
+        ok = await http.post(
+            url,
+            content=b"{}",
+            headers={**_basic("use-token-auth", issued["imp-1"]), "Content-Type": "application/json"},
+        )
+        assert ok.status_code == 200, ok.text
+        old = await http.post(
+            url,
+            content=b"{}",
+            headers={**_basic("use-token-auth", "OLD-TOKEN"), "Content-Type": "application/json"},
+        )
+        assert old.status_code == 401
+    with context(served.settings) as ctx:
+        dev = ctx.store.get_device("-imp2")
+        assert dev is not None
+        assert dev.metadata == {"room": "hall"}
+
+    # again: nothing changes, no credential is issued, so none is printed
+    again = await asyncio.to_thread(served.cli, "devices", "import", str(source), "--json")
+    assert again.exit_code == 0, again.output
+    assert again.output.strip() == ""
+    plain = await asyncio.to_thread(served.cli, "devices", "import", str(source))
+    assert "registered 0, already registered 3" in plain.output
+
+    # a new device printed once to stdout, as JSON Lines with --json
+    more = tmp_path / "more.csv"
+    more.write_text("typeId,deviceId\nrpi,imp-4\nrpi,imp-1\n")
+    printed = await asyncio.to_thread(served.cli, "devices", "import", str(more), "--json")
+    assert printed.exit_code == 0, printed.output
+    (doc,) = [json.loads(line) for line in printed.output.splitlines() if line.startswith("{")]
+    assert (doc["deviceId"], doc["typeId"]) == ("imp-4", "rpi")
+    assert len(doc["password"]) >= 40
+
+    # the same id under another type: refused with its line, nothing registered
+    clash = tmp_path / "clash.csv"
+    clash.write_text("typeId,deviceId\nrpi,imp-5\ncam,imp-1\n")
+    refused = await asyncio.to_thread(
+        served.cli, "devices", "import", str(clash), "--credentials-file", str(tmp_path / "c2.csv")
+    )
+    assert refused.exit_code == 1
+    assert "clash.csv:3: imp-1 is registered with type rpi, not cam" in refused.output
+    assert not (tmp_path / "c2.csv").exists()
+    with context(served.settings) as ctx:
+        assert ctx.store.get_device("imp-5") is None
+
+    # the credentials file is never overwritten, nor a link followed
+    (tmp_path / "target").write_text("keep me")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "target")
+    more.write_text("typeId,deviceId\nrpi,imp-6\n")
+    for existing in (creds_csv, tmp_path / "link.csv"):
+        r = await asyncio.to_thread(
+            served.cli, "devices", "import", str(more), "--credentials-file", str(existing)
+        )
+        assert r.exit_code == 1
+        assert "must be new" in r.output
+    assert (tmp_path / "target").read_text() == "keep me"
+
+    # a huge file is refused before it is read whole
+    huge = tmp_path / "huge.csv"
+    with huge.open("wb") as fh:
+        fh.truncate(40 * 1024 * 1024)
+    r = await asyncio.to_thread(served.cli, "devices", "import", str(huge))
+    assert r.exit_code == 1
+    assert "MiB" in r.output
+    with context(served.settings) as ctx:
+        assert ctx.store.get_device("imp-6") is None
