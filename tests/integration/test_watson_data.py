@@ -527,3 +527,24 @@ async def test_devices_import_issues_new_credentials_once_and_devices_use_them(
     assert "MiB" in r.output
     with context(served.settings) as ctx:
         assert ctx.store.get_device("imp-6") is None
+
+
+async def test_an_api_only_node_stores_http_events_itself(
+    tmp_path: Path, mosquitto: Any, server_factory: list[ServerProcess]
+) -> None:
+    env = server_env(tmp_path, broker_url=f"mqtt://{HOST}:{mosquitto.port}")
+    settings = load_settings(environ=env)
+    with context(settings) as ctx:
+        cred = register_device(ctx, "rpi", "api-1").credential
+    server = ServerProcess(env, tmp_path / "api.log", args=("--role", "api"))
+    server_factory.append(server)
+    await asyncio.to_thread(server.start)
+    url = f"http://{HOST}:{env['IOTVAULT_HTTP_PORT']}" + EVENTS.format(t="rpi", d="api-1", e="e")
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.post(
+            url, content=b"hello", headers={**_basic("use-token-auth", cred), "Content-Type": "text/plain"}
+        )
+    assert r.status_code == 200, r.text
+    with context(settings) as ctx:
+        (event,) = ctx.store.last_events("api-1", 5)
+        assert (event.fmt, ctx.keyring.decrypt("api-1", event.event_id, event.payload)) == ("text", b"hello")
