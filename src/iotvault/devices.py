@@ -186,6 +186,14 @@ class DeviceLogin:
     device_id: str
     type_id: str
 
+    @property
+    def kind(self) -> str:  # the audit record's actor: device:<deviceId>
+        return "device"
+
+    @property
+    def id(self) -> str:
+        return self.device_id
+
 
 def check_device_credential(
     store: _CredentialReader, device_id: str, secret: str, *, at_us: int

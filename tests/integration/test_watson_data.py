@@ -174,6 +174,18 @@ async def test_events_in_any_format_are_stored_encrypted_and_served_as_text_or_b
     # nothing was refused, and no payload is in the database in plaintext
     with context(served.settings) as ctx:
         assert ctx.store.rejected_counts() == {}
+    # an answer to a command is JSON whatever its topic says: refused, not stored as an event
+    device = Device("fmt-1")
+    await device.connect(served.mqtt_port, credential)
+    device.client.publish("iot-2/type/thermo/id/fmt-1/evt/cmdack/fmt/text", b"ok", qos=1)
+    deadline = time.monotonic() + 10
+    rejected: dict[str, int] = {}
+    while not rejected and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        with context(served.settings) as ctx:
+            rejected = ctx.store.rejected_counts()
+    await device.close()
+    assert rejected == {"bad_command_ack": 1}
     rows = await asyncio.to_thread(served.stored_payloads)
     assert len(rows) == len(FORMATS)
     for row in rows:
@@ -379,6 +391,15 @@ async def test_http_device_messaging_stores_events_as_mqtt_does(served: Served) 
             seen = {(e.detail["deviceId"], e.detail["reason"]) for e in failed}
         assert seen == wanted
         assert all(cred not in json.dumps(e.detail) for e in failed)
+
+        # the device is the actor of its requests on the audit record
+        admin = served.key(Roles(admin=True))
+        audit = await http.get("/iotf/audit", headers=admin, params={"target": "h-1", "count": 1000})
+        records = audit.json()["records"]
+        posted = [r for r in records if str(r["detail"].get("route", "")).startswith("/api/v0002/")]
+        assert {r["actor"] for r in posted if r["outcome"] == "success"} == {"device:h-1"}
+        assert {r["actor"] for r in posted if r["outcome"] == "denied"} == {"anonymous"}
+        assert any(r["action"] == "device.login" for r in records)  # the failures, as security events
 
 
 async def test_http_device_messaging_throttles_guessing_and_slow_bodies(served: Served) -> None:

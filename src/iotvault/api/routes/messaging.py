@@ -133,6 +133,7 @@ async def device_login(
             if retry is not None or blocked is not None:
                 raise too_many(retry or blocked or 1)
         raise _unauthorized(reason)
+    request.state.principal = login  # the audit record names the device as the actor
     return login
 
 
