@@ -50,6 +50,8 @@ class _Registry(Protocol):
     ) -> None: ...
     def revoke_credentials(self, device_id: str) -> None: ...
     def set_command_delivery(self, device_id: str, delivery: str) -> str: ...
+    def type_command_delivery(self, type_id: str) -> str | None: ...
+    def set_type_command_delivery(self, type_id: str, delivery: str) -> list[str]: ...
 
 
 class _Keys(Protocol):
@@ -92,7 +94,9 @@ def register_device(
     """Create a device with a fresh data key and a fresh credential (returned once)."""
     did, tid = DeviceId(device_id).value, TypeId(type_id).value
     credential = new_secret()
-    record = DeviceRecord(did, tid, "offline", None, dict(metadata or {}), clock())
+    # the type's command delivery, if an admin chose one for it (set_type_command_delivery)
+    delivery = ctx.store.type_command_delivery(tid) or Delivery.SIGNED.value
+    record = DeviceRecord(did, tid, "offline", None, dict(metadata or {}), clock(), delivery)
     ctx.store.add_device(
         record, wrapped_key=ctx.keyring.new_device_key(did), credential_hash=hash_secret(credential)
     )
@@ -173,6 +177,21 @@ def set_command_delivery(ctx: DeviceServices, device_id: str, delivery: Delivery
         commandDelivery=after.command_delivery,
     )
     return after
+
+
+def set_type_command_delivery(ctx: DeviceServices, type_id: str, delivery: Delivery) -> list[str]:
+    """Choose how commands reach the devices of a type: those registered from now on, and those
+    registered already (each can still be changed on its own). Returns the devices changed.
+
+    Audited: one record for the type, and one per device whose setting changed.
+    """
+    tid = TypeId(type_id).value
+    value = Delivery(delivery).value
+    changed_ids = ctx.store.set_type_command_delivery(tid, value)
+    changed("device_type.command_delivery", tid, commandDelivery=value, devicesChanged=len(changed_ids))
+    for device_id in changed_ids:
+        changed("device.command_delivery", device_id, commandDelivery=value, viaType=tid)
+    return changed_ids
 
 
 class _CredentialReader(Protocol):

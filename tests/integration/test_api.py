@@ -79,6 +79,7 @@ async def test_every_route_declares_a_permission_or_is_public(sqlite_api: Api) -
     assert PUBLIC_ROUTES - {("GET", "/openapi.json")} <= paths
     assert paths >= DEVICE_ROUTES
     assert ("PATCH", "/iotf/devices/{deviceId}") in paths  # command delivery: DEVICES_MANAGE
+    assert ("PATCH", "/iotf/device-types/{typeId}") in paths
 
 
 # ---- who sees what -------------------------------------------------------------------

@@ -569,3 +569,57 @@ async def test_an_api_only_node_stores_http_events_itself(
     with context(settings) as ctx:
         (event,) = ctx.store.last_events("api-1", 5)
         assert (event.fmt, ctx.keyring.decrypt("api-1", event.event_id, event.payload)) == ("text", b"hello")
+
+
+async def test_a_type_setting_reaches_its_registered_and_its_new_devices(
+    served: Served, tmp_path: Path
+) -> None:
+    for device_id, type_id in (("t-1", "rpi"), ("t-2", "rpi"), ("c-1", "cam")):
+        served.register(device_id, type_id)
+    admin = served.key(Roles(admin=True))
+    writer = served.key(Roles(reader=True, writer=True), ("t-1",))
+    change = {"commandDelivery": "unsigned"}
+    async with httpx.AsyncClient(base_url=served.base, timeout=10) as http:
+        assert (await http.patch("/iotf/device-types/rpi", json=change, headers=writer)).status_code == 403
+        assert (await http.patch("/iotf/device-types/rpi", json=change)).status_code == 401
+        assert (await http.patch("/iotf/device-types/r%2Fx", json=change, headers=admin)).status_code in (
+            404,
+            422,
+        )
+        r = await http.patch("/iotf/device-types/rpi", json=change, headers=admin)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"typeId": "rpi", "commandDelivery": "unsigned", "devicesChanged": ["t-1", "t-2"]}
+        served.register("t-3", "rpi")  # registered after: gets the type's setting
+        source = tmp_path / "more.csv"
+        source.write_text("typeId,deviceId\nrpi,t-4\ncam,c-2\n")
+        out = await asyncio.to_thread(served.cli, "devices", "import", str(source), "--json")
+        assert out.exit_code == 0, out.output
+        listed = await http.get("/iotf/devices", headers=admin)
+        delivery = {d["deviceId"]: d["commandDelivery"] for d in listed.json()["devices"]}
+        assert delivery == {
+            "t-1": "unsigned",
+            "t-2": "unsigned",
+            "t-3": "unsigned",
+            "t-4": "unsigned",
+            "c-1": "signed",  # another type: untouched
+            "c-2": "signed",
+        }
+        # one device of the type can still be set on its own
+        r = await http.patch("/iotf/devices/t-2", json={"commandDelivery": "signed"}, headers=admin)
+        assert r.json()["commandDelivery"] == "signed"
+        audit = await http.get(
+            "/iotf/audit", headers=admin, params={"action": "device_type.command_delivery"}
+        )
+        (record,) = audit.json()["records"]
+        assert (record["target"], record["detail"]["devicesChanged"]) == ("rpi", 2)
+
+    out = await asyncio.to_thread(
+        served.cli, "devices", "set-type", "rpi", "--command-delivery", "signed", "--json"
+    )
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["devicesChanged"] == ["t-1", "t-3", "t-4"]
+    served.register("t-5", "rpi")
+    with context(served.settings) as ctx:
+        t5 = ctx.store.get_device("t-5")
+        assert t5 is not None
+        assert t5.command_delivery == "signed"

@@ -245,6 +245,35 @@ def _credentials_output(st: Any, path: Path | None, json_out: bool) -> _Sink:
     return _Sink(st, path, json_out)
 
 
+@devices_app.command("set-type")
+def devices_set_type(
+    cli: typer.Context,
+    type_id: Annotated[str, typer.Argument(metavar="TYPE", help="typeId")],
+    command_delivery: Annotated[
+        CommandDeliveryChoice,
+        typer.Option(
+            "--command-delivery",
+            help="For the type's devices registered from now on and those registered already: "
+            "signed (default, recommended) or unsigned (audited).",
+        ),
+    ],
+    json_out: JsonOption = False,
+) -> None:
+    """Change a device type's settings: how commands reach its devices."""
+    from iotvault.devices import set_type_command_delivery
+    from iotvault.domain.commands import Delivery
+
+    out = state(cli).out
+    with opened(cli) as ctx:
+        changed_ids = set_type_command_delivery(ctx, type_id, Delivery(command_delivery.value))
+    if json_out:
+        doc = {"typeId": type_id, "commandDelivery": command_delivery.value, "devicesChanged": changed_ids}
+        out.print_json(json.dumps(doc))
+        return
+    word = "unsigned delivery" if command_delivery.value == "unsigned" else "signed delivery"
+    out.print(f"type {type_id}: {word}; {len(changed_ids)} registered devices changed", highlight=False)
+
+
 @devices_app.command("rotate-credential")
 def devices_rotate(
     cli: typer.Context,

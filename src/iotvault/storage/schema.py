@@ -54,6 +54,15 @@ devices = Table(
     Column("command_delivery", String(16), nullable=False, server_default="signed"),
 )
 
+# Settings of a device type (revision 0006): the command delivery its devices get when they are
+# registered. A type needs no row: the default is signed.
+device_types = Table(
+    "device_types",
+    metadata,
+    Column("type_id", String(64), primary_key=True),
+    Column("command_delivery", String(16), nullable=False),
+)
+
 device_keys = Table(
     "device_keys",
     metadata,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response
-from pydantic import Field
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from iotvault import accounts
@@ -27,6 +27,7 @@ from iotvault.devices import (
     register_device,
     rotate_device_credential,
     set_command_delivery,
+    set_type_command_delivery,
 )
 from iotvault.documents import api_key_doc, device_doc, group_doc, iso, user_doc
 from iotvault.domain.accounts import Roles
@@ -310,6 +311,25 @@ class DeviceChange(Strict):
 async def change_device(ctx: Ctx, deviceId: _DevicePath, body: DeviceChange, _p: DevicesAdmin) -> Any:
     device = await run_in_threadpool(set_command_delivery, ctx, deviceId, body.commandDelivery)
     return device_doc(device)
+
+
+class DeviceTypeOut(BaseModel):
+    typeId: str
+    commandDelivery: str
+    devicesChanged: list[str] = Field(description="registered devices of the type whose setting changed")
+
+
+@router.patch(
+    "/device-types/{typeId}",
+    tags=["device registry"],
+    summary="How commands reach a type's devices: those registered from now on and those already (audited)",
+    response_model=DeviceTypeOut,
+)
+async def change_device_type(
+    ctx: Ctx, typeId: Annotated[Identifier, Path()], body: DeviceChange, _p: DevicesAdmin
+) -> Any:
+    changed_ids = await run_in_threadpool(set_type_command_delivery, ctx, typeId, body.commandDelivery)
+    return {"typeId": typeId, "commandDelivery": body.commandDelivery.value, "devicesChanged": changed_ids}
 
 
 # ---- API keys ------------------------------------------------------------------------

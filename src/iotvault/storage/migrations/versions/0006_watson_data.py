@@ -7,6 +7,7 @@
 * ``devices.command_delivery``: ``signed`` (the default: a JWS the device verifies) or
   ``unsigned`` (the payload as sent, Watson's behaviour), chosen per device by an admin.
 * ``commands.delivery``: how each command was delivered, shown wherever a command is.
+* ``device_types``: a type's command delivery, which devices registered under it get.
 
 Revision ID: 0006_watson_data
 Revises: 0005_audit
@@ -35,9 +36,15 @@ def upgrade() -> None:
         "commands",
         sa.Column("delivery", sa.String(16), nullable=False, server_default="signed"),
     )
+    op.create_table(
+        "device_types",
+        sa.Column("type_id", sa.String(64), primary_key=True),
+        sa.Column("command_delivery", sa.String(16), nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("device_types")
     with op.batch_alter_table("commands") as batch:
         batch.drop_column("delivery")
     with op.batch_alter_table("devices") as batch:
