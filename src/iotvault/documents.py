@@ -12,6 +12,7 @@ own answer.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import time
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from iotvault.domain.topics import JSON_FORMAT
 from iotvault.errors import CryptoError
 
 if TYPE_CHECKING:  # records only: printing a user must not load the OpenID Connect provider
@@ -103,11 +105,31 @@ def device_doc(d: DeviceRecord) -> dict[str, Any]:
         "status": d.status,
         "lastSeen": iso(d.last_seen_us),
         "metadata": dict(d.metadata),
+        "commandDelivery": d.command_delivery,
     }
 
 
 UNDECRYPTABLE = "the stored record does not decrypt"
 NOT_JSON = "the stored payload is not JSON"
+
+#: Formats whose payload is shown as text when it is valid UTF-8 (else as base64). Watson IoT
+#: Platform took any format name in the topic; its SDKs and HTTP messaging API name these.
+TEXT_FORMATS: frozenset[str] = frozenset({"text", "txt", "utf8", "utf-8", "xml", "csv", "plain"})
+TEXT, BASE64 = "text", "base64"
+
+
+def opaque_payload(fmt: str, plain: bytes) -> tuple[str, str]:
+    """A non-JSON payload as ``(value, encoding)``: the text itself, or base64 of the bytes.
+
+    Text only for a text format whose bytes are valid UTF-8; a ``bin`` payload that happens to
+    decode is still base64, so a reader never has to guess which bytes a string stands for.
+    """
+    if fmt.lower() in TEXT_FORMATS:
+        try:
+            return plain.decode("utf-8"), TEXT
+        except UnicodeDecodeError:
+            pass
+    return base64.b64encode(plain).decode("ascii"), BASE64
 
 
 class RecordOpener(Protocol):
@@ -121,6 +143,10 @@ def event_doc(keyring: RecordOpener, e: StoredEvent) -> dict[str, Any]:
 
     A record that does not decrypt, or whose payload is not JSON, still yields its document:
     ``payload`` is null and ``error`` says why (never the key or the record).
+
+    An event in another format than ``json`` (``text``, ``xml``, ``bin``, …) has a string
+    ``payload`` and one more field, ``payloadEncoding``: ``text`` (the payload as sent) or
+    ``base64`` (its bytes). A ``json`` event's document has no such field: it is as it was.
     """
     doc: dict[str, Any] = {
         "eventId": e.event_id,
@@ -136,6 +162,11 @@ def event_doc(keyring: RecordOpener, e: StoredEvent) -> dict[str, Any]:
         plain = keyring.decrypt(e.device_id, e.event_id, e.payload)
     except CryptoError:
         doc["error"] = UNDECRYPTABLE
+        if e.fmt != JSON_FORMAT:
+            doc["payloadEncoding"] = None
+        return doc
+    if e.fmt != JSON_FORMAT:
+        doc["payload"], doc["payloadEncoding"] = opaque_payload(e.fmt, plain)
         return doc
     try:
         doc["payload"] = payload_json(plain)

@@ -282,6 +282,31 @@ class Node:
         if self.pipeline is not None:
             self.pipeline.forget_devices(device_ids)
 
+    async def _start_pipelines(self, stack: AsyncExitStack, ctx: Context) -> IngestPipeline | None:
+        """The ingest pipeline of an ingest node (``self.pipeline``); what HTTP device messaging uses.
+
+        An API-only node gets a pipeline of its own for HTTP device messaging, which no broker
+        feeds; an ingest-only node serves no HTTP.
+        """
+        s = self.settings
+
+        def made() -> IngestPipeline:
+            return IngestPipeline(
+                ctx.store,
+                ctx.keyring,
+                self.metrics,
+                batch_size=s.ingest_batch_size,
+                batch_ms=s.ingest_batch_ms,
+                max_payload_bytes=s.max_payload_bytes,
+                dedupe_window_s=s.ingest_dedupe_window_s,
+                on_commit=self._committed,
+            )
+
+        if self.role in (Role.ALL, Role.INGEST):
+            self.pipeline = await stack.enter_async_context(made())
+            return self.pipeline
+        return await stack.enter_async_context(made())
+
     async def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
@@ -297,19 +322,7 @@ class Node:
             self.ctx = await self._open_context()
             stack.callback(self.ctx.close)
             await self._start_shared(stack, self.ctx)
-            if self.role in (Role.ALL, Role.INGEST):
-                self.pipeline = await stack.enter_async_context(
-                    IngestPipeline(
-                        self.ctx.store,
-                        self.ctx.keyring,
-                        self.metrics,
-                        batch_size=s.ingest_batch_size,
-                        batch_ms=s.ingest_batch_ms,
-                        max_payload_bytes=s.max_payload_bytes,
-                        dedupe_window_s=s.ingest_dedupe_window_s,
-                        on_commit=self._committed,
-                    )
-                )
+            http_ingest = await self._start_pipelines(stack, self.ctx)
             # the embedded broker (device accounts, topic rules) or the external one's subscriber,
             # and how commands are sent: iotvault.wiring
             broker_side = await start_broker_side(stack, s, self.ctx, self.pipeline, self._embedded_hook)
@@ -336,9 +349,11 @@ class Node:
                     notifier=self.notifier,
                     # with wake-ups from every node the poll is only a safety net
                     stream_poll_s=s.stream_safety_poll_s if self._fanout is not None else 2.0,
+                    ingest=http_ingest.enqueue if http_ingest is not None else None,
                 )
                 http_events = await stack.enter_async_context(SecurityEventLog(self.ctx.store))
                 svc.on_abuse = lambda kind, address, detail: http_events.record(kind, address, **detail)
+                svc.security_event = http_events.record
                 stack.callback(svc.stopping.set)
                 if svc.limiter is not None:
                     stack.push_async_callback(svc.limiter.close)

@@ -23,6 +23,7 @@ from sqlalchemy import update
 import iotvault.api.app as app_module
 from iotvault.accounts import create_group, update_user
 from iotvault.api.app import PUBLIC_ROUTES, create_app
+from iotvault.api.routes.messaging import DEVICE_ROUTES
 from iotvault.clock import now_us
 from iotvault.domain.accounts import Roles
 from iotvault.domain.ids import EventIdFactory
@@ -62,14 +63,23 @@ async def test_every_route_declares_a_permission_or_is_public(sqlite_api: Api) -
                 for d in route.dependant.dependencies
                 if hasattr(d.call, "permission")
             ]
-            if (method, context.path) in PUBLIC_ROUTES:
+            device_login = [d for d in route.dependant.dependencies if hasattr(d.call, "device_credential")]
+            if (method, context.path) in DEVICE_ROUTES:
+                # a device proves its own credential: no principal, so no permission either
+                assert len(device_login) == 1, f"{method} {context.path}"
+                assert not declared, f"{method} {context.path}"
+            elif (method, context.path) in PUBLIC_ROUTES:
                 assert not declared, f"{method} {context.path} is listed public but declares {declared}"
-            elif len(declared) != 1:
+                assert not device_login
+            elif len(declared) != 1 or device_login:
                 unprotected.append(f"{method} {context.path}")
     assert not unprotected, f"routes without exactly one declared permission: {unprotected}"
     assert ("GET", "/iotf/devices") in paths  # the walk reached the routers' routes
     # and the public list names only routes that exist
     assert PUBLIC_ROUTES - {("GET", "/openapi.json")} <= paths
+    assert paths >= DEVICE_ROUTES
+    assert ("PATCH", "/iotf/devices/{deviceId}") in paths  # command delivery: DEVICES_MANAGE
+    assert ("PATCH", "/iotf/device-types/{typeId}") in paths
 
 
 # ---- who sees what -------------------------------------------------------------------

@@ -101,7 +101,8 @@ async def test_a_page_is_the_same_json_as_the_response_model_would_give(api: Api
     r = await api.client.get("/iotf/devices/d1", params={"count": 5}, headers=api.auth("alice"))
     assert r.status_code == 200
     doc = strict_json(r.content)
-    assert doc == json.loads(DeviceEvents.model_validate(doc).model_dump_json())
+    # exclude_unset: payloadEncoding, which only events in another format than json carry
+    assert doc == json.loads(DeviceEvents.model_validate(doc).model_dump_json(exclude_unset=True))
     assert set(doc["events"][0]) == {
         "eventId",
         "deviceId",

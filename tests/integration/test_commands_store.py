@@ -116,3 +116,41 @@ def test_security_events_round_trip(ctx: Context) -> None:
     assert e.detail == {"address": "10.0.0.1:1", "n": 1}
     assert ctx.store.list_security_events(kinds=["nothing"]) == []
     assert isinstance(e.id, int)
+
+
+async def test_send_message_follows_the_devices_delivery_setting(ctx: Context) -> None:
+    """The path an MQTT application client takes (bytes in a format): unsigned devices get the
+    bytes as they are, on the format's topic; signed ones only a JSON object, signed."""
+    from iotvault.devices import set_command_delivery  # noqa: PLC0415
+    from iotvault.domain.commands import Delivery  # noqa: PLC0415
+    from iotvault.errors import ValidationError  # noqa: PLC0415
+
+    register_device(ctx, "rpi", "raw-1")
+    register_device(ctx, "rpi", "sig-1")
+    set_command_delivery(ctx, "raw-1", Delivery.UNSIGNED)
+    published: list[tuple[str, bytes]] = []
+
+    async def publish(topic: str, payload: bytes) -> None:
+        published.append((topic, payload))
+
+    service = CommandService(ctx, publish)
+    record = await service.send_message("raw-1", "reboot", "text", b"now \xff", sent_by="app:a1")
+    assert published[-1] == ("iot-2/type/rpi/id/raw-1/cmd/reboot/fmt/text", b"now \xff")
+    assert (record.status, record.delivery) == ("delivered", "unsigned")
+    stored = ctx.store.get_command("raw-1", record.command_id)
+    assert stored is not None
+    assert (stored.status, stored.delivery) == ("delivered", "unsigned")
+
+    record = await service.send_message("sig-1", "setInterval", "json", b'{"s": 5}', sent_by="app:a1")
+    topic, payload = published[-1]
+    assert topic == "iot-2/type/rpi/id/sig-1/cmd/setInterval/fmt/json"
+    assert set(json.loads(payload)) == {"jws"}
+    assert (record.status, record.delivery) == ("sent", "signed")
+    for fmt, body in (("text", b"now"), ("json", b"[1]"), ("json", b"{not json"), ("bad/fmt", b"{}")):
+        with pytest.raises(ValidationError):
+            await service.send_message("sig-1", "x", fmt, body, sent_by="app:a1")
+    with pytest.raises(ValidationError):  # a format must be a topic level
+        await service.send_message("raw-1", "x", "a/b", b"1", sent_by="app:a1")
+    with pytest.raises(ValidationError):  # the same size limit as signed commands
+        await service.send_message("raw-1", "x", "bin", b"x" * (16 * 1024 + 1), sent_by="app:a1")
+    assert len(published) == 2

@@ -475,3 +475,42 @@ async def test_an_admin_adds_and_disables_a_user_and_changes_a_group(site: Site)
         await admin.goto("/admin/groups")
         await admin.get_by_label("Devices of readers-1 (comma-separated)").fill("thermo-1")
         await admin.get_by_role("button", name="Save readers-1").click()
+
+
+async def test_text_events_and_unsigned_delivery_show_on_the_device_page(site: Site) -> None:
+    import gmqtt  # noqa: PLC0415
+    from gmqtt.mqtt.constants import MQTTv311  # noqa: PLC0415
+
+    from iotvault.devices import set_command_delivery  # noqa: PLC0415
+    from iotvault.domain.commands import Delivery  # noqa: PLC0415
+
+    settings = load_settings(environ=site.env)
+    with context(settings) as ctx:
+        set_command_delivery(ctx, "thermo-1", Delivery.UNSIGNED)
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+    client = gmqtt.Client("thermo-1", clean_session=True)
+    client.set_config({"reconnect_retries": -2})
+    client.set_auth_credentials("thermo-1", site.credentials["thermo-1"])
+    client.on_message = lambda _c, _t, payload, _q, _p: received.put_nowait(payload) or 0
+    try:
+        await client.connect("127.0.0.1", mqtt_port(site), version=MQTTv311)
+        client.subscribe("iot-2/type/thermo/id/thermo-1/cmd/+/fmt/json", qos=1)
+        async with browser_page(site) as page:
+            await sign_in(page, "bob")
+            await page.goto("/devices/thermo-1")
+            await expect(page.locator("#unsigned-delivery")).to_contain_text("Unsigned delivery")
+            await expect(page.locator("#live")).to_have_text("live updates: on")
+            client.publish("iot-2/type/thermo/id/thermo-1/evt/note/fmt/text", b"<b>door open</b>", qos=1)
+            row = page.locator("#events tbody tr").first
+            await row.get_by_text("<b>door open</b>").wait_for(timeout=10_000)  # as text, not markup
+            assert "text" in await page.locator("#events thead th").all_inner_texts()
+            await page.get_by_label("Command name").fill("open")
+            await page.get_by_label("Payload (JSON object)").fill('{"door": 1}')
+            await page.get_by_role("button", name="Send").click()
+            status = page.locator("#command-list .command-status").first
+            await expect(status).to_have_text("delivered — unsigned delivery", timeout=10_000)
+        assert await asyncio.wait_for(received.get(), 10) == b'{"door":1}'
+    finally:
+        with context(settings) as ctx:
+            set_command_delivery(ctx, "thermo-1", Delivery.SIGNED)
+        await client.disconnect()

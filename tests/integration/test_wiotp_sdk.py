@@ -196,8 +196,45 @@ async def test_sdk_device_publishes_over_tls_and_gets_a_signed_command(platform:
         assert got["command"]["format"] == "json"
         assert set(got["command"]["data"]) == {"jws"}  # signed by iotvault: the default
         assert "finished" in await sdk.line()
-    # UNSIGNED DELIVERY (issue 16, item 4, another branch): once a device can be set to receive
-    # commands as sent, a second device with that setting gets {"times": 3} here instead.
+
+
+async def test_sdk_device_sends_text_and_bytes_and_gets_unsigned_commands_as_sent(platform: Platform) -> None:
+    from iotvault.devices import set_command_delivery  # noqa: PLC0415
+    from iotvault.domain.commands import Delivery  # noqa: PLC0415
+
+    device = register_device(platform.ctx, "rpi", "sdkdev9")
+    set_command_delivery(platform.ctx, "sdkdev9", Delivery.UNSIGNED)
+    admin = create_api_key(
+        platform.ctx, roles=Roles(reader=True, writer=True), devices=("sdkdev9",), created_by="test"
+    )
+    config = {
+        "org": ORG,
+        "typeId": "rpi",
+        "deviceId": "sdkdev9",
+        "token": device.credential,
+        "events": [["note", "utf8", "door open"]],  # the SDK's text codec
+        "stop_after": 1,
+        "timeout_s": 30,
+    }
+    async with Sdk.run(platform, "device", **config) as sdk:
+        assert await sdk.line() == {"ready": True}
+        assert await sdk.line() == {"published": "note", "acknowledged": True}
+        r = await platform.http.get("/iotf/devices/sdkdev9", headers=platform.basic(*admin))
+        shown = {
+            e["eventType"]: (e["format"], e["payloadEncoding"], e["payload"]) for e in r.json()["events"]
+        }
+        assert shown["note"] == ("utf8", "text", "door open")
+        r = await platform.http.post(
+            "/iotf/devices/sdkdev9/commands",
+            headers=platform.basic(*admin),
+            json={"command": "blink", "payload": {"times": 3}},
+        )
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "delivered"
+        got = await sdk.line()
+        assert got["command"]["commandId"] == "blink"
+        assert got["command"]["data"] == {"times": 3}  # as sent: what a Watson device expects
+        assert "finished" in await sdk.line()
 
 
 async def test_sdk_device_with_a_wrong_token_is_refused_and_does_not_hang(platform: Platform) -> None:

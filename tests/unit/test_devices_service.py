@@ -34,6 +34,9 @@ class FakeRegistry:
     def revoke_credentials(self, device_id: str) -> None:
         self.credentials.pop(device_id, None)
 
+    def type_command_delivery(self, type_id: str) -> str | None:
+        return None
+
 
 @dataclass
 class FakeKeys:

@@ -91,3 +91,33 @@ def test_one_event_document_for_the_api_and_the_command_line() -> None:
     assert (not_json["payload"], not_json["error"]) == (None, NOT_JSON)
     assert (sealed["payload"], sealed["error"]) == (None, UNDECRYPTABLE)
     assert b"sealed" not in to_json([good, not_json, sealed])
+
+
+def test_events_in_other_formats_are_text_or_base64_and_json_ones_are_unchanged() -> None:
+    ring = _Ring({"t": "21,5 °C".encode(), "x": b"<a/>", "b": b"\x00\xff", "u": b"\xff", "j": b"[1]"})
+
+    def doc(event_id: str, fmt: str) -> dict[str, object]:
+        return event_doc(ring, StoredEvent("k-1", event_id, "thermo", "r", fmt, AT_US, b"sealed"))
+
+    assert (doc("t", "text")["payload"], doc("t", "text")["payloadEncoding"]) == ("21,5 °C", "text")
+    assert (doc("x", "xml")["payload"], doc("x", "xml")["payloadEncoding"]) == ("<a/>", "text")
+    # bytes are base64 in a binary format even when they happen to be UTF-8, and in a text
+    # format when they are not UTF-8
+    assert (doc("x", "bin")["payload"], doc("x", "bin")["payloadEncoding"]) == ("PGEvPg==", "base64")
+    assert (doc("b", "bin")["payload"], doc("b", "bin")["payloadEncoding"]) == ("AP8=", "base64")
+    assert (doc("u", "text")["payload"], doc("u", "text")["payloadEncoding"]) == ("/w==", "base64")
+    assert json.loads(to_json(doc("j", "json")))["payload"] == [1]
+    assert "payloadEncoding" not in doc("j", "json")  # a json event's document as it was
+    sealed = doc("gone", "text")
+    assert (sealed["payload"], sealed["payloadEncoding"], sealed["error"]) == (None, None, UNDECRYPTABLE)
+    assert json.loads(to_json(doc("t", "text")))["payload"] == "21,5 °C"
+
+
+def test_a_page_shows_a_non_json_payload_as_one_bounded_field() -> None:
+    from iotvault.web.flatten import ELLIPSIS, MAX_TEXT, opaque_fields  # noqa: PLC0415
+
+    assert opaque_fields("text", "hello", "text") == {"text": "hello"}
+    assert opaque_fields("bin", "AP8=", "base64") == {"bin (base64)": "AP8="}
+    long = opaque_fields("bin", "A" * (MAX_TEXT * 10), "base64")["bin (base64)"]
+    assert len(long) == MAX_TEXT + 1
+    assert long.endswith(ELLIPSIS)

@@ -19,7 +19,7 @@ from iotvault.api import problems
 from iotvault.api.audit import AuditTrail
 from iotvault.api.deps import Requires
 from iotvault.api.middleware import Hardening
-from iotvault.api.routes import access, admin, audit, commands, devices, oidc, oidc_admin
+from iotvault.api.routes import access, admin, audit, commands, devices, messaging, oidc, oidc_admin
 from iotvault.api.services import ApiServices
 from iotvault.auth.policy import Permission, Principal
 from iotvault.documents import describe
@@ -116,6 +116,7 @@ def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity
     app.include_router(audit.router)
     app.include_router(oidc_admin.router)
     app.include_router(oidc.router)
+    app.include_router(messaging.router)
 
     web.mount(app, svc, app.state.identity)  # the web application; its session bridge sits inside Hardening
 

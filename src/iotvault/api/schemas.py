@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,9 @@ class DeviceOut(BaseModel):
     status: str
     lastSeen: str | None
     metadata: dict[str, Any]
+    commandDelivery: Literal["signed", "unsigned"] = Field(
+        "signed", description="how commands reach the device: signed (default) or unsigned"
+    )
 
 
 class EventOut(BaseModel):
@@ -50,8 +53,16 @@ class EventOut(BaseModel):
     eventType: str
     format: str
     timestamp: str | None
-    payload: Any = Field(description="the JSON the device sent; null if the record does not decrypt")
+    payload: Any = Field(
+        description="the JSON the device sent; for another format than json, a string (see "
+        "payloadEncoding); null if the record does not decrypt"
+    )
     error: str | None = None
+    payloadEncoding: Literal["text", "base64"] | None = Field(
+        None,
+        description="only for events whose format is not json: `text` (the payload as sent, a "
+        "text format in valid UTF-8) or `base64` (its bytes)",
+    )
 
 
 class Strict(BaseModel):

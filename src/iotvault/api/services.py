@@ -12,6 +12,7 @@ from iotvault.api.ratelimit import RateLimiter
 from iotvault.auth.tokens import TokenVerifier
 from iotvault.config import Settings
 from iotvault.context import Context
+from iotvault.ingest.pipeline import Inbound, Outcome
 from iotvault.metrics import Metrics
 
 
@@ -59,3 +60,7 @@ class ApiServices:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # (kind, client address, detail) of an abusive HTTP client: a security event (node.py)
     on_abuse: Callable[[str, str, dict[str, Any]], None] | None = None
+    # (kind, subject, detail): a security event about a device (SecurityEventLog.record)
+    security_event: Callable[..., None] | None = None
+    # the ingest pipeline's door for HTTP device messaging (IngestPipeline.enqueue), or None
+    ingest: Callable[[Inbound], asyncio.Future[Outcome]] | None = None

@@ -64,6 +64,24 @@ class Reason(StrEnum):
     STATE_UNAVAILABLE = "state_unavailable"  # the replay state cannot be saved: fail closed
 
 
+class Delivery(StrEnum):
+    """How commands reach a device: a device's setting, chosen by an admin.
+
+    ``signed`` (the default, and the recommendation): the JWS message above, which the device
+    verifies and answers with ``cmdack``. ``unsigned``: the payload exactly as the sender gave
+    it, on ``.../cmd/{command}/fmt/{format}``, as Watson IoT Platform delivered commands — for
+    devices that cannot verify a signature. Such a command is ``delivered`` once the broker has
+    taken it; no answer is expected, and the device cannot tell it from a forgery.
+    """
+
+    SIGNED = "signed"
+    UNSIGNED = "unsigned"
+
+
+DELIVERED: Final = "delivered"
+"""The status of an unsigned command once the broker has taken it."""
+
+
 UNVERIFIED_REASONS: Final = frozenset(
     {Reason.UNSIGNED, Reason.MALFORMED, Reason.BAD_HEADER, Reason.UNKNOWN_KEY, Reason.BAD_SIGNATURE}
 )

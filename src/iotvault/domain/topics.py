@@ -20,6 +20,7 @@ from iotvault.errors import TopicError, ValidationError
 
 PREFIX = "iot-2"
 CMDACK_EVENT = "cmdack"
+JSON_FORMAT = "json"  # the one format whose payload must parse; any other is kept as bytes
 MAX_TOPIC_LENGTH = 512
 
 # Subscription filters for iotvault's own clients.
@@ -78,15 +79,17 @@ class CommandTopic:
     type_id: str
     device_id: str
     command: str
+    fmt: str = JSON_FORMAT  # signed commands are JSON; an unsigned one keeps its sender's format
 
     def __post_init__(self) -> None:
         t = str(self)
         _ident(t, "typeId", self.type_id)
         _ident(t, "deviceId", self.device_id)
         _ident(t, "command", self.command)
+        _ident(t, "format", self.fmt)
 
     def __str__(self) -> str:
-        return f"{PREFIX}/type/{self.type_id}/id/{self.device_id}/cmd/{self.command}/fmt/json"
+        return f"{PREFIX}/type/{self.type_id}/id/{self.device_id}/cmd/{self.command}/fmt/{self.fmt}"
 
 
 Topic = EventTopic | StatusTopic | CommandTopic

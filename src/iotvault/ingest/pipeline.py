@@ -11,6 +11,10 @@ If the commit fails (database gone), the same batch is retried with backoff and 
 message in it is acknowledged until it succeeds; the broker holds further messages back once
 its in-flight window is full, which is the back-pressure.
 
+Events in any format are stored: ``json`` payloads must be valid JSON, any other format's (the
+topic's last level: ``text``, ``xml``, ``bin``, …) are kept as the bytes they are, encrypted the
+same way, and served as text or base64 (:func:`iotvault.documents.event_doc`).
+
 A device's answer to a command (event type ``cmdack``) is not stored as an event: it updates
 its command's status in the same transaction as the rest of its batch
 (:func:`iotvault.domain.commands.parse_command_ack`, ``BatchWrite.command_acks``).
@@ -38,7 +42,7 @@ from iotvault.clock import now_us
 from iotvault.crypto.keyring import KeyRing
 from iotvault.domain.commands import parse_command_ack
 from iotvault.domain.ids import EventIdFactory
-from iotvault.domain.topics import CommandTopic, EventTopic, StatusTopic, Topic, parse_topic
+from iotvault.domain.topics import JSON_FORMAT, CommandTopic, EventTopic, StatusTopic, Topic, parse_topic
 from iotvault.errors import DatabaseUnavailableError, DataKeyNotFoundError, IotVaultError, TopicError
 from iotvault.ingest.dedupe import InflightIndex, digest, pack, unpack
 from iotvault.metrics import Metrics
@@ -73,7 +77,6 @@ class Reason(StrEnum):
     FORBIDDEN_TOPIC = "forbidden_topic"
     TOO_LARGE = "too_large"
     INVALID_JSON = "invalid_json"
-    UNSUPPORTED_FORMAT = "unsupported_format"
     UNKNOWN_DEVICE = "unknown_device"
     TYPE_MISMATCH = "type_mismatch"
     BAD_STATUS = "bad_status"
@@ -439,16 +442,19 @@ class IngestPipeline:
                 statuses += 1
                 continue
             assert isinstance(topic, EventTopic)  # noqa: S101 - parse_topic returns one of three
-            if topic.fmt != "json":
-                reject(p, Reason.UNSUPPORTED_FORMAT, topic.device_id)
+            if topic.fmt == JSON_FORMAT:
+                try:
+                    # RFC 8259 strictly: UTF-8, one value, no NaN or Infinity, at most 1024 levels
+                    # deep (a 1 KB "[[[[…" is refused, not a crash); 5x faster than json.loads
+                    orjson.loads(msg.payload)
+                except orjson.JSONDecodeError:
+                    reject(p, Reason.INVALID_JSON, topic.device_id)
+                    continue
+            elif topic.is_command_ack:  # an answer to a command is JSON, whatever else it says
+                reject(p, Reason.BAD_COMMAND_ACK, topic.device_id)
                 continue
-            try:
-                # RFC 8259 strictly: UTF-8, one value, no NaN or Infinity, at most 1024 levels
-                # deep (a 1 KB "[[[[…" is refused, not a crash); 5x faster than json.loads
-                orjson.loads(msg.payload)
-            except orjson.JSONDecodeError:
-                reject(p, Reason.INVALID_JSON, topic.device_id)
-                continue
+            # any other format (text, xml, bin, …: the topic's last level) is stored as the
+            # bytes it is, encrypted like JSON, and served as text or base64 (issue 16)
             if topic.is_command_ack:  # updates its command in this batch's transaction
                 ack = parse_command_ack(msg.payload)
                 if ack is None:

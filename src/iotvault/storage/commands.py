@@ -83,6 +83,7 @@ def _command_row(c: CommandRecord) -> dict[str, Any]:
         "expires_us": c.expires_us,
         "updated_us": c.updated_us,
         "sent_by": c.sent_by[:128],
+        "delivery": c.delivery,
     }
 
 
@@ -100,6 +101,7 @@ def _replace_seq(c: CommandRecord, seq: int) -> CommandRecord:
         c.expires_us,
         c.updated_us,
         c.sent_by,
+        c.delivery,
     )
 
 
@@ -117,6 +119,7 @@ def _command(row: Row[Any]) -> CommandRecord:
         row.expires_us,
         row.updated_us,
         row.sent_by,
+        row.delivery,
     )
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from iotvault.errors import DeviceExistsError, DeviceNotFoundError
 from iotvault.storage.db import EngineStore
 from iotvault.storage.repository import DeviceCredentials, DeviceRecord
-from iotvault.storage.schema import device_keys, devices, events, group_devices
+from iotvault.storage.schema import device_keys, device_types, devices, events, group_devices
 
 _DEVICE_BY_ID = select(devices).where(devices.c.device_id == bindparam("b_device"))
 
@@ -26,6 +26,7 @@ def _device(row: Row[Any]) -> DeviceRecord:
         last_seen_us=row.last_seen_us,
         metadata=json.loads(row.metadata or "{}"),
         created_us=row.created_us,
+        command_delivery=row.command_delivery,
     )
 
 
@@ -45,6 +46,7 @@ class DeviceTable(EngineStore):
                         metadata=json.dumps(dict(device.metadata), separators=(",", ":")),
                         credential_hash=credential_hash,
                         created_us=device.created_us,
+                        command_delivery=device.command_delivery,
                     )
                 )
                 conn.execute(
@@ -82,6 +84,46 @@ class DeviceTable(EngineStore):
             conn.execute(delete(device_keys).where(device_keys.c.device_id == device_id))
             conn.execute(delete(events).where(events.c.device_id == device_id))
             return bool(conn.execute(delete(devices).where(devices.c.device_id == device_id)).rowcount)
+
+    def set_command_delivery(self, device_id: str, delivery: str) -> str:
+        """Set how commands reach a device; return the previous setting (for the audit record)."""
+        with self.begin() as conn:
+            before = conn.execute(
+                select(devices.c.command_delivery).where(devices.c.device_id == device_id)
+            ).scalar_one_or_none()
+            if before is None:
+                raise DeviceNotFoundError(device_id)
+            conn.execute(
+                update(devices).where(devices.c.device_id == device_id).values(command_delivery=delivery)
+            )
+        return str(before)
+
+    def type_command_delivery(self, type_id: str) -> str | None:
+        """The command delivery a type's new devices get, if one was set for the type."""
+        with self.connect() as conn:
+            return conn.execute(
+                select(device_types.c.command_delivery).where(device_types.c.type_id == type_id)
+            ).scalar_one_or_none()
+
+    def set_type_command_delivery(self, type_id: str, delivery: str) -> list[str]:
+        """Set a type's command delivery, for its new devices and its registered ones; return the
+        ids of the devices whose setting changed."""
+        with self.begin() as conn:
+            conn.execute(delete(device_types).where(device_types.c.type_id == type_id))
+            conn.execute(insert(device_types).values(type_id=type_id, command_delivery=delivery))
+            changed = list(
+                conn.execute(
+                    select(devices.c.device_id)
+                    .where(devices.c.type_id == type_id, devices.c.command_delivery != delivery)
+                    .order_by(devices.c.device_id)
+                ).scalars()
+            )
+            conn.execute(
+                update(devices)
+                .where(devices.c.type_id == type_id, devices.c.command_delivery != delivery)
+                .values(command_delivery=delivery)
+            )
+        return changed
 
     def credential_hashes(self, device_id: str) -> tuple[str | None, str | None, int | None]:
         with self.connect() as conn:

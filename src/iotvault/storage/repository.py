@@ -24,6 +24,7 @@ class DeviceRecord:
     last_seen_us: int | None
     metadata: Mapping[str, Any]
     created_us: int
+    command_delivery: str = "signed"  # or "unsigned": the payload as sent (Watson's way)
 
 
 class StoredEvent(NamedTuple):
@@ -80,13 +81,14 @@ class CommandRecord:
     type_id: str
     command: str
     seq: int
-    status: str  # sent | acknowledged | rejected | failed (expired is derived when read)
+    status: str  # sent | delivered | acknowledged | rejected | failed (expired derived when read)
     reason: str | None
     payload_sha256: str
     issued_us: int
     expires_us: int
     updated_us: int
     sent_by: str
+    delivery: str = "signed"  # "unsigned": the payload as sent, "delivered" once the broker took it
 
 
 @dataclass(frozen=True, slots=True)

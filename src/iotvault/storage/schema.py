@@ -50,6 +50,17 @@ devices = Table(
     Column("previous_credential_hash", String(128), nullable=True),
     Column("previous_credential_expires_us", BigInteger, nullable=True),
     Column("created_us", BigInteger, nullable=False),
+    # signed (a JWS the device verifies) or unsigned (the payload as sent): revision 0006
+    Column("command_delivery", String(16), nullable=False, server_default="signed"),
+)
+
+# Settings of a device type (revision 0006): the command delivery its devices get when they are
+# registered. A type needs no row: the default is signed.
+device_types = Table(
+    "device_types",
+    metadata,
+    Column("type_id", String(64), primary_key=True),
+    Column("command_delivery", String(16), nullable=False),
 )
 
 device_keys = Table(
@@ -68,7 +79,7 @@ events = Table(
     Column("event_id", String(36), primary_key=True),
     Column("type_id", String(64), nullable=False),
     Column("event_type", String(64), nullable=False),
-    Column("format", String(16), nullable=False),
+    Column("format", String(64), nullable=False),  # json, text, xml, bin, …: revision 0006
     Column("received_us", BigInteger, nullable=False),
     Column("payload", LargeBinary, nullable=False),
 )
@@ -338,6 +349,7 @@ commands = Table(
     Column("expires_us", BigInteger, nullable=False),
     Column("updated_us", BigInteger, nullable=False),
     Column("sent_by", String(128), nullable=False),
+    Column("delivery", String(16), nullable=False, server_default="signed"),  # revision 0006
     Index("ix_commands_device_seq", "device_id", "seq", unique=True),
 )
 

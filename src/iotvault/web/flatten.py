@@ -13,6 +13,7 @@ from typing import Any, Final
 
 MAX_FIELDS: Final = 64
 MAX_DEPTH: Final = 8
+MAX_TEXT: Final = 200  # characters of a non-JSON payload shown in a cell; the API has all of it
 ELLIPSIS: Final = "…"
 
 
@@ -42,3 +43,13 @@ def flatten(payload: Any) -> dict[str, Any]:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def opaque_fields(fmt: str, value: str, encoding: str) -> dict[str, Any]:
+    """A text or binary payload (format other than json) as one field named for its format.
+
+    ``text`` payloads under the format's name, ``bin`` ones as ``"bin (base64)"``; cut at
+    :data:`MAX_TEXT` characters. ``static/app.js`` does the same for live events.
+    """
+    label = fmt if encoding == "text" else f"{fmt} ({encoding})"
+    return {label: value if len(value) <= MAX_TEXT else value[:MAX_TEXT] + ELLIPSIS}

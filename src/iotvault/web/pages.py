@@ -22,12 +22,13 @@ from iotvault.api.routes.devices import EVENT_ID
 from iotvault.api.security import client_address, services
 from iotvault.auth.policy import Decision, Permission, Principal, authorize
 from iotvault.context import Context
-from iotvault.documents import iso
+from iotvault.documents import iso, opaque_payload
+from iotvault.domain.topics import JSON_FORMAT
 from iotvault.domain.types import Identifier
 from iotvault.errors import CryptoError
 from iotvault.storage.repository import DeviceRecord, StoredEvent
 from iotvault.web.bff import COOKIE_KEY, apply_tokens
-from iotvault.web.flatten import flatten, is_number
+from iotvault.web.flatten import flatten, is_number, opaque_fields
 from iotvault.web.render import Page, PageError, Viewer, page, session_of
 from iotvault.web.session import WebSession
 from iotvault.web.state import web_state
@@ -139,7 +140,11 @@ def decrypt(ctx: Context, e: StoredEvent) -> dict[str, Any]:
         "type": e.event_type,
     }
     try:
-        row["fields"] = flatten(orjson.loads(ctx.keyring.decrypt(e.device_id, e.event_id, e.payload)))
+        plain = ctx.keyring.decrypt(e.device_id, e.event_id, e.payload)
+        if e.fmt == JSON_FORMAT:
+            row["fields"] = flatten(orjson.loads(plain))
+        else:
+            row["fields"] = opaque_fields(e.fmt, *opaque_payload(e.fmt, plain))
         row["error"] = None
     except CryptoError:
         row["fields"], row["error"] = {}, "the stored record does not decrypt"

@@ -12,19 +12,26 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response
-from pydantic import Field
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from iotvault import accounts
 from iotvault.api.deps import Ctx, Requires
 from iotvault.api.problems import Problem
-from iotvault.api.schemas import ERRORS, Strict
+from iotvault.api.schemas import ERRORS, DeviceOut, Strict
 from iotvault.auth.policy import Permission, Principal, may_grant
 from iotvault.clock import now_us
 from iotvault.context import Context
-from iotvault.devices import delete_device, register_device, rotate_device_credential
+from iotvault.devices import (
+    delete_device,
+    register_device,
+    rotate_device_credential,
+    set_command_delivery,
+    set_type_command_delivery,
+)
 from iotvault.documents import api_key_doc, device_doc, group_doc, iso, user_doc
 from iotvault.domain.accounts import Roles
+from iotvault.domain.commands import Delivery
 from iotvault.domain.types import AccountName, Identifier, Password
 from iotvault.storage.accounts import ApiKeyNotFoundError, GroupNotFoundError, GroupRecord, UserRecord
 
@@ -285,6 +292,44 @@ async def rotate_credential(
 ) -> Any:
     cred = await run_in_threadpool(rotate_device_credential, ctx, deviceId, grace_s=body.graceSeconds)
     return {"deviceId": deviceId, "password": cred}
+
+
+class DeviceChange(Strict):
+    commandDelivery: Delivery = Field(
+        description="`signed` (default, recommended): commands are signed JWS the device verifies; "
+        "`unsigned`: the payload as sent, for devices that cannot verify (Watson IoT's behaviour), "
+        "marked `delivered` once the broker took it"
+    )
+
+
+@router.patch(
+    "/devices/{deviceId}",
+    tags=["device registry"],
+    summary="Change a device's settings: how commands reach it (audited)",
+    response_model=DeviceOut,
+)
+async def change_device(ctx: Ctx, deviceId: _DevicePath, body: DeviceChange, _p: DevicesAdmin) -> Any:
+    device = await run_in_threadpool(set_command_delivery, ctx, deviceId, body.commandDelivery)
+    return device_doc(device)
+
+
+class DeviceTypeOut(BaseModel):
+    typeId: str
+    commandDelivery: str
+    devicesChanged: list[str] = Field(description="registered devices of the type whose setting changed")
+
+
+@router.patch(
+    "/device-types/{typeId}",
+    tags=["device registry"],
+    summary="How commands reach a type's devices: those registered from now on and those already (audited)",
+    response_model=DeviceTypeOut,
+)
+async def change_device_type(
+    ctx: Ctx, typeId: Annotated[Identifier, Path()], body: DeviceChange, _p: DevicesAdmin
+) -> Any:
+    changed_ids = await run_in_threadpool(set_type_command_delivery, ctx, typeId, body.commandDelivery)
+    return {"typeId": typeId, "commandDelivery": body.commandDelivery.value, "devicesChanged": changed_ids}
 
 
 # ---- API keys ------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 The permission check comes first (``Requires(Permission.DEVICE_COMMAND)``): a reader of the
 device gets 403 and nothing is signed, recorded or published; anyone else 404. The command is
 signed with the platform key and published QoS 1 on the device's command topic; the answer is
-202 once the broker has taken it. ``GET …/commands/{commandId}`` shows ``sent``, then
-``acknowledged``, ``rejected`` or ``expired`` (or ``failed`` when the broker did not take it).
+202 once the broker has taken it. A device set to ``unsigned`` delivery (admin's choice) gets the
+payload as sent and its command is ``delivered`` at once (``delivery: unsigned``).
+``GET …/commands/{commandId}`` shows ``sent``, then ``acknowledged``, ``rejected`` or
+``expired`` (or ``failed`` when the broker did not take it).
 """
 
 from __future__ import annotations
@@ -41,14 +43,21 @@ class CommandIn(Strict):
 
 class CommandSent(BaseModel):
     commandId: str
-    status: str
+    status: str = Field(description="sent; delivered for a device that takes unsigned commands")
+    delivery: str = Field(description="signed, or unsigned (the payload as sent: no signature)")
 
 
 class CommandStatus(BaseModel):
     commandId: str
     deviceId: str
     command: str
-    status: str = Field(description="sent, acknowledged, rejected, expired or failed")
+    status: str = Field(
+        description="sent, acknowledged, rejected, expired or failed; delivered for an unsigned one"
+    )
+    delivery: str = Field(
+        description="signed (a JWS the device verifies), or unsigned: the payload as sent, which "
+        "the device cannot tell from a forgery (the device's commandDelivery setting)"
+    )
     reason: str | None = Field(None, description="why the device refused it, in its own words")
     issued: str | None
     expires: str | None
@@ -80,6 +89,7 @@ def status_doc(record: CommandRecord) -> dict[str, Any]:
         "command": record.command,
         "status": effective_status(record, now_us()),
         "reason": record.reason,
+        "delivery": record.delivery,
         "issued": iso(record.issued_us),
         "expires": iso(record.expires_us),
         "updated": iso(record.updated_us),
@@ -89,7 +99,7 @@ def status_doc(record: CommandRecord) -> dict[str, Any]:
 @router.post(
     "/devices/{deviceId}/commands",
     status_code=202,
-    summary="Send a signed command to a device",
+    summary="Send a command to a device (signed unless an admin set the device to unsigned)",
     response_model=CommandSent,
 )
 async def send_command(
@@ -105,7 +115,7 @@ async def send_command(
         sent_by=f"{principal.kind}:{principal.id}",
         expires_in_s=body.expiresInSeconds,
     )
-    return {"commandId": record.command_id, "status": "sent"}
+    return {"commandId": record.command_id, "status": record.status, "delivery": record.delivery}
 
 
 @router.get(

@@ -29,6 +29,16 @@
     return out;
   }
 
+  // an event in another format than json: one field named for its format (web/flatten.py)
+  function fieldsOf(ev) {
+    if (ev.payload === null) return {};
+    if (!ev.payloadEncoding) return flatten(ev.payload);
+    const label = ev.payloadEncoding === "text" ? ev.format : ev.format + " (" + ev.payloadEncoding + ")";
+    const out = {};
+    out[label] = ev.payload.length <= 200 ? ev.payload : ev.payload.slice(0, 200) + "…";
+    return out;
+  }
+
   function isNumber(v) { return typeof v === "number" && isFinite(v); }
   function text(v) { return v === null || v === undefined ? "" : typeof v === "object" ? JSON.stringify(v) : String(v); }
 
@@ -68,7 +78,7 @@
   const cardStreams = {};
 
   function updateCard(card, ev) {
-    const fields = ev.payload === null ? {} : flatten(ev.payload);
+    const fields = fieldsOf(ev);
     const values = card.querySelector("dl.values") || document.createElement("dl");
     values.className = "values"; values.textContent = "";
     for (const k of Object.keys(fields)) {
@@ -136,7 +146,7 @@
 
     function addEvent(ev) {
       if (table.querySelector('tr[data-id="' + CSS.escape(ev.eventId) + '"]')) return;
-      const fields = ev.payload === null ? {} : flatten(ev.payload);
+      const fields = fieldsOf(ev);
       for (const k of Object.keys(fields)) {
         if (columns.indexOf(k) < 0) {
           columns.push(k);
@@ -211,7 +221,7 @@
         body: JSON.stringify({ command: form.command.value, payload: payload }),
       }).then(function (r) { return r.json().then(function (b) { return [r, b]; }); }).then(function (rb) {
         if (!rb[0].ok) { status.textContent = "refused: " + (rb[1].detail || rb[0].status); return; }
-        id.textContent = rb[1].commandId; status.textContent = rb[1].status;
+        id.textContent = rb[1].commandId; status.textContent = rb[1].status + deliveryNote(rb[1]);
         follow(device, rb[1].commandId, status, 0);
       }).catch(function () { status.textContent = "not sent (network)"; });
     });
@@ -219,11 +229,14 @@
 
   // every second for a minute, then every 5 s: a command stays "sent" until its device answers
   // or it expires (the server's command_expiry_s)
+  // a command the device got without a signature says so wherever it is shown
+  function deliveryNote(b) { return b.delivery === "unsigned" ? " — unsigned delivery" : ""; }
+
   function follow(device, commandId, cell, n) {
     if (n > 300) return;
     setTimeout(function () {
       api("/iotf/devices/" + encodeURIComponent(device) + "/commands/" + commandId).then(function (r) { return r.json(); }).then(function (b) {
-        cell.textContent = b.status + (b.reason ? " (" + b.reason + ")" : "");
+        cell.textContent = b.status + (b.reason ? " (" + b.reason + ")" : "") + deliveryNote(b);
         if (b.status === "sent") follow(device, commandId, cell, n + 1);
       });
     }, n < 60 ? 1000 : 5000);
