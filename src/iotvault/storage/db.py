@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -110,9 +110,20 @@ class EngineStore:
     database surfaces as :class:`DatabaseUnavailableError` naming the URL without its password.
     """
 
+    on_change: Callable[[], None] | None = None
+    """Called after each committed change to who may do what (users, groups, API keys, grants).
+
+    The node sets it (node.py) to empty the caches of authentication results, on this node
+    at once and on the others through the fan-out; None elsewhere.
+    """
+
     def __init__(self, engine: Engine, url: str) -> None:
         self.engine = engine
         self.url = redact(url)
+
+    def access_changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
