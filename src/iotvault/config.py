@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     # go at once when it is deleted, and after key_cache_ttl_s whatever happens
     read_cache_mib: Annotated[int, Field(ge=0, le=4096)] = 64
     sqlite_synchronous: Literal["full", "normal"] = "full"
+    # database connections a process keeps open; 0: sized for the node's role (README, "Settings")
+    database_pool_size: Annotated[int, Field(ge=0, le=500)] = 0
+    database_pool_overflow: Annotated[int, Field(ge=0, le=500)] = 5  # opened beyond it when busy
     # device security: broker accounts, TLS, commands (README, "Device security")
     broker_admin_username: str = ""  # Mosquitto dynamic-security admin: the broker follows the registry
     broker_admin_password: SecretStr = SecretStr("")

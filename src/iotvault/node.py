@@ -19,6 +19,7 @@ import socket
 from collections.abc import Callable, Generator
 from contextlib import AsyncExitStack
 from enum import StrEnum
+from functools import partial
 from typing import Any
 
 import uvicorn
@@ -93,6 +94,21 @@ class Role(StrEnum):
     ALL = "all"
     API = "api"
     INGEST = "ingest"
+
+
+POOL_SIZES: dict[Role, int] = {Role.API: 10, Role.INGEST: 4, Role.ALL: 12}
+"""Database connections a node keeps open, by role (``IOTVAULT_DATABASE_POOL_SIZE`` overrides).
+
+API: the device-data reads (``READ_THREADS``, 4), authentication lookups and administration
+in worker threads (a few at once), the audit writer and the readiness check. Ingest: the batch
+writer and its housekeeping (one thread), the audit writer, the readiness check, the broker's
+device lookups. All: both. Busy moments open up to ``IOTVAULT_DATABASE_POOL_OVERFLOW`` (5) more
+for a while; a PostgreSQL server must allow the sum over the nodes (``max_connections``).
+"""
+
+
+def pool_size(role: Role) -> int:
+    return POOL_SIZES[role]
 
 
 class _Server(uvicorn.Server):
@@ -211,7 +227,7 @@ class Node:
         delay, attempt = 1.0, 1
         while True:
             try:
-                return await asyncio.to_thread(open_context, s)
+                return await asyncio.to_thread(partial(open_context, s, pool_size=pool_size(self.role)))
             except DatabaseUnavailableError as exc:
                 if s.startup_fail_fast:
                     raise

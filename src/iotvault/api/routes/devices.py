@@ -37,10 +37,11 @@ READ_THREADS = 4
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 """Threads reading device data at once, per app; more requests wait on the event loop.
 
-The database pool keeps 5 connections (:mod:`iotvault.storage.db`) and ingest's writer holds
-one. With starlette's 40 threads, every read beyond the pool opened and closed a connection of
-its own (on SQLite the connect pragmas ran each time; on PostgreSQL past the overflow a thread
-waits for one, up to the pool timeout), and the threads fought over the GIL. With 4, the
+The database pool is sized for this (:data:`iotvault.node.POOL_SIZES`: 10 for an API node,
+12 for one that also ingests, whose writer holds one). With starlette's 40 threads, every read
+beyond the pool opened and closed a connection of its own (on SQLite the connect pragmas ran
+each time; on PostgreSQL past the overflow a thread waits for one, up to the pool timeout),
+and the threads fought over the GIL. With 4, the
 same throughput came with a lower p99 (BENCHMARKS.md, "Measurements behind choices in the code").
 """
 
