@@ -9,6 +9,8 @@ machine (other work on the two cores, the load generator's own CPU); the ratio m
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,3 +61,21 @@ def versus(f: Figure, hello: Figure | None) -> str:
 def find(figures: list[Any], name: str) -> Any:
     """The figure whose endpoint starts with ``name`` (suffixes name the process), or None."""
     return next((f for f in figures if f.endpoint.split(" ", 1)[0] == name), None)
+
+
+HISTORY_RANGE = "since=2000-01-01T00:00:00Z&until=2100-01-01T00:00:00Z"
+
+
+def history_paths(devices: list[str]) -> list[str]:
+    """Paged history reads: up to 1000 events of a device in a time range (all of them here)."""
+    return [f"/iotf/devices/{d}/events?count=1000&{HISTORY_RANGE}" for d in devices]
+
+
+def page_events(http_port: int, paths: list[str], headers: dict[str, str]) -> float:
+    """The mean number of events in these pages (what one request of the history figure serves)."""
+    total = 0
+    for path in paths[:10]:
+        req = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}", headers=headers)
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - as above
+            total += len(json.loads(resp.read())["events"])
+    return total / min(10, len(paths))

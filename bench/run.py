@@ -45,7 +45,7 @@ from typing import Any
 
 from bench import crypto
 from bench.pyspy import Recorder
-from bench.reads import Hello, find, versus
+from bench.reads import Hello, find, history_paths, page_events, versus
 from bench.services import (
     BenchError,
     Child,
@@ -77,6 +77,7 @@ TARGETS = {
     "api_p99_ms": 25.0,
     "api_throughput_ratio": 0.25,
     "crypto_ratio": 2.0,
+    "history_events_s": 50_000,
 }
 
 
@@ -167,6 +168,7 @@ class CaseResult:
     batches: int = 0
     api: list[ApiFigure] = field(default_factory=list)
     api_idle: list[ApiFigure] = field(default_factory=list)  # no ingest meanwhile
+    history_page_events: float = 0.0  # events in one history-1000 page (bench.reads)
     api_split: list[ApiFigure] = field(default_factory=list)  # the API in a process of its own
     api_ingest_target: float = 0.0
     error: str | None = None
@@ -577,7 +579,9 @@ def run_api(
         "hello": ["/"],
         "healthz": ["/healthz"],
         "last-50": [f"/iotf/devices/{d}?count=50" for d in devices],
+        "history-1000": history_paths(devices),
     }
+    res.history_page_events = page_events(http_port, endpoints["history-1000"], headers)
 
     def phase(
         server_pid: int,
@@ -586,7 +590,7 @@ def run_api(
         phase_groups: dict[str, Callable[[], list[int]]],
         *,
         offered: float = rate,
-        names: tuple[str, ...] = tuple(endpoints),
+        names: tuple[str, ...] = ("hello", "healthz", "last-50"),
     ) -> list[ApiFigure]:
         """Ingest at ``offered`` events/s (none: idle), fresh publishers; each endpoint in turn."""
         span = len(names) * (cfg.api_warmup_s + cfg.api_seconds) + 15
@@ -629,7 +633,7 @@ def run_api(
 
     with hello:
         res.api_idle = phase(
-            server.pid, http_port, " (idle)", groups, offered=0.0, names=("hello", "last-50")
+            server.pid, http_port, " (idle)", groups, offered=0.0, names=("hello", "last-50", "history-1000")
         )
         res.api = phase(server.pid, http_port, "", groups)
         if cfg.api_split:
@@ -873,9 +877,20 @@ def report_api(cfg: Config, r: CaseResult, missed: list[str]) -> None:
         f"== API {r.case}: {cfg.api_connections} keep-alive connections, {cfg.api_seconds:g}s each; "
         "baseline: a minimal ASGI app on uvicorn (httptools, uvloop) in its own process, same load"
     )
-    if len(r.api_idle) == 2:
+    if len(r.api_idle) >= 2:
         say("   idle (no ingest):")
         _api_lines(r, r.api_idle)
+        history = find(r.api_idle, "history-1000")
+        if history is not None:
+            served = history.rps * r.history_page_events
+            say(
+                f"api {r.case} history-1000 (idle): {r.history_page_events:,.0f} events/page -> "
+                f"{served:,.0f} events/s served (target {TARGETS['history_events_s']:,})"
+            )
+            if served < TARGETS["history_events_s"]:
+                missed.append(
+                    f"API {r.case} history {served:,.0f} < {TARGETS['history_events_s']:,} events/s"
+                )
         idle = r.api_idle[1]
         idle_ratio = idle.rps / r.api_idle[0].rps if r.api_idle[0].rps else float("nan")
         if idle_ratio < TARGETS["api_throughput_ratio"]:
