@@ -85,3 +85,11 @@ def test_documents_age_out_with_the_keys_and_a_zero_size_keeps_nothing() -> None
     off = EventDocCache(max_bytes=0, ttl_s=60.0)
     off.put("d1", [("e1", b"{}")], generation=off.generation)
     assert not off.holds("d1")
+
+
+def test_forgetting_a_device_tells_the_listeners_the_live_feeds() -> None:
+    cache = EventDocCache(max_bytes=10**6, ttl_s=60.0)
+    told: list[list[str]] = []
+    cache.listeners.append(lambda ids: told.append(list(ids)))
+    cache.forget(iter(["d1", "d2"]))  # a one-pass iterable: the cache and the listeners both see it
+    assert told == [["d1", "d2"]]

@@ -97,6 +97,7 @@ class EventDocCache:
         self._devices: OrderedDict[str, _Device] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()  # read threads fill it; the event loop empties it
+        self.listeners: list[Callable[[Iterable[str]], None]] = []  # told of every forget
         # moves on every forget: documents decrypted by a read that began before a deletion
         # are not put back after it (the read passes the generation it saw to put)
         self.generation = 0
@@ -147,10 +148,13 @@ class EventDocCache:
 
     def forget(self, device_ids: Iterable[str]) -> None:
         """These devices were deleted: their documents go now (any thread)."""
+        device_ids = list(device_ids)
         with self._lock:
             self.generation += 1
             for device_id in device_ids:
                 self._drop(device_id)
+        for listener in self.listeners:
+            listener(device_ids)
 
     def clear(self) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from iotvault.api.livefeed import LiveFeeds
 from iotvault.api.ratelimit import RateLimiter
 from iotvault.api.readcache import EventDocCache, PrincipalCache
 from iotvault.auth.policy import Principal
@@ -26,6 +27,8 @@ class EventNotifier:
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        # told of every notification first (iotvault.api.livefeed: the feeds owe a read)
+        self.listeners: list[Callable[[set[str]], None]] = []
 
     def subscribe(self, device_id: str) -> asyncio.Event:
         ev = asyncio.Event()
@@ -40,6 +43,8 @@ class EventNotifier:
                 del self._waiters[device_id]
 
     def notify(self, device_ids: set[str]) -> None:
+        for listener in self.listeners:
+            listener(device_ids)
         for d in device_ids:
             for ev in self._waiters.get(d, ()):
                 ev.set()
@@ -73,6 +78,9 @@ class ApiServices:
             self.principals = PrincipalCache(s.auth_cache_ttl_s)
         if given[1] is None:
             self.event_docs = EventDocCache(s.read_cache_mib * 2**20, s.key_cache_ttl_s)
+        self.feeds = LiveFeeds()
+        self.notifier.listeners.append(self.feeds.mark)
+        self.event_docs.listeners.append(self.feeds.forget)
 
 
 class Announcer(Protocol):

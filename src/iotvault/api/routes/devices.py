@@ -8,7 +8,6 @@ a 500 for the whole page.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -225,32 +224,38 @@ async def stream(
     # "0" sorts before every event id: a device with no events yet streams all that arrive
     cursor: str = last_event_id or await run_in_threadpool(newest) or "0"
 
-    def read(after: str) -> tuple[list[StoredEvent], list[bytes]]:
-        """The next events and their documents, in one worker-thread call (streams on one
-        device share the documents through the cache)."""
+    def read(after: str) -> list[tuple[str, bytes]]:
+        """The next events as (id, document), in one worker-thread call."""
         page = ctx.store.events_page(deviceId, count=500, after=after)
-        return page, encoded_events(ctx.keyring, svc.event_docs, page)
+        docs = encoded_events(ctx.keyring, svc.event_docs, page)
+        return [(e.event_id, doc) for e, doc in zip(page, docs, strict=True)]
+
+    async def read_async(after: str) -> list[tuple[str, bytes]]:
+        return await run_in_threadpool(read, after)
 
     async def events() -> AsyncIterator[bytes]:
         nonlocal cursor
         wake = svc.notifier.subscribe(deviceId)
+        svc.feeds.join(deviceId, cursor)  # the streams of a device share its reads (api.livefeed)
         try:
             yield b": connected\n\nretry: 2000\n\n"
             quiet_since = time.monotonic()
             while not svc.stopping.is_set():
-                page, docs = await run_in_threadpool(read, cursor)
-                for e, doc in zip(page, docs, strict=True):
+                page = await svc.feeds.after(deviceId, cursor, read_async)
+                for event_id, doc in page:
                     data = doc.replace(b"\n", b" ").replace(b"\r", b" ")  # one SSE line
-                    yield b"id: " + e.event_id.encode() + b"\nevent: event\ndata: " + data + b"\n\n"
-                    cursor = e.event_id
+                    yield b"id: " + event_id.encode() + b"\nevent: event\ndata: " + data + b"\n\n"
+                    cursor = event_id
                 if page:
                     quiet_since = time.monotonic()
                     continue
                 wake.clear()
                 # woken by a commit on any node (iotvault.fanout), else by the poll; a keep-alive
                 # line at least every KEEPALIVE_S whatever the poll interval
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(wake.wait(), timeout=min(svc.stream_poll_s, KEEPALIVE_S))
+                except TimeoutError:
+                    svc.feeds.mark({deviceId})  # a wake-up may have been missed: read again
                 if time.monotonic() - quiet_since >= KEEPALIVE_S:
                     quiet_since = time.monotonic()
                     yield b": keep-alive\n\n"
@@ -258,6 +263,7 @@ async def stream(
                     return
         finally:
             svc.notifier.unsubscribe(deviceId, wake)
+            svc.feeds.leave(deviceId)
 
     return StreamingResponse(
         events(),
