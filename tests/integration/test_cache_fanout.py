@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ class Pair:
     admin: httpx.BasicAuth
     keys: dict[str, httpx.BasicAuth]
     key_ids: dict[str, str]
+    env: dict[str, str]
 
 
 def _seed(env: dict[str, str]) -> tuple[httpx.BasicAuth, dict[str, tuple[str, str]]]:
@@ -64,6 +67,7 @@ def _seed(env: dict[str, str]) -> tuple[httpx.BasicAuth, dict[str, tuple[str, st
             "revoked": create_api_key(ctx, roles=Roles(reader=True), devices=["dev-key"], created_by="test"),
             "deleted": create_api_key(ctx, roles=Roles(reader=True), devices=["dev-gone"], created_by="test"),
             "group": create_api_key(ctx, roles=Roles(reader=True), groups=["readers"], created_by="test"),
+            "cli": create_api_key(ctx, roles=Roles(reader=True), devices=["dev-key"], created_by="test"),
         }
     return httpx.BasicAuth(admin.key, admin.password), {n: (k.key, k.password) for n, k in keys.items()}
 
@@ -98,7 +102,7 @@ def pair(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterato
             nodes[-1].start()
         a, b = (f"http://127.0.0.1:{n.env['IOTVAULT_HTTP_PORT']}" for n in nodes)
         auths = {n: httpx.BasicAuth(key, password) for n, (key, password) in keys.items()}
-        yield Pair(a, b, admin, auths, {n: key for n, (key, _) in keys.items()})
+        yield Pair(a, b, admin, auths, {n: key for n, (key, _) in keys.items()}, env)
     finally:
         for n in nodes:
             n.stop()
@@ -145,3 +149,23 @@ async def test_changes_on_one_node_empty_the_other_nodes_caches_at_once(pair: Pa
         taken["group"] = await _refused_after(b, "/iotf/devices/dev-group", pair.keys["group"], 404)
     print(f"refused on the other node after: {taken}")  # the figures in BENCHMARKS.md
     assert max(taken.values()) < BOUND_S, taken
+
+
+async def test_a_key_revoked_with_the_command_line_is_refused_by_the_running_nodes_at_once(
+    pair: Pair,
+) -> None:
+    async with httpx.AsyncClient(base_url=pair.b, timeout=10) as b:
+        await _cached_on(b, "/iotf/devices/dev-key", pair.keys["cli"])
+        env = dict(pair.env, IOTVAULT_DATA_DIR=str(Path(pair.env["IOTVAULT_DATA_DIR"]).parent / "cli"))
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "iotvault", "apikeys", "revoke", pair.key_ids["cli"]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        # the command announced it as it exited: no TTL (300 s here) to wait for
+        assert await _refused_after(b, "/iotf/devices/dev-key", pair.keys["cli"], 401) < BOUND_S
