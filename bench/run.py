@@ -45,6 +45,7 @@ from typing import Any
 
 from bench import cluster, crypto
 from bench.pyspy import Recorder
+from bench.reads import Hello, find, history_paths, page_events, versus
 from bench.services import (
     BenchError,
     Child,
@@ -76,6 +77,7 @@ TARGETS = {
     "api_p99_ms": 25.0,
     "api_throughput_ratio": 0.25,
     "crypto_ratio": 2.0,
+    "history_events_s": 50_000,
 }
 
 
@@ -90,6 +92,7 @@ class Config:
     api_split: bool = True
     api_warmup_s: float = 2.0
     api_seconds: float = 10.0
+    api_ingest_rate: float = 5000.0  # events/s offered while the API is measured; 0: half the max
     crypto_number: int = 20_000
     crypto_repeat: int = 5
     cases: tuple[str, ...] = CASES
@@ -167,6 +170,8 @@ class CaseResult:
     peak_rss: int | None = None
     batches: int = 0
     api: list[ApiFigure] = field(default_factory=list)
+    api_idle: list[ApiFigure] = field(default_factory=list)  # no ingest meanwhile
+    history_page_events: float = 0.0  # events in one history-1000 page (bench.reads)
     api_split: list[ApiFigure] = field(default_factory=list)  # the API in a process of its own
     api_ingest_target: float = 0.0
     error: str | None = None
@@ -569,55 +574,92 @@ def run_api(
     if status != 200 or len(json.loads(body)["events"]) != min(50, cfg.per_device):
         raise BenchError(f"GET /iotf/devices/{{id}}: {status} {body[:300]!r}")
 
-    rate = res.iotvault.per_s / 2
+    rate = min(cfg.api_ingest_rate, res.iotvault.per_s) or res.iotvault.per_s / 2
     res.api_ingest_target = rate
-    endpoints = {"healthz": ["/healthz"], "last-50": [f"/iotf/devices/{d}?count=50" for d in devices]}
+    # the same-run baseline (bench.reads): measured right before the iotvault figures, each phase
+    hello = Hello(workdir)
+    endpoints = {
+        "hello": ["/"],
+        "healthz": ["/healthz"],
+        "last-50": [f"/iotf/devices/{d}?count=50" for d in devices],
+        "history-1000": history_paths(devices),
+    }
+    res.history_page_events = page_events(http_port, endpoints["history-1000"], headers)
 
     def phase(
-        server_pid: int, api_port: int, suffix: str, phase_groups: dict[str, Callable[[], list[int]]]
+        server_pid: int,
+        api_port: int,
+        suffix: str,
+        phase_groups: dict[str, Callable[[], list[int]]],
+        *,
+        offered: float = rate,
+        names: tuple[str, ...] = ("hello", "healthz", "last-50"),
     ) -> list[ApiFigure]:
-        """Ingest at half its maximum, fresh publishers; each endpoint measured in turn."""
-        span = 2 * (cfg.api_warmup_s + cfg.api_seconds) + 15
-        per_device = max(1, math.ceil(rate * span / len(creds)))
-        pubs = start_publishers(
-            cfg, workdir=workdir, port=port, creds=creds, per_device=per_device, rate=rate
+        """Ingest at ``offered`` events/s (none: idle), fresh publishers; each endpoint in turn."""
+        span = len(names) * (cfg.api_warmup_s + cfg.api_seconds) + 15
+        per_device = max(1, math.ceil(offered * span / len(creds)))
+        pubs = (
+            start_publishers(
+                cfg, workdir=workdir, port=port, creds=creds, per_device=per_device, rate=offered
+            )
+            if offered > 0
+            else []
         )
-        load_groups = {**phase_groups, "publishers": lambda: [p.pid for p in pubs]}
+        load_groups = {
+            **phase_groups,
+            "publishers": lambda: [p.pid for p in pubs],
+            "hello": lambda: [hello.pid],
+        }
         try:
             go(pubs)
-            time.sleep(min(2.0, cfg.api_warmup_s))
+            if pubs:
+                time.sleep(min(2.0, cfg.api_warmup_s))
             return [
                 measure_endpoint(
                     cfg,
                     res.case,
                     name + suffix,
-                    paths,
-                    api_port,
+                    endpoints[name],
+                    hello.port if name == "hello" else api_port,
                     headers,
                     server_pid,
                     load_groups,
                     db,
                     workdir,
                 )
-                for name, paths in endpoints.items()
+                for name in names
             ]
         finally:
             for p in pubs:
                 p.stop(timeout=5)
             drain(db)  # what the broker kept while ingest fell behind must not spill into the next
 
-    res.api = phase(server.pid, http_port, "", groups)
-    if cfg.api_split:
-        # the same, against a second process serving only HTTP (`iotvault serve --role api`) on
-        # the same database, while the first one goes on ingesting: the API with a GIL of its own
-        api_env = dict(env, IOTVAULT_HTTP_PORT=str(free_port()))
-        with Server(api_env, workdir / "iotvault-api.log", role="api") as api_server:
-            res.api_split = phase(
-                api_server.pid,
-                int(api_env["IOTVAULT_HTTP_PORT"]),
-                " (--role api)",
-                {"iotvault-api": lambda: [api_server.pid], **groups},
-            )
+    with hello:
+        res.api_idle = phase(
+            server.pid, http_port, " (idle)", groups, offered=0.0, names=("hello", "last-50", "history-1000")
+        )
+        res.api = phase(server.pid, http_port, "", groups)
+        if cfg.api_split:
+            run_api_split(res, env, workdir, groups, phase)
+
+
+def run_api_split(
+    res: CaseResult,
+    env: dict[str, str],
+    workdir: Path,
+    groups: dict[str, Callable[[], list[int]]],
+    phase: Callable[..., list[ApiFigure]],
+) -> None:
+    # the same, against a second process serving only HTTP (`iotvault serve --role api`) on
+    # the same database, while the first one goes on ingesting: the API with a GIL of its own
+    api_env = dict(env, IOTVAULT_HTTP_PORT=str(free_port()))
+    with Server(api_env, workdir / "iotvault-api.log", role="api") as api_server:
+        res.api_split = phase(
+            api_server.pid,
+            int(api_env["IOTVAULT_HTTP_PORT"]),
+            " (--role api)",
+            {"iotvault-api": lambda: [api_server.pid], **groups},
+        )
 
 
 def drain(db: Db, quiet_s: float = 1.0, timeout: float = 120.0) -> None:
@@ -771,9 +813,9 @@ def report(cfg: Config, results: list[CaseResult], cr: crypto.CryptoResult | Non
     for r in results:
         report_ingest(r, missed)
     for r in results:
-        if len(r.api) == 2:
+        if len(r.api) == 3:
             report_api(cfg, r, missed)
-        if len(r.api_split) == 2:
+        if len(r.api_split) == 3:
             report_api_split(r)
     if cr is not None:
         report_crypto(cfg, cr, missed)
@@ -819,19 +861,52 @@ def report_ingest(r: CaseResult, missed: list[str]) -> None:
         missed.append(f"ingest {r.case} ratio {ratio:.2f} < {TARGETS['ingest_ratio']}")
 
 
-def report_api(cfg: Config, r: CaseResult, missed: list[str]) -> None:
-    bare, last = r.api
-    say()
-    say(
-        f"== API {r.case}: {cfg.api_connections} keep-alive connections, {cfg.api_seconds:g}s each, "
-        f"ingest at ~{r.api_ingest_target:,.0f} events/s (half of the max above)"
-    )
-    for f in (bare, last):
+def _api_lines(r: CaseResult, figures: list[ApiFigure]) -> None:
+    """Each figure beside the hello baseline measured right before it (bench.reads)."""
+    hello = find(figures, "hello")
+    for f in figures:
         say(
             f"api {r.case} {f.endpoint}: p50 {f.p50_ms:.1f} ms | p99 {f.p99_ms:.1f} ms | {f.rps:,.0f} req/s "
             f"| {f.ok}/{f.requests} 2xx | ingest meanwhile {f.ingest_per_s:,.0f} events/s"
+            + ("" if f is hello else versus(f, hello))
         )
         say(f"    cpu: {fmt_cpu(f.cpu, f.others)}")
+
+
+def report_api(cfg: Config, r: CaseResult, missed: list[str]) -> None:
+    hello, bare, last = r.api
+    say()
+    say(
+        f"== API {r.case}: {cfg.api_connections} keep-alive connections, {cfg.api_seconds:g}s each; "
+        "baseline: a minimal ASGI app on uvicorn (httptools, uvloop) in its own process, same load"
+    )
+    if len(r.api_idle) >= 2:
+        say("   idle (no ingest):")
+        _api_lines(r, r.api_idle)
+        history = find(r.api_idle, "history-1000")
+        if history is not None:
+            served = history.rps * r.history_page_events
+            say(
+                f"api {r.case} history-1000 (idle): {r.history_page_events:,.0f} events/page -> "
+                f"{served:,.0f} events/s served (target {TARGETS['history_events_s']:,})"
+            )
+            if served < TARGETS["history_events_s"]:
+                missed.append(
+                    f"API {r.case} history {served:,.0f} < {TARGETS['history_events_s']:,} events/s"
+                )
+        idle = r.api_idle[1]
+        idle_ratio = idle.rps / r.api_idle[0].rps if r.api_idle[0].rps else float("nan")
+        if idle_ratio < TARGETS["api_throughput_ratio"]:
+            missed.append(
+                f"API {r.case} idle last-50 / hello {idle_ratio:.3f} < {TARGETS['api_throughput_ratio']}"
+            )
+    say(f"   while ingest is offered ~{r.api_ingest_target:,.0f} events/s:")
+    _api_lines(r, [hello, bare, last])
+    if last.ingest_per_s < 0.9 * r.api_ingest_target:
+        missed.append(
+            f"API {r.case}: ingest during last-50 {last.ingest_per_s:,.0f} < 0.9 x "
+            f"{r.api_ingest_target:,.0f} events/s offered"
+        )
     tput = last.rps / bare.rps if bare.rps else float("nan")
     say(
         f"api {r.case} ratio: throughput last-50/healthz {tput:.2f} | p99 last-50/healthz "
@@ -846,17 +921,12 @@ def report_api(cfg: Config, r: CaseResult, missed: list[str]) -> None:
 
 
 def report_api_split(r: CaseResult) -> None:
-    bare, last = r.api_split
+    _hello, bare, last = r.api_split
     say(
         "   the same with the API in its own process (`iotvault serve --role api`, same database), "
         "ingest going on in the first:"
     )
-    for f in (bare, last):
-        say(
-            f"api {r.case} {f.endpoint}: p50 {f.p50_ms:.1f} ms | p99 {f.p99_ms:.1f} ms | {f.rps:,.0f} req/s "
-            f"| {f.ok}/{f.requests} 2xx | ingest meanwhile {f.ingest_per_s:,.0f} events/s"
-        )
-        say(f"    cpu: {fmt_cpu(f.cpu, f.others)}")
+    _api_lines(r, r.api_split)
     tput = last.rps / bare.rps if bare.rps else float("nan")
     say(
         f"api {r.case} ratio (--role api): throughput last-50/healthz {tput:.2f} | p99 last-50/healthz "
@@ -903,6 +973,12 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--window", type=int, default=None, help="unacknowledged PUBLISH packets per device")
     p.add_argument("--api-connections", type=int, default=None)
     p.add_argument("--api-seconds", type=float, default=None)
+    p.add_argument(
+        "--api-ingest-rate",
+        type=float,
+        default=None,
+        help="events/s offered while the API is measured (default 5000; 0: half the measured maximum)",
+    )
     p.add_argument("--no-crypto", action="store_true")
     p.add_argument("--no-api-split", action="store_true", help="skip the API-in-its-own-process run")
     p.add_argument("--no-cluster", action="store_true", help="skip the several-nodes part (bench.cluster)")
@@ -939,7 +1015,15 @@ def parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         p.error(f"unknown case {unknown[0]!r}; known: {', '.join(CASES)}")
     if a.api_cases is not None:
         cfg.api_cases = tuple(c.strip() for c in a.api_cases.split(",") if c.strip())
-    for name in ("events", "devices", "publishers", "window", "api_connections", "api_seconds"):
+    for name in (
+        "events",
+        "devices",
+        "publishers",
+        "window",
+        "api_connections",
+        "api_seconds",
+        "api_ingest_rate",
+    ):
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
     cfg.soak_minutes, cfg.soak_case, cfg.soak_rate, cfg.keep = a.soak, a.soak_case, a.soak_rate, a.keep

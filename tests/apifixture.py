@@ -27,7 +27,7 @@ from joserfc.jwk import ECKey, KeySet
 from iotvault.accounts import create_api_key, create_group, create_user
 from iotvault.api.app import create_app
 from iotvault.api.ratelimit import RateLimiter
-from iotvault.api.services import ApiServices
+from iotvault.api.services import ApiServices, watch_changes
 from iotvault.auth.keys import StaticKeys, public_keyset
 from iotvault.auth.tokens import IssuerConfig, TokenVerifier
 from iotvault.config import load_settings
@@ -194,6 +194,7 @@ def build_api(
         limiter=RateLimiter(per_address=per_ip, per_principal=per_principal, auth_failures=failures),
         stream_poll_s=0.2,
     )
+    watch_changes(ctx, svc.principals, svc.event_docs)
     events = seed(ctx)
     return Built(create_app(svc), ctx, key, svc, events)
 

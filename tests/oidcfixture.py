@@ -33,7 +33,7 @@ from fastapi import FastAPI
 
 from iotvault.api.app import create_app
 from iotvault.api.ratelimit import RateLimiter
-from iotvault.api.services import ApiServices
+from iotvault.api.services import ApiServices, watch_changes
 from iotvault.config import Settings, load_settings
 from iotvault.context import Context, open_context
 from iotvault.identity import Identity
@@ -235,6 +235,7 @@ def build_oidc(tmp_path: Path, database_url: str | None = None, **settings: str)
             per_address="100000/minute", per_principal="100000/minute", auth_failures="100000/minute"
         ),
     )
+    store.on_change = watch_changes(ctx, svc.principals, svc.event_docs)
     app = create_app(svc, identity=identity)
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC_URL)
     return Oidc(s, ctx, identity, app, http, webapp.secret, {"svc": svc})

@@ -129,7 +129,20 @@ class Settings(BaseSettings):
     stream_safety_poll_s: Annotated[float, _between(0.05, 3600.0)] = 30.0
     max_payload_bytes: Annotated[int, Field(ge=2, le=16 * 1024 * 1024)] = 65536
     key_cache_ttl_s: Annotated[float, _between(0.0, 3600.0)] = 5.0
+    # accepted credentials and their principals are kept this long (never past their expiry);
+    # every change to users, groups, API keys or grants empties the cache on every node at once
+    # (the fan-out), so this bounds only what no fan-out reaches (README, "Caches")
+    auth_cache_ttl_s: Annotated[float, _between(0.0, 300.0)] = 5.0
+    # the HTTP server's parser and the event loop of `iotvault serve` (BENCHMARKS.md, issue 17)
+    http_parser: Literal["httptools", "h11"] = "httptools"
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    # encoded, decrypted event documents kept in memory per node, in MiB (0: none); a device's
+    # go at once when it is deleted, and after key_cache_ttl_s whatever happens
+    read_cache_mib: Annotated[int, Field(ge=0, le=4096)] = 64
     sqlite_synchronous: Literal["full", "normal"] = "full"
+    # database connections a process keeps open; 0: sized for the node's role (README, "Settings")
+    database_pool_size: Annotated[int, Field(ge=0, le=500)] = 0
+    database_pool_overflow: Annotated[int, Field(ge=0, le=500)] = 5  # opened beyond it when busy
     # device security: broker accounts, TLS, commands (README, "Device security")
     broker_admin_username: str = ""  # Mosquitto dynamic-security admin: the broker follows the registry
     broker_admin_password: SecretStr = SecretStr("")

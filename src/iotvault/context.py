@@ -98,10 +98,21 @@ ORG_ID_META = "org_id"
 ORG_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
-def open_context(settings: Settings, *, auto_migrate_empty: bool = True, create: bool = True) -> Context:
-    """``create`` false: open an existing installation only, never make a schema or a master key."""
+def open_context(
+    settings: Settings, *, auto_migrate_empty: bool = True, create: bool = True, pool_size: int = 2
+) -> Context:
+    """``create`` false: open an existing installation only, never make a schema or a master key.
+
+    ``pool_size``: database connections kept open (a command needs one or two; a node sizes it
+    for its role). ``IOTVAULT_DATABASE_POOL_SIZE`` overrides it when set.
+    """
     url = settings.effective_database_url
-    engine = create_db_engine(url, sqlite_synchronous=settings.sqlite_synchronous)
+    engine = create_db_engine(
+        url,
+        sqlite_synchronous=settings.sqlite_synchronous,
+        pool_size=settings.database_pool_size or pool_size,
+        max_overflow=settings.database_pool_overflow,
+    )
     try:
         check_connection(engine, url)
         migrate.ensure_schema(engine, auto_upgrade_empty=auto_migrate_empty and create)

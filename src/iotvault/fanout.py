@@ -5,10 +5,14 @@ The wake-up travels over an engine the deployment already runs: PostgreSQL ``LIS
 (channel ``iotvault_events``), or Redis pub/sub when ``IOTVAULT_REDIS_URL`` is set. SQLite is a
 single node: its in-process :class:`~iotvault.api.services.EventNotifier` is enough.
 
-Two kinds of message, each a comma-joined list of device ids after a prefix: ``e:`` these
+Three kinds of message. Two are a comma-joined list of device ids after a prefix: ``e:`` these
 devices have new events (wake their streams); ``f:`` these devices were deleted (every node
-drops their unwrapped data keys and its cached idea of them at once, rather than within
-``key_cache_ttl_s`` or, for the keys that open old records, at its next restart).
+drops their unwrapped data keys, its encoded documents of their events and its cached idea of
+them at once, rather than within ``key_cache_ttl_s`` or, for the keys that open old records,
+at its next restart). The third, ``a:``, says that who may do what changed (a user, group,
+API key or grant): every node empties its cache of authentication results at once
+(:mod:`iotvault.api.readcache`), so a revoked key or a group that lost a device is refused on
+every node immediately, not within ``auth_cache_ttl_s``.
 
 What is sent is only the ids of the devices that have new events, never an event: a stream that
 is woken reads its events from the database behind its own authorization, as before, so the
@@ -34,6 +38,7 @@ from typing import Any, Final, Protocol
 log = logging.getLogger(__name__)
 
 CHANNEL: Final = "iotvault_events"
+ACCESS_CHANGED: Final = "a:*"
 MAX_PAYLOAD: Final = 7900  # PostgreSQL refuses a NOTIFY payload of 8000 bytes or more (prefix included)
 
 
@@ -137,13 +142,16 @@ class Fanout:
         wake: Callable[[set[str]], None],
         wake_all: Callable[[], None],
         forget: Callable[[set[str]], None] | None = None,
+        access_changed: Callable[[], None] | None = None,
     ) -> None:
         self._transport = transport
         self._wake = wake
         self._wake_all = wake_all
         self._forget = forget
+        self._access_changed = access_changed
         self._pending: set[str] = set()
         self._pending_forget: set[str] = set()
+        self._pending_access = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._signal = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -157,13 +165,15 @@ class Fanout:
         wake: Callable[[set[str]], None],
         wake_all: Callable[[], None],
         forget: Callable[[set[str]], None] | None = None,
+        *,
+        access_changed: Callable[[], None] | None = None,
     ) -> Fanout | None:
         """Redis pub/sub when Redis is configured, else LISTEN/NOTIFY on PostgreSQL, else None."""
         if redis_url:
-            return cls(_Redis(redis_url), wake, wake_all, forget)
+            return cls(_Redis(redis_url), wake, wake_all, forget, access_changed)
         if database_url.startswith(("postgresql", "postgres")):
             url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-            return cls(_Postgres(url), wake, wake_all, forget)
+            return cls(_Postgres(url), wake, wake_all, forget, access_changed)
         return None
 
     def publish(self, device_ids: set[str]) -> None:
@@ -175,6 +185,15 @@ class Fanout:
         """This device was deleted: tell every node. Safe from any thread (deletions run in one)."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._add_forget, device_id)
+
+    def announce_access_changed(self) -> None:
+        """Who may do what changed: tell every node. Safe from any thread (changes run in one)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._add_access)
+
+    def _add_access(self) -> None:
+        self._pending_access = True
+        self._signal.set()
 
     def _add_forget(self, device_id: str) -> None:
         self._pending_forget.add(device_id)
@@ -203,7 +222,10 @@ class Fanout:
             self._signal.clear()
             batch, self._pending = self._pending, set()
             gone, self._pending_forget = self._pending_forget, set()
+            access, self._pending_access = self._pending_access, False
             try:
+                if access:
+                    await self._transport.send(ACCESS_CHANGED)
                 for payload in chunks(gone):
                     await self._transport.send("f:" + payload)
                 for payload in chunks(batch):
@@ -213,6 +235,7 @@ class Fanout:
                 log.warning("fan-out: could not notify other nodes (%s); retrying", type(exc).__name__)
                 self._pending |= batch
                 self._pending_forget |= gone
+                self._pending_access |= access
                 self._signal.set()
                 await asyncio.sleep(delay * (0.75 + random.random() / 2))  # noqa: S311 - jitter
                 delay = min(delay * 2, 10.0)
@@ -223,6 +246,8 @@ class Fanout:
             self._wake(set(ids.split(",")))
         elif kind == "f" and self._forget is not None:
             self._forget(set(ids.split(",")))
+        elif kind == "a" and self._access_changed is not None:
+            self._access_changed()
 
     async def _listen_loop(self) -> None:
         delay = 0.5
@@ -232,6 +257,8 @@ class Fanout:
                     if not payload:
                         self.listening.set()
                         self._wake_all()  # wake-ups may have been missed while not listening
+                        if self._access_changed is not None:
+                            self._access_changed()  # and so may changes of access
                         delay = 0.5
                         continue
                     self._received(payload)
@@ -249,7 +276,11 @@ def announce_deleted(redis_url: str, database_url: str, device_id: str) -> bool:
     device's unwrapped keys that open old records until they restart. One message, sent once:
     False (and a log line) if the channel could not be reached, the deletion itself stands.
     """
-    payload = "f:" + device_id
+    return announce(redis_url, database_url, "f:" + device_id)
+
+
+def announce(redis_url: str, database_url: str, payload: str) -> bool:
+    """Send one message to every running node, from a process without a fan-out (the CLI)."""
     try:
         if redis_url:
             import redis  # noqa: PLC0415 - only Redis deployments need it
@@ -265,5 +296,5 @@ def announce_deleted(redis_url: str, database_url: str, device_id: str) -> bool:
                 conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
             return True
     except Exception as exc:  # noqa: BLE001 - the nodes' caches then drop the keys at restart
-        log.warning("fan-out: the nodes were not told of the deletion (%s)", type(exc).__name__)
+        log.warning("fan-out: the nodes were not told (%s)", type(exc).__name__)
     return False

@@ -6,8 +6,9 @@ one process, and a small registry keeps one dependency (and its global state) ou
 
 from __future__ import annotations
 
+import bisect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def _escape(label_value: str) -> str:
@@ -55,6 +56,64 @@ class Gauge:
         return f"# HELP {self.name} {self.help}\n# TYPE {self.name} gauge\n{self.name} {value}"
 
 
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """Observations in cumulative buckets, per value of up to two labels (Prometheus histogram).
+
+    The label values must come from a small set (route templates, not raw paths): each value
+    pair keeps ``len(buckets) + 3`` numbers for the life of the process.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labels: tuple[str, ...] = (),
+        buckets: Sequence[float] = LATENCY_BUCKETS_S,
+    ) -> None:
+        self.name = name
+        self.help = help_text
+        self.labels = labels
+        self.buckets = tuple(buckets)
+        # per label values: one count per bucket, then past every bound, the count, the sum
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, value: float, *label_values: str) -> None:
+        i = bisect.bisect_left(self.buckets, value)  # the first bucket whose bound >= value
+        with self._lock:
+            s = self._series.get(label_values)
+            if s is None:
+                s = self._series[label_values] = [0.0] * (len(self.buckets) + 3)
+            s[i] += 1
+            s[-2] += 1
+            s[-1] += value
+
+    def count(self, *label_values: str) -> int:
+        s = self._series.get(label_values)
+        return int(s[-2]) if s is not None else 0
+
+    def render(self) -> str:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        with self._lock:
+            series = sorted((k, list(v)) for k, v in self._series.items())
+        for values, s in series:
+            pairs = [f'{n}="{_escape(v)}"' for n, v in zip(self.labels, values, strict=True)]
+            cumulative = 0.0
+            for bound, n in zip(self.buckets, s, strict=False):
+                cumulative += n
+                le = ",".join([*pairs, f'le="{bound:g}"'])
+                lines.append(f"{self.name}_bucket{{{le}}} {_number(cumulative)}")
+            le = ",".join([*pairs, 'le="+Inf"'])
+            lines.append(f"{self.name}_bucket{{{le}}} {_number(s[-2])}")
+            labels = "{" + ",".join(pairs) + "}" if pairs else ""
+            lines.append(f"{self.name}_sum{labels} {_number(s[-1])}")
+            lines.append(f"{self.name}_count{labels} {_number(s[-2])}")
+        return "\n".join(lines)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.events_stored = Counter("iotvault_ingest_events_stored_total", "Events committed encrypted.")
@@ -77,6 +136,17 @@ class Metrics:
             "outcome",
         )
         self.alerts = Counter("iotvault_alerts_total", "Alerts raised by this node, by kind.", "kind")
+        self.http_latency = Histogram(
+            "iotvault_http_request_duration_seconds",
+            "HTTP requests from their start to the end of the answer, by method and route template "
+            "(a live stream counts its whole life).",
+            ("method", "route"),
+        )
+        self.ingest_lag = Histogram(
+            "iotvault_ingest_lag_seconds",
+            "From a message's arrival at the ingest pipeline to its durable answer (commit done), "
+            "measured on the oldest message of each batch.",
+        )
         self.gauges: list[Gauge] = []
 
     def render(self) -> str:
@@ -91,6 +161,8 @@ class Metrics:
                 self.commit_failures,
                 self.authentications,
                 self.alerts,
+                self.http_latency,
+                self.ingest_lag,
             )
         ]
         parts += [g.render() for g in self.gauges]

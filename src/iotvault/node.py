@@ -19,16 +19,19 @@ import socket
 from collections.abc import Callable, Generator
 from contextlib import AsyncExitStack
 from enum import StrEnum
+from functools import partial
 from typing import Any
 
 import uvicorn
 
 from iotvault.api.app import create_app
 from iotvault.api.ratelimit import RateLimiter
-from iotvault.api.services import ApiServices, EventNotifier
-from iotvault.api.slowclients import guarded_protocol
+from iotvault.api.readcache import EventDocCache, PrincipalCache
+from iotvault.api.services import ApiServices, EventNotifier, watch_changes
+from iotvault.api.slowclients import MAX_HEADER_BYTES, guarded_protocol
 from iotvault.audit.node import AuditService
 from iotvault.auth.keys import RemoteJwks
+from iotvault.auth.policy import Principal
 from iotvault.auth.tokens import IssuerConfig, TokenVerifier
 from iotvault.broker.embedded import EmbeddedBroker, InboundPublish
 from iotvault.broker.security_log import SecurityEventLog
@@ -70,18 +73,42 @@ def tune_gc_for_serving() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
-MAX_HEADER_BYTES = 64 * 1024
-"""The largest request header block (request line and every header): larger is refused with 400.
+def loop_factory(s: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop for ``iotvault serve`` (``IOTVAULT_EVENT_LOOP``), else asyncio's.
 
-Room for the largest Authorization header the API accepts (16 KiB) and cookies; uvicorn's
-default (h11's 16 KiB) would refuse a legitimate large bearer pair.
-"""
+    uvloop (libuv) runs the same asyncio programs with less work per callback and per socket
+    read, which every HTTP request, MQTT packet and worker-thread hand-over pays (BENCHMARKS.md,
+    issue 17). Where it is not installed (Windows) asyncio's own loop is used.
+    """
+    if s.event_loop != "uvloop":
+        return None
+    try:
+        import uvloop  # noqa: PLC0415 - optional on some platforms
+    except ImportError:
+        log.warning("uvloop is not installed: using asyncio's event loop")
+        return None
+    return uvloop.new_event_loop
 
 
 class Role(StrEnum):
     ALL = "all"
     API = "api"
     INGEST = "ingest"
+
+
+POOL_SIZES: dict[Role, int] = {Role.API: 10, Role.INGEST: 4, Role.ALL: 12}
+"""Database connections a node keeps open, by role (``IOTVAULT_DATABASE_POOL_SIZE`` overrides).
+
+API: the device-data reads (``READ_THREADS``, 4), authentication lookups and administration
+in worker threads (a few at once), the audit writer and the readiness check. Ingest: the batch
+writer and its housekeeping (one thread), the audit writer, the readiness check, the broker's
+device lookups. All: both. Busy moments open up to ``IOTVAULT_DATABASE_POOL_OVERFLOW`` (5) more
+for a while; a PostgreSQL server must allow the sum over the nodes (``max_connections``).
+"""
+
+
+def pool_size(role: Role) -> int:
+    return POOL_SIZES[role]
 
 
 class _Server(uvicorn.Server):
@@ -163,6 +190,10 @@ class Node:
         self.notifier = EventNotifier()
         self._fanout: Fanout | None = None
         self.readiness: Readiness | None = None
+        # iotvault.api.readcache: emptied on every change of access and deletion, on every node
+        self.principals: PrincipalCache[Principal] = PrincipalCache(settings.auth_cache_ttl_s)
+        self.event_docs = EventDocCache(settings.read_cache_mib * 2**20, settings.key_cache_ttl_s)
+        self._access_changed: Callable[[], None] = self.principals.clear
 
     def _committed(self, device_ids: set[str]) -> None:
         """The pipeline committed events of these devices: wake the streams here and elsewhere."""
@@ -196,7 +227,7 @@ class Node:
         delay, attempt = 1.0, 1
         while True:
             try:
-                return await asyncio.to_thread(open_context, s)
+                return await asyncio.to_thread(partial(open_context, s, pool_size=pool_size(self.role)))
             except DatabaseUnavailableError as exc:
                 if s.startup_fail_fast:
                     raise
@@ -266,16 +297,23 @@ class Node:
         s = self.settings
         await stack.enter_async_context(await self._audit_service(ctx))
         fanout = Fanout.for_settings(
-            s.redis_url, s.database_url, self.notifier.notify, self.notifier.wake_all, self._forget_here
+            s.redis_url,
+            s.database_url,
+            self.notifier.notify,
+            self.notifier.wake_all,
+            self._forget_here,
+            access_changed=self.principals.clear,
         )
         if fanout is not None:
             self._fanout = await stack.enter_async_context(fanout)
             fanout.start()
-            ctx.keyring.on_forget = fanout.announce_forget
-            stack.callback(setattr, ctx.keyring, "on_forget", None)
+        self._access_changed = watch_changes(ctx, self.principals, self.event_docs, self._fanout)
+        stack.callback(setattr, ctx.keyring, "on_forget", None)
+        stack.callback(setattr, ctx.accounts, "on_change", None)
 
     def _forget_here(self, device_ids: set[str]) -> None:
         """Another node deleted these devices: their keys and cached type go from this one now."""
+        self.event_docs.forget(device_ids)
         if self.ctx is not None:
             for d in device_ids:
                 self.ctx.keyring.forget_here(d)
@@ -306,6 +344,29 @@ class Node:
             self.pipeline = await stack.enter_async_context(made())
             return self.pipeline
         return await stack.enter_async_context(made())
+    def _api_services(
+        self, ctx: Context, identity: Identity, *, ingest: Callable[[Inbound], asyncio.Future[Outcome]] | None
+    ) -> ApiServices:
+        s = self.settings
+        identity.provider.store.on_change = self._access_changed  # a revoked grant
+        return ApiServices(
+            settings=s,
+            ctx=ctx,
+            metrics=self.metrics,
+            verifier=build_verifier(s, identity),
+            limiter=RateLimiter(
+                per_address=s.rate_limit_per_ip,
+                per_principal=s.rate_limit_per_principal,
+                auth_failures=s.rate_limit_auth_failures,
+                redis_url=s.redis_url,
+            ),
+            notifier=self.notifier,
+            # with wake-ups from every node the poll is only a safety net
+            stream_poll_s=s.stream_safety_poll_s if self._fanout is not None else 2.0,
+            principals=self.principals,
+            event_docs=self.event_docs,
+            ingest=ingest,
+        )
 
     async def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
         s = self.settings
@@ -335,21 +396,8 @@ class Node:
             server: _Server | None = None
             if http_sock is not None:
                 identity = Identity(s, self.ctx)
-                svc = ApiServices(
-                    settings=s,
-                    ctx=self.ctx,
-                    metrics=self.metrics,
-                    verifier=build_verifier(s, identity),
-                    limiter=RateLimiter(
-                        per_address=s.rate_limit_per_ip,
-                        per_principal=s.rate_limit_per_principal,
-                        auth_failures=s.rate_limit_auth_failures,
-                        redis_url=s.redis_url,
-                    ),
-                    notifier=self.notifier,
-                    # with wake-ups from every node the poll is only a safety net
-                    stream_poll_s=s.stream_safety_poll_s if self._fanout is not None else 2.0,
-                    ingest=http_ingest.enqueue if http_ingest is not None else None,
+                svc = self._api_services(
+                    self.ctx, identity, ingest=http_ingest.enqueue if http_ingest is not None else None
                 )
                 http_events = await stack.enter_async_context(SecurityEventLog(self.ctx.store))
                 svc.on_abuse = lambda kind, address, detail: http_events.record(kind, address, **detail)
@@ -368,7 +416,7 @@ class Node:
                     server_header=False,
                     lifespan="off",
                     timeout_graceful_shutdown=max(1, math.ceil(s.http_shutdown_grace_s)),
-                    http=guarded_protocol(s.http_header_timeout_s, svc.on_abuse),
+                    http=guarded_protocol(s.http_header_timeout_s, svc.on_abuse, s.http_parser),
                     **http_limits(s),
                 )
                 server = _Server(config)

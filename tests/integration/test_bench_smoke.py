@@ -65,13 +65,18 @@ def test_the_smoke_benchmark_prints_every_figure_beside_its_baseline() -> None:
         stored, published = int(ingest[4]), int(ingest[5])
         assert stored == published > 0, "the benchmark must store exactly what was published"
         assert int(ingest[6]) > 0
-        for endpoint in ("healthz", "last-50"):
+        figure = rf"p50 ({NUMBER}) ms \| p99 ({NUMBER}) ms \| ({NUMBER}) req/s \| (\d+)/(\d+) 2xx"
+        hello = _line(out, rf"^api {case} hello: {figure}")
+        assert int(hello[4]) == int(hello[5]) > 0, "the hello baseline must answer"
+        for endpoint in ("healthz", "last-50", r"last-50 \(idle\)"):
             api = _line(
                 out,
-                rf"^api {case} {endpoint}: p50 ({NUMBER}) ms \| p99 ({NUMBER}) ms \| ({NUMBER}) req/s "
-                rf"\| (\d+)/(\d+) 2xx",
+                rf"^api {case} {endpoint}: {figure} \| ingest meanwhile {NUMBER} events/s "
+                rf"\| hello baseline ({NUMBER}) req/s, p99 ({NUMBER}) ms -> ratio (\d+\.\d\d\d)$",
             )
             assert int(api[4]) == int(api[5]) > 0, f"{endpoint}: every answer must be a 2xx"
+            ratio, rps, base = float(api[8]), float(api[3].replace(",", "")), float(api[6].replace(",", ""))
+            assert ratio == pytest.approx(rps / base, abs=0.002), "the ratio: this figure / the baseline"
         _line(out, rf"^api {case} ratio: throughput last-50/healthz (\d+\.\d\d) \| p99 last-50/healthz ")
 
     # beside each ingest figure: the server's CPU per event and every process's CPU

@@ -29,7 +29,6 @@ from gmqtt.mqtt.constants import MQTTv311
 from helpers import Mosquitto, ServerProcess, free_port, require_mosquitto, server_env, unavailable
 
 from iotvault.accounts import create_api_key, create_group, create_user
-from iotvault.api.security import CACHE_TTL_S
 from iotvault.config import Settings, load_settings
 from iotvault.context import Context, context
 from iotvault.devices import register_device
@@ -49,7 +48,7 @@ REDIRECT = "http://127.0.0.1:4000/cb"
 PASSWORD = "cluster-password-123"
 # every API node keeps a verified principal (token or API key) for CACHE_TTL_S seconds: the
 # stated bound for a revocation on one node to reach the others (docs/design/cluster.md)
-BOUND_S = CACHE_TTL_S + 1.0
+BOUND_S = Settings.model_fields["auth_cache_ttl_s"].default + 1.0
 
 
 @dataclass

@@ -30,9 +30,10 @@ IDLE_TIMEOUT_S = 2
 
 
 class Node:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, parser: str = "httptools") -> None:
         self.env = server_env(
             tmp_path,
+            http_parser=parser,
             http_header_timeout_s=str(HEADER_TIMEOUT_S),
             http_body_timeout_s=str(BODY_TIMEOUT_S),
             http_idle_timeout_s=str(IDLE_TIMEOUT_S),
@@ -71,9 +72,10 @@ class Node:
             time.sleep(0.3)
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path)
+@pytest.fixture(params=["httptools", "h11"])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+    """Each bound holds with both HTTP parsers (IOTVAULT_HTTP_PARSER)."""
+    n = Node(tmp_path, request.param)
     n.server.start()
     yield n
     n.server.stop()

@@ -6,8 +6,9 @@ reused code, foreign redirect URI, replayed refresh token, revoked token, logout
 lockout, anonymous login, the device grant, key rotation; and the JWKS is checked for private
 or symmetric members.
 
-The API keeps a verified principal for ``CACHE_TTL_S`` (5 s) per token; the tests set it to 0
-so that a revocation shows at the next request rather than within 5 seconds.
+The API keeps a verified principal for ``auth_cache_ttl_s`` per token; a revocation empties
+that cache at once (iotvault.api.readcache), so the tests keep the cache on: each revocation
+must show at the next request.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from sqlalchemy import update
 from typer.testing import CliRunner
 
 from iotvault.accounts import create_group, set_password, update_user
-from iotvault.api import security
 from iotvault.cli.main import app as cli
 from iotvault.clock import now_us
 from iotvault.domain.accounts import Roles
@@ -67,11 +67,6 @@ from oidcfixture import (
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 PRIVATE_OR_SYMMETRIC = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
-
-
-@pytest.fixture(autouse=True)
-def no_principal_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(security, "CACHE_TTL_S", 0.0)
 
 
 @pytest.fixture
@@ -828,7 +823,9 @@ async def test_iotvault_login_against_a_real_server(tmp_path: Path) -> None:
 
 # ---- signing keys ------------------------------------------------------------------------------
 async def test_signing_key_rotation_keeps_old_tokens_valid_until_they_expire(tmp_path: Path) -> None:
-    async with running_oidc(tmp_path, key_cache_ttl_s="0") as oidc:
+    # the test retires the key before its tokens expire (a real retirement comes after them):
+    # no cached authentication result, which would outlive the key by up to auth_cache_ttl_s
+    async with running_oidc(tmp_path, key_cache_ttl_s="0", auth_cache_ttl_s="0") as oidc:
         before = await oidc.tokens_for("alice")
         old_kid = header_of(before["access_token"])["kid"]
         env = {

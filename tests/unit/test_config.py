@@ -388,3 +388,32 @@ def test_further_broker_listeners(tmp_path: Path) -> None:
         (8883, True, False),
         (8884, True, True),
     ]
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("IOTVAULT_AUTH_CACHE_TTL_S", "-1"),
+        ("IOTVAULT_AUTH_CACHE_TTL_S", "301"),
+        ("IOTVAULT_READ_CACHE_MIB", "-1"),
+        ("IOTVAULT_READ_CACHE_MIB", "4097"),
+        ("IOTVAULT_HTTP_PARSER", "llhttp"),
+        ("IOTVAULT_EVENT_LOOP", "trio"),
+        ("IOTVAULT_DATABASE_POOL_SIZE", "501"),
+        ("IOTVAULT_DATABASE_POOL_OVERFLOW", "-1"),
+    ],
+)
+def test_the_read_and_serving_settings_refuse_what_is_out_of_bounds(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ={name: value})
+    assert name in str(err.value)  # the message names the setting
+
+
+def test_the_read_and_serving_settings_default_to_the_measured_choices() -> None:
+    s = load_settings(environ={})
+    assert (s.auth_cache_ttl_s, s.read_cache_mib, s.http_parser, s.event_loop) == (
+        5.0,
+        64,
+        "httptools",
+        "uvloop",
+    )
+    assert (s.database_pool_size, s.database_pool_overflow) == (0, 5)  # 0: by the node's role

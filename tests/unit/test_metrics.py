@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from iotvault.metrics import Counter, Gauge, Metrics
+from iotvault.metrics import Counter, Gauge, Histogram, Metrics
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
@@ -42,8 +42,13 @@ def parse_exposition(text: str) -> dict[str, Family]:
             current, pending_help = m.group(1), None
         elif m := SAMPLE_RE.fullmatch(line):
             assert current is not None, f"sample outside a family: {line!r}"
-            assert m.group(1) == current, line
-            labels = m.group(2) or ""
+            parts = {current} | (
+                {current + "_bucket", current + "_sum", current + "_count"}
+                if families[current].type == "histogram"
+                else set()
+            )
+            assert m.group(1) in parts, line
+            labels = (m.group(1)[len(current) :] + " " if m.group(1) != current else "") + (m.group(2) or "")
             assert labels not in families[current].samples, f"duplicate series {line!r}"
             value = float(m.group(3))  # Go's ParseFloat accepts what Python's float does here
             assert not math.isnan(value)
@@ -111,8 +116,14 @@ def test_metrics_page_is_valid_exposition_text() -> None:
         "iotvault_ingest_commit_failures_total",
         "iotvault_http_authentications_total",
         "iotvault_alerts_total",
+        "iotvault_http_request_duration_seconds",
+        "iotvault_ingest_lag_seconds",
     }
     for name, fam in families.items():
+        if fam.type == "histogram":  # nothing observed yet: no series
+            assert name.endswith("_seconds")
+            assert fam.samples == {}
+            continue
         assert fam.type == "counter"
         assert name.endswith("_total")
         assert fam.help
@@ -137,3 +148,26 @@ def test_metrics_page_carries_counts_labels_and_gauges() -> None:
     assert families["iotvault_ingest_pending"].type == "gauge"
     assert families["iotvault_ingest_pending"].samples == {"": 7}
     assert 'iotvault_ingest_rejected_total{reason="unknown_device"} 3\n' in text
+
+
+def test_a_histogram_renders_cumulative_buckets_sum_and_count_per_label_values() -> None:
+    h = Histogram("req_seconds", "Requests.", ("method", "route"), buckets=(0.01, 0.1, 1.0))
+    for v in (0.005, 0.01, 0.05, 0.5, 7.0):  # 0.01 is in its own bucket (le: less or equal)
+        h.observe(v, "GET", "/iotf/devices/{deviceId}")
+    h.observe(0.2, "POST", 'odd"route')
+    f = parse_exposition(h.render() + "\n")["req_seconds"]
+    assert f.type == "histogram"
+    labels = 'method="GET",route="/iotf/devices/{deviceId}"'
+    assert [f.samples[f'_bucket {labels},le="{le}"'] for le in ("0.01", "0.1", "1", "+Inf")] == [2, 3, 4, 5]
+    assert f.samples[f"_count {labels}"] == 5 == h.count("GET", "/iotf/devices/{deviceId}")
+    assert f.samples[f"_sum {labels}"] == pytest.approx(7.565)
+    assert f.samples['_count method="POST",route="odd\\"route"'] == 1
+
+
+def test_the_metrics_page_has_request_latency_and_ingest_lag() -> None:
+    m = Metrics()
+    m.http_latency.observe(0.003, "GET", "/healthz")
+    m.ingest_lag.observe(0.02)
+    families = parse_exposition(m.render())
+    assert families["iotvault_http_request_duration_seconds"].type == "histogram"
+    assert families["iotvault_ingest_lag_seconds"].samples["_count "] == 1

@@ -21,6 +21,7 @@ from iotvault.api.deps import Requires
 from iotvault.api.middleware import Hardening
 from iotvault.api.routes import access, admin, audit, commands, devices, messaging, oidc, oidc_admin
 from iotvault.api.services import ApiServices
+from iotvault.api.timing import RequestTimer
 from iotvault.auth.policy import Permission, Principal
 from iotvault.documents import describe
 from iotvault.health import RETRY_AFTER_S, ReadyCheck
@@ -147,4 +148,5 @@ def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity
         skip=oidc.OIDC_ROUTES,
         requests=settings.audit_requests,
     )
+    app.add_middleware(RequestTimer, histogram=svc.metrics.http_latency)  # outermost: all of it
     return app

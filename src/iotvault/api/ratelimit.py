@@ -36,6 +36,29 @@ from limits.aio.strategies import RateLimiter as Strategy
 
 log = logging.getLogger(__name__)
 
+SWEEP_S = 1.0
+
+
+class SweepingMemoryStorage(MemoryStorage):
+    """``limits``' in-memory storage, sweeping expired entries at most once a second.
+
+    ``limits`` 5 starts a sweep after every counted request once the last one has finished, and
+    a sweep hands each key to a worker thread (``asyncio.to_thread``): two thread hand-overs per
+    API request, a tenth of a last-50 read's CPU in the profile (BENCHMARKS.md, issue 17). The
+    counts do not depend on the sweep (a window reads only its unexpired entries); it frees
+    memory, which once a second does as well. The overridden name is checked by
+    ``tests/unit/test_ratelimit_sweep.py``.
+    """
+
+    _last_sweep = 0.0
+
+    async def _MemoryStorage__schedule_expiry(self) -> None:  # noqa: N802 - limits' private name
+        now = time.monotonic()
+        if now - self._last_sweep < SWEEP_S:
+            return
+        self._last_sweep = now
+        await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
+
 
 class RateLimiter:
     def __init__(
@@ -51,7 +74,7 @@ class RateLimiter:
             uri = "async+" + redis_url if not redis_url.startswith("async+") else redis_url
             storage = RedisStorage(uri, implementation="redispy", connection_pool=self._pool)
         else:
-            storage = MemoryStorage()
+            storage = SweepingMemoryStorage()
         self._exact: Strategy = MovingWindowRateLimiter(storage)
         self._smooth: Strategy = SlidingWindowCounterRateLimiter(storage)
         self._address: RateLimitItem = parse(per_address)

@@ -27,7 +27,6 @@ import base64
 import binascii
 import hashlib
 import time
-from dataclasses import dataclass
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -40,13 +39,6 @@ from iotvault.auth.policy import ANONYMOUS_GROUP, Grant, Principal
 from iotvault.clock import now_us
 
 MAX_HEADER = 16 * 1024
-CACHE_TTL_S = 5.0
-
-
-@dataclass
-class _Cached:
-    principal: Principal
-    until: float
 
 
 class _Failed(Exception):  # noqa: N818 - internal signal, never escapes this module
@@ -93,17 +85,17 @@ def _principal_for_claims(svc: ApiServices, claims: TokenClaims) -> Principal:
     return Principal.from_grants("external", f"{claims.issuer}#{claims.subject}", grants, found)
 
 
-def _principal_for_api_key(svc: ApiServices, key: str, password: str) -> Principal:
+def _principal_for_api_key(svc: ApiServices, key: str, password: str) -> tuple[Principal, int | None]:
+    """The key's principal and when the key expires (microseconds), if it does."""
     record, revoked = check_api_key(svc.ctx, key, password, now_us())
     if record is None:
         raise _Failed("invalid, expired or revoked API key", revoked=f"apikey:{key}" if revoked else "")
     grant = api_key_grant(svc.ctx, record.roles, record.devices, record.groups)
-    return Principal.from_grants("api_key", record.key, [grant], record.groups)
+    return Principal.from_grants("api_key", record.key, [grant], record.groups), record.expires_us
 
 
 class Authenticator:
-    def __init__(self) -> None:
-        self._cache: dict[bytes, _Cached] = {}
+    """Accepted credentials are kept in ``svc.principals`` (:mod:`iotvault.api.readcache`)."""
 
     async def _bearer(self, svc: ApiServices, value: str) -> Principal:
         parts = value.split(" ")
@@ -111,11 +103,12 @@ class Authenticator:
             raise _Failed("expected 'Bearer <access_token>' or 'Bearer <access_token> <id_token>'")
         if svc.verifier is None:
             raise _Failed("bearer tokens are not configured")
-        digest = hashlib.sha256(value.encode()).digest()
-        hit = self._cache.get(digest)
-        now = time.monotonic()
-        if hit is not None and hit.until > now:
-            return hit.principal
+        digest = hashlib.sha256(b"bearer " + value.encode()).digest()
+        cache = svc.principals
+        hit = cache.get(digest)
+        if hit is not None:
+            return hit
+        generation = cache.generation
         try:
             claims = await svc.verifier.verify(parts[0], parts[1] if len(parts) == 2 else None)
         except InvalidTokenError as exc:
@@ -123,14 +116,26 @@ class Authenticator:
             revoked = "token#" + digest.hex()[:16] if exc.reason == "revoked" else ""
             raise _Failed(f"invalid token: {exc.reason}", revoked=revoked) from None
         principal = await run_in_threadpool(_principal_for_claims, svc, claims)
-        ttl = min(CACHE_TTL_S, max(0.0, claims.expires_at - time.time()))
-        if len(self._cache) > 10_000:
-            self._cache = {k: v for k, v in self._cache.items() if v.until > now}
-        self._cache[digest] = _Cached(principal, now + ttl)
+        cache.put(digest, principal, generation=generation, expires_in_s=claims.expires_at - time.time())
         return principal
 
     @staticmethod
     async def _basic(svc: ApiServices, value: str, *, address_blocked: bool) -> Principal:
+        # an accepted key is kept by a hash of the whole credential (its password included)
+        digest = hashlib.sha256(b"basic " + value.strip().encode()).digest()
+        hit = svc.principals.get(digest)
+        if hit is not None:
+            return hit
+        generation = svc.principals.generation
+        principal, expires_us = await Authenticator._check_basic(svc, value, address_blocked=address_blocked)
+        left = None if expires_us is None else (expires_us - now_us()) / 1e6
+        svc.principals.put(digest, principal, generation=generation, expires_in_s=left)
+        return principal
+
+    @staticmethod
+    async def _check_basic(
+        svc: ApiServices, value: str, *, address_blocked: bool
+    ) -> tuple[Principal, int | None]:
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):

@@ -6,9 +6,12 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from iotvault.api.livefeed import LiveFeeds
 from iotvault.api.ratelimit import RateLimiter
+from iotvault.api.readcache import EventDocCache, PrincipalCache
+from iotvault.auth.policy import Principal
 from iotvault.auth.tokens import TokenVerifier
 from iotvault.config import Settings
 from iotvault.context import Context
@@ -25,6 +28,8 @@ class EventNotifier:
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        # told of every notification first (iotvault.api.livefeed: the feeds owe a read)
+        self.listeners: list[Callable[[set[str]], None]] = []
 
     def subscribe(self, device_id: str) -> asyncio.Event:
         ev = asyncio.Event()
@@ -39,6 +44,8 @@ class EventNotifier:
                 del self._waiters[device_id]
 
     def notify(self, device_ids: set[str]) -> None:
+        for listener in self.listeners:
+            listener(device_ids)
         for d in device_ids:
             for ev in self._waiters.get(d, ()):
                 ev.set()
@@ -64,3 +71,54 @@ class ApiServices:
     security_event: Callable[..., None] | None = None
     # the ingest pipeline's door for HTTP device messaging (IngestPipeline.enqueue), or None
     ingest: Callable[[Inbound], asyncio.Future[Outcome]] | None = None
+    # iotvault.api.readcache, sized by the settings unless given: emptied on every change of
+    # access and every deletion (watch_changes)
+    principals: PrincipalCache[Principal] = None  # type: ignore[assignment]
+    event_docs: EventDocCache = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        given: tuple[Any, Any] = (self.principals, self.event_docs)  # None unless passed
+        if given[0] is None:
+            self.principals = PrincipalCache(s.auth_cache_ttl_s)
+        if given[1] is None:
+            self.event_docs = EventDocCache(s.read_cache_mib * 2**20, s.key_cache_ttl_s)
+        self.feeds = LiveFeeds()
+        self.notifier.listeners.append(self.feeds.mark)
+        self.event_docs.listeners.append(self.feeds.forget)
+
+
+class Announcer(Protocol):
+    """What tells the other nodes (:class:`iotvault.fanout.Fanout`); safe from any thread."""
+
+    def announce_forget(self, device_id: str) -> None: ...
+    def announce_access_changed(self) -> None: ...
+
+
+def watch_changes(
+    ctx: Context,
+    principals: PrincipalCache[Principal],
+    event_docs: EventDocCache,
+    announcer: Announcer | None = None,
+) -> Callable[[], None]:
+    """Empty the caches the moment access changes or a device is deleted through ``ctx``.
+
+    A committed change to users, groups or API keys empties the authentication results; a
+    deleted device's encoded events go with its keys. Both are told to every other node
+    through ``announcer`` (which calls back the same caches there). Returns what a revoked
+    OpenID Connect grant calls (:attr:`iotvault.identity.store.IdentityStore.on_change`).
+    """
+
+    def access_changed() -> None:
+        principals.clear()  # before the change is answered: the next request sees it
+        if announcer is not None:
+            announcer.announce_access_changed()
+
+    def deleted(device_id: str) -> None:
+        event_docs.forget({device_id})
+        if announcer is not None:
+            announcer.announce_forget(device_id)
+
+    ctx.accounts.on_change = access_changed
+    ctx.keyring.on_forget = deleted
+    return access_changed

@@ -13,9 +13,14 @@ with 400 and the connection closed; it is recorded here too (``http_headers_too_
 Slow *bodies* are bounded by :class:`iotvault.api.middleware.Hardening` (``body_timeout_s``),
 which answers 408.
 
-A subclass of uvicorn's ``H11Protocol``: the hooks used (``connection_made``,
-``handle_events``, ``on_response_complete``, ``send_400_response``, ``cycle``) are those of
-uvicorn 0.3x-0.5x, covered by the raw-socket tests in ``tests/integration/test_http_abuse.py``.
+Two protocols with the same bounds: a subclass of uvicorn's ``H11Protocol`` (pure Python),
+and of its ``HttpToolsProtocol`` (the C parser ``httptools``, what ``iotvault serve`` uses by
+default: ``IOTVAULT_HTTP_PARSER``). httptools has no limit of its own on a header block, so
+:class:`GuardedHttpToolsProtocol` counts the bytes received while a request's headers are
+awaited and refuses past :data:`MAX_HEADER_BYTES`, as h11 does. The hooks used
+(``connection_made``, ``handle_events`` / ``data_received``, ``on_response_complete``,
+``send_400_response``, ``cycle``) are those of uvicorn 0.3x-0.5x, covered by the raw-socket
+tests in ``tests/integration/test_http_abuse.py`` for both.
 """
 
 from __future__ import annotations
@@ -26,11 +31,19 @@ from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
 SecurityRecorder = Callable[[str, str, dict[str, Any]], None]
 """``(kind, client address, detail)``: how a refused client becomes a security event."""
+
+MAX_HEADER_BYTES = 64 * 1024
+"""The largest request header block (request line and every header): larger is refused with 400.
+
+Room for the largest Authorization header the API accepts (16 KiB) and cookies; uvicorn's
+default (h11's 16 KiB) would refuse a legitimate large bearer pair.
+"""
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -91,13 +104,88 @@ class GuardedH11Protocol(H11Protocol):
             recorder(kind, address, detail)
 
 
-def guarded_protocol(header_timeout_s: float, record: SecurityRecorder | None) -> type[GuardedH11Protocol]:
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline and a size limit for each request's headers."""
+
+    header_timeout_s: float = 10.0
+    record: SecurityRecorder | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # received since the last request's headers were complete
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _in_request(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = 0
+        self._disarm()  # the headers are in: the application has the request now
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        waiting = not self._in_request()
+        if waiting:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # still no complete headers after this many bytes (a body in the same packet is not
+        # counted: on_headers_complete set the count back to 0 before it)
+        too_large = waiting and self._head_bytes > MAX_HEADER_BYTES and not self._in_request()
+        if too_large and not self.transport.is_closing():
+            self._report("http_headers_too_large", {"limit_bytes": MAX_HEADER_BYTES})
+            self.send_400_response("Request header fields too large")
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self._in_request():
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _headers_too_slow(self) -> None:
+        self._deadline = None
+        if self._in_request() or self.transport.is_closing():
+            return
+        self._report("http_slow_client", {"phase": "headers", "timeout_s": self.header_timeout_s})
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        self._disarm()
+        super().send_400_response(msg)
+
+    def _report(self, kind: str, detail: dict[str, Any]) -> None:
+        address = self.client[0] if self.client else "unknown"
+        log.warning("HTTP: %s from %s (%s)", kind, address, detail)
+        recorder = type(self).record
+        if recorder is not None:
+            recorder(kind, address, detail)
+
+
+def guarded_protocol(
+    header_timeout_s: float, record: SecurityRecorder | None, parser: str = "h11"
+) -> type[GuardedH11Protocol | GuardedHttpToolsProtocol]:
     """A protocol class for ``uvicorn.Config(http=...)`` with these settings baked in.
 
     uvicorn instantiates the class itself, with its own arguments only, hence a class per node.
+    ``parser``: ``httptools`` or ``h11``.
     """
+    base: type[GuardedH11Protocol | GuardedHttpToolsProtocol] = (
+        GuardedHttpToolsProtocol if parser == "httptools" else GuardedH11Protocol
+    )
     return type(
-        "NodeH11Protocol",
-        (GuardedH11Protocol,),
+        "NodeHttpProtocol",
+        (base,),
         {"header_timeout_s": header_timeout_s, "record": staticmethod(record) if record else None},
     )

@@ -114,7 +114,9 @@ def clients_remove(
     if not yes:
         typer.confirm(f"Remove client {client_id} and revoke its tokens?", abort=True)
     with opened(cli) as ctx:
-        remove_client(IdentityProvider(ctx.settings, ctx).store, client_id)
+        store = IdentityProvider(ctx.settings, ctx).store
+        store.on_change = ctx.accounts.on_change  # its revoked grants: running nodes are told
+        remove_client(store, client_id)
     state(cli).out.print(f"removed client {client_id}; its tokens are revoked", highlight=False)
 
 

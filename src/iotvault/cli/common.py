@@ -27,6 +27,7 @@ from iotvault.documents import describe, iso
 from iotvault.domain.accounts import Roles
 from iotvault.domain.audit import AuditEntry
 from iotvault.errors import ConfigError, MasterKeyError, NotFoundError, NotInitialisedError
+from iotvault.fanout import ACCESS_CHANGED, announce
 from iotvault.logformat import formatter
 
 PIPED_WIDTH = 1_000
@@ -93,12 +94,16 @@ def opened(cli: typer.Context, *, read_only: bool = False) -> Iterator[Context]:
                 yield ctx
                 return
             outcome = "failure"
+            changes: list[bool] = []
+            ctx.accounts.on_change = lambda: changes.append(True)
             try:
                 with origin(Origin(ctx.audit.record, lambda: "cli", describe)):
                     yield ctx
                 outcome = "success"
             finally:
                 ctx.audit.record(_cli_entry(cli, outcome))
+                if changes:  # running nodes empty their caches of authentication results now
+                    announce(s.redis_url, s.database_url, ACCESS_CHANGED)
     except NotFoundError as exc:
         exc.add_note(where(s))
         raise

@@ -55,7 +55,7 @@ def serve(
     role: Annotated[str, typer.Option(help="all, api (HTTP only) or ingest (ingest only).")] = "all",
 ) -> None:
     """Run one node: HTTP API, ingest worker and (with broker 'embedded') the MQTT broker."""
-    from iotvault.node import Node, Role, tune_gc_for_serving
+    from iotvault.node import Node, Role, loop_factory, tune_gc_for_serving
 
     try:
         r = Role(role)
@@ -83,7 +83,8 @@ def serve(
         tune_gc_for_serving()
 
     try:
-        asyncio.run(run_recorded(s, Node(s, r), ready, http=r in (Role.ALL, Role.API)))
+        with asyncio.Runner(loop_factory=loop_factory(s)) as runner:
+            runner.run(run_recorded(s, Node(s, r), ready, http=r in (Role.ALL, Role.API)))
     except asyncio.CancelledError:
         st.err.print("iotvault: stopped before it was ready")
         raise typer.Exit(1) from None

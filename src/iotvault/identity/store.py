@@ -108,4 +108,5 @@ class IdentityStore(ClientTable, SessionTable, GrantTable, DeviceCodeTable, Iden
                 .values(ended_us=at_us, end_reason=reason)
             ).rowcount
             revoke_grants(conn, oidc_grants.c.user_name.in_(names), at_us, reason)
+        self.access_changed()
         return int(ended)

@@ -336,6 +336,8 @@ class IngestPipeline:
             for p, outcome in zip(batch, outcomes, strict=True):
                 if not p.future.done():
                     p.future.set_result(outcome)
+            # the oldest message's wait: its arrival to this answer (the PUBACK follows now)
+            self._metrics.ingest_lag.observe(max(0.0, time.time() - batch[0].received_us / 1e6))
             if self._on_commit is not None and self._committed_devices:
                 devices, self._committed_devices = self._committed_devices, set()
                 self._on_commit(devices)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,7 +136,17 @@ _API_KEY_COLUMNS = [c for c in api_keys.c if c.name != "password_hash"]
 
 
 class AccountStore(EngineStore):
-    """Users, groups and API keys on one SQLAlchemy engine (the one :class:`SqlStore` uses)."""
+    """Users, groups and API keys on one SQLAlchemy engine (the one :class:`SqlStore` uses).
+
+    Every committed transaction here changes who may do what, except :meth:`touch_api_key`:
+    each calls :meth:`~iotvault.storage.db.EngineStore.access_changed`.
+    """
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        with super().begin() as conn:
+            yield conn
+        self.access_changed()
 
     # ---- helpers -----------------------------------------------------------------------
     @staticmethod
@@ -551,7 +562,7 @@ class AccountStore(EngineStore):
 
     def touch_api_key(self, key: str, at_us: int) -> bool:
         """Record a use at ``at_us``, at most once a minute; True if the row was written."""
-        with self.begin() as conn:
+        with EngineStore.begin(self) as conn:  # a use changes nobody's access
             return bool(
                 conn.execute(
                     update(api_keys)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,11 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def create_db_engine(url: str, *, sqlite_synchronous: str = "full") -> Engine:
+def create_db_engine(
+    url: str, *, sqlite_synchronous: str = "full", pool_size: int = 5, max_overflow: int = 5
+) -> Engine:
+    """An engine whose pool keeps ``pool_size`` connections and opens up to ``max_overflow``
+    more at busy times (a node sizes them for its role: :func:`iotvault.node.pool_size`)."""
     u = _driver_url(url)
     if u.get_backend_name() == "sqlite":
         if not u.database or u.database == ":memory:":
@@ -58,7 +62,12 @@ def create_db_engine(url: str, *, sqlite_synchronous: str = "full") -> Engine:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.exists():  # the file holds device metadata and wrapped keys: owner only
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        engine = create_engine(u, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            u,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -73,7 +82,7 @@ def create_db_engine(url: str, *, sqlite_synchronous: str = "full") -> Engine:
     if u.get_backend_name() != "postgresql":
         raise ConfigError("database_url", f"unsupported database {u.get_backend_name()!r}")
     try:
-        return create_engine(u, pool_pre_ping=True, pool_size=5, max_overflow=5)
+        return create_engine(u, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow)
     except ImportError:
         raise ConfigError(
             "database_url", "PostgreSQL needs the psycopg driver: pip install 'iotvault[postgres]'"
@@ -110,9 +119,20 @@ class EngineStore:
     database surfaces as :class:`DatabaseUnavailableError` naming the URL without its password.
     """
 
+    on_change: Callable[[], None] | None = None
+    """Called after each committed change to who may do what (users, groups, API keys, grants).
+
+    The node sets it (node.py) to empty the caches of authentication results, on this node
+    at once and on the others through the fan-out; None elsewhere.
+    """
+
     def __init__(self, engine: Engine, url: str) -> None:
         self.engine = engine
         self.url = redact(url)
+
+    def access_changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:

@@ -8,11 +8,9 @@ a 500 for the whole page.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
@@ -22,14 +20,15 @@ from starlette.concurrency import run_in_threadpool
 
 from iotvault.api.deps import Requires
 from iotvault.api.problems import Problem
+from iotvault.api.readcache import EventDocCache
 from iotvault.api.schemas import ERRORS, DeviceOut, EventOut
 from iotvault.api.security import services
 from iotvault.auth.policy import Permission, Principal, may_list_device
 from iotvault.context import Context
-from iotvault.documents import device_doc, event_doc, to_json
+from iotvault.documents import RecordOpener, device_doc, event_doc, to_json
 from iotvault.domain.ids import UUID_PATTERN
 from iotvault.domain.types import Identifier, whole
-from iotvault.storage.repository import DeviceRecord
+from iotvault.storage.repository import DeviceRecord, StoredEvent
 
 router = APIRouter(prefix="/iotf", tags=["devices"], responses=ERRORS)
 
@@ -37,10 +36,11 @@ READ_THREADS = 4
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 """Threads reading device data at once, per app; more requests wait on the event loop.
 
-The database pool keeps 5 connections (:mod:`iotvault.storage.db`) and ingest's writer holds
-one. With starlette's 40 threads, every read beyond the pool opened and closed a connection of
-its own (on SQLite the connect pragmas ran each time; on PostgreSQL past the overflow a thread
-waits for one, up to the pool timeout), and the threads fought over the GIL. With 4, the
+The database pool is sized for this (:data:`iotvault.node.POOL_SIZES`: 10 for an API node,
+12 for one that also ingests, whose writer holds one). With starlette's 40 threads, every read
+beyond the pool opened and closed a connection of its own (on SQLite the connect pragmas ran
+each time; on PostgreSQL past the overflow a thread waits for one, up to the pool timeout),
+and the threads fought over the GIL. With 4, the
 same throughput came with a lower p99 (BENCHMARKS.md, "Measurements behind choices in the code").
 """
 
@@ -90,6 +90,40 @@ async def _read(request: Request, load: Callable[[], bytes]) -> Response:
     return Response(body, media_type="application/json")
 
 
+def encoded_events(keyring: RecordOpener, cache: EventDocCache, events: list[StoredEvent]) -> list[bytes]:
+    """Each event's JSON document, from the cache or decrypted and encoded now (and kept).
+
+    The events of one page are of one device. A document that did not decrypt is not kept: it
+    says so on every read, until the record opens again or is gone.
+    """
+    if not events:
+        return []
+    device_id = events[0].device_id
+    generation = cache.generation
+    found = cache.get(device_id, [e.event_id for e in events])
+    fresh: list[tuple[str, bytes]] = []
+    out: list[bytes] = []
+    for e, hit in zip(events, found, strict=True):
+        if hit is not None:
+            out.append(hit)
+            continue
+        doc = event_doc(keyring, e)
+        encoded = to_json(doc)
+        if doc["error"] is None:
+            fresh.append((e.event_id, encoded))
+        out.append(encoded)
+    cache.put(device_id, fresh, generation=generation)
+    return out
+
+
+def _page(device_id: str, docs: list[bytes], *extra: tuple[bytes, Any]) -> bytes:
+    """``{"deviceId": ..., "events": [...], ...}`` from encoded documents (what to_json makes)."""
+    body = b'{"deviceId":' + to_json(device_id) + b',"events":[' + b",".join(docs) + b"]"
+    for name, value in extra:
+        body += b',"' + name + b'":' + to_json(value)
+    return body + b"}"
+
+
 def _device_or_404(ctx: Context, device_id: str) -> DeviceRecord:
     device = ctx.store.get_device(device_id)
     if device is None:
@@ -108,14 +142,15 @@ async def latest_events(
     _p: Annotated[Principal, Requires(Permission.DEVICE_EVENTS_READ)],
     count: Annotated[int, Query(ge=1, le=1000, description="how many events")] = 50,
 ) -> Any:
-    ctx = services(request).ctx
+    svc = services(request)
+    ctx = svc.ctx
 
     def load() -> bytes:
         page = ctx.store.last_events(deviceId, count)
         if not page:  # a device's events go with it, so only an empty page asks whether it exists
             _device_or_404(ctx, deviceId)
         request.state.audit = {"events": len(page)}  # the audit record says how many were read
-        return to_json({"deviceId": deviceId, "events": [event_doc(ctx.keyring, e) for e in page]})
+        return _page(deviceId, encoded_events(ctx.keyring, svc.event_docs, page))
 
     return await _read(request, load)
 
@@ -150,7 +185,8 @@ async def events_page(
     if before is not None and after is not None:
         raise Problem(422, "give either before or after, not both")
     since_us, until_us = _to_us(since, "since"), _to_us(until, "until")
-    ctx = services(request).ctx
+    svc = services(request)
+    ctx = svc.ctx
 
     def load() -> bytes:
         page = ctx.store.events_page(
@@ -160,9 +196,7 @@ async def events_page(
             _device_or_404(ctx, deviceId)
         request.state.audit = {"events": len(page)}
         nxt = page[-1].event_id if len(page) == count else None
-        return to_json(
-            {"deviceId": deviceId, "events": [event_doc(ctx.keyring, e) for e in page], "next": nxt}
-        )
+        return _page(deviceId, encoded_events(ctx.keyring, svc.event_docs, page), (b"next", nxt))
 
     return await _read(request, load)
 
@@ -190,29 +224,38 @@ async def stream(
     # "0" sorts before every event id: a device with no events yet streams all that arrive
     cursor: str = last_event_id or await run_in_threadpool(newest) or "0"
 
+    def read(after: str) -> list[tuple[str, bytes]]:
+        """The next events as (id, document), in one worker-thread call."""
+        page = ctx.store.events_page(deviceId, count=500, after=after)
+        docs = encoded_events(ctx.keyring, svc.event_docs, page)
+        return [(e.event_id, doc) for e, doc in zip(page, docs, strict=True)]
+
+    async def read_async(after: str) -> list[tuple[str, bytes]]:
+        return await run_in_threadpool(read, after)
+
     async def events() -> AsyncIterator[bytes]:
         nonlocal cursor
         wake = svc.notifier.subscribe(deviceId)
+        svc.feeds.join(deviceId, cursor)  # the streams of a device share its reads (api.livefeed)
         try:
             yield b": connected\n\nretry: 2000\n\n"
             quiet_since = time.monotonic()
             while not svc.stopping.is_set():
-                page = await run_in_threadpool(
-                    partial(ctx.store.events_page, deviceId, count=500, after=cursor)
-                )
-                for e in page:
-                    doc = await run_in_threadpool(event_doc, ctx.keyring, e)
-                    data = to_json(doc).replace(b"\n", b" ").replace(b"\r", b" ")  # one SSE line
-                    yield b"id: " + e.event_id.encode() + b"\nevent: event\ndata: " + data + b"\n\n"
-                    cursor = e.event_id
+                page = await svc.feeds.after(deviceId, cursor, read_async)
+                for event_id, doc in page:
+                    data = doc.replace(b"\n", b" ").replace(b"\r", b" ")  # one SSE line
+                    yield b"id: " + event_id.encode() + b"\nevent: event\ndata: " + data + b"\n\n"
+                    cursor = event_id
                 if page:
                     quiet_since = time.monotonic()
                     continue
                 wake.clear()
                 # woken by a commit on any node (iotvault.fanout), else by the poll; a keep-alive
                 # line at least every KEEPALIVE_S whatever the poll interval
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(wake.wait(), timeout=min(svc.stream_poll_s, KEEPALIVE_S))
+                except TimeoutError:
+                    svc.feeds.mark({deviceId})  # a wake-up may have been missed: read again
                 if time.monotonic() - quiet_since >= KEEPALIVE_S:
                     quiet_since = time.monotonic()
                     yield b": keep-alive\n\n"
@@ -220,6 +263,7 @@ async def stream(
                     return
         finally:
             svc.notifier.unsubscribe(deviceId, wake)
+            svc.feeds.leave(deviceId)
 
     return StreamingResponse(
         events(),

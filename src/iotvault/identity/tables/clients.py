@@ -65,9 +65,11 @@ class ClientTable(EngineStore):
             )
             conn.execute(delete(oidc_codes).where(oidc_codes.c.client_id == client_id))
             conn.execute(delete(oidc_device_codes).where(oidc_device_codes.c.client_id == client_id))
-            return bool(
+            deleted = bool(
                 conn.execute(delete(oidc_clients).where(oidc_clients.c.client_id == client_id)).rowcount
             )
+        self.access_changed()
+        return deleted
 
     # ---- signing keys ------------------------------------------------------------------
     def signing_keys(self) -> list[SigningKeyRecord]:

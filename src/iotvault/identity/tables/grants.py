@@ -122,7 +122,10 @@ class GrantTable(EngineStore):
     def revoke_grant(self, grant_id: str, at_us: int, reason: str) -> bool:
         """Revoke a grant (its refresh tokens die with it); False if it was already revoked."""
         with self.begin() as conn:
-            return revoke_grants(conn, oidc_grants.c.grant_id == grant_id, at_us, reason) > 0
+            revoked = revoke_grants(conn, oidc_grants.c.grant_id == grant_id, at_us, reason) > 0
+        if revoked:
+            self.access_changed()  # its access tokens, cached as accepted, are refused at once
+        return revoked
 
     def refresh_token(self, token_hash: str) -> tuple[str, int, int | None] | None:
         """``(grant_id, expires_us, used_us)`` of a refresh token, or None."""

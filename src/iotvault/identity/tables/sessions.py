@@ -87,6 +87,7 @@ class SessionTable(EngineStore):
                 .values(ended_us=at_us, end_reason=reason)
             )
             revoke_grants(conn, oidc_grants.c.session_id == session_id, at_us, reason)
+        self.access_changed()
 
     # ---- pending authorization requests ------------------------------------------------
     def add_auth_request(self, record: AuthRequestRecord) -> None:

@@ -1,0 +1,171 @@
+"""Two caches in front of the device-data reads, in memory only and emptied on every change.
+
+**Authentication results** (:class:`PrincipalCache`): a bearer token or an API key that was
+accepted, and the :class:`~iotvault.auth.policy.Principal` (groups, devices, roles) it
+resolved to, kept for at most ``auth_cache_ttl_s`` and never past the credential's expiry.
+Authorization is still decided on every request, from the cached principal. What empties it:
+any committed change to users, groups, API keys or OpenID Connect grants
+(:attr:`iotvault.storage.db.EngineStore.on_change`), on this node at once and on every other
+through the fan-out (:mod:`iotvault.fanout`, message ``a:``). The TTL bounds only what no
+fan-out reaches: several processes on one SQLite file, or the command line against SQLite.
+
+**Encoded events** (:class:`EventDocCache`): the finished JSON document of an event (its
+payload decrypted), by event id, per device. A stored event never changes, so a document
+never goes stale; a page is still read from the database (which events, in which order,
+whether the device exists) and only the decryption and encoding of each event are saved.
+Only documents that decrypted are kept. When a device is deleted (crypto-shredding) its
+documents go at once with its keys, here and, through the fan-out's ``f:`` message, on every
+node; a node no fan-out reaches keeps them unreachable (a page is built only from event ids
+the database still returns) until they age out (``key_cache_ttl_s``, like the keys) or are
+evicted. Bounded in bytes (``read_cache_mib``); least recently read devices go first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+MAX_PRINCIPALS = 10_000
+PER_DEVICE = 2_000  # documents kept per device: more than the largest page (1000)
+
+
+@dataclass
+class _Entry(Generic[T]):
+    value: T
+    until: float
+
+
+class PrincipalCache(Generic[T]):
+    """Accepted credentials (by a hash of the whole header value) and what they resolved to."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._entries: dict[bytes, _Entry[T]] = {}
+        self.generation = 0  # moves on every clear: a lookup begun before one is not stored
+
+    def get(self, digest: bytes) -> T | None:
+        hit = self._entries.get(digest)
+        if hit is None:
+            return None
+        if hit.until <= self._clock():
+            self._entries.pop(digest, None)
+            return None
+        return hit.value
+
+    def put(self, digest: bytes, value: T, *, generation: int, expires_in_s: float | None = None) -> None:
+        """Keep ``value`` unless the cache was emptied since ``generation`` was read."""
+        ttl = self.ttl_s if expires_in_s is None else min(self.ttl_s, max(0.0, expires_in_s))
+        if ttl <= 0 or generation != self.generation:
+            return
+        now = self._clock()
+        if len(self._entries) >= MAX_PRINCIPALS:
+            self._entries = {k: v for k, v in self._entries.items() if v.until > now}
+            if len(self._entries) >= MAX_PRINCIPALS:
+                self._entries.clear()
+        self._entries[digest] = _Entry(value, now + ttl)
+
+    def clear(self) -> None:
+        """Safe from any thread: the dictionary is replaced, not emptied in place."""
+        self.generation += 1
+        self._entries = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass
+class _Device:
+    born: float
+    docs: dict[str, bytes] = field(default_factory=dict)
+    size: int = 0
+
+
+class EventDocCache:
+    """Encoded event documents by event id, per device, at most ``max_bytes`` in all."""
+
+    def __init__(self, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._devices: OrderedDict[str, _Device] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()  # read threads fill it; the event loop empties it
+        self.listeners: list[Callable[[Iterable[str]], None]] = []  # told of every forget
+        # moves on every forget: documents decrypted by a read that began before a deletion
+        # are not put back after it (the read passes the generation it saw to put)
+        self.generation = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def get(self, device_id: str, event_ids: Iterable[str]) -> list[bytes | None]:
+        with self._lock:
+            d = self._devices.get(device_id)
+            if d is None:
+                return [None for _ in event_ids]
+            if self._clock() - d.born > self.ttl_s:
+                self._drop(device_id)
+                return [None for _ in event_ids]
+            self._devices.move_to_end(device_id)
+            docs = d.docs
+            return [docs.get(e) for e in event_ids]
+
+    def put(self, device_id: str, items: list[tuple[str, bytes]], *, generation: int) -> None:
+        if not self.enabled or not items:
+            return
+        with self._lock:
+            if generation != self.generation:
+                return
+            d = self._devices.get(device_id)
+            if d is None:
+                d = self._devices[device_id] = _Device(self._clock())
+            for event_id, doc in items:
+                old = d.docs.get(event_id)
+                if old is not None:
+                    continue
+                d.docs[event_id] = doc
+                d.size += len(doc)
+                self._size += len(doc)
+            while len(d.docs) > PER_DEVICE:  # the oldest put first
+                gone = d.docs.pop(next(iter(d.docs)))
+                d.size -= len(gone)
+                self._size -= len(gone)
+            while self._size > self.max_bytes and self._devices:
+                self._drop(next(iter(self._devices)))
+
+    def _drop(self, device_id: str) -> None:
+        d = self._devices.pop(device_id, None)
+        if d is not None:
+            self._size -= d.size
+
+    def forget(self, device_ids: Iterable[str]) -> None:
+        """These devices were deleted: their documents go now (any thread)."""
+        device_ids = list(device_ids)
+        with self._lock:
+            self.generation += 1
+            for device_id in device_ids:
+                self._drop(device_id)
+        for listener in self.listeners:
+            listener(device_ids)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.generation += 1
+            self._devices.clear()
+            self._size = 0
+
+    def holds(self, device_id: str) -> bool:
+        with self._lock:
+            return device_id in self._devices
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size

@@ -1,0 +1,129 @@
+"""The read caches never outlive what they were built on (iotvault.api.readcache).
+
+A page of events is served once (filling the cache of encoded events and the cache of
+authentication results), then what it rests on changes through the API: the device is
+deleted, the reader's group loses the device, the reader's API key is revoked. The next
+request must already see the change: the cached documents are gone from memory, the cached
+principal is not used. The caches are on (their default TTLs) throughout, so a test fails if
+invalidation waits for a TTL.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from apifixture import Built, build_api
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[tuple[Built, httpx.AsyncClient]]:
+    built = build_api(tmp_path, auth_cache_ttl_s="300")  # only invalidation can empty it in time
+    transport = httpx.ASGITransport(app=built.app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield built, client
+    finally:
+        built.close()
+
+
+def _bearer(built: Built, user: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {built.token(user)}"}
+
+
+def _basic(pair: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+
+
+async def _api_key(client: httpx.AsyncClient, root: dict[str, str], **body: object) -> tuple[str, str]:
+    r = await client.post("/iotf/apikeys", headers=root, json=body)
+    assert r.status_code == 201, r.text
+    doc = r.json()
+    return doc["key"], doc["password"]
+
+
+async def test_a_page_read_twice_is_the_same_and_comes_from_the_cache(
+    api: tuple[Built, httpx.AsyncClient],
+) -> None:
+    built, client = api
+    alice = _bearer(built, "alice")
+    first = await client.get("/iotf/devices/d1?count=50", headers=alice)
+    assert first.status_code == 200, first.text
+    assert built.svc.event_docs.holds("d1")
+    assert built.svc.event_docs.size_bytes > 0
+    second = await client.get("/iotf/devices/d1?count=50", headers=alice)
+    assert second.content == first.content  # byte for byte what the uncached read made
+    events = json.loads(second.content)["events"]
+    assert [e["eventId"] for e in events] == built.events["d1"][::-1][:50]
+    assert events[0]["payload"] == {"d": {"seq": 59, "device": "d1"}}
+    page = await client.get("/iotf/devices/d1/events?count=10", headers=alice)
+    assert page.json()["next"] == built.events["d1"][::-1][9]
+
+
+async def test_a_deleted_device_leaves_the_cache_at_once(api: tuple[Built, httpx.AsyncClient]) -> None:
+    built, client = api
+    alice, root = _bearer(built, "alice"), _bearer(built, "root")
+    assert (await client.get("/iotf/devices/d1", headers=alice)).status_code == 200
+    assert built.svc.event_docs.holds("d1")
+    r = await client.delete("/iotf/devices/d1", headers=root)
+    assert r.status_code == 204, r.text
+    assert not built.svc.event_docs.holds("d1"), "decrypted events outlived the crypto-shredding"
+    assert (await client.get("/iotf/devices/d1", headers=alice)).status_code == 404
+
+
+async def test_a_group_that_loses_the_device_loses_the_cached_page(
+    api: tuple[Built, httpx.AsyncClient],
+) -> None:
+    built, client = api
+    alice, root = _bearer(built, "alice"), _bearer(built, "root")
+    assert (await client.get("/iotf/devices/d1", headers=alice)).status_code == 200
+    assert len(built.svc.principals) >= 1
+    r = await client.patch("/iotf/groups/readers-1", headers=root, json={"devices": ["d2"]})
+    assert r.status_code == 200, r.text
+    assert (await client.get("/iotf/devices/d1", headers=alice)).status_code == 404
+    assert (await client.get("/iotf/devices/d2", headers=alice)).status_code == 200  # what it gained
+
+
+async def test_a_revoked_api_key_is_refused_at_the_next_request(api: tuple[Built, httpx.AsyncClient]) -> None:
+    built, client = api
+    root = _bearer(built, "olga")  # an admin who may read d1, so may grant it
+    key, password = await _api_key(client, root, devices=["d1"])
+    reader = _basic(f"{key}:{password}")
+    for _ in range(2):  # the second one from the cache
+        assert (await client.get("/iotf/devices/d1", headers=reader)).status_code == 200
+    assert (await client.get("/iotf/devices/d1", headers=_basic(f"{key}:wrong"))).status_code == 401
+    r = await client.delete(f"/iotf/apikeys/{key}", headers=root)
+    assert r.status_code == 204, r.text
+    assert (await client.get("/iotf/devices/d1", headers=reader)).status_code == 401
+
+
+async def test_a_user_removed_from_the_group_is_refused_at_once(api: tuple[Built, httpx.AsyncClient]) -> None:
+    built, client = api
+    alice, root = _bearer(built, "alice"), _bearer(built, "root")
+    assert (await client.get("/iotf/devices/d1", headers=alice)).status_code == 200
+    r = await client.delete("/iotf/groups/readers-1/members/alice", headers=root)
+    assert r.status_code == 204, r.text
+    assert (await client.get("/iotf/devices/d1", headers=alice)).status_code == 404
+
+
+async def test_metrics_show_latency_per_route_template_never_per_raw_path(
+    api: tuple[Built, httpx.AsyncClient],
+) -> None:
+    built, client = api
+    alice = _bearer(built, "alice")
+    for _ in range(3):
+        assert (await client.get("/iotf/devices/d1?count=5", headers=alice)).status_code == 200
+    assert (await client.get("/iotf/devices/d2", headers=alice)).status_code == 404  # not hers
+    assert (await client.get("/no/such/path/x7", headers=alice)).status_code == 404
+    page = (await client.get("/metrics", headers=_bearer(built, "root"))).text
+    route = 'iotvault_http_request_duration_seconds_count{method="GET",route="/iotf/devices/{deviceId}"}'
+    assert f"{route} 4" in page
+    assert 'route="unmatched"' in page
+    assert "/iotf/devices/d1" not in page
+    assert "/no/such/path" not in page

@@ -1,0 +1,95 @@
+"""The read caches' bounds and their refusal to keep what a change or deletion made stale."""
+
+from __future__ import annotations
+
+from iotvault.api.readcache import MAX_PRINCIPALS, PER_DEVICE, EventDocCache, PrincipalCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_principal_is_kept_for_the_ttl_and_never_past_its_credential() -> None:
+    clock = Clock()
+    cache: PrincipalCache[str] = PrincipalCache(5.0, clock)
+    cache.put(b"a", "alice", generation=cache.generation)
+    cache.put(b"b", "bob", generation=cache.generation, expires_in_s=1.0)
+    cache.put(b"c", "carol", generation=cache.generation, expires_in_s=-3.0)  # already expired
+    assert (cache.get(b"a"), cache.get(b"b"), cache.get(b"c")) == ("alice", "bob", None)
+    clock.now += 1.0
+    assert (cache.get(b"a"), cache.get(b"b")) == ("alice", None)
+    clock.now += 4.0
+    assert cache.get(b"a") is None
+
+
+def test_a_principal_resolved_before_a_change_is_not_stored_after_it() -> None:
+    cache: PrincipalCache[str] = PrincipalCache(5.0)
+    seen = cache.generation  # a lookup begins
+    cache.clear()  # meanwhile, a revocation
+    cache.put(b"a", "alice", generation=seen)
+    assert cache.get(b"a") is None
+    assert len(cache) == 0
+
+
+def test_a_ttl_of_zero_keeps_nothing_and_the_number_of_principals_is_bounded() -> None:
+    off: PrincipalCache[int] = PrincipalCache(0.0)
+    off.put(b"a", 1, generation=off.generation)
+    assert off.get(b"a") is None
+    cache: PrincipalCache[int] = PrincipalCache(60.0)
+    for i in range(MAX_PRINCIPALS + 10):
+        cache.put(i.to_bytes(4, "big"), i, generation=cache.generation)
+    assert len(cache) <= MAX_PRINCIPALS
+
+
+def test_documents_are_bounded_in_bytes_least_recently_read_device_first() -> None:
+    cache = EventDocCache(max_bytes=3000, ttl_s=60.0)
+    cache.put("d1", [(f"e{i}", b"x" * 100) for i in range(10)], generation=cache.generation)
+    cache.put("d2", [(f"e{i}", b"y" * 100) for i in range(10)], generation=cache.generation)
+    assert cache.get("d1", ["e0"]) == [b"x" * 100]  # d1 read last: d2 goes first
+    cache.put("d3", [(f"e{i}", b"z" * 100) for i in range(15)], generation=cache.generation)
+    assert cache.size_bytes <= 3000
+    assert not cache.holds("d2")
+    assert cache.holds("d1")
+    assert cache.holds("d3")
+
+
+def test_a_device_keeps_at_most_per_device_documents() -> None:
+    cache = EventDocCache(max_bytes=10**9, ttl_s=60.0)
+    cache.put("d1", [(f"e{i:05}", b"{}") for i in range(PER_DEVICE + 5)], generation=cache.generation)
+    assert cache.get("d1", ["e00000", f"e{PER_DEVICE + 4:05}"]) == [None, b"{}"]
+    assert cache.size_bytes == 2 * PER_DEVICE
+
+
+def test_forgetting_a_device_drops_its_documents_and_a_read_in_flight_cannot_put_them_back() -> None:
+    cache = EventDocCache(max_bytes=10**6, ttl_s=60.0)
+    cache.put("d1", [("e1", b"{1}")], generation=cache.generation)
+    seen = cache.generation  # a read of d1 began: it decrypts e2
+    cache.forget(["d1"])  # the device is deleted meanwhile
+    cache.put("d1", [("e2", b"{2}")], generation=seen)
+    assert not cache.holds("d1")
+    assert cache.get("d1", ["e1", "e2"]) == [None, None]
+    assert cache.size_bytes == 0
+
+
+def test_documents_age_out_with_the_keys_and_a_zero_size_keeps_nothing() -> None:
+    clock = Clock()
+    cache = EventDocCache(max_bytes=10**6, ttl_s=5.0, clock=clock)
+    cache.put("d1", [("e1", b"{}")], generation=cache.generation)
+    clock.now += 5.1
+    assert cache.get("d1", ["e1"]) == [None]
+    assert not cache.holds("d1")
+    off = EventDocCache(max_bytes=0, ttl_s=60.0)
+    off.put("d1", [("e1", b"{}")], generation=off.generation)
+    assert not off.holds("d1")
+
+
+def test_forgetting_a_device_tells_the_listeners_the_live_feeds() -> None:
+    cache = EventDocCache(max_bytes=10**6, ttl_s=60.0)
+    told: list[list[str]] = []
+    cache.listeners.append(lambda ids: told.append(list(ids)))
+    cache.forget(iter(["d1", "d2"]))  # a one-pass iterable: the cache and the listeners both see it
+    assert told == [["d1", "d2"]]
