@@ -344,6 +344,7 @@ class Node:
             self.pipeline = await stack.enter_async_context(made())
             return self.pipeline
         return await stack.enter_async_context(made())
+
     def _api_services(
         self, ctx: Context, identity: Identity, *, ingest: Callable[[Inbound], asyncio.Future[Outcome]] | None
     ) -> ApiServices:

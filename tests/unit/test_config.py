@@ -389,6 +389,7 @@ def test_further_broker_listeners(tmp_path: Path) -> None:
         (8884, True, True),
     ]
 
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
