@@ -277,6 +277,14 @@ async def test_a_watson_device_speaking_mqtt5(platform: Platform) -> None:
 
         await eventually(answered, 5, "both PUBACKs")
         assert (acks[mine.mid], acks[theirs.mid]) == (0, 0x87)  # MQTT 5 keeps the session
+        # QoS 2: PUBREC 0x87; paho sends its PUBREL anyway, which gets PUBCOMP 0x92 (not found)
+        theirs2 = client.publish("iot-2/type/rpi/id/dev2/evt/temp/fmt/json", b'{"t": 7}', qos=2)
+
+        async def completed() -> bool:
+            return theirs2.mid in acks
+
+        await eventually(completed, 5, "the refused QoS 2 flow ended")
+        assert acks[theirs2.mid] == 0x92
         assert [e["eventType"] for e in await events_of(platform, writer, "dev1")] == ["temp"]
         command = {"command": "open", "payload": {}}
         r = await platform.http.post(
