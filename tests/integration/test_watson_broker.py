@@ -462,9 +462,9 @@ class PahoApp:
         self.client.disconnect()
         self.client.loop_stop()
 
-    async def answer(self, topic: str, payload: bytes, qos: int = 1) -> int:
+    async def answer(self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False) -> int:
         """The reason code of the PUBACK (QoS 1) or PUBREC (QoS 2) for one command."""
-        info = self.client.publish(topic, payload, qos=qos)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
 
         async def answered() -> bool:
             return info.mid in self.acks
@@ -497,9 +497,16 @@ async def test_a_refused_application_command_is_answered_once_and_recorded(
         if v5:  # QoS 2: PUBREC 0x83 ends the flow (3.1.1 has no such answer: see below); paho
             # ignores that code, sends its PUBREL anyway and reports the PUBCOMP's: 0x92, id not found
             assert await app.answer("iot-2/type/rpi/id/dev1/cmd/reboot/fmt/json", b"{}", qos=2) == 0x92
+        retained = "iot-2/type/rpi/id/dev1/cmd/kept/fmt/json"
+        assert await app.answer(retained, b"{}", retain=True) == (0x83 if v5 else 0)
         await asyncio.sleep(0.5)
-        assert len(app.acks) == len(refused) + v5  # each answered once: nothing was sent again
+        assert len(app.acks) == len(refused) + v5 + 1  # each answered once: nothing was sent again
         assert dev.messages.empty()
+        late = await platform.device("dev1", cred)  # takes over the session: a new subscription
+        assert await late.subscribe("iot-2/cmd/+/fmt/+") == (1,)
+        await asyncio.sleep(0.3)
+        assert late.messages.empty()  # the retained command was not kept either
+        dev = late
         # the same session goes on, and a good command still goes out
         assert await app.answer("iot-2/type/rpi/id/dev1/cmd/reboot/fmt/json", b'{"now": true}') == 0
         topic, payload = await next_message(dev)
@@ -508,7 +515,7 @@ async def test_a_refused_application_command_is_answered_once_and_recorded(
     async def recorded() -> list[dict[str, Any]]:
         return [e for e in await platform.security_events() if e["kind"] == "command_refused"]
 
-    await eventually(lambda: _at_least(recorded, len(refused) + v5), what="the refusals recorded")
+    await eventually(lambda: _at_least(recorded, len(refused) + v5 + 1), what="the refusals recorded")
     events = await recorded()
     assert {e["subject"] for e in events} == {f"api_key:{writer[0]}"}
     text = next(e for e in events if e["format"] == "text")
