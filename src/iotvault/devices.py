@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from iotvault.audit.changes import changed
@@ -200,10 +200,17 @@ class _CredentialReader(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class DeviceLogin:
-    """A device that proved its credential (HTTP device messaging)."""
+    """A device that proved its credential (an MQTT CONNECT, an HTTP device message).
+
+    ``used_hash`` and ``valid_until_us`` say which credential it was — the broker re-checks a
+    session against them (:meth:`iotvault.broker.authority.DeviceAuthority.revalidate`):
+    ``valid_until_us`` is None for the current credential, the end of its grace for the previous.
+    """
 
     device_id: str
     type_id: str
+    used_hash: str = field(default="", repr=False)
+    valid_until_us: int | None = None
 
     @property
     def kind(self) -> str:  # the audit record's actor: device:<deviceId>
@@ -219,9 +226,11 @@ def check_device_credential(
 ) -> DeviceLogin | None:
     """The device if ``secret`` is its current credential, or its previous one within its grace.
 
-    The broker's rule (:class:`iotvault.broker.authority.DeviceAuthority`): both hashes are
-    always checked, each against a dummy when missing, in constant time, so a wrong secret, an
-    unknown device and one without a previous credential cost the same.
+    The one rule for every door a device knocks on — the embedded broker
+    (:class:`iotvault.broker.authority.DeviceAuthority`) and HTTP device messaging: both hashes
+    are always checked, each against a dummy when missing, in constant time, so a wrong secret,
+    an unknown device and one without a previous credential cost the same. Blocking (a database
+    read and two password hashes): call it in a thread from async code.
     """
     valid = re.fullmatch(IDENTIFIER_PATTERN, device_id) is not None
     found = store.device_credentials([device_id]).get(device_id) if valid else None
@@ -233,7 +242,9 @@ def check_device_credential(
     previous_ok = previous_ok and grace_until is not None and grace_until > at_us
     if found is None or not (current_ok or previous_ok):
         return None
-    return DeviceLogin(found.device_id, found.type_id)
+    used = current if current_ok else previous
+    assert used is not None  # noqa: S101 - one of the two matched
+    return DeviceLogin(found.device_id, found.type_id, used, None if current_ok else grace_until)
 
 
 def import_devices(

@@ -36,9 +36,10 @@ from typing import Any, Final
 from iotvault.broker.acl import SERVICE_USERNAME
 from iotvault.broker.authority import DeviceAuthority
 from iotvault.broker.embedded import EmbeddedBroker, InboundPublish, Listener, PublishHook
-from iotvault.broker.hooks import NOT_FORWARDED
+from iotvault.broker.hooks import NOT_FORWARDED, Refused
 from iotvault.broker.limits import BrokerLimits
 from iotvault.broker.mosquitto_log import MosquittoLogWatcher
+from iotvault.broker.mqtt5 import IMPLEMENTATION_SPECIFIC, PAYLOAD_FORMAT_INVALID, TOPIC_NAME_INVALID
 from iotvault.broker.publisher import CommandPublisher
 from iotvault.broker.security_log import SecurityEventLog
 from iotvault.broker.throttle import LoginThrottle
@@ -140,8 +141,8 @@ async def _embedded(
     )
     commands: list[CommandService] = []  # the broker's own, made once the broker runs
 
-    def send_command(topic: CommandTopic, payload: bytes, api_key: str) -> Awaitable[object]:
-        return _app_command(ctx, commands[0], topic, payload, api_key)
+    def send_command(message: InboundPublish, topic: CommandTopic) -> Awaitable[object]:
+        return _app_command(ctx, commands[0], events, message, topic)
 
     hook = _presence_is_the_brokers(on_publish) if on_publish is not None else None
     tls = server_context(s.mqtt_tls_cert_file, s.mqtt_tls_key_file) if s.mqtt_tls_cert_file else None
@@ -212,13 +213,14 @@ async def _announce(broker: EmbeddedBroker, topic: str, online: bool) -> object:
 
 
 def _app_commands_to_service(
-    on_publish: PublishHook, send: Callable[[CommandTopic, bytes, str], Awaitable[object]]
+    on_publish: PublishHook, send: Callable[[InboundPublish, CommandTopic], Awaitable[object]]
 ) -> PublishHook:
-    """A Watson application's command goes through iotvault's commands service, never as sent.
+    """A Watson application's command goes through iotvault's commands service, never past it.
 
     The broker authorized it already (the policy: a writer of that device); the service signs,
-    records and audits it like a command sent through the REST API, and publishes it on the
-    device's topic. The application's own message is acknowledged and forwarded to nobody.
+    records and audits it like a command sent through the REST API, or hands its bytes on as
+    they are to a device with unsigned delivery, and publishes it on the device's topic. The
+    application's own message is acknowledged and forwarded to nobody.
     """
 
     def hook(p: InboundPublish) -> Awaitable[object]:
@@ -227,26 +229,58 @@ def _app_commands_to_service(
         topic = parse_topic(p.topic)  # authorized: a command topic
         if not isinstance(topic, CommandTopic):
             raise TopicError(p.topic, "an application publishes only commands")
-        if p.qos == 2 or p.retain:
-            raise TopicError(p.topic, "a command is sent with QoS 0 or 1, not retained")
-        return send(topic, p.payload, p.username or "")
+        return send(p, topic)
 
     return hook
 
 
 async def _app_command(
-    ctx: Context, commands: CommandService, topic: CommandTopic, payload: bytes, api_key: str
+    ctx: Context,
+    commands: CommandService,
+    events: SecurityEventLog,
+    p: InboundPublish,
+    topic: CommandTopic,
 ) -> object:
+    """Send an application's command, or refuse it for good (:class:`Refused`).
+
+    A command that can never be sent — QoS 2 or retained, for no device of that type, not what
+    the device accepts (anything but a JSON object on ``fmt/json`` for a device that takes only
+    signed commands: iotvault signs JSON documents, never an application's bytes) — is answered
+    all the same (MQTT 5: with a reason code) and recorded as a ``command_refused`` security
+    event: dropping the connection unanswered would make a QoS 1 sender resend it forever. A
+    failure that may pass (the database, the broker) still withholds the acknowledgement.
+    """
+    api_key = p.username or ""
+
+    def refuse(code: int, reason: str, **detail: str) -> Refused:
+        events.record(
+            "command_refused",
+            f"api_key:{api_key}",
+            action="publish",
+            reason=reason,
+            topic=p.topic[:256],
+            clientId=p.client_id[:128],
+            deviceId=topic.device_id,
+            command=topic.command,
+            format=topic.fmt,
+            **detail,
+        )
+        log.info("command from application key %r on %r refused: %s", api_key, p.topic, reason)
+        return Refused(code, reason)
+
+    if p.qos == 2 or p.retain:
+        return refuse(IMPLEMENTATION_SPECIFIC, "a command is sent with QoS 0 or 1, not retained")
     device = await asyncio.to_thread(ctx.store.get_device, topic.device_id)
     if device is None or device.type_id != topic.type_id:
-        raise DeviceNotFoundError(topic.device_id)
+        return refuse(TOPIC_NAME_INVALID, "no such device of that type")
     try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValidationError("payload", "a command's payload is a JSON object") from None
-    if not isinstance(body, dict):
-        raise ValidationError("payload", "a command's payload is a JSON object")
-    record = await commands.send(topic.device_id, topic.command, body, sent_by=f"api_key:{api_key}")
+        record = await commands.send_message(
+            topic.device_id, topic.command, topic.fmt, p.payload, sent_by=f"api_key:{api_key}"
+        )
+    except DeviceNotFoundError:  # deleted meanwhile
+        return refuse(TOPIC_NAME_INVALID, "no such device of that type")
+    except ValidationError as exc:
+        return refuse(PAYLOAD_FORMAT_INVALID, exc.reason[:200], delivery=device.command_delivery)
     log.info("command %s to %r sent for application key %r", record.command_id, topic.device_id, api_key)
     return NOT_FORWARDED
 

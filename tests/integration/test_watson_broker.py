@@ -277,6 +277,14 @@ async def test_a_watson_device_speaking_mqtt5(platform: Platform) -> None:
 
         await eventually(answered, 5, "both PUBACKs")
         assert (acks[mine.mid], acks[theirs.mid]) == (0, 0x87)  # MQTT 5 keeps the session
+        # QoS 2: PUBREC 0x87; paho sends its PUBREL anyway, which gets PUBCOMP 0x92 (not found)
+        theirs2 = client.publish("iot-2/type/rpi/id/dev2/evt/temp/fmt/json", b'{"t": 7}', qos=2)
+
+        async def completed() -> bool:
+            return theirs2.mid in acks
+
+        await eventually(completed, 5, "the refused QoS 2 flow ended")
+        assert acks[theirs2.mid] == 0x92
         assert [e["eventType"] for e in await events_of(platform, writer, "dev1")] == ["temp"]
         command = {"command": "open", "payload": {}}
         r = await platform.http.post(
@@ -433,16 +441,144 @@ async def test_an_applications_command_goes_out_signed_and_a_reader_cannot_send_
     assert dev.messages.empty()  # and only that one: the app's own message was not forwarded
     events = [e for e in await platform.security_events() if e["kind"] == "command"]
     assert [e["subject"] for e in events] == [f"api_key:{writer[0]}"]
-    for qos, payload in ((2, b'{"now": true}'), (1, b"not json"), (1, b"[1, 2]")):
-        # QoS 2 (amqtt's flow would forward it) and a payload that is not a JSON object: refused
-        app = await platform.connect(f"a:{ORG}:writer", *writer)
-        app.publish("iot-2/type/rpi/id/dev1/cmd/reboot/fmt/json", payload, qos=qos)
-        await asyncio.wait_for(app.disconnected.wait(), 5)
+
+
+class PahoApp:
+    """A Watson application as paho connects it (MQTT 3.1.1 or 5): what each PUBLISH got back."""
+
+    def __init__(self, platform: Platform, key: tuple[str, str], protocol: int) -> None:
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, f"a:{ORG}:ops", protocol=protocol)
+        self.client.username_pw_set(*key)
+        self.acks: dict[int, int] = {}
+        self.client.on_publish = lambda _c, _u, mid, reason, _p: self.acks.__setitem__(mid, reason.value)
+        self.port = platform.port
+
+    async def __aenter__(self) -> PahoApp:
+        await asyncio.to_thread(self.client.connect, HOST, self.port)
+        self.client.loop_start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    async def answer(self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False) -> int:
+        """The reason code of the PUBACK (QoS 1) or PUBREC (QoS 2) for one command."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+
+        async def answered() -> bool:
+            return info.mid in self.acks
+
+        await eventually(answered, 5, f"an answer to {topic}")
+        return self.acks[info.mid]
+
+
+@pytest.mark.parametrize("protocol", [paho.MQTTv311, paho.MQTTv5])
+async def test_a_refused_application_command_is_answered_once_and_recorded(
+    platform: Platform, protocol: int
+) -> None:
+    """Refused for good: answered (MQTT 5 with a reason code), so a QoS 1 sender does not resend it
+    forever; recorded as a security event; the session goes on; nothing reaches the device."""
+    cred = platform.register("dev1")  # takes signed commands only: the default
+    dev = await platform.device("dev1", cred)
+    assert await dev.subscribe("iot-2/cmd/+/fmt/+") == (1,)
+    writer = platform.key(devices=("dev1",), roles=Roles(reader=True, writer=True))
+    v5 = protocol == paho.MQTTv5
+    refused = [
+        ("iot-2/type/rpi/id/dev1/cmd/say/fmt/text", b"hello", 0x99),  # iotvault signs JSON only
+        ("iot-2/type/rpi/id/dev1/cmd/say/fmt/bin", bytes(range(256)), 0x99),
+        ("iot-2/type/rpi/id/dev1/cmd/reboot/fmt/json", b"not json", 0x99),
+        ("iot-2/type/rpi/id/dev1/cmd/reboot/fmt/json", b"[1, 2]", 0x99),  # not a JSON object
+        ("iot-2/type/cam/id/dev1/cmd/reboot/fmt/json", b"{}", 0x90),  # not its registered type
+    ]
+    async with PahoApp(platform, writer, protocol) as app:
+        for topic, payload, code in refused:
+            assert await app.answer(topic, payload) == (code if v5 else 0)
+        if v5:  # QoS 2: PUBREC 0x83 ends the flow (3.1.1 has no such answer: see below); paho
+            # ignores that code, sends its PUBREL anyway and reports the PUBCOMP's: 0x92, id not found
+            assert await app.answer("iot-2/type/rpi/id/dev1/cmd/reboot/fmt/json", b"{}", qos=2) == 0x92
+        retained = "iot-2/type/rpi/id/dev1/cmd/kept/fmt/json"
+        assert await app.answer(retained, b"{}", retain=True) == (0x83 if v5 else 0)
+        await asyncio.sleep(0.5)
+        assert len(app.acks) == len(refused) + v5 + 1  # each answered once: nothing was sent again
+        assert dev.messages.empty()
+        late = await platform.device("dev1", cred)  # takes over the session: a new subscription
+        assert await late.subscribe("iot-2/cmd/+/fmt/+") == (1,)
+        await asyncio.sleep(0.3)
+        assert late.messages.empty()  # the retained command was not kept either
+        dev = late
+        # the same session goes on, and a good command still goes out
+        assert await app.answer("iot-2/type/rpi/id/dev1/cmd/reboot/fmt/json", b'{"now": true}') == 0
+        topic, payload = await next_message(dev)
+        assert (topic, set(json.loads(payload))) == ("iot-2/cmd/reboot/fmt/json", {"jws"})
+
+    async def recorded() -> list[dict[str, Any]]:
+        return [e for e in await platform.security_events() if e["kind"] == "command_refused"]
+
+    await eventually(lambda: _at_least(recorded, len(refused) + v5 + 1), what="the refusals recorded")
+    events = await recorded()
+    assert {e["subject"] for e in events} == {f"api_key:{writer[0]}"}
+    text = next(e for e in events if e["format"] == "text")
+    assert text["deviceId"] == "dev1"
+    assert text["delivery"] == "signed"
+    assert "signed command" in text["reason"]
+    assert "hello" not in json.dumps(events)  # what was refused is named, never kept
+    assert len([e for e in await platform.security_events() if e["kind"] == "command"]) == 1  # the good one
+
+
+async def _at_least(found: Callable[[], Awaitable[list[Any]]], n: int) -> bool:
+    return len(await found()) >= n
+
+
+async def test_a_31_application_command_at_qos_2_is_refused_by_dropping_it(platform: Platform) -> None:
+    """MQTT 3.1.1 cannot refuse a QoS 2 PUBLISH and answer it (a PUBREC starts a delivery)."""
+    cred = platform.register("dev1")
+    dev = await platform.device("dev1", cred)
+    assert await dev.subscribe("iot-2/cmd/+/fmt/+") == (1,)
+    writer = platform.key(devices=("dev1",), roles=Roles(reader=True, writer=True))
     app = await platform.connect(f"a:{ORG}:writer", *writer)
-    app.publish("iot-2/type/cam/id/dev1/cmd/reboot/fmt/json", b"{}")  # not its registered type
+    app.publish("iot-2/type/rpi/id/dev1/cmd/reboot/fmt/json", b'{"now": true}', qos=2)
     await asyncio.wait_for(app.disconnected.wait(), 5)
     await asyncio.sleep(0.3)
     assert dev.messages.empty()
+
+
+@pytest.mark.parametrize("protocol", [paho.MQTTv311, paho.MQTTv5])
+async def test_an_applications_command_in_any_format_reaches_an_unsigned_device_as_sent(
+    platform: Platform, protocol: int
+) -> None:
+    from iotvault.devices import set_command_delivery  # noqa: PLC0415
+    from iotvault.domain.commands import Delivery  # noqa: PLC0415
+
+    cred = platform.register("dev1")
+    set_command_delivery(platform.ctx, "dev1", Delivery.UNSIGNED)
+    plain_cred = platform.register("dev2")  # iotvault's own login form, its full topics
+    set_command_delivery(platform.ctx, "dev2", Delivery.UNSIGNED)
+    dev = await platform.device("dev1", cred)
+    assert await dev.subscribe("iot-2/cmd/+/fmt/+") == (1,)
+    plain = await platform.connect("dev2", "dev2", plain_cred)
+    assert await plain.subscribe("iot-2/type/rpi/id/dev2/cmd/+/fmt/+") == (1,)
+    other = await platform.device("dev3", platform.register("dev3"))  # may not see dev1's commands
+    assert await other.subscribe("iot-2/cmd/+/fmt/+") == (1,)
+    writer = platform.key(devices=("dev1", "dev2"), roles=Roles(reader=True, writer=True))
+    sent = [
+        ("say", "text", "grüß dich".encode()),
+        ("blob", "bin", bytes(range(256))),
+        ("cfg", "xml", b"<a x='1'/>"),
+        ("list", "json", b"[1, 2]"),  # JSON but no object: as sent, too
+    ]
+    async with PahoApp(platform, writer, protocol) as app:
+        for command, fmt, payload in sent:
+            assert await app.answer(f"iot-2/type/rpi/id/dev1/cmd/{command}/fmt/{fmt}", payload) == 0
+            assert await next_message(dev) == (f"iot-2/cmd/{command}/fmt/{fmt}", payload)
+        assert await app.answer("iot-2/type/rpi/id/dev2/cmd/say/fmt/text", b"hi") == 0
+        assert await next_message(plain) == ("iot-2/type/rpi/id/dev2/cmd/say/fmt/text", b"hi")
+    await asyncio.sleep(0.3)
+    assert other.messages.empty()
+    assert dev.messages.empty()
+    events = [e for e in await platform.security_events() if e["kind"] == "command"]
+    assert sorted(e["format"] for e in events) == ["bin", "json", "text", "text", "xml"]
+    assert {e["delivery"] for e in events} == {"unsigned"}
 
 
 async def test_a_watson_key_made_and_revoked_through_the_api(platform: Platform) -> None:

@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gmqtt
 import httpx
 import pytest
+from gmqtt.mqtt.constants import MQTTv311
 from playwright.async_api import expect
 
 from iotvault.commands.keys import command_signing_key
@@ -514,3 +516,31 @@ async def test_text_events_and_unsigned_delivery_show_on_the_device_page(site: S
         with context(settings) as ctx:
             set_command_delivery(ctx, "thermo-1", Delivery.SIGNED)
         await client.disconnect()
+
+
+async def test_an_admin_makes_a_watson_form_key_that_a_watson_application_logs_in_with(site: Site) -> None:
+    async with browser_page(site) as page:
+        await sign_in(page, "root")
+        await page.goto("/admin/apikeys")
+        help_text = await page.locator("#watson-help").inner_text()
+        org = re.search(r"organization (\S+)\.", help_text)
+        assert org is not None, help_text
+        await page.get_by_label("Description").fill("watson-app")
+        await page.get_by_label("Watson form key id").check()
+        await page.get_by_role("button", name="Create key").click()
+        await page.get_by_role("heading", name="API key created").wait_for()
+        key, key_password = (t.strip() for t in await page.locator("code.secret").all_inner_texts())
+        assert key.startswith(f"a-{org[1]}-")
+        assert "client id a:<org>:<appId>" in await page.locator("main").inner_text()
+        # the key logs in as a Watson application over MQTT
+        app = gmqtt.Client(f"a:{org[1]}:webapp", clean_session=True)
+        app.set_config({"reconnect_retries": -2})
+        app.set_auth_credentials(key, key_password)
+        await asyncio.wait_for(app.connect("127.0.0.1", mqtt_port(site), version=MQTTv311), 5)
+        await app.disconnect()
+        # an ordinary key keeps the ordinary form
+        await page.goto("/admin/apikeys")
+        await page.get_by_label("Description").fill("plain")
+        await page.get_by_role("button", name="Create key").click()
+        plain = (await page.locator("code.secret").first.inner_text()).strip()
+        assert not plain.startswith("a-")

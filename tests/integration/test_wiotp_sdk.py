@@ -325,3 +325,43 @@ async def test_sdk_application_commands_a_device_through_iotvault(platform: Plat
         "/iotf/security/events", headers=platform.basic(*_admin_key(platform)), params={"kind": "command"}
     )
     assert [e["subject"] for e in r.json()["events"]] == [f"api_key:{key.key}"]
+
+
+async def test_sdk_application_commands_an_unsigned_device_in_text_as_sent(platform: Platform) -> None:
+    """ApplicationClient.publishCommand in the SDK's text format (``utf8``) reaches an unsigned SDK
+    device's commandCallback as sent; the same for a signed device is refused and recorded."""
+    from iotvault.devices import set_command_delivery  # noqa: PLC0415
+    from iotvault.domain.commands import Delivery  # noqa: PLC0415
+
+    device = register_device(platform.ctx, "rpi", "sdkdev4")
+    set_command_delivery(platform.ctx, "sdkdev4", Delivery.UNSIGNED)
+    register_device(platform.ctx, "rpi", "sdkdev5")  # signed: the default
+    key = create_api_key(
+        platform.ctx,
+        roles=Roles(reader=True, writer=True),
+        devices=("sdkdev4", "sdkdev5"),
+        created_by="t",
+        watson_org=ORG,
+    )
+    device_config = {"org": ORG, "typeId": "rpi", "deviceId": "sdkdev4", "token": device.credential}
+    async with Sdk.run(platform, "device", **device_config, stop_after=1, timeout_s=30) as dev:
+        assert await dev.line() == {"ready": True}
+        commands = [
+            ["rpi", "sdkdev5", "say", "utf8", "not for a signed device"],
+            ["rpi", "sdkdev4", "say", "utf8", "grüß dich, sdkdev4"],
+        ]
+        app_config = {"appId": "ops", "key": key.key, "token": key.password, "timeout_s": 1}
+        async with Sdk.run(platform, "app", **app_config, commands=commands) as app:
+            assert await app.line() == {"ready": True}
+            # both acknowledged: the refused one too, so the SDK does not send it again
+            assert await app.line() == {"commanded": "say", "acknowledged": True}
+            assert await app.line() == {"commanded": "say", "acknowledged": True}
+            got = await dev.line()
+            assert got["command"] == {"commandId": "say", "format": "utf8", "data": "grüß dich, sdkdev4"}
+            assert await app.until_finished() == []  # nothing else: no error, no event
+    admin = platform.basic(*_admin_key(platform))
+    r = await platform.http.get("/iotf/security/events", headers=admin, params={"count": 100})
+    kinds = [(e["kind"], e.get("deviceId"), e.get("format")) for e in r.json()["events"]]
+    assert ("command", "sdkdev4", "utf8") in kinds
+    assert ("command_refused", "sdkdev5", "utf8") in kinds
+    assert not any(k == "command" and d == "sdkdev5" for k, d, _ in kinds)

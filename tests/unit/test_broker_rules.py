@@ -21,6 +21,7 @@ OWN = "iot-2/type/thermo/id/d1"
         (f"{OWN}/evt/cmdack/fmt/json", "publish", True),
         (f"{OWN}/mon", "publish", True),
         (f"{OWN}/cmd/open/fmt/json", "publish", False),  # only iotvault sends commands
+        (f"{OWN}/cmd/open/fmt/text", "publish", False),
         ("iot-2/type/thermo/id/d2/evt/reading/fmt/json", "publish", False),
         ("iot-2/type/other/id/d1/evt/reading/fmt/json", "publish", False),  # its type is part of it
         (f"{OWN}/evt/+/fmt/json", "publish", False),
@@ -37,7 +38,12 @@ OWN = "iot-2/type/thermo/id/d1"
         (f"{OWN}/evt/+/fmt/json", "subscribe", False),
         ("$SYS/#", "subscribe", False),
         (f"{OWN}/cmd/open/fmt/json", "receive", True),
+        (f"{OWN}/cmd/open/fmt/text", "receive", True),  # a command as a Watson application sent it
+        (f"{OWN}/cmd/open/fmt/bin", "receive", True),
         ("iot-2/type/thermo/id/d2/cmd/open/fmt/json", "receive", False),
+        ("iot-2/type/thermo/id/d2/cmd/open/fmt/text", "receive", False),
+        ("iot-2/type/other/id/d1/cmd/open/fmt/text", "receive", False),
+        (f"{OWN}/cmd/open/fmt/te+xt", "receive", False),
         (f"{OWN}/evt/reading/fmt/json", "receive", False),
     ],
 )
@@ -47,6 +53,7 @@ def test_device_rules(topic: str, action: str, allowed: bool) -> None:
 
 def test_service_account_only_publishes_commands() -> None:
     assert service_may(f"{OWN}/cmd/open/fmt/json", "publish")
+    assert service_may(f"{OWN}/cmd/open/fmt/text", "publish")
     assert not service_may(f"{OWN}/evt/reading/fmt/json", "publish")
     assert not service_may("#", "subscribe")
     assert not service_may(f"{OWN}/cmd/open/fmt/json", "receive")

@@ -82,6 +82,7 @@ def test_what_the_verifier_refuses() -> None:
     assert reason_of(lambda: v.verify(TOPIC, make(device="dev-2")[1])) == "wrong_device"
     assert reason_of(lambda: v.verify(TOPIC.replace("open", "close"), good)) == "wrong_topic"
     assert reason_of(lambda: v.verify("iot-2/type/thermo/id/dev-2/cmd/open/fmt/json", good)) == "wrong_topic"
+    assert reason_of(lambda: v.verify(TOPIC.replace("fmt/json", "fmt/text"), good)) == "wrong_topic"
     expired = make(issued=NOW_MS - 120_000, lifetime_ms=60_000)[1]
     assert reason_of(lambda: v.verify(TOPIC, expired)) == "expired"
     future = make(issued=NOW_MS + 600_000)[1]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from iotvault.devices import delete_device, register_device, rotate_device_credential
+from iotvault.crypto.tokens import hash_secret
+from iotvault.devices import check_device_credential, delete_device, register_device, rotate_device_credential
 from iotvault.errors import BrokerError, DeviceNotFoundError
-from iotvault.storage.repository import DeviceRecord
+from iotvault.storage.repository import DeviceCredentials, DeviceRecord
 
 
 @dataclass
@@ -108,3 +110,33 @@ def test_delete_forgets_keys_and_grants_and_refuses_an_unknown_device() -> None:
         delete_device(res, "kitchen-1")
     with pytest.raises(DeviceNotFoundError):
         rotate_device_credential(res, "kitchen-1")
+
+
+@dataclass
+class CredentialRows:
+    rows: dict[str, DeviceCredentials]
+
+    def device_credentials(self, device_ids: Sequence[str]) -> dict[str, DeviceCredentials]:
+        return {d: self.rows[d] for d in device_ids if d in self.rows}
+
+
+def test_check_device_credential_says_which_credential_matched_and_until_when() -> None:
+    """The one rule the broker and HTTP messaging share: the current credential, or the previous
+    one until its grace ends; the session the broker keeps needs to know which."""
+    current, previous = hash_secret("new-secret"), hash_secret("old-secret")
+    store = CredentialRows({"d1": DeviceCredentials("d1", "thermo", current, previous, 2_000)})
+    login = check_device_credential(store, "d1", "new-secret", at_us=1_000)
+    assert login is not None
+    assert (login.device_id, login.type_id, login.used_hash, login.valid_until_us) == (
+        "d1", "thermo", current, None,
+    )  # fmt: skip
+    assert current not in repr(login)  # hashes stay out of logs
+    login = check_device_credential(store, "d1", "old-secret", at_us=1_999)
+    assert login is not None
+    assert (login.used_hash, login.valid_until_us) == (previous, 2_000)
+    assert check_device_credential(store, "d1", "old-secret", at_us=2_000) is None  # grace over
+    assert check_device_credential(store, "d1", "wrong", at_us=1_000) is None
+    assert check_device_credential(store, "d2", "new-secret", at_us=1_000) is None  # unknown
+    assert check_device_credential(store, "d1/#", "new-secret", at_us=1_000) is None  # not an id
+    revoked = CredentialRows({"d1": DeviceCredentials("d1", "thermo", None, None, None)})
+    assert check_device_credential(revoked, "d1", "", at_us=1_000) is None

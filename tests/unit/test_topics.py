@@ -25,7 +25,10 @@ idents = st.from_regex(IDENTIFIER_PATTERN, fullmatch=True)
 
 event_topics = st.builds(EventTopic, idents, idents, idents, idents)
 status_topics = st.builds(StatusTopic, idents, idents)
-command_topics = st.builds(CommandTopic, idents, idents, idents)
+command_topics = st.one_of(
+    st.builds(CommandTopic, idents, idents, idents),  # fmt/json: iotvault's signed commands
+    st.builds(CommandTopic, idents, idents, idents, idents),  # as a Watson application sent it
+)
 any_topic = st.one_of(event_topics, status_topics, command_topics)
 
 # Characters that must never appear in a segment: MQTT wildcards and separator, NUL, white
@@ -49,7 +52,7 @@ bad_segments = st.one_of(
 # The positions (in the '/'-split topic) that carry an identifier, per kind of topic.
 EVENT_IDENT_LEVELS = (2, 4, 6, 8)
 STATUS_IDENT_LEVELS = (2, 4)
-COMMAND_IDENT_LEVELS = (2, 4, 6)
+COMMAND_IDENT_LEVELS = (2, 4, 6, 8)
 
 
 def ident_levels(topic: Topic) -> tuple[int, ...]:
@@ -102,6 +105,9 @@ def test_known_topics_parse_to_their_fields() -> None:
     assert parse_topic("iot-2/type/thermo/id/t-1/cmd/reboot/fmt/json") == CommandTopic(
         "thermo", "t-1", "reboot"
     )
+    assert parse_topic("iot-2/type/thermo/id/t-1/cmd/reboot/fmt/text") == CommandTopic(
+        "thermo", "t-1", "reboot", "text"
+    )
     ack = parse_topic("iot-2/type/thermo/id/t-1/evt/cmdack/fmt/json")
     assert isinstance(ack, EventTopic)
     assert ack.is_command_ack
@@ -126,7 +132,7 @@ def test_a_bad_segment_anywhere_is_refused(topic: Topic, bad: str, data: st.Data
 def test_value_objects_refuse_a_bad_segment_as_topic_error(
     good1: str, good2: str, bad: str, data: st.DataObject
 ) -> None:
-    which = data.draw(st.integers(min_value=0, max_value=8), label="which")
+    which = data.draw(st.integers(min_value=0, max_value=9), label="which")
     cases: list[Callable[[], Topic]] = [
         lambda: EventTopic(bad, good1, good2, "json"),
         lambda: EventTopic(good1, bad, good2, "json"),
@@ -137,6 +143,7 @@ def test_value_objects_refuse_a_bad_segment_as_topic_error(
         lambda: CommandTopic(bad, good1, good2),
         lambda: CommandTopic(good1, bad, good2),
         lambda: CommandTopic(good1, good2, bad),
+        lambda: CommandTopic(good1, good2, "reboot", bad),
     ]
     with pytest.raises(TopicError):
         cases[which]()
@@ -170,8 +177,8 @@ def test_a_wrong_prefix_is_refused(topic: Topic, prefix: str) -> None:
         "iot-2/type/t/id/d/MON",
         "iot-2/type/t/id/d/evt/e/FMT/json",
         "iot-2/type/t/id/d/Evt/e/fmt/json",
-        "iot-2/type/t/id/d/cmd/c/fmt/xml",
-        "iot-2/type/t/id/d/cmd/c/fmt/JSON",
+        "iot-2/type/t/id/d/cmd/c/FMT/json",
+        "iot-2/type/t/id/d/Cmd/c/fmt/json",
         "iot-2/type/t/id/d/status",
     ],
 )

@@ -6,7 +6,9 @@ subscribes only to its own command topic. "Own" means the exact prefix
 cannot publish as another type either. No wildcard reaches beyond that prefix: a device may
 subscribe to ``…/cmd/+/fmt/json`` (all its commands), to one command's topic, or to
 ``…/cmd/<command|+>/fmt/<format|+>`` (what a Watson IoT device asks for), never to ``#``, ``+``
-levels above its own, or ``$SYS``.
+levels above its own, or ``$SYS``. It receives its own commands in any format: iotvault's
+signed ones are ``fmt/json``; a Watson application's command for a device with unsigned
+delivery keeps the format it was published in (``fmt/text``, ``fmt/bin``, ...).
 
 iotvault's own account (``iotvault:service``) only publishes commands; on the embedded broker
 ingest runs inside the broker and needs no subscription. On Mosquitto the same account also

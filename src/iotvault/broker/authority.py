@@ -9,11 +9,12 @@ It supplies :class:`~iotvault.broker.embedded.EmbeddedBroker`'s hooks:
     device's registered type. Watson applications connect with client id ``a:<org>:<appId>``
     and an API key (username = its id, password = its password), checked as the REST API
     checks one (:func:`iotvault.accounts.check_api_key`). One database
-    read per CONNECT (in a thread) fetches the device's type and credential hashes; the
-    password is then checked against the current *and* the previous credential, always both,
-    each against a dummy hash when there is none, with constant-time comparisons — so a wrong
-    password, an unknown device and a device without a previous credential cost the same.
-    The previous credential counts only until its grace period ends. iotvault's own account
+    read per CONNECT (in a thread, with the password check) fetches the device's type and
+    credential hashes; :func:`iotvault.devices.check_device_credential` — the one rule, also
+    HTTP device messaging's — checks the password against the current *and* the previous
+    credential, always both, each against a dummy hash when there is none, in constant time —
+    so a wrong password, an unknown device and a device without a previous credential cost the
+    same. The previous credential counts only until its grace period ends. iotvault's own account
     (``iotvault:service``, password kept wrapped in the database) connects with a client id
     that starts ``iotvault:``, which no device can have.
 ``authorize``
@@ -44,7 +45,7 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from iotvault.accounts import AccountServices, api_key_grant, check_api_key
 from iotvault.auth.policy import Decision, Permission, Principal, authorize
@@ -58,7 +59,7 @@ from iotvault.broker.acl import (
 )
 from iotvault.broker.watson import DEVICE_USERNAME, WatsonApp, WatsonDevice, parse_client_id
 from iotvault.clock import now_us
-from iotvault.crypto.tokens import hash_secret, verify_secret
+from iotvault.devices import check_device_credential
 from iotvault.domain.topics import PREFIX, CommandTopic, EventTopic, StatusTopic, parse_topic
 from iotvault.errors import IotVaultError, TopicError
 from iotvault.storage.sql import SqlStore
@@ -71,8 +72,6 @@ log = logging.getLogger(__name__)
 
 StatusHook = Callable[[str, str, bool], Awaitable[None]]
 """``(device_id, type_id, online)``."""
-
-_DUMMY_HASH: Final = hash_secret("iotvault: no such credential")
 
 
 @dataclass(slots=True)
@@ -117,35 +116,23 @@ class DeviceAuthority:
             return await self._app_login(client_id, watson, username, password)
         # A device: deviceId as client id and user name, or the Watson form (d:org:type:id).
         wanted = watson.device_id if isinstance(watson, WatsonDevice) else username
-        found = None
-        if is_device_id(wanted) and password is not None:
-            rows = await asyncio.to_thread(self._store.device_credentials, [str(wanted)])
-            found = rows.get(str(wanted))
-        secret = password if password is not None else ""
-        current = found.credential_hash if found is not None and found.credential_hash else None
-        previous = found.previous_credential_hash if found is not None else None
-        now = self._clock_us()
-        # Both checks always run, the same way, whatever exists.
-        current_ok = verify_secret(secret, current or _DUMMY_HASH) and current is not None
-        previous_ok = verify_secret(secret, previous or _DUMMY_HASH) and previous is not None
-        grace_until = found.previous_expires_us if found is not None else None
-        previous_ok = previous_ok and grace_until is not None and grace_until > now
+        login = await asyncio.to_thread(
+            check_device_credential, self._store, wanted or "", password or "", at_us=self._clock_us()
+        )
         if isinstance(watson, WatsonDevice):
             form_ok = (
                 username == DEVICE_USERNAME
                 and bool(self._org_id)
                 and hmac.compare_digest(watson.org, self._org_id)
-                and found is not None
-                and watson.type_id == found.type_id
+                and login is not None
+                and watson.type_id == login.type_id
             )
         else:
             form_ok = client_id == username
-        if found is None or not form_ok or not (current_ok or previous_ok):
+        if login is None or not form_ok:
             return False
-        used = current if current_ok else previous
-        assert used is not None  # noqa: S101 - one of the two matched
         self._sessions[client_id] = _Session(
-            found.device_id, found.type_id, used, None if current_ok else grace_until
+            login.device_id, login.type_id, login.used_hash, login.valid_until_us
         )
         return True
 

@@ -14,7 +14,9 @@ How it is built, and why, is in ``docs/design/embedded-broker.md``; in short:
   connection and is told to ``on_denied`` as a ``protocol`` denial.
 - **Acknowledged means stored.** ``on_publish`` must complete before the PUBACK (QoS 1) or
   PUBREC (QoS 2) goes out and before the message is forwarded. A failing hook withholds the
-  acknowledgement and drops the connection; the device resends. QoS 1/2 messages being stored
+  acknowledgement and drops the connection; the device resends. A hook that refuses a message
+  for good (:class:`~iotvault.broker.hooks.Refused`) has it answered all the same — MQTT 5 with
+  the refusal's reason code — so that the sender does not resend it. QoS 1/2 messages being stored
   per connection are bounded (``max_inflight``): past it the connection is simply not read
   until some are stored (back-pressure; MQTT 3.1.1 has no receive maximum). A message no
   subscription can match is acknowledged by the broker itself (:class:`FilterIndex`).
@@ -61,6 +63,7 @@ from iotvault.broker.hooks import (
     DenialHook,
     InboundPublish,
     PublishHook,
+    Refused,
     TopicAction,
     TopicAuthorizer,
 )
@@ -100,6 +103,7 @@ __all__ = [
     "InboundPublish",
     "Listener",
     "PublishHook",
+    "Refused",
     "TopicAction",
     "TopicAuthorizer",
 ]
@@ -553,7 +557,7 @@ class EmbeddedBroker:
         if hook is None:
             return not stream.closed  # refused (dropped), or no hook: amqtt's flow as it is
         if incoming.qos == 2 or incoming.retain:
-            return await self._wait_for_hook(stream, incoming.topic, hook)
+            return await self._wait_for_hook(stream, incoming, hook)
         # QoS 0 and 1: nothing waits for the hook, so nothing can cancel it; its completion
         # answers the message (_stored), even if the device disconnects meanwhile.
         hook.add_done_callback(functools.partial(self._stored, stream, incoming, message, flow))
@@ -575,6 +579,8 @@ class EmbeddedBroker:
             if stream.v5 is not None and incoming.qos and incoming.packet_id is not None:
                 # MQTT 5 can say no and keep the connection: PUBACK/PUBREC 0x87, nothing stored
                 stream.send(refusal_ack(incoming.qos, incoming.packet_id))
+                if incoming.qos == 2:
+                    stream.refused_qos2(incoming.packet_id)
                 raise PublishRefusedError
             _drop(stream, "publish not allowed", topic, NOT_AUTHORIZED)
             return None
@@ -593,11 +599,14 @@ class EmbeddedBroker:
         self._hooks.add(hook)
         return hook
 
-    async def _wait_for_hook(self, stream: PacketStream, topic: str, hook: asyncio.Future[Any]) -> bool:
+    async def _wait_for_hook(
+        self, stream: PacketStream, incoming: Incoming, hook: asyncio.Future[Any]
+    ) -> bool:
         """For amqtt's own flow (PUBREC and PUBREL, or keeping a retained message) after the hook.
 
         The shield keeps a dropped connection's cancellation of this task from reaching the hook.
         """
+        topic = incoming.topic
         hook.add_done_callback(self._hooks.discard)
         try:
             await asyncio.shield(hook)
@@ -606,6 +615,8 @@ class EmbeddedBroker:
         except Exception as exc:  # noqa: BLE001 -- any failure means "not stored": do not ack
             _log.debug("publish hook error details", exc_info=exc)
             return _drop(stream, f"publish hook failed ({type(exc).__name__})", topic)
+        if isinstance(refused := hook.result(), Refused):
+            return _answer_refused(stream, incoming, refused)
         if hook.result() == NOT_FORWARDED:  # amqtt's QoS 2 and retain flows would forward it
             return _drop(stream, "a message not to be forwarded sent with QoS 2 or retained", topic)
         return True
@@ -622,6 +633,9 @@ class EmbeddedBroker:
             failure = f"publish hook failed ({type(exc).__name__})"
         elif stream.closed:
             return  # the device went meanwhile: stored, not acknowledged, so it sends it again
+        elif isinstance(refused := hook.result(), Refused):
+            _answer_refused(stream, incoming, refused)
+            return
         elif hook.result() != NOT_FORWARDED and self._subscribed.may_match(incoming.topic):
             # Someone may receive it: amqtt's flow queues it for its subscribers and then
             # acknowledges it. Decided now, so a subscription made meanwhile still gets it.
@@ -681,6 +695,26 @@ def _drop(stream: PacketStream, reason: str, topic: str, code: int = UNSPECIFIED
     _log.warning("MQTT client %r: %s on topic %r; dropping the connection without acknowledging",
                  stream.client_id, reason, topic)  # fmt: skip
     stream.disconnect(code)  # MQTT 5: DISCONNECT with ``code`` first
+    return False
+
+
+def _answer_refused(stream: PacketStream, incoming: Incoming, refused: Refused) -> bool:
+    """Answer a message its hook refused for good: nothing stored, nothing forwarded, and the
+    sender told so it does not resend — MQTT 5 by the reason code of its PUBACK or PUBREC, MQTT
+    3.1.1 by a plain PUBACK (the hook recorded why). A 3.1.1 QoS 2 message cannot be answered so
+    (its PUBREC would start a flow that delivers it): its connection is dropped. Always False:
+    amqtt's own flow does not run."""
+    packet_id = incoming.packet_id
+    if not incoming.qos or packet_id is None:
+        return False
+    if stream.v5 is not None:
+        stream.send(refusal_ack(incoming.qos, packet_id, refused.reason_code))
+        if incoming.qos == 2:
+            stream.refused_qos2(packet_id)
+    elif incoming.qos == 1:
+        stream.send(_PUBACK.pack(0x40, 2, packet_id))
+    else:
+        _drop(stream, f"refused ({refused.reason}) at QoS 2", incoming.topic)
     return False
 
 

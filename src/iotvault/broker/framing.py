@@ -23,14 +23,25 @@ import socket
 from collections.abc import Callable
 from typing import Any, Final
 
-from iotvault.broker.codec import MalformedPacketError, Packet, Publish, decode, fixed_header_size
-from iotvault.broker.codec5 import Disconnect5, encode5
+from iotvault.broker.codec import (
+    PUBCOMP,
+    PUBREL,
+    MalformedPacketError,
+    Packet,
+    PacketIdOnly,
+    Publish,
+    decode,
+    fixed_header_size,
+)
+from iotvault.broker.codec5 import Ack5, Disconnect5, encode5
 from iotvault.broker.mqtt5 import DISCONNECT_WITH_WILL, V5Session, reason_for
 from iotvault.broker.watson import DeviceTopics
 
 __all__ = ["GatheringWriter", "PacketStream", "PacketTooLargeError", "addr", "host", "keep_alive", "settle"]
 
 _log = logging.getLogger(__name__)
+
+_PACKET_ID_NOT_FOUND: Final = 0x92
 
 _READ_CHUNK: Final = 64 * 1024  # bytes asked of the socket at once
 _FLUSH_AT: Final = 64 * 1024  # bytes the writer gathers before a drain sends them at once
@@ -139,6 +150,7 @@ class PacketStream:
         self._inflight = 0
         self._room = asyncio.Event()
         self._room.set()
+        self._refused_qos2: set[int] = set()  # MQTT 5: packet ids of QoS 2 PUBLISHes refused
 
     # ---- back-pressure ---------------------------------------------------------------------
 
@@ -202,15 +214,8 @@ class PacketStream:
                 await self._room.wait()
                 if self.closed:  # dropped while waiting
                     return self._eof()
-            try:
-                got = await self.next_packet()
-            except MalformedPacketError as exc:
-                if reason_for(exc) == DISCONNECT_WITH_WILL:
-                    self.abort()  # the stream's end, not a DISCONNECT, makes amqtt send the will
-                else:
-                    self.violation(exc.reason, reason_for(exc))
-                return self._eof()
-            if got is None or self._refused:
+            got = await self._next_for_protocol()
+            if got is None:
                 return self._eof()
             if isinstance(got[1], Publish) and got[1].qos:
                 self.hold()  # released by the broker once the message is stored or refused
@@ -223,6 +228,46 @@ class PacketStream:
         pos = self._pos
         self._pos = pos + n
         return self._current[pos : pos + n]
+
+    async def _next_for_protocol(self) -> tuple[bytes, Packet] | None:
+        """The next packet for the protocol layer; None once the stream ends or was refused."""
+        while True:
+            try:
+                got = await self.next_packet()
+            except MalformedPacketError as exc:
+                if reason_for(exc) == DISCONNECT_WITH_WILL:
+                    self.abort()  # the stream's end, not a DISCONNECT, makes amqtt send the will
+                else:
+                    self.violation(exc.reason, reason_for(exc))
+                return None
+            if got is None or self._refused:
+                return None
+            if not self._answered_here(got[1]):
+                return got
+
+    def refused_qos2(self, packet_id: int) -> None:
+        """An MQTT 5 QoS 2 PUBLISH was refused with a PUBREC reason code, which ends its flow.
+
+        A client that sends its PUBREL anyway (paho-mqtt does) is answered here, PUBCOMP 0x92
+        (packet identifier not found): amqtt never saw the PUBLISH, would only log the PUBREL
+        and leave the client waiting for its PUBCOMP.
+        """
+        self._refused_qos2.add(packet_id)
+
+    def _answered_here(self, packet: Packet) -> bool:
+        if not self._refused_qos2:
+            return False
+        if isinstance(packet, Publish) and packet.packet_id is not None:
+            self._refused_qos2.discard(packet.packet_id)  # the id is in use again: that flow ended
+        elif (
+            isinstance(packet, PacketIdOnly)
+            and packet.packet_type == PUBREL
+            and packet.packet_id in self._refused_qos2
+        ):
+            self._refused_qos2.discard(packet.packet_id)
+            self.send(encode5(Ack5(PUBCOMP, packet.packet_id, _PACKET_ID_NOT_FOUND)))
+            return True
+        return False
 
     def _eof(self) -> bytes:
         if not self._eof_told:

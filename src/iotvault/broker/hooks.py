@@ -18,6 +18,7 @@ __all__ = [
     "DenialHook",
     "InboundPublish",
     "PublishHook",
+    "Refused",
     "TopicAction",
     "TopicAuthorizer",
 ]
@@ -44,9 +45,26 @@ NOT_FORWARDED: Final = "not forwarded"
 (a command a Watson application sent, which iotvault re-issues signed). QoS 0 and 1 only: a
 QoS 2 or retained message with this result is not acknowledged and its connection is dropped."""
 
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A publish hook's result that says: refused for good — stored nowhere, forwarded to nobody,
+    and yet answered, so that the sender does not send it again and again.
+
+    For a message that can never be taken (an application's command that is not what the device
+    accepts): dropping the connection unacknowledged would only make a QoS 1 client resend it
+    forever. An MQTT 5 client gets ``reason_code`` (0x80 or above) in its PUBACK or PUBREC; an
+    MQTT 3.1.1 client's PUBACK cannot say no, so the hook records why (a security event). A
+    3.1.1 QoS 2 message cannot be refused and answered: its connection is dropped.
+    """
+
+    reason_code: int
+    reason: str
+
+
 PublishHook = Callable[[InboundPublish], Awaitable[object]]
 """Stores the message; its awaitable completes once it is committed (the result is ignored,
-unless it is :data:`NOT_FORWARDED`).
+unless it is :data:`NOT_FORWARDED` or :class:`Refused`).
 
 Raising, or an awaitable that fails, withholds the acknowledgement. An ``asyncio.Future`` is
 used as it is (iotvault's hook returns the ingest pipeline's); a coroutine runs as a task.

@@ -83,6 +83,9 @@ _log = logging.getLogger(__name__)
 MALFORMED: Final = 0x81
 PROTOCOL_ERROR: Final = 0x82
 NOT_AUTHORIZED: Final = 0x87
+IMPLEMENTATION_SPECIFIC: Final = 0x83
+TOPIC_NAME_INVALID: Final = 0x90
+PAYLOAD_FORMAT_INVALID: Final = 0x99
 BAD_CREDENTIALS: Final = 0x86
 UNSPECIFIED: Final = 0x80
 BAD_AUTH_METHOD: Final = 0x8C
@@ -115,9 +118,10 @@ class PublishRefusedError(MalformedPacketError):
         super().__init__("publish refused")
 
 
-def refusal_ack(qos: int, packet_id: int) -> bytes:
-    """PUBACK (QoS 1) or PUBREC (QoS 2) 0x87: refused, not stored, the connection goes on."""
-    return encode5(Ack5(PUBACK if qos == 1 else PUBREC, packet_id, NOT_AUTHORIZED))
+def refusal_ack(qos: int, packet_id: int, code: int = NOT_AUTHORIZED) -> bytes:
+    """PUBACK (QoS 1) or PUBREC (QoS 2) with ``code`` (0x87 unless told): refused, not stored,
+    the connection goes on."""
+    return encode5(Ack5(PUBACK if qos == 1 else PUBREC, packet_id, code))
 
 
 def reason_for(exc: MalformedPacketError) -> int:

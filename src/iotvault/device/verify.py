@@ -18,7 +18,7 @@ from typing import Any
 
 from iotvault.crypto.signing import CommandPublicKey
 from iotvault.domain.commands import CommandDocument, Reason, read_command_message
-from iotvault.domain.topics import CommandTopic, parse_topic
+from iotvault.domain.topics import JSON_FORMAT, CommandTopic, parse_topic
 from iotvault.errors import CommandRejectedError, SignatureError, TopicError
 
 
@@ -88,6 +88,7 @@ class CommandVerifier:
                 raise CommandRejectedError(Reason.WRONG_TOPIC, cid) from None
             if (
                 not isinstance(parsed, CommandTopic)
+                or parsed.fmt != JSON_FORMAT  # iotvault signs JSON documents only
                 or parsed.device_id != doc.device_id
                 or parsed.type_id != doc.type_id
                 or parsed.command != doc.command

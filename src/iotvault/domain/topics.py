@@ -3,10 +3,12 @@
 =====================================================================  ==================
 ``iot-2/type/{typeId}/id/{deviceId}/evt/{eventType}/fmt/{format}``     :class:`EventTopic`
 ``iot-2/type/{typeId}/id/{deviceId}/mon``                              :class:`StatusTopic`
-``iot-2/type/{typeId}/id/{deviceId}/cmd/{command}/fmt/json``           :class:`CommandTopic`
+``iot-2/type/{typeId}/id/{deviceId}/cmd/{command}/fmt/{format}``       :class:`CommandTopic`
 =====================================================================  ==================
 
-A command acknowledgement is an event whose ``eventType`` is ``cmdack``. Every segment is an
+iotvault's own (signed) commands are ``fmt/json``; a command in another format is one a Watson
+application published for a device that takes commands as sent (unsigned delivery). A command
+acknowledgement is an event whose ``eventType`` is ``cmdack``. Every segment is an
 identifier (1-64 of ``A-Z a-z 0-9 . _ -``): wildcards, empty levels, ``$`` prefixes and extra
 levels are refused, so a parsed topic is always safe to use as a key or to rebuild a topic.
 """
@@ -109,8 +111,8 @@ def parse_topic(topic: str) -> Topic:
         return StatusTopic(_ident(topic, "typeId", type_id), _ident(topic, "deviceId", device_id))
     if len(rest) == 4 and rest[0] == "evt" and rest[2] == "fmt":
         return EventTopic(type_id, device_id, rest[1], rest[3])
-    if len(rest) == 4 and rest[0] == "cmd" and rest[2] == "fmt" and rest[3] == "json":
-        return CommandTopic(type_id, device_id, rest[1])
+    if len(rest) == 4 and rest[0] == "cmd" and rest[2] == "fmt":
+        return CommandTopic(type_id, device_id, rest[1], rest[3])
     raise TopicError(
-        topic, "expected .../evt/{eventType}/fmt/{format}, .../mon or .../cmd/{command}/fmt/json"
+        topic, "expected .../evt/{eventType}/fmt/{format}, .../mon or .../cmd/{command}/fmt/{format}"
     )

@@ -275,12 +275,12 @@ async def access(request: Request, deviceId: DeviceId, principal: Devices) -> Re
 async def keys(request: Request, principal: Keys) -> Response:
     ctx = services(request).ctx
 
-    def load() -> list[tuple[Any, list[str]]]:
+    def load() -> tuple[list[tuple[Any, list[str]]], str]:
         reached = {h.id: sorted(reach(h)[0] | reach(h)[1]) for h in holders(ctx) if h.kind == "api_key"}
-        return [(k, reached.get(k.key, [])) for k in ctx.accounts.list_api_keys()]
+        return [(k, reached.get(k.key, [])) for k in ctx.accounts.list_api_keys()], ctx.org_id
 
-    rows = await run_in_threadpool(load)
-    return page(request, "admin_keys.html", principal=principal, keys=rows, iso=iso)
+    rows, org = await run_in_threadpool(load)
+    return page(request, "admin_keys.html", principal=principal, keys=rows, iso=iso, org=org)
 
 
 @router.post("/admin/apikeys")
@@ -292,6 +292,7 @@ async def add_key(request: Request, principal: Keys) -> Response:
     grant = await _do(lambda: accounts.api_key_grant(ctx, roles, devices, groups_, strict=True))
     if not may_grant(principal, Grant(grant.admin, grant.reader, grant.writer, grant.devices)):
         raise PageError(403, "Not allowed", "An API key may not hold more than its maker.")
+    watson = "watson" in f  # a key id a-<org>-..., which Watson's application SDK reads the org from
     new = await _do(
         lambda: accounts.create_api_key(
             ctx,
@@ -300,15 +301,22 @@ async def add_key(request: Request, principal: Keys) -> Response:
             groups=groups_,
             description=f.get("description", ""),
             created_by=f"{principal.kind}:{principal.id}",
+            watson_org=ctx.org_id if watson else None,
         )
     )
+    note = "Use them as HTTP Basic credentials (key:password); the password is not shown again."
+    if watson:
+        note += (
+            " A Watson IoT application connects over MQTT with client id a:<org>:<appId>,"
+            " the key as user name and the password."
+        )
     return shown_once(
         request,
         principal,
         title="API key created",
         secrets=[("Key", new.key), ("Password", new.password)],
         back="/admin/apikeys",
-        note="Use them as HTTP Basic credentials (key:password); the password is not shown again.",
+        note=note,
     )
 
 
