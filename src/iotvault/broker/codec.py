@@ -20,6 +20,7 @@ and refuses any other level.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -168,6 +169,34 @@ def fixed_header_size(data: bytes | bytearray | memoryview) -> tuple[int, int] |
     if len(data) >= 5:
         raise MalformedPacketError("remaining length longer than four bytes")
     return None
+
+
+def rewrite_whole_packets(pending: bytearray, data: bytes, rewrite: Callable[[bytes], bytes | None]) -> bytes:
+    """Append ``data`` to ``pending`` and return each whole packet in it passed through ``rewrite``.
+
+    For what the broker writes to a client and iotvault re-encodes on the way (MQTT 5 sessions,
+    Watson's device-relative topics): a packet written in pieces waits in ``pending`` for its
+    end; ``rewrite`` returning None drops the packet. Bytes that do not frame as a packet are not
+    ours to judge and go out as they are.
+    """
+    pending += data
+    out = bytearray()
+    while len(pending) >= 2:  # the shortest packet
+        try:
+            size = fixed_header_size(bytes(pending[:5]))
+        except MalformedPacketError:
+            out += pending
+            pending.clear()
+            break
+        if size is None or len(pending) < size[0] + size[1]:
+            break
+        total = size[0] + size[1]
+        raw = bytes(pending[:total])
+        del pending[:total]
+        rewritten = rewrite(raw)
+        if rewritten is not None:
+            out += rewritten
+    return bytes(out)
 
 
 def _remaining_length(n: int) -> bytes:

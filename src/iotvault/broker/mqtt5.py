@@ -49,7 +49,7 @@ from iotvault.broker.codec import (
     Unsubscribe,
     decode,
     encode,
-    fixed_header_size,
+    rewrite_whole_packets,
 )
 from iotvault.broker.codec5 import (
     Ack5,
@@ -233,25 +233,7 @@ class V5Session:
 
     def outbound(self, data: bytes) -> bytes:
         """What amqtt (or the broker) wrote as 3.1.1, re-encoded as MQTT 5, whole packets only."""
-        buf = self._pending
-        buf += data
-        out = bytearray()
-        while len(buf) >= 2:
-            try:
-                size = fixed_header_size(bytes(buf[:5]))
-            except MalformedPacketError:  # not ours to judge: what was written goes out as it is
-                out += buf
-                buf.clear()
-                break
-            if size is None or len(buf) < size[0] + size[1]:
-                break
-            total = size[0] + size[1]
-            raw = bytes(buf[:total])
-            del buf[:total]
-            converted = self._to_v5(raw)
-            if converted is not None:
-                out += converted
-        return bytes(out)
+        return rewrite_whole_packets(self._pending, data, self._to_v5)
 
     def _to_v5(self, raw: bytes) -> bytes | None:
         try:

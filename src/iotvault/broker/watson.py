@@ -43,7 +43,7 @@ from iotvault.broker.codec import (
     Unsubscribe,
     decode,
     encode,
-    fixed_header_size,
+    rewrite_whole_packets,
 )
 from iotvault.domain.topics import PREFIX
 
@@ -154,23 +154,7 @@ class DeviceTopics:
 
         Whole packets only: a packet written in pieces waits for its end.
         """
-        buf = self._pending
-        buf += data
-        out = bytearray()
-        while len(buf) >= 2:  # the shortest packet
-            try:
-                size = fixed_header_size(bytes(buf[:5]))
-            except MalformedPacketError:  # not ours to judge: it goes out as it is
-                out += buf
-                buf.clear()
-                break
-            if size is None or len(buf) < size[0] + size[1]:
-                break
-            total = size[0] + size[1]
-            raw = bytes(buf[:total])
-            del buf[:total]
-            out += self._map_back(raw)
-        return bytes(out)
+        return rewrite_whole_packets(self._pending, data, self._map_back)
 
     def _map_back(self, raw: bytes) -> bytes:
         if raw[0] >> 4 != 3:  # only PUBLISH names a topic
