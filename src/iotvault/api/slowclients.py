@@ -46,16 +46,19 @@ default (h11's 16 KiB) would refuse a legitimate large bearer pair.
 """
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers."""
+class _HeaderDeadline:
+    """What both protocols add: a deadline for each request's headers, and the security event.
 
+    Mixed into a uvicorn protocol, whose ``loop``, ``transport``, ``client`` and ``cycle`` it uses.
+    """
+
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    client: tuple[str, int] | None
+    cycle: Any
     header_timeout_s: float = 10.0
     record: SecurityRecorder | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._deadline: asyncio.TimerHandle | None = None
-        self._arm()
+    _deadline: asyncio.TimerHandle | None = None
 
     def _arm(self) -> None:
         self._disarm()
@@ -69,19 +72,9 @@ class GuardedH11Protocol(H11Protocol):
     def _in_request(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
 
-    def handle_events(self) -> None:
-        super().handle_events()
-        if self._in_request():  # the headers are in: the application has the request now
-            self._disarm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
+    def _rearm_after_response(self) -> None:
         if not self.transport.is_closing() and not self._in_request():
             self._arm()  # the next request's headers (uvicorn's keep-alive timer covers idleness)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
 
     def _headers_too_slow(self) -> None:
         self._deadline = None
@@ -89,12 +82,6 @@ class GuardedH11Protocol(H11Protocol):
             return
         self._report("http_slow_client", {"phase": "headers", "timeout_s": self.header_timeout_s})
         self.transport.close()
-
-    def send_400_response(self, msg: str) -> None:
-        if len(self.conn.trailing_data[0]) >= self.conn._max_incomplete_event_size:
-            self._report("http_headers_too_large", {"limit_bytes": self.conn._max_incomplete_event_size})
-        self._disarm()
-        super().send_400_response(msg)
 
     def _report(self, kind: str, detail: dict[str, Any]) -> None:
         address = self.client[0] if self.client else "unknown"
@@ -104,29 +91,41 @@ class GuardedH11Protocol(H11Protocol):
             recorder(kind, address, detail)
 
 
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline and a size limit for each request's headers."""
-
-    header_timeout_s: float = 10.0
-    record: SecurityRecorder | None = None
+class GuardedH11Protocol(_HeaderDeadline, H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._deadline: asyncio.TimerHandle | None = None
-        self._head_bytes = 0  # received since the last request's headers were complete
         self._arm()
 
-    def _arm(self) -> None:
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._in_request():  # the headers are in: the application has the request now
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._rearm_after_response()
+
+    def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        self._deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+        super().connection_lost(exc)
 
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+    def send_400_response(self, msg: str) -> None:
+        if len(self.conn.trailing_data[0]) >= self.conn._max_incomplete_event_size:
+            self._report("http_headers_too_large", {"limit_bytes": self.conn._max_incomplete_event_size})
+        self._disarm()
+        super().send_400_response(msg)
 
-    def _in_request(self) -> bool:
-        return self.cycle is not None and not self.cycle.response_complete
+
+class GuardedHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline and a size limit for each request's headers."""
+
+    _head_bytes = 0  # received since the last request's headers were complete
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
 
     def on_headers_complete(self) -> None:
         self._head_bytes = 0
@@ -147,30 +146,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and not self._in_request():
-            self._arm()
+        self._rearm_after_response()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    def _headers_too_slow(self) -> None:
-        self._deadline = None
-        if self._in_request() or self.transport.is_closing():
-            return
-        self._report("http_slow_client", {"phase": "headers", "timeout_s": self.header_timeout_s})
-        self.transport.close()
-
     def send_400_response(self, msg: str) -> None:
         self._disarm()
         super().send_400_response(msg)
-
-    def _report(self, kind: str, detail: dict[str, Any]) -> None:
-        address = self.client[0] if self.client else "unknown"
-        log.warning("HTTP: %s from %s (%s)", kind, address, detail)
-        recorder = type(self).record
-        if recorder is not None:
-            recorder(kind, address, detail)
 
 
 def guarded_protocol(
