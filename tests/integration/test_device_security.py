@@ -22,11 +22,11 @@ from typing import Any
 import gmqtt
 import httpx
 import pytest
-from gmqtt.mqtt.constants import MQTTv311
 from helpers import free_port
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
+from gmqttclient import GmqttClient as RawClient
 from iotvault import wiring
 from iotvault.accounts import create_api_key
 from iotvault.broker.acl import SERVICE_USERNAME
@@ -119,37 +119,6 @@ class Platform:
         r = await self.http.get("/iotf/security/events", headers=admin, params={"count": 1000, **params})
         assert r.status_code == 200, r.text
         return list(r.json()["events"])
-
-
-class RawClient:
-    """A gmqtt client that never reconnects, keeping what it saw."""
-
-    def __init__(self, client_id: str) -> None:
-        self.client = gmqtt.Client(client_id, clean_session=True)
-        self.client.set_config({"reconnect_retries": NEVER})
-        self.messages: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-        self.subacks: asyncio.Queue[tuple[int, ...]] = asyncio.Queue()
-        self.disconnected = asyncio.Event()
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda _c, _mid, qos, _p: self.subacks.put_nowait(tuple(qos))
-        self.client.on_disconnect = lambda *_a: self.disconnected.set()
-
-    def _on_message(self, _c: Any, topic: str, payload: bytes, _qos: int, _p: Any) -> int:
-        self.messages.put_nowait((topic, payload))
-        return 0
-
-    async def connect(self, port: int, username: str | None, password: str | None) -> None:
-        if username is not None:
-            self.client.set_auth_credentials(username, password)
-        await asyncio.wait_for(self.client.connect(HOST, port, version=MQTTv311, keepalive=30), 5)
-
-    async def subscribe(self, topic_filter: str) -> tuple[int, ...]:
-        self.client.subscribe(topic_filter, qos=1)
-        return await asyncio.wait_for(self.subacks.get(), 5)
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.disconnect(), 2)
 
 
 async def refused(platform: Platform, client_id: str, username: str | None, password: str | None) -> int:
