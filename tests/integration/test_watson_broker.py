@@ -709,6 +709,38 @@ async def test_websocket_attacks_are_refused(ws_platform: Platform) -> None:
     await eventually(recorded, what="the oversized and out-of-order packets as protocol violations")
 
 
+def _open_descriptors() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))  # the node runs in this process
+
+
+def _abandon_websockets(port: int, rounds: int) -> None:
+    """Each round: a half-sent handshake dropped, a whole one closed, one kept mute."""
+    mute: list[socket.socket] = []
+    for _ in range(rounds):
+        with socket.create_connection((HOST, port), timeout=5) as sock:
+            sock.sendall(b"GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: web")  # and gone
+        ws = websockets.sync.client.connect(f"ws://{HOST}:{port}/mqtt", subprotocols=[Subprotocol("mqtt")])
+        ws.close()
+        mute.append(socket.create_connection((HOST, port), timeout=5))  # says nothing at all
+    for sock in mute:
+        sock.close()
+
+
+async def test_abandoned_and_mute_websocket_clients_leave_no_descriptor(ws_platform: Platform) -> None:
+    port = ws_platform.settings.mqtt_ws_port
+    await asyncio.to_thread(_abandon_websockets, port, 2)  # warm: the first of each kind
+    await asyncio.sleep(0.5)
+    baseline = _open_descriptors()
+    await asyncio.to_thread(_abandon_websockets, port, 100)
+
+    async def back_to_baseline() -> bool:
+        return _open_descriptors() <= baseline
+
+    await eventually(back_to_baseline, within=15, what="descriptors back to the baseline")
+    device = await ws_platform.device("after-flood", ws_platform.register("after-flood"))  # still serving
+    await device.close()
+
+
 async def test_tls_on_a_port_of_its_own_beside_plain_mqtt(tmp_path: Path) -> None:
     files = write_certs(tmp_path / "certs", ["localhost"])
     settings = load_settings(
