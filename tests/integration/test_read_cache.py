@@ -17,7 +17,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apifixture import Built, build_api
+from apifixture import Built, build_api, stored_event
+
+from iotvault.config import load_settings
+from iotvault.context import context
+from iotvault.devices import delete_device
+from iotvault.domain.ids import EventIdFactory, event_id_millis
+from iotvault.storage.repository import BatchWrite, StoredEvent
 
 pytestmark = [pytest.mark.integration]
 
@@ -110,6 +116,72 @@ async def test_a_user_removed_from_the_group_is_refused_at_once(api: tuple[Built
     r = await client.delete("/iotf/groups/readers-1/members/alice", headers=root)
     assert r.status_code == 204, r.text
     assert (await client.get("/iotf/devices/d1", headers=alice)).status_code == 404
+
+
+@pytest.fixture
+async def any_db(tmp_path: Path, database_url: str) -> AsyncIterator[tuple[Built, httpx.AsyncClient]]:
+    built = build_api(tmp_path, database_url, auth_cache_ttl_s="300")
+    transport = httpx.ASGITransport(app=built.app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield built, client
+    finally:
+        built.close()
+
+
+async def test_a_newest_page_is_reused_only_while_the_database_would_return_it(
+    any_db: tuple[Built, httpx.AsyncClient], tmp_path: Path, database_url: str
+) -> None:
+    """Writes and a deletion by another process, which tells this one nothing, are seen at once."""
+    built, client = any_db
+    alice = _bearer(built, "alice")
+    reads: list[str] = []
+    real_read = built.ctx.store.last_events
+
+    def counted(device_id: str, count: int) -> list[StoredEvent]:
+        reads.append(device_id)
+        return real_read(device_id, count)
+
+    built.ctx.store.last_events = counted  # type: ignore[method-assign]  # counts the real reads
+    first = await client.get("/iotf/devices/d1?count=50", headers=alice)
+    assert first.status_code == 200, first.text
+    assert (await client.get("/iotf/devices/d1?count=50", headers=alice)).content == first.content
+    assert len(reads) == 1, "the second read of an unchanged page read the events again"
+    assert (await client.get("/iotf/devices/d1?count=5", headers=alice)).json()["events"] == (
+        first.json()["events"][:5]
+    )
+    assert len(reads) == 2  # another count is a page of its own
+
+    # another process on the same database (a second node, the command line): no fan-out here
+    env = {"IOTVAULT_DATA_DIR": str(tmp_path / "data"), "IOTVAULT_DATABASE_URL": database_url}
+    with context(load_settings(environ=env)) as other:
+        newest = EventIdFactory().new()
+        other.store.write_batch(BatchWrite(events=[stored_event(other, "d1", newest, b'{"d": {"late": 1}}')]))
+        after = (await client.get("/iotf/devices/d1?count=50", headers=alice)).json()["events"]
+        assert [e["eventId"] for e in after] == [newest] + [e["eventId"] for e in first.json()["events"][:49]]
+        assert after[0]["payload"] == {"d": {"late": 1}}
+        assert len(reads) == 3
+        assert (await client.get("/iotf/devices/d1?count=50", headers=alice)).json()["events"] == after
+        assert len(reads) == 3
+
+        delete_device(other, "d1")  # crypto-shredded by the other process
+        gone = await client.get("/iotf/devices/d1?count=50", headers=alice)
+        assert gone.status_code == 404, gone.text
+        assert (await client.get("/iotf/devices/d1?count=5", headers=alice)).status_code == 404
+
+
+async def test_a_short_page_sees_an_older_event_stored_late(any_db: tuple[Built, httpx.AsyncClient]) -> None:
+    """A page holding all of a device's events is checked from the first one: an event stored
+    late with an older id (another node's clock) still changes it."""
+    built, client = any_db
+    alice = _bearer(built, "alice")
+    page = (await client.get("/iotf/devices/d1?count=100", headers=alice)).json()["events"]
+    assert len(page) == len(built.events["d1"]) < 100
+    late = EventIdFactory().new_at(event_id_millis(built.events["d1"][0]) - 5_000)
+    built.ctx.store.write_batch(BatchWrite(events=[stored_event(built.ctx, "d1", late, b'{"d": 0}')]))
+    again = (await client.get("/iotf/devices/d1?count=100", headers=alice)).json()["events"]
+    assert len(again) == len(page) + 1
+    assert again[-1]["eventId"] == late
 
 
 async def test_metrics_show_latency_per_route_template_never_per_raw_path(

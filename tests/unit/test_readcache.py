@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from iotvault.api.readcache import MAX_PRINCIPALS, PER_DEVICE, EventDocCache, PrincipalCache
+from iotvault.api.readcache import (
+    MAX_PRINCIPALS,
+    PAGE_ID_BYTES,
+    PAGES_PER_DEVICE,
+    PER_DEVICE,
+    EventDocCache,
+    Page,
+    PrincipalCache,
+)
 
 
 class Clock:
@@ -93,3 +101,37 @@ def test_forgetting_a_device_tells_the_listeners_the_live_feeds() -> None:
     cache.listeners.append(lambda ids: told.append(list(ids)))
     cache.forget(iter(["d1", "d2"]))  # a one-pass iterable: the cache and the listeners both see it
     assert told == [["d1", "d2"]]
+
+
+def test_a_page_is_current_only_for_its_own_count_and_newest_id() -> None:
+    full = Page(("e3", "e2", "e1"), full=True)
+    assert full.oldest == "e1"  # only events from its oldest one on can change it
+    assert full.current(3, "e3")
+    assert not full.current(4, "e4")  # a newer event
+    assert not full.current(2, "e3")  # (a device's events only go all at once, but still)
+    assert not full.current(0, None)  # the device is gone
+    short = Page(("e2", "e1"), full=False)
+    assert short.oldest == ""  # the whole device: an older event stored late changes it too
+
+
+def test_pages_go_with_their_device_are_bounded_and_not_put_back_after_a_forget() -> None:
+    cache = EventDocCache(max_bytes=10**6, ttl_s=60.0)
+    cache.put("d1", [("e1", b"{}")], generation=cache.generation)
+    before = cache.size_bytes
+    cache.put_page("d1", 50, ["e1"], generation=cache.generation)
+    page = cache.page("d1", 50)
+    assert page is not None
+    assert page.event_ids == ("e1",)
+    assert not page.full
+    assert cache.size_bytes == before + PAGE_ID_BYTES
+    for count in range(1, PAGES_PER_DEVICE + 5):
+        cache.put_page("d1", count, ["e1"], generation=cache.generation)
+    assert sum(cache.page("d1", c) is not None for c in range(1, PAGES_PER_DEVICE + 60)) == PAGES_PER_DEVICE
+    assert cache.size_bytes == before + PAGES_PER_DEVICE * PAGE_ID_BYTES
+    seen = cache.generation  # a read of d1 began
+    cache.forget(["d1"])
+    cache.put("d1", [("e1", b"{}")], generation=cache.generation)  # a later read
+    cache.put_page("d1", 50, ["e1"], generation=seen)  # the first read ends: too late
+    assert cache.page("d1", 50) is None
+    cache.put_page("d2", 50, ["x"], generation=cache.generation)  # no documents of d2: not kept
+    assert cache.page("d2", 50) is None

@@ -18,6 +18,15 @@ documents go at once with its keys, here and, through the fan-out's ``f:`` messa
 node; a node no fan-out reaches keeps them unreachable (a page is built only from event ids
 the database still returns) until they age out (``key_cache_ttl_s``, like the keys) or are
 evicted. Bounded in bytes (``read_cache_mib``); least recently read devices go first.
+
+**Newest-first pages** (:meth:`EventDocCache.page`): which event ids the last read of a
+device's newest ``count`` events returned. Before such a page is served again, one one-row
+query (:meth:`iotvault.storage.events.EventTable.page_version`: how many events from the
+page's oldest id on, and the newest id) proves that the database would return the same ids;
+only then is the page built from the documents above, without reading the events themselves.
+Events are only ever added (a device's go all at once, with the device), so an unchanged count
+and newest id mean an unchanged page, whichever process wrote to the database. A page goes
+with its device's documents.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ T = TypeVar("T")
 
 MAX_PRINCIPALS = 10_000
 PER_DEVICE = 2_000  # documents kept per device: more than the largest page (1000)
+PAGES_PER_DEVICE = 8  # newest-first pages kept per device (one per count asked for)
+PAGE_ID_BYTES = 100  # what one event id of a kept page counts against the cache's size
 
 
 @dataclass
@@ -80,11 +91,29 @@ class PrincipalCache(Generic[T]):
         return len(self._entries)
 
 
+@dataclass(frozen=True)
+class Page:
+    """The ids of a newest-first page, newest first, and what proves it current."""
+
+    event_ids: tuple[str, ...]
+    full: bool  # as many events as asked for: only ids from the oldest one on decide it
+
+    @property
+    def oldest(self) -> str:
+        """Where the check counts from: the whole device when the page holds all its events."""
+        return self.event_ids[-1] if self.full else ""
+
+    def current(self, count: int, newest: str | None) -> bool:
+        """Whether ``page_version(device, self.oldest)`` still describes this page."""
+        return count == len(self.event_ids) and newest == self.event_ids[0]
+
+
 @dataclass
 class _Device:
     born: float
     docs: dict[str, bytes] = field(default_factory=dict)
     size: int = 0
+    pages: dict[int, Page] = field(default_factory=dict)  # by the count asked for
 
 
 class EventDocCache:
@@ -138,8 +167,34 @@ class EventDocCache:
                 gone = d.docs.pop(next(iter(d.docs)))
                 d.size -= len(gone)
                 self._size -= len(gone)
-            while self._size > self.max_bytes and self._devices:
-                self._drop(next(iter(self._devices)))
+            self._trim()
+
+    def _trim(self) -> None:
+        while self._size > self.max_bytes and self._devices:
+            self._drop(next(iter(self._devices)))
+
+    def page(self, device_id: str, count: int) -> Page | None:
+        """The page last read for the newest ``count`` events of the device, if it is kept."""
+        with self._lock:
+            d = self._devices.get(device_id)
+            return None if d is None else d.pages.get(count)
+
+    def put_page(self, device_id: str, count: int, event_ids: list[str], *, generation: int) -> None:
+        """Keep a newest-first page (whose documents were just put) unless a forget came between."""
+        if not self.enabled or not event_ids:
+            return
+        with self._lock:
+            d = self._devices.get(device_id)
+            if generation != self.generation or d is None:
+                return
+            old = d.pages.pop(count, None)
+            if old is None and len(d.pages) >= PAGES_PER_DEVICE:
+                old = d.pages.pop(next(iter(d.pages)))
+            grown = PAGE_ID_BYTES * (len(event_ids) - (len(old.event_ids) if old is not None else 0))
+            d.pages[count] = Page(tuple(event_ids), full=len(event_ids) == count)
+            d.size += grown
+            self._size += grown
+            self._trim()
 
     def _drop(self, device_id: str) -> None:
         d = self._devices.pop(device_id, None)

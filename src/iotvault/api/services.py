@@ -17,6 +17,7 @@ from iotvault.config import Settings
 from iotvault.context import Context
 from iotvault.ingest.pipeline import Inbound, Outcome
 from iotvault.metrics import Metrics
+from iotvault.storage.db import is_sqlite
 
 
 class EventNotifier:
@@ -83,6 +84,8 @@ class ApiServices:
             self.principals = PrincipalCache(s.auth_cache_ttl_s)
         if given[1] is None:
             self.event_docs = EventDocCache(s.read_cache_mib * 2**20, s.key_cache_ttl_s)
+        # device reads run on the event loop on SQLite (iotvault.api.routes.devices._read)
+        self.inline_reads = is_sqlite(self.ctx.engine)
         self.feeds = LiveFeeds()
         self.notifier.listeners.append(self.feeds.mark)
         self.event_docs.listeners.append(self.feeds.forget)

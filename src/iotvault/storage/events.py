@@ -92,6 +92,11 @@ def _page_query(before: bool, after: bool, since: bool, until: bool) -> Select[A
     return q.order_by(order).limit(bindparam("b_count"))
 
 
+_PAGE_VERSION = select(func.count(), func.max(events.c.event_id)).where(
+    events.c.device_id == bindparam("b_device"), events.c.event_id >= bindparam("b_from")
+)
+
+
 class EventTable(EngineStore):
     """Implements :class:`~iotvault.storage.repository.EventStore`."""
 
@@ -197,6 +202,18 @@ class EventTable(EngineStore):
             rows = conn.execute(stmt, params).all()
         # the columns in StoredEvent's order (_page_query); both drivers return BLOB/bytea as bytes
         return [StoredEvent._make(row) for row in rows]
+
+    def page_version(self, device_id: str, oldest: str) -> tuple[int, str | None]:
+        """How many events of the device have an id from ``oldest`` on, and the newest id.
+
+        What a cached newest-first page is checked against (:mod:`iotvault.api.readcache`):
+        events are only ever added (a device's go all at once, with it), so a page whose oldest
+        id, length and newest id still match holds exactly the newest events it held. One row
+        through the primary key's index: a fraction of the page's own read.
+        """
+        with self.connect() as conn:
+            n, newest = conn.execute(_PAGE_VERSION, {"b_device": device_id, "b_from": oldest}).one()
+        return int(n), newest
 
     def count_events(self, device_id: str | None = None) -> int:
         q = select(func.count()).select_from(events)

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
@@ -77,11 +77,16 @@ async def list_devices(
 
 
 async def _read(request: Request, load: Callable[[], bytes]) -> Response:
-    """Run ``load`` in a worker thread, at most ``READ_THREADS`` at once for this app.
+    """Run ``load``: on SQLite right here, elsewhere in a worker thread, ``READ_THREADS`` at once.
 
-    ``load`` returns the JSON body, encoded in the worker thread too: the event loop (ingest,
-    every other request) need not wait for the encoding of a page (BENCHMARKS.md).
+    ``load`` returns the JSON body. On SQLite a read is tens of microseconds of work in C that
+    releases the interpreter lock at every row: in a worker thread each release handed the lock
+    to the event loop and the row waited for it back, so a last-50 read cost ~1.2 ms of CPU in
+    lock hand-overs alone and half the throughput (BENCHMARKS.md, issue 17). PostgreSQL's
+    driver waits for the server once per query, which a thread does without that cost.
     """
+    if services(request).inline_reads:
+        return Response(load(), media_type="application/json")
     gate: asyncio.Semaphore | None = getattr(request.app.state, "device_reads", None)
     if gate is None:
         gate = request.app.state.device_reads = asyncio.Semaphore(READ_THREADS)
@@ -146,11 +151,21 @@ async def latest_events(
     ctx = svc.ctx
 
     def load() -> bytes:
+        docs = svc.event_docs
+        kept = docs.page(deviceId, count)
+        if kept is not None and kept.current(*ctx.store.page_version(deviceId, kept.oldest)):
+            found = docs.get(deviceId, kept.event_ids)
+            if all(doc is not None for doc in found):
+                request.state.audit = {"events": len(found)}
+                return _page(deviceId, cast("list[bytes]", found))
+        generation = docs.generation  # before the read: a deletion meanwhile keeps the page out
         page = ctx.store.last_events(deviceId, count)
         if not page:  # a device's events go with it, so only an empty page asks whether it exists
             _device_or_404(ctx, deviceId)
         request.state.audit = {"events": len(page)}  # the audit record says how many were read
-        return _page(deviceId, encoded_events(ctx.keyring, svc.event_docs, page))
+        body = _page(deviceId, encoded_events(ctx.keyring, docs, page))
+        docs.put_page(deviceId, count, [e.event_id for e in page], generation=generation)
+        return body
 
     return await _read(request, load)
 
