@@ -8,16 +8,17 @@ OpenID Connect provider's endpoints (:mod:`iotvault.api.routes.oidc`) are public
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute, iter_route_contexts
 
 from iotvault import __version__, web
 from iotvault.api import problems
 from iotvault.api.audit import AuditTrail
-from iotvault.api.deps import Requires
+from iotvault.api.deps import SECURITY_SCHEMES, Requires, permission_of
 from iotvault.api.middleware import Hardening
 from iotvault.api.routes import access, admin, audit, commands, devices, messaging, oidc, oidc_admin
 from iotvault.api.services import ApiServices
@@ -49,6 +50,29 @@ def _produces(path: str) -> str | None:
 
 def _json_body(path: str) -> bool:
     return path.startswith("/iotf/")
+
+
+def _document_security(app: FastAPI) -> None:
+    """Every operation that declares a permission accepts a bearer token or an API key: say so
+    in the OpenAPI document (what FastAPI's security dependencies did, at a cost per request)."""
+    make = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = make()
+            doc.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+            for context in iter_route_contexts(app.routes):
+                route = context.original_route
+                if not isinstance(route, APIRoute) or not route.include_in_schema:
+                    continue
+                if permission_of(route.dependant.dependencies) is None:
+                    continue
+                for method in route.methods:
+                    operation = doc["paths"][context.path][method.lower()]
+                    operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+        return app.openapi_schema  # type: ignore[return-value]  # set by make()
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to amend it
 
 
 def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity | None = None) -> FastAPI:
@@ -119,6 +143,7 @@ def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity
     app.include_router(oidc.router)
     app.include_router(messaging.router)
 
+    _document_security(app)
     web.mount(app, svc, app.state.identity)  # the web application; its session bridge sits inside Hardening
 
     if settings.cors_origin_list:

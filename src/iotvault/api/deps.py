@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPBasic, HTTPBearer
 
 from iotvault.api.problems import Problem, not_found
 from iotvault.api.security import Authenticator, services
@@ -20,31 +19,54 @@ from iotvault.auth.policy import DEVICE_PERMISSIONS, Decision, Permission, Princ
 from iotvault.context import Context
 
 _authenticate = Authenticator()
-# declared only so that the OpenAPI document shows both schemes; the header is parsed above
-_bearer_doc = HTTPBearer(auto_error=False, description="JWT access token, optionally followed by an ID token")
-_basic_doc = HTTPBasic(auto_error=False, description="API key as key:password")
+
+# How the OpenAPI document names the two credentials every route that declares a permission
+# accepts (iotvault.api.app adds them to each such operation). Not FastAPI security
+# dependencies: those would parse the header again on every request only to document it.
+SECURITY_SCHEMES: dict[str, dict[str, str]] = {
+    "HTTPBearer": {
+        "type": "http",
+        "description": "JWT access token, optionally followed by an ID token",
+        "scheme": "bearer",
+    },
+    "HTTPBasic": {"type": "http", "description": "API key as key:password", "scheme": "basic"},
+}
 
 
-async def authenticated(
-    request: Request,
-    _b: Annotated[Any, Depends(_bearer_doc)] = None,
-    _k: Annotated[Any, Depends(_basic_doc)] = None,
-) -> Principal:
+async def authenticated(request: Request) -> Principal:
     return await _authenticate(request)
 
 
-def Requires(permission: Permission) -> Any:  # noqa: N802 - reads as a declaration in signatures
-    async def check(request: Request, principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
-        device_id = request.path_params.get("deviceId") if permission in DEVICE_PERMISSIONS else None
-        decision = authorize(principal, permission, device_id)
-        if decision is Decision.ALLOW:
-            return principal
-        if decision is Decision.NOT_FOUND:
-            raise not_found("device")
-        raise Problem(403, f"this needs the permission {permission.value}")
+def decide(permission: Permission, request: Request, principal: Principal) -> Principal:
+    """The policy's answer for this request (with the path's ``deviceId`` for device
+    permissions), as the principal or as the 404/403 problem a refusal is."""
+    device_id = request.path_params.get("deviceId") if permission in DEVICE_PERMISSIONS else None
+    verdict = authorize(principal, permission, device_id)
+    if verdict is Decision.ALLOW:
+        return principal
+    if verdict is Decision.NOT_FOUND:
+        raise not_found("device")
+    raise Problem(403, f"this needs the permission {permission.value}")
 
-    check.permission = permission  # type: ignore[attr-defined]  # read by the route-walk test
+
+def Requires(permission: Permission) -> Any:  # noqa: N802 - reads as a declaration in signatures
+    """One dependency: FastAPI solves it with nothing but the request (a tenth of a cached read
+    went to solving the three it used to be; BENCHMARKS.md, issue 17)."""
+
+    async def check(request: Request) -> Principal:
+        return decide(permission, request, await _authenticate(request))
+
+    check.permission = permission  # type: ignore[attr-defined]  # read by the route-walk test and the OpenAPI document
     return Depends(check)
+
+
+def permission_of(dependencies: Any) -> Permission | None:
+    """The permission a route declares through :func:`Requires`, if it does (from its dependant)."""
+    for d in dependencies:
+        found = getattr(d.call, "permission", None)
+        if isinstance(found, Permission):
+            return found
+    return None
 
 
 def _context(request: Request) -> Context:

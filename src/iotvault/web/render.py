@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from iotvault import __version__
-from iotvault.api.deps import Requires, authenticated
+from iotvault.api.deps import authenticated, decide
 from iotvault.api.problems import Problem
 from iotvault.auth.policy import Permission, Principal
 from iotvault.web.bff import SESSION_KEY
@@ -100,14 +100,12 @@ def page(
 
 def Page(permission: Permission) -> Any:  # noqa: N802 - reads as a declaration in signatures
     """Requires(permission) for a page; refusals become pages (see the module docstring)."""
-    decide = Requires(permission).dependency
-
     async def check(request: Request) -> Principal:
         if session_of(request) is None:
             raise LoginRequired
         try:
             principal = await authenticated(request)
-            result: Principal = await decide(request, principal)
+            result = decide(permission, request, principal)
         except Problem as exc:
             if exc.status == 401:
                 raise LoginRequired from None
