@@ -136,6 +136,14 @@ def test_readyz_follows_a_postgresql_outage_and_503s_say_retry_after(
     server.start()
     try:
         assert setup.readyz().status_code == 200
+        dev = setup.device()
+        dev.send(publish_packet(setup.topic, b'{"seq": 0}', 1))
+        assert dev.pubacks(1, 20) == [1]
+        dev.close()
+        page = f"{setup.base}/iotf/devices/{setup.device_id}?count=50"
+        for _ in range(2):  # the second from the cached page (iotvault.api.readcache)
+            r = httpx.get(page, headers={"Authorization": setup.auth}, timeout=10)
+            assert len(r.json()["events"]) == 1, r.text
         private_pg.stop()
         try:
             r = _wait_ready(setup, 503, 10)
@@ -146,6 +154,8 @@ def test_readyz_follows_a_postgresql_outage_and_503s_say_retry_after(
             api = httpx.get(setup.base + "/iotf/devices", headers={"Authorization": setup.auth}, timeout=10)
             assert api.status_code == 503
             assert int(api.headers["retry-after"]) > 0
+            cached = httpx.get(page, headers={"Authorization": setup.auth}, timeout=10)
+            assert cached.status_code == 503, cached.text  # never a page the database cannot confirm
             assert httpx.get(setup.base + "/healthz", timeout=5).status_code == 200  # still alive
         finally:
             private_pg.start()

@@ -110,6 +110,37 @@ def mapped_errors(url: str) -> Iterator[None]:
         raise
 
 
+@contextmanager
+def driver_connection(conn: Connection, statement: str) -> Iterator[Any]:
+    """The driver's own connection under ``conn``, for the hot paths where SQLAlchemy's
+    statement machinery costs more than the statement (an ingest batch's ``COPY``, the one-row
+    check of a cached page: BENCHMARKS.md). Its errors come out as SQLAlchemy's, as they would
+    from ``conn.execute``: a dead connection is dropped from the pool, and :func:`mapped_errors`
+    turns them into :class:`DatabaseUnavailableError` (``statement`` is what they quote)."""
+    dialect = conn.dialect
+    raw: Any = conn.connection.driver_connection
+    dbapi_error = dialect.loaded_dbapi.Error
+    try:
+        yield raw
+    except dbapi_error as exc:
+        gone = dialect.is_disconnect(exc, raw, None)
+        if gone:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            statement, None, exc, dbapi_error, connection_invalidated=gone, dialect=dialect
+        ) from exc
+
+
+def by_paramstyle(qmark_sql: str) -> dict[str, str]:
+    """One statement in the two placeholder styles of the drivers (sqlite3 ``?``, psycopg ``%s``)."""
+    return {"qmark": qmark_sql, "format": qmark_sql.replace("?", "%s")}
+
+
+def for_driver(statement: dict[str, str], conn: Connection) -> str:
+    """The statement of :func:`by_paramstyle` in the placeholders of ``conn``'s driver."""
+    return statement["qmark" if conn.dialect.paramstyle == "qmark" else "format"]
+
+
 class EngineStore:
     """A store on a node's one engine, whose connections speak the error tree.
 
