@@ -90,6 +90,9 @@ def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity
         ),
         docs_url=None,
         redoc_url=None,
+        # iotvault's own metrics (/metrics) and audit log; FastAPI's OpenTelemetry hooks would
+        # only ask, on every request, whether a provider was configured (BENCHMARKS.md, issue 17)
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.services = svc
     app.state.identity = identity if identity is not None else Identity(settings, svc.ctx)
