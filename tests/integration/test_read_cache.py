@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -28,15 +29,27 @@ from iotvault.storage.repository import BatchWrite, StoredEvent
 pytestmark = [pytest.mark.integration]
 
 
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[tuple[Built, httpx.AsyncClient]]:
-    built = build_api(tmp_path, auth_cache_ttl_s="300")  # only invalidation can empty it in time
+@asynccontextmanager
+async def _client(tmp_path: Path, database_url: str | None) -> AsyncIterator[tuple[Built, httpx.AsyncClient]]:
+    built = build_api(tmp_path, database_url, auth_cache_ttl_s="300")  # only invalidation empties it in time
     transport = httpx.ASGITransport(app=built.app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
             yield built, client
     finally:
         built.close()
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[tuple[Built, httpx.AsyncClient]]:
+    async with _client(tmp_path, None) as both:
+        yield both
+
+
+@pytest.fixture
+async def any_db(tmp_path: Path, database_url: str) -> AsyncIterator[tuple[Built, httpx.AsyncClient]]:
+    async with _client(tmp_path, database_url) as both:
+        yield both
 
 
 def _bearer(built: Built, user: str) -> dict[str, str]:
@@ -116,17 +129,6 @@ async def test_a_user_removed_from_the_group_is_refused_at_once(api: tuple[Built
     r = await client.delete("/iotf/groups/readers-1/members/alice", headers=root)
     assert r.status_code == 204, r.text
     assert (await client.get("/iotf/devices/d1", headers=alice)).status_code == 404
-
-
-@pytest.fixture
-async def any_db(tmp_path: Path, database_url: str) -> AsyncIterator[tuple[Built, httpx.AsyncClient]]:
-    built = build_api(tmp_path, database_url, auth_cache_ttl_s="300")
-    transport = httpx.ASGITransport(app=built.app)
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield built, client
-    finally:
-        built.close()
 
 
 async def test_a_newest_page_is_reused_only_while_the_database_would_return_it(
