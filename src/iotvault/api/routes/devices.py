@@ -82,8 +82,10 @@ async def _read(request: Request, load: Callable[[], bytes]) -> Response:
     ``load`` returns the JSON body. On SQLite a read is tens of microseconds of work in C that
     releases the interpreter lock at every row: in a worker thread each release handed the lock
     to the event loop and the row waited for it back, so a last-50 read cost ~1.2 ms of CPU in
-    lock hand-overs alone and half the throughput (BENCHMARKS.md, issue 17). PostgreSQL's
-    driver waits for the server once per query, which a thread does without that cost.
+    lock hand-overs alone and half the throughput (BENCHMARKS.md, issue 17). In WAL mode a
+    read waits for no writer, so the loop is held only for the read's own work (a 1000-event
+    page whose documents are not cached: a few milliseconds). PostgreSQL's driver waits for the
+    server once per query, which a thread does without that cost.
     """
     if services(request).inline_reads:
         return Response(load(), media_type="application/json")
