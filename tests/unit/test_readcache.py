@@ -11,6 +11,7 @@ from iotvault.api.readcache import (
     Page,
     PrincipalCache,
 )
+from iotvault.storage.repository import PageCheck
 
 
 class Clock:
@@ -103,15 +104,10 @@ def test_forgetting_a_device_tells_the_listeners_the_live_feeds() -> None:
     assert told == [["d1", "d2"]]
 
 
-def test_a_page_is_current_only_for_its_own_count_and_newest_id() -> None:
-    full = Page(("e3", "e2", "e1"), full=True)
-    assert full.oldest == "e1"  # only events from its oldest one on can change it
-    assert full.current(3, "e3")
-    assert not full.current(4, "e4")  # a newer event
-    assert not full.current(2, "e3")  # (a device's events only go all at once, but still)
-    assert not full.current(0, None)  # the device is gone
-    short = Page(("e2", "e1"), full=False)
-    assert short.oldest == ""  # the whole device: an older event stored late changes it too
+def test_a_page_is_checked_from_its_oldest_event_or_from_the_first_when_it_holds_them_all() -> None:
+    assert Page(("e3", "e2", "e1"), full=True).check == PageCheck("e1", 3, "e3")
+    # all of the device's events: an older event stored late (another node's clock) changes it
+    assert Page(("e2", "e1"), full=False).check == PageCheck("", 2, "e2")
 
 
 def test_pages_go_with_their_device_are_bounded_and_not_put_back_after_a_forget() -> None:

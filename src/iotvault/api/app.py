@@ -67,7 +67,7 @@ def _document_security(app: FastAPI) -> None:
                     continue
                 if permission_of(route.dependant.dependencies) is None:
                     continue
-                for method in route.methods:
+                for method in route.methods or ():
                     operation = doc["paths"][context.path][method.lower()]
                     operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
         return app.openapi_schema  # type: ignore[return-value]  # set by make()

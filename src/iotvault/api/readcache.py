@@ -21,7 +21,7 @@ evicted. Bounded in bytes (``read_cache_mib``); least recently read devices go f
 
 **Newest-first pages** (:meth:`EventDocCache.page`): which event ids the last read of a
 device's newest ``count`` events returned. Before such a page is served again, one one-row
-query (:meth:`iotvault.storage.events.EventTable.page_version`: how many events from the
+query (:meth:`iotvault.storage.events.EventTable.newest_events`: how many events from the
 page's oldest id on, and the newest id) proves that the database would return the same ids;
 only then is the page built from the documents above, without reading the events themselves.
 Events are only ever added (a device's go all at once, with the device), so an unchanged count
@@ -37,6 +37,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from iotvault.storage.repository import PageCheck
 
 T = TypeVar("T")
 
@@ -99,13 +101,10 @@ class Page:
     full: bool  # as many events as asked for: only ids from the oldest one on decide it
 
     @property
-    def oldest(self) -> str:
-        """Where the check counts from: the whole device when the page holds all its events."""
-        return self.event_ids[-1] if self.full else ""
-
-    def current(self, count: int, newest: str | None) -> bool:
-        """Whether ``page_version(device, self.oldest)`` still describes this page."""
-        return count == len(self.event_ids) and newest == self.event_ids[0]
+    def check(self) -> PageCheck:
+        """What :meth:`iotvault.storage.events.EventTable.newest_events` checks it against."""
+        oldest = self.event_ids[-1] if self.full else ""
+        return PageCheck(oldest, len(self.event_ids), self.event_ids[0])
 
 
 @dataclass

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 from iotvault.domain.ids import event_id_bound
 from iotvault.storage.commands import apply_command_acks
 from iotvault.storage.db import EngineStore, by_paramstyle, driver_connection, for_driver
-from iotvault.storage.repository import BatchWrite, InflightRecord, RejectedMessage, StoredEvent
+from iotvault.storage.repository import BatchWrite, InflightRecord, PageCheck, RejectedMessage, StoredEvent
 from iotvault.storage.schema import devices, events, ingest_inflight, rejected_messages
 
 _EVENTS_COPY = (
@@ -188,24 +188,31 @@ class EventTable(EngineStore):
         # the columns in StoredEvent's order (_page_query); both drivers return BLOB/bytea as bytes
         return [StoredEvent._make(row) for row in rows]
 
-    def page_version(self, device_id: str, oldest: str) -> tuple[int, str | None]:
-        """How many events of the device have an id from ``oldest`` on, and the newest id.
+    def newest_events(
+        self, device_id: str, count: int, *, unless: PageCheck | None = None
+    ) -> list[StoredEvent] | None:
+        """The newest ``count`` events of a device, newest first, or None if ``unless`` (a page
+        read before: :class:`~iotvault.storage.repository.PageCheck`) still describes them.
 
-        What a cached newest-first page is checked against (:mod:`iotvault.api.readcache`):
-        events are only ever added (a device's go all at once, with it), so a page whose oldest
-        id, length and newest id still match holds exactly the newest events it held. One row
-        through the primary key's index: a fraction of the page's own read.
+        The check is one row through the primary key's index, on the connection the page would
+        be read on (one pool checkout, on PostgreSQL one ping, either way).
         """
         with self.connect() as conn:
-            sql = for_driver(_PAGE_VERSION, conn)
-            with driver_connection(conn, sql) as raw:  # a third of the cost through Core
-                cur = raw.cursor()
-                try:
-                    cur.execute(sql, (device_id, oldest))
-                    n, newest = cur.fetchone()
-                finally:
-                    cur.close()
-        return int(n), newest
+            if unless is not None:
+                sql = for_driver(_PAGE_VERSION, conn)
+                with driver_connection(conn, sql) as raw:  # a third of the cost through Core
+                    cur = raw.cursor()
+                    try:
+                        cur.execute(sql, (device_id, unless.oldest))
+                        n, newest = cur.fetchone()
+                    finally:
+                        cur.close()
+                if n == unless.length and newest == unless.newest:
+                    return None
+            rows = conn.execute(
+                _page_query(False, False, False, False), {"b_device": device_id, "b_count": count}
+            )
+            return [StoredEvent._make(row) for row in rows.all()]
 
     def count_events(self, device_id: str | None = None) -> int:
         q = select(func.count()).select_from(events)

@@ -27,6 +27,20 @@ class DeviceRecord:
     command_delivery: str = "signed"  # or "unsigned": the payload as sent (Watson's way)
 
 
+class PageCheck(NamedTuple):
+    """What a newest-first page read before held, enough to tell whether it still would.
+
+    Events are only ever added (a device's go all at once, with it), so the page is unchanged
+    while as many events as it held have an id from its ``oldest`` on and the newest is its
+    ``newest``. ``oldest`` is "" for a page that held all the device's events (fewer than asked
+    for): then an event stored late with an older id changes it too.
+    """
+
+    oldest: str
+    length: int
+    newest: str
+
+
 class StoredEvent(NamedTuple):
     """One stored event. A named tuple rather than a frozen dataclass: ingest makes one per
     event and a page read 50 at a time, and a tuple is much cheaper to make (BENCHMARKS.md)."""
@@ -151,7 +165,9 @@ class EventStore(Protocol):
         since_us: int | None = None,
         until_us: int | None = None,
     ) -> list[StoredEvent]: ...
-    def page_version(self, device_id: str, oldest: str) -> tuple[int, str | None]: ...
+    def newest_events(
+        self, device_id: str, count: int, *, unless: PageCheck | None = None
+    ) -> list[StoredEvent] | None: ...
     def count_events(self, device_id: str | None = None) -> int: ...
     def replace_payloads(self, rows: Sequence[tuple[str, str, bytes]]) -> None: ...
     def load_inflight(self) -> list[InflightRecord]: ...

@@ -100,6 +100,7 @@ def page(
 
 def Page(permission: Permission) -> Any:  # noqa: N802 - reads as a declaration in signatures
     """Requires(permission) for a page; refusals become pages (see the module docstring)."""
+
     async def check(request: Request) -> Principal:
         if session_of(request) is None:
             raise LoginRequired

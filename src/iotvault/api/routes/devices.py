@@ -155,13 +155,15 @@ async def latest_events(
     def load() -> bytes:
         docs = svc.event_docs
         kept = docs.page(deviceId, count)
-        if kept is not None and kept.current(*ctx.store.page_version(deviceId, kept.oldest)):
+        generation = docs.generation  # before the read: a deletion meanwhile keeps the page out
+        page = ctx.store.newest_events(deviceId, count, unless=kept.check if kept is not None else None)
+        if page is None and kept is not None:  # the page read before is still the newest
             found = docs.get(deviceId, kept.event_ids)
             if all(doc is not None for doc in found):
                 request.state.audit = {"events": len(found)}
                 return _page(deviceId, cast("list[bytes]", found))
-        generation = docs.generation  # before the read: a deletion meanwhile keeps the page out
-        page = ctx.store.last_events(deviceId, count)
+            page = ctx.store.last_events(deviceId, count)  # some of its documents were evicted
+        page = page or []
         if not page:  # a device's events go with it, so only an empty page asks whether it exists
             _device_or_404(ctx, deviceId)
         request.state.audit = {"events": len(page)}  # the audit record says how many were read
