@@ -62,7 +62,7 @@ from bench.services import (
     tail,
     throwaway_pg_database,
 )
-from bench.stats import CpuWindow, fmt_cpu, machine, memory, mib
+from bench.stats import CpuWindow, family, fmt_cpu, machine, memory, mib
 from iotvault.config import load_settings
 
 AUDIENCE = "iotvault-bench"
@@ -464,7 +464,7 @@ def run_case(cfg: Config, case: str, root: Path, issuer: Issuer) -> CaseResult: 
         )
         for pub in pubs:
             stack.callback(pub.stop, timeout=5)
-        groups: dict[str, Callable[[], list[int]]] = {"iotvault": lambda: [server.pid]}
+        groups: dict[str, Callable[[], list[int]]] = {"iotvault": lambda: family(server.pid)}
         if mosq is not None:
             groups["mosquitto"] = lambda: [mosq.proc.pid] if mosq.proc else []
         if db_kind == "postgres":

@@ -35,6 +35,13 @@ def cpu_seconds(pid: int) -> float | None:
     return None
 
 
+def family(pid: int) -> list[int]:
+    """A process and its descendants: ``iotvault serve --api-processes N`` serves HTTP from children."""
+    with contextlib.suppress(psutil.Error):
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    return [pid]
+
+
 @dataclass
 class CpuWindow:
     """CPU seconds used by named groups of processes between ``start()`` and ``stop()``.
