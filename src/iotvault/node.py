@@ -293,7 +293,7 @@ class Node:
         return AuditService(audit, store, self.settings, self.role.value, self.metrics)
 
     async def _start_shared(self, stack: AsyncExitStack, ctx: Context) -> None:
-        """The audit service, and wake-ups for the live streams of every node (not on SQLite)."""
+        """The audit service, and wake-ups for the live streams of every node (iotvault.fanout)."""
         s = self.settings
         await stack.enter_async_context(await self._audit_service(ctx))
         fanout = Fanout.for_settings(
@@ -303,6 +303,7 @@ class Node:
             self.notifier.wake_all,
             self._forget_here,
             access_changed=self.principals.clear,
+            data_dir=s.data_dir,
         )
         if fanout is not None:
             self._fanout = await stack.enter_async_context(fanout)
