@@ -41,7 +41,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ class _Peer(asyncio.Protocol):
         self.transport: asyncio.WriteTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)  # noqa: S101 - a stream server's
-        self.transport = transport
+        self.transport = cast("asyncio.WriteTransport", transport)  # a stream's (uvloop's is no subclass)
         self._hub.admit(self)
 
     def data_received(self, data: bytes) -> None:

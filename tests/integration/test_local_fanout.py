@@ -67,6 +67,16 @@ async def _until(predicate: Callable[[], bool], node: Node, within_s: float = 5.
             await node.changed.wait()
 
 
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),  # what `iotvault serve` runs
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    return request.param  # type: ignore[no-any-return]
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     d = tmp_path / "d"  # short: a Unix socket's path has ~100 bytes
