@@ -209,3 +209,35 @@ async def test_children_that_keep_dying_at_start_stop_serve_with_one_clear_error
     assert not _alive(procs.pids[0])
     assert fatal == []  # at start the error itself stops serve; on_fatal is for later deaths
     assert time.monotonic() - started < 60
+
+
+def test_ctrl_c_to_the_whole_process_group_stops_everything_without_restarts(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the parent and its children at once (one process group)."""
+    env = _env(tmp_path)
+    log = tmp_path / "serve.log"
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "iotvault", "serve", "--api-processes", "2"],
+            env=env,
+            stdout=fh,
+            stderr=fh,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own group, as a shell's foreground job
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "ready:" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        kids = _children(log)
+        assert len(kids) == 2
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        assert _gone_within(kids, 5)
+        assert _children(log) == kids, "a child was started again while stopping"
+        assert "starting it again" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
