@@ -61,7 +61,7 @@ def serve(
         int | None,
         typer.Option(
             help="Role all: serve HTTP from this many child processes (1-16) on this process's "
-            "socket, this one ingesting; 0 serves HTTP here [default: IOTVAULT_API_PROCESSES, 0].",
+            "socket, this one ingesting; 0 serves HTTP here. Default: IOTVAULT_API_PROCESSES (0).",
             show_default=False,
         ),
     ] = None,
