@@ -124,6 +124,8 @@ def _serve_settings(s: Settings, role: str, api_processes: int | None, *, child:
         if not 0 <= api_processes <= 16:
             raise ConfigError("--api-processes", f"{api_processes} is not between 0 and 16")
         s = s.model_copy(update={"api_processes": api_processes})
+    if s.api_processes and os.name != "posix":
+        raise ConfigError("IOTVAULT_API_PROCESSES", "needs a POSIX system (an inherited socket); use 0")
     if s.api_processes and role != "all" and not child:  # a child: the parent's setting, not its own
         raise ConfigError(
             "--api-processes" if api_processes is not None else "IOTVAULT_API_PROCESSES",
