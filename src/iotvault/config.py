@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     # empty: generated once and kept in <data_dir>/ingest-node-id. A replacement takes a dead
     # node's queued messages by starting with the same id.
     ingest_node_id: str = ""
+    # `serve` (role all) with N >= 1: HTTP served by N child processes on its socket, the serve
+    # process itself ingesting (iotvault.apiprocs); 0: HTTP in the same process
+    api_processes: Annotated[int, Field(ge=0, le=16)] = 0
     # ---- Watson IoT Platform devices and applications (docs/watson-migration.md) ----
     # the organization in `d:<org>:<type>:<id>` and `a:<org>:<app>` client ids; empty: made once
     # (six lowercase letters and digits), kept in the database, shown by `iotvault org`

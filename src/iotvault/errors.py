@@ -31,6 +31,7 @@ attributes and a message a person can act on.
     │   └── (storage.accounts) UserExistsError, UserNotFoundError, GroupExistsError,
     │       GroupNotFoundError, ApiKeyExistsError, ApiKeyNotFoundError
     ├── (auth.claims) InvalidTokenError        a bearer token is refused (.reason is safe to show)
+    ├── (apiprocs) ApiProcessesFailedError     `serve --api-processes`: the children kept dying
     ├── (ingest.pipeline) IngestFailedError    a batch failed for a reason other than an outage
     ├── BrokerError
     │   ├── BrokerUnavailableError   the MQTT broker cannot be reached

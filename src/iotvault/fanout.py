@@ -2,8 +2,9 @@
 
 One node commits a batch; the streams that wait on those devices may sit on another API node.
 The wake-up travels over an engine the deployment already runs: PostgreSQL ``LISTEN/NOTIFY``
-(channel ``iotvault_events``), or Redis pub/sub when ``IOTVAULT_REDIS_URL`` is set. SQLite is a
-single node: its in-process :class:`~iotvault.api.services.EventNotifier` is enough.
+(channel ``iotvault_events``), or Redis pub/sub when ``IOTVAULT_REDIS_URL`` is set. On SQLite
+the processes that share the data dir (``serve --role ingest`` beside ``--role api``, the
+command line) relay through a hub on a Unix socket there (:mod:`iotvault.localfanout`).
 
 Three kinds of message. Two are a comma-joined list of device ids after a prefix: ``e:`` these
 devices have new events (wake their streams); ``f:`` these devices were deleted (every node
@@ -33,7 +34,10 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, Final, Protocol
+
+from iotvault import localfanout
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +171,17 @@ class Fanout:
         forget: Callable[[set[str]], None] | None = None,
         *,
         access_changed: Callable[[], None] | None = None,
+        data_dir: Path | None = None,
     ) -> Fanout | None:
-        """Redis pub/sub when Redis is configured, else LISTEN/NOTIFY on PostgreSQL, else None."""
+        """Redis pub/sub when Redis is configured, else LISTEN/NOTIFY on PostgreSQL, else on
+        SQLite the data dir's local socket (:mod:`iotvault.localfanout`), else None."""
         if redis_url:
             return cls(_Redis(redis_url), wake, wake_all, forget, access_changed)
         if database_url.startswith(("postgresql", "postgres")):
             url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
             return cls(_Postgres(url), wake, wake_all, forget, access_changed)
+        if data_dir is not None and _local(database_url, data_dir):
+            return cls(localfanout.LocalTransport(data_dir), wake, wake_all, forget, access_changed)
         return None
 
     def publish(self, device_ids: set[str]) -> None:
@@ -269,18 +277,39 @@ class Fanout:
             delay = min(delay * 2, 10.0)
 
 
-def announce_deleted(redis_url: str, database_url: str, device_id: str) -> bool:
+def _local(database_url: str, data_dir: Path) -> bool:
+    """Whether the processes on this data dir fan out through its socket (SQLite only)."""
+    if database_url and not database_url.startswith("sqlite"):
+        return False
+    if not localfanout.available():
+        return False
+    if not localfanout.usable(data_dir):
+        log.warning(
+            "fan-out: the data dir's path is too long for a Unix socket; processes sharing it "
+            "see each other's changes only through the streams' poll and the caches' TTL"
+        )
+        return False
+    return True
+
+
+def announce_deleted(
+    redis_url: str, database_url: str, device_id: str, *, data_dir: Path | None = None
+) -> bool:
     """Tell the running nodes that a device was deleted, from a process without a fan-out.
 
     ``iotvault devices delete`` runs outside every node; without this, the nodes would keep the
     device's unwrapped keys that open old records until they restart. One message, sent once:
     False (and a log line) if the channel could not be reached, the deletion itself stands.
     """
-    return announce(redis_url, database_url, "f:" + device_id)
+    return announce(redis_url, database_url, "f:" + device_id, data_dir=data_dir)
 
 
-def announce(redis_url: str, database_url: str, payload: str) -> bool:
-    """Send one message to every running node, from a process without a fan-out (the CLI)."""
+def announce(redis_url: str, database_url: str, payload: str, *, data_dir: Path | None = None) -> bool:
+    """Send one message to every running node, from a process without a fan-out (the CLI).
+
+    On SQLite (given its ``data_dir``), to the processes on that data dir through their hub;
+    False, quietly, when no node runs there.
+    """
     try:
         if redis_url:
             import redis  # noqa: PLC0415 - only Redis deployments need it
@@ -295,6 +324,8 @@ def announce(redis_url: str, database_url: str, payload: str) -> bool:
             with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
                 conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
             return True
+        if data_dir is not None and (not database_url or database_url.startswith("sqlite")):
+            return localfanout.send_once(data_dir, payload)
     except Exception as exc:  # noqa: BLE001 - the nodes' caches then drop the keys at restart
         log.warning("fan-out: the nodes were not told (%s)", type(exc).__name__)
     return False

@@ -29,6 +29,7 @@ from iotvault.api.ratelimit import RateLimiter
 from iotvault.api.readcache import EventDocCache, PrincipalCache
 from iotvault.api.services import ApiServices, EventNotifier, watch_changes
 from iotvault.api.slowclients import MAX_HEADER_BYTES, guarded_protocol
+from iotvault.apiprocs import ApiProcesses
 from iotvault.audit.node import AuditService
 from iotvault.auth.keys import RemoteJwks
 from iotvault.auth.policy import Principal
@@ -177,9 +178,20 @@ def http_limits(s: Settings) -> dict[str, Any]:
 
 
 class Node:
-    def __init__(self, settings: Settings, role: Role = Role.ALL) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        role: Role = Role.ALL,
+        *,
+        http_sock: socket.socket | None = None,
+        api_processes: ApiProcesses | None = None,
+    ) -> None:
         self.settings = settings
         self.role = role
+        # an HTTP socket bound by the parent (``serve --api-processes``): served, never re-bound
+        self._http_sock = http_sock
+        # this node's HTTP children, started once it is up, stopped before anything else
+        self.api_processes = api_processes
         self.metrics = Metrics()
         self.ctx: Context | None = None
         self.pipeline: IngestPipeline | None = None
@@ -203,6 +215,8 @@ class Node:
 
     def stop(self) -> None:
         """Ask the node to stop; during start-up this cancels the start-up itself."""
+        if self.api_processes is not None:
+            self.api_processes.stopping()  # its children got the signal too: no restarts
         self._stop.set()
         if not self._ready and self._main is not None:
             self._main.cancel()
@@ -293,7 +307,7 @@ class Node:
         return AuditService(audit, store, self.settings, self.role.value, self.metrics)
 
     async def _start_shared(self, stack: AsyncExitStack, ctx: Context) -> None:
-        """The audit service, and wake-ups for the live streams of every node (not on SQLite)."""
+        """The audit service, and wake-ups for the live streams of every node (iotvault.fanout)."""
         s = self.settings
         await stack.enter_async_context(await self._audit_service(ctx))
         fanout = Fanout.for_settings(
@@ -303,6 +317,7 @@ class Node:
             self.notifier.wake_all,
             self._forget_here,
             access_changed=self.principals.clear,
+            data_dir=s.data_dir,
         )
         if fanout is not None:
             self._fanout = await stack.enter_async_context(fanout)
@@ -369,6 +384,15 @@ class Node:
             ingest=ingest,
         )
 
+    def _http_socket(self, stack: AsyncExitStack) -> socket.socket | None:
+        """The socket this node serves HTTP on: bound here, or inherited (never re-bound)."""
+        sock = self._http_sock
+        if sock is None and self.role in (Role.ALL, Role.API):
+            sock = bind_socket(self.settings.http_host, self.settings.http_port, "IOTVAULT_HTTP_PORT")
+        if sock is not None:
+            stack.callback(sock.close)
+        return sock
+
     async def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
@@ -377,10 +401,7 @@ class Node:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         async with AsyncExitStack() as stack:
-            http_sock = None
-            if self.role in (Role.ALL, Role.API):
-                http_sock = bind_socket(s.http_host, s.http_port, "IOTVAULT_HTTP_PORT")
-                stack.callback(http_sock.close)
+            http_sock = self._http_socket(stack)
             self.ctx = await self._open_context()
             stack.callback(self.ctx.close)
             await self._start_shared(stack, self.ctx)
@@ -427,6 +448,8 @@ class Node:
                     await asyncio.sleep(0.01)
                 if server_task.done():
                     server_task.result()
+            if self.api_processes is not None:  # left first: the children stop before ingest
+                await stack.enter_async_context(self.api_processes)
             self._ready = True
             self.readiness.phase = Phase.READY
             if on_ready is not None:

@@ -6,8 +6,9 @@ resolved to, kept for at most ``auth_cache_ttl_s`` and never past the credential
 Authorization is still decided on every request, from the cached principal. What empties it:
 any committed change to users, groups, API keys or OpenID Connect grants
 (:attr:`iotvault.storage.db.EngineStore.on_change`), on this node at once and on every other
-through the fan-out (:mod:`iotvault.fanout`, message ``a:``). The TTL bounds only what no
-fan-out reaches: several processes on one SQLite file, or the command line against SQLite.
+through the fan-out (:mod:`iotvault.fanout`, message ``a:``; on SQLite the processes on one
+data dir, the command line included, through its socket). The TTL bounds only a lost message,
+or processes on one SQLite file whose data dirs differ.
 
 **Encoded events** (:class:`EventDocCache`): the finished JSON document of an event (its
 payload decrypted), by event id, per device. A stored event never changes, so a document

@@ -103,7 +103,7 @@ def opened(cli: typer.Context, *, read_only: bool = False) -> Iterator[Context]:
             finally:
                 ctx.audit.record(_cli_entry(cli, outcome))
                 if changes:  # running nodes empty their caches of authentication results now
-                    announce(s.redis_url, s.database_url, ACCESS_CHANGED)
+                    announce(s.redis_url, s.database_url, ACCESS_CHANGED, data_dir=s.data_dir)
     except NotFoundError as exc:
         exc.add_note(where(s))
         raise

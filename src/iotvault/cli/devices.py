@@ -304,7 +304,8 @@ def devices_delete(cli: typer.Context, device_id: IdArg, yes: YesOption = False)
     with opened(cli) as ctx:
         delete_device(ctx, device_id)
     s = state(cli).settings
-    announce_deleted(s.redis_url, s.database_url, device_id)  # running nodes drop its cached keys
+    # running nodes drop its cached keys
+    announce_deleted(s.redis_url, s.database_url, device_id, data_dir=s.data_dir)
     state(cli).out.print(f"deleted {device_id}; its data keys are destroyed")
 
 
