@@ -677,6 +677,7 @@ def run_api_split(
     # the same, against a second process serving only HTTP (`iotvault serve --role api`) on
     # the same database, while the first one goes on ingesting: the API with a GIL of its own
     api_env = dict(env, IOTVAULT_HTTP_PORT=str(free_port()))
+    api_env.pop("IOTVAULT_API_PROCESSES", None)  # --set api_processes=N: for the first node only
     with Server(api_env, workdir / "iotvault-api.log", role="api") as api_server:
         res.api_split = phase(
             api_server.pid,

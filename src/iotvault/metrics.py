@@ -7,8 +7,12 @@ one process, and a small registry keeps one dependency (and its global state) ou
 from __future__ import annotations
 
 import bisect
+import json
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 
 def _escape(label_value: str) -> str:
@@ -35,10 +39,18 @@ class Counter:
     def value(self, label_value: str = "") -> float:
         return self._values.get(label_value, 0.0)
 
-    def render(self) -> str:
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._values)
+
+    def render(self, plus: Mapping[str, float] | None = None) -> str:
+        """The counter, with ``plus`` (another process's :meth:`snapshot`) added to its values."""
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
         with self._lock:
-            items = sorted(self._values.items()) or [("", 0.0)]
+            values = dict(self._values)
+        for lv, v in (plus or {}).items():
+            values[lv] = values.get(lv, 0.0) + float(v)
+        items = sorted(values.items()) or [("", 0.0)]
         for lv, v in items:
             labels = f'{{{self.label}="{_escape(lv)}"}}' if self.label and lv else ""
             lines.append(f"{self.name}{labels} {_number(v)}")
@@ -95,10 +107,25 @@ class Histogram:
         s = self._series.get(label_values)
         return int(s[-2]) if s is not None else 0
 
-    def render(self) -> str:
+    def snapshot(self) -> dict[str, list[float]]:
+        """The series by their label values joined with a newline (which label values escape)."""
+        with self._lock:
+            return {"\n".join(k): list(v) for k, v in self._series.items()}
+
+    def render(self, plus: Mapping[str, Sequence[float]] | None = None) -> str:
+        """The histogram, with ``plus`` (another process's :meth:`snapshot`) added to its series."""
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
         with self._lock:
-            series = sorted((k, list(v)) for k, v in self._series.items())
+            merged = {k: list(v) for k, v in self._series.items()}
+        width = len(self.buckets) + 3
+        for key, other in (plus or {}).items():
+            values = tuple(key.split("\n")) if self.labels else ()
+            if len(values) != len(self.labels) or len(other) != width:
+                continue  # not a series of this histogram (another version's buckets)
+            mine = merged.setdefault(values, [0.0] * width)
+            for i, n in enumerate(other):
+                mine[i] += float(n)
+        series = sorted(merged.items())
         for values, s in series:
             pairs = [f'{n}="{_escape(v)}"' for n, v in zip(self.labels, values, strict=True)]
             cumulative = 0.0
@@ -149,21 +176,67 @@ class Metrics:
         )
         self.gauges: list[Gauge] = []
 
-    def render(self) -> str:
-        parts = [
-            c.render()
-            for c in (
-                self.events_stored,
-                self.duplicates,
-                self.rejected,
-                self.status_updates,
-                self.batches,
-                self.commit_failures,
-                self.authentications,
-                self.alerts,
-                self.http_latency,
-                self.ingest_lag,
-            )
-        ]
+    def _families(self) -> tuple[Counter | Histogram, ...]:
+        return (
+            self.events_stored,
+            self.duplicates,
+            self.rejected,
+            self.status_updates,
+            self.batches,
+            self.commit_failures,
+            self.authentications,
+            self.alerts,
+            self.http_latency,
+            self.ingest_lag,
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every counter's and histogram's values, for another process to add to its own."""
+        return {f.name: f.snapshot() for f in self._families()}
+
+    def render(self, plus: Mapping[str, Any] | None = None) -> str:
+        """The exposition text; ``plus`` (another process's :meth:`snapshot`) is added in.
+
+        ``serve --api-processes``: the HTTP children answer ``/metrics`` with their own
+        figures plus the ingesting parent's (:class:`SnapshotFile`), so that one scrape shows
+        the node's ingest as well as its requests.
+        """
+        plus = plus or {}
+        parts = [f.render(plus.get(f.name)) for f in self._families()]
         parts += [g.render() for g in self.gauges]
         return "\n".join(parts) + "\n"
+
+
+class SnapshotFile:
+    """Where an ``--api-processes`` parent leaves its :meth:`Metrics.snapshot` for its children.
+
+    Written every :data:`SNAPSHOT_EVERY_S` (atomically: a new file renamed over the old, owner
+    only) into the data dir; a child reads it when ``/metrics`` is scraped. Counts only: what
+    a scrape shows anyway, never a credential or a payload.
+    """
+
+    NAME = "ingest-metrics.json"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / self.NAME
+
+    def write(self, metrics: Metrics) -> None:
+        tmp = self.path.with_name(self.NAME + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(metrics.snapshot(), fh, separators=(",", ":"))
+        tmp.replace(self.path)
+
+    def read(self) -> dict[str, Any]:
+        """The parent's last snapshot, or nothing if there is none (yet) or it does not parse."""
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+SNAPSHOT_EVERY_S = 1.0

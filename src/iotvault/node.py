@@ -44,7 +44,7 @@ from iotvault.fanout import Fanout
 from iotvault.health import Failing, Phase, Readiness
 from iotvault.identity import Identity
 from iotvault.ingest.pipeline import Inbound, IngestPipeline, Outcome
-from iotvault.metrics import Metrics
+from iotvault.metrics import SNAPSHOT_EVERY_S, Metrics, SnapshotFile
 from iotvault.storage.audit import AuditStore
 from iotvault.wiring import start_broker_side
 
@@ -206,6 +206,22 @@ class Node:
         self.principals: PrincipalCache[Principal] = PrincipalCache(settings.auth_cache_ttl_s)
         self.event_docs = EventDocCache(settings.read_cache_mib * 2**20, settings.key_cache_ttl_s)
         self._access_changed: Callable[[], None] = self.principals.clear
+
+    def _share_metrics(self, stack: AsyncExitStack) -> None:
+        """The ``--api-processes`` parent's figures (ingest), for its children's ``/metrics``."""
+        snapshots = SnapshotFile(self.settings.data_dir)
+
+        async def write_forever() -> None:
+            while True:
+                try:  # a few kB, unsynced: on the loop, so that no write outlives the node
+                    snapshots.write(self.metrics)
+                except OSError as exc:  # a full disk: the scrape shows the last one a while
+                    log.warning("could not share the ingest metrics with the API processes: %s", exc)
+                await asyncio.sleep(SNAPSHOT_EVERY_S)
+
+        task = asyncio.create_task(write_forever(), name="iotvault-metrics-snapshot")
+        stack.callback(snapshots.remove)
+        stack.callback(task.cancel)
 
     def _committed(self, device_ids: set[str]) -> None:
         """The pipeline committed events of these devices: wake the streams here and elsewhere."""
@@ -382,6 +398,8 @@ class Node:
             principals=self.principals,
             event_docs=self.event_docs,
             ingest=ingest,
+            # an --api-processes child: /metrics adds the ingesting parent's figures
+            metrics_plus=SnapshotFile(s.data_dir).read if self._http_sock is not None else None,
         )
 
     def _http_socket(self, stack: AsyncExitStack) -> socket.socket | None:
@@ -449,6 +467,7 @@ class Node:
                 if server_task.done():
                     server_task.result()
             if self.api_processes is not None:  # left first: the children stop before ingest
+                self._share_metrics(stack)
                 await stack.enter_async_context(self.api_processes)
             self._ready = True
             self.readiness.phase = Phase.READY

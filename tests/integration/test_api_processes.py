@@ -30,6 +30,7 @@ from iotvault.config import load_settings
 from iotvault.context import context
 from iotvault.devices import register_device
 from iotvault.domain.accounts import Roles
+from iotvault.metrics import SnapshotFile
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -53,6 +54,11 @@ def _children(log: Path) -> list[int]:
     return [int(p) for p in re.findall(r"API process \d+ started \(pid (\d+)\)", log.read_text())]
 
 
+def _sample(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def _gone_within(pids: list[int], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -70,6 +76,7 @@ async def test_two_api_processes_serve_stream_and_stop_with_the_parent(
     with context(load_settings(environ=env)) as ctx:
         d = register_device(ctx, "thermo", "ap-1")
         key = create_api_key(ctx, roles=Roles(reader=True), devices=["ap-1"], created_by="test")
+        admin = create_api_key(ctx, roles=Roles(admin=True), created_by="test")
     auth = httpx.BasicAuth(key.key, key.password)
     server = ServerProcess(env, tmp_path / "serve.log", args=("--api-processes", "2"))
     server.start(timeout=60)
@@ -112,11 +119,24 @@ async def test_two_api_processes_serve_stream_and_stop_with_the_parent(
                 await asyncio.sleep(0.05)
             await asyncio.wait_for(task, 10)
             await pub.close()
+            # one scrape (of either child) shows the requests it served and what the parent ingested
+            deadline, stored, lag = time.monotonic() + 5, 0.0, 0.0
+            while time.monotonic() < deadline and (stored < 10 or lag < 1):
+                r = await http.get("/metrics", auth=httpx.BasicAuth(admin.key, admin.password))
+                assert r.status_code == 200, r.text
+                stored = _sample(r.text, "iotvault_ingest_events_stored_total")
+                lag = _sample(r.text, "iotvault_ingest_lag_seconds_count")
+                await asyncio.sleep(0.2)
+            assert stored >= 10, r.text
+            assert lag >= 1, r.text
+            assert 'iotvault_http_request_duration_seconds_count{method="GET",route="/metrics"}' in r.text
+            assert (tmp_path / "d" / SnapshotFile.NAME).stat().st_mode & 0o077 == 0
         print(f"stream on a child: max {max(latencies) * 1000:.1f} ms")
         assert max(latencies) < 1.0, latencies
         os.kill(parent, sig)
         assert server.proc.wait(timeout=60) == 0, server.log.read_text()[-3000:]
         assert _gone_within(kids, 5), f"orphans: {[p for p in kids if _alive(p)]}"
+        assert not (tmp_path / "d" / SnapshotFile.NAME).exists()  # gone with the node
         server.proc = None
     finally:
         server.stop()

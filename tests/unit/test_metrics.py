@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from iotvault.metrics import Counter, Gauge, Histogram, Metrics
+from iotvault.metrics import Counter, Gauge, Histogram, Metrics, SnapshotFile
 
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
@@ -171,3 +172,48 @@ def test_the_metrics_page_has_request_latency_and_ingest_lag() -> None:
     families = parse_exposition(m.render())
     assert families["iotvault_http_request_duration_seconds"].type == "histogram"
     assert families["iotvault_ingest_lag_seconds"].samples["_count "] == 1
+
+
+def test_another_process_snapshot_is_added_in_series_by_series(tmp_path: Path) -> None:
+    parent, child = Metrics(), Metrics()
+    parent.events_stored.inc(7)
+    parent.rejected.inc(2, "too_large")
+    parent.ingest_lag.observe(0.003)
+    parent.http_latency.observe(0.5, "GET", '/odd "route"\\x')  # label values that need escaping
+    child.rejected.inc(1, "too_large")
+    child.rejected.inc(1, "acl")
+    child.http_latency.observe(0.002, "GET", "/iotf/devices/{deviceId}")
+    snapshots = SnapshotFile(tmp_path)
+    snapshots.write(parent)
+    assert (tmp_path / SnapshotFile.NAME).stat().st_mode & 0o777 == 0o600
+    text = child.render(snapshots.read())
+    assert "iotvault_ingest_events_stored_total 7" in text.splitlines()
+    assert 'iotvault_ingest_rejected_total{reason="too_large"} 3' in text
+    assert 'iotvault_ingest_rejected_total{reason="acl"} 1' in text
+    assert "iotvault_ingest_lag_seconds_count 1" in text.splitlines()
+    assert (
+        'iotvault_http_request_duration_seconds_count{method="GET",route="/iotf/devices/{deviceId}"} 1'
+        in text
+    )
+    assert (
+        'iotvault_http_request_duration_seconds_count{method="GET",route="/odd \\"route\\"\\\\x"} 1' in text
+    )
+    assert "iotvault_ingest_events_stored_total 0" in child.render().splitlines()  # its own: none
+    # each family once: the exposition format allows no repeated HELP/TYPE
+    assert len(re.findall(r"^# TYPE iotvault_ingest_rejected_total ", text, re.MULTILINE)) == 1
+
+
+def test_a_snapshot_that_is_missing_broken_or_of_other_buckets_adds_nothing(tmp_path: Path) -> None:
+    m = Metrics()
+    m.ingest_lag.observe(0.01)
+    snapshots = SnapshotFile(tmp_path)
+    assert snapshots.read() == {}  # not written yet
+    (tmp_path / SnapshotFile.NAME).write_text("{not json")
+    assert snapshots.read() == {}
+    (tmp_path / SnapshotFile.NAME).write_text("[1, 2]")
+    assert snapshots.read() == {}
+    other_buckets = {"iotvault_ingest_lag_seconds": {"": [1.0, 2.0, 3.0]}}
+    assert m.render(other_buckets) == m.render()
+    snapshots.remove()
+    snapshots.remove()  # twice is fine
+    assert not (tmp_path / SnapshotFile.NAME).exists()

@@ -135,7 +135,8 @@ def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity
     async def metrics_endpoint(
         _p: Annotated[Principal, Requires(Permission.METRICS_READ)],
     ) -> PlainTextResponse:
-        return PlainTextResponse(svc.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+        plus = svc.metrics_plus() if svc.metrics_plus is not None else None
+        return PlainTextResponse(svc.metrics.render(plus), media_type=PROMETHEUS_CONTENT_TYPE)
 
     app.include_router(access.router)  # before devices: its path is more specific
     app.include_router(devices.router)

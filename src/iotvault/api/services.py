@@ -76,6 +76,8 @@ class ApiServices:
     # access and every deletion (watch_changes)
     principals: PrincipalCache[Principal] = None  # type: ignore[assignment]
     event_docs: EventDocCache = None  # type: ignore[assignment]
+    # another process's figures that /metrics adds to this one's (iotvault.metrics.SnapshotFile)
+    metrics_plus: Callable[[], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         s = self.settings
