@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import Callable
 
 import psycopg
 import pytest
 import redis
 from helpers import unavailable
 
+from fanoutcalls import FanoutCalls
 from iotvault.fanout import MAX_PAYLOAD, Fanout, announce_deleted, chunks
 
 pytestmark = pytest.mark.integration
@@ -18,26 +20,8 @@ pytestmark = pytest.mark.integration
 REDIS_URL = os.environ.get("IOTVAULT_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
-class Node:
-    """What a node's fan-out calls, recorded."""
-
-    def __init__(self) -> None:
-        self.woken: list[set[str]] = []
-        self.woken_all = 0
-        self.forgotten: list[set[str]] = []
-        self.changed = asyncio.Event()
-
-    def wake(self, ids: set[str]) -> None:
-        self.woken.append(ids)
-        self.changed.set()
-
-    def wake_all(self) -> None:
-        self.woken_all += 1
-        self.changed.set()
-
-    def forget(self, ids: set[str]) -> None:
-        self.forgotten.append(ids)
-        self.changed.set()
+class Node(FanoutCalls):
+    """What a node's fan-out calls, recorded; and its fan-out."""
 
     def fanout(self, redis_url: str, database_url: str) -> Fanout:
         f = Fanout.for_settings(redis_url, database_url, self.wake, self.wake_all, self.forget)
@@ -45,11 +29,8 @@ class Node:
         return f
 
 
-async def _until(predicate: object, node: Node, within_s: float = 5.0) -> None:
-    async with asyncio.timeout(within_s):
-        while not predicate():  # type: ignore[operator]
-            node.changed.clear()
-            await node.changed.wait()
+async def _until(predicate: Callable[[], bool], node: Node, within_s: float = 5.0) -> None:
+    await node.until(predicate, within_s)
 
 
 @pytest.fixture(params=["postgresql", "redis"])

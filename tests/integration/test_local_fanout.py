@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fanoutcalls import FanoutCalls
 from iotvault import localfanout
 from iotvault.fanout import MAX_PAYLOAD, Fanout, announce, announce_deleted, chunks
 from iotvault.localfanout import MAX_CLIENTS, MAX_LINE, MAX_PENDING, LocalTransport, send_once
@@ -25,31 +26,8 @@ from iotvault.localfanout import MAX_CLIENTS, MAX_LINE, MAX_PENDING, LocalTransp
 pytestmark = pytest.mark.integration
 
 
-class Node:
-    """What a node's fan-out calls, recorded."""
-
-    def __init__(self) -> None:
-        self.woken: list[set[str]] = []
-        self.woken_all = 0
-        self.forgotten: list[set[str]] = []
-        self.access = 0
-        self.changed = asyncio.Event()
-
-    def wake(self, ids: set[str]) -> None:
-        self.woken.append(ids)
-        self.changed.set()
-
-    def wake_all(self) -> None:
-        self.woken_all += 1
-        self.changed.set()
-
-    def forget(self, ids: set[str]) -> None:
-        self.forgotten.append(ids)
-        self.changed.set()
-
-    def access_changed(self) -> None:
-        self.access += 1
-        self.changed.set()
+class Node(FanoutCalls):
+    """What a node's fan-out calls, recorded; and its fan-out."""
 
     def fanout(self, data_dir: Path, database_url: str = "") -> Fanout:
         f = Fanout.for_settings(
@@ -61,10 +39,7 @@ class Node:
 
 
 async def _until(predicate: Callable[[], bool], node: Node, within_s: float = 5.0) -> None:
-    async with asyncio.timeout(within_s):
-        while not predicate():
-            node.changed.clear()
-            await node.changed.wait()
+    await node.until(predicate, within_s)
 
 
 @pytest.fixture(
