@@ -49,7 +49,8 @@ class Counter:
         with self._lock:
             values = dict(self._values)
         for lv, v in (plus or {}).items():
-            values[lv] = values.get(lv, 0.0) + float(v)
+            if isinstance(v, int | float):  # what another version or a damaged file holds: skipped
+                values[lv] = values.get(lv, 0.0) + float(v)
         items = sorted(values.items()) or [("", 0.0)]
         for lv, v in items:
             labels = f'{{{self.label}="{_escape(lv)}"}}' if self.label and lv else ""
@@ -120,8 +121,13 @@ class Histogram:
         width = len(self.buckets) + 3
         for key, other in (plus or {}).items():
             values = tuple(key.split("\n")) if self.labels else ()
-            if len(values) != len(self.labels) or len(other) != width:
-                continue  # not a series of this histogram (another version's buckets)
+            if (
+                len(values) != len(self.labels)
+                or not isinstance(other, list)
+                or len(other) != width
+                or not all(isinstance(n, int | float) for n in other)
+            ):
+                continue  # not a series of this histogram (another version's buckets, a damaged file)
             mine = merged.setdefault(values, [0.0] * width)
             for i, n in enumerate(other):
                 mine[i] += float(n)
@@ -202,9 +208,13 @@ class Metrics:
         the node's ingest as well as its requests.
         """
         plus = plus or {}
-        parts = [f.render(plus.get(f.name)) for f in self._families()]
+        parts = [f.render(_mapping(plus.get(f.name))) for f in self._families()]
         parts += [g.render() for g in self.gauges]
         return "\n".join(parts) + "\n"
+
+
+def _mapping(value: Any) -> Any:
+    return value if isinstance(value, dict) else None
 
 
 class SnapshotFile:

@@ -214,6 +214,13 @@ def test_a_snapshot_that_is_missing_broken_or_of_other_buckets_adds_nothing(tmp_
     assert snapshots.read() == {}
     other_buckets = {"iotvault_ingest_lag_seconds": {"": [1.0, 2.0, 3.0]}}
     assert m.render(other_buckets) == m.render()
+    damaged = {
+        "iotvault_ingest_lag_seconds": {"": ["x"] * (len(m.ingest_lag.buckets) + 3)},
+        "iotvault_ingest_events_stored_total": {"": "many"},
+        "iotvault_ingest_batches_total": [1, 2],
+        "iotvault_http_request_duration_seconds": {"GET\n/": None},
+    }
+    assert m.render(damaged) == m.render()  # a damaged snapshot never breaks the scrape
     snapshots.remove()
     snapshots.remove()  # twice is fine
     assert not (tmp_path / SnapshotFile.NAME).exists()
