@@ -76,6 +76,29 @@ def test_records_round_trip_and_verify(store: AuditStore) -> None:
     assert [r.seq for r in page2] == [4, 1]
 
 
+def test_a_nul_in_what_a_caller_sent_is_stored_replaced_and_never_stops_the_writer(store: AuditStore) -> None:
+    """``GET /iotf/devices/a%00b`` reaches the log as target ``a\x00b``: PostgreSQL's text refuses
+    NUL, and a batch that cannot be written is retried with everything queued behind it."""
+    audit = AuditLog(store, CheckpointSigner(SEED), Clock())
+    hostile = AuditEntry(
+        at_us=1_700_000_000_000_001, actor="api_key:k\x00x", action="http.request", target="a\x00b",
+        outcome="denied", client="192.0.2.1", request_id="r\x00", detail={"path": "/iotf/devices/a\x00b"},
+    )  # fmt: skip
+    audit.record(hostile)
+    audit.record(entry(2))
+    assert audit.flush() == 2
+    first, second = store.records(from_seq=1)
+    assert (first.entry.target, first.entry.actor, first.entry.request_id) == (
+        "a\ufffdb",
+        "api_key:k\ufffdx",
+        "r\ufffd",
+    )
+    assert first.entry.detail == {"path": "/iotf/devices/a\x00b"}  # JSON text escapes it
+    assert second.entry.target == "d2"
+    assert audit.checkpoint() is not None
+    assert verify_log(store, audit.public_key).ok
+
+
 def test_an_edited_record_is_named(store: AuditStore) -> None:
     audit = written(store)
     sql(store, "UPDATE audit_log SET outcome = 'failure' WHERE seq = 4")

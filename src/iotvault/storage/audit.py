@@ -87,16 +87,23 @@ def _row(record: AuditRecord) -> dict[str, Any]:
     }
 
 
+def _column(value: str, width: int) -> str:
+    """``value`` as a text column holds it: clipped, and without NUL, which PostgreSQL's text
+    refuses (one request for ``/iotf/devices/a%00b`` would otherwise stop the log's writer,
+    retrying that batch for ever, with every later record queued behind it)."""
+    return value[:width].replace("\x00", "\ufffd")
+
+
 def _clipped(entry: AuditEntry) -> AuditEntry:
     """The entry as the columns will hold it, so the hash covers exactly what is stored."""
     return AuditEntry(
         at_us=entry.at_us,
-        actor=entry.actor[:160],
-        action=entry.action[:64],
-        target=entry.target[:200],
-        outcome=entry.outcome,
-        client=entry.client[:64],
-        request_id=entry.request_id[:64],
+        actor=_column(entry.actor, 160),
+        action=_column(entry.action, 64),
+        target=_column(entry.target, 200),
+        outcome=_column(entry.outcome, 16),
+        client=_column(entry.client, 64),
+        request_id=_column(entry.request_id, 64),
         detail=json.loads(json.dumps(dict(entry.detail), sort_keys=True)),
     )
 
