@@ -19,6 +19,7 @@ from iotvault import __version__, web
 from iotvault.api import problems
 from iotvault.api.audit import AuditTrail
 from iotvault.api.deps import SECURITY_SCHEMES, Requires, permission_of
+from iotvault.api.direct import DirectReads, latest_route
 from iotvault.api.middleware import Hardening
 from iotvault.api.routes import access, admin, audit, commands, devices, messaging, oidc, oidc_admin
 from iotvault.api.services import ApiServices
@@ -75,10 +76,18 @@ def _document_security(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to amend it
 
 
-def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity | None = None) -> FastAPI:
+def create_app(
+    svc: ApiServices,
+    *,
+    ready: ReadyCheck = list,
+    identity: Identity | None = None,
+    direct_reads: bool = True,
+) -> FastAPI:
     """``identity`` is the OpenID Connect provider, which the node builds with ``svc.verifier``
     (:func:`iotvault.node.build_verifier`); without it, one is made here on ``svc.ctx``.
-    ``ready`` lists what keeps the node from being ready (:class:`iotvault.health.Readiness`)."""
+    ``ready`` lists what keeps the node from being ready (:class:`iotvault.health.Readiness`).
+    ``direct_reads=False`` leaves every last-N read to FastAPI (:mod:`iotvault.api.direct`),
+    for the tests that compare both ways."""
     settings = svc.settings
     app = FastAPI(
         title="iotvault",
@@ -148,6 +157,8 @@ def create_app(svc: ApiServices, *, ready: ReadyCheck = list, identity: Identity
     app.include_router(messaging.router)
 
     _document_security(app)
+    if direct_reads:  # innermost: the session bridge, hardening, audit and timer apply to it too
+        app.add_middleware(DirectReads, route=latest_route(app.routes))
     web.mount(app, svc, app.state.identity)  # the web application; its session bridge sits inside Hardening
 
     if settings.cors_origin_list:

@@ -49,12 +49,18 @@ def decide(permission: Permission, request: Request, principal: Principal) -> Pr
     raise Problem(403, f"this needs the permission {permission.value}")
 
 
+async def admit(permission: Permission, request: Request) -> Principal:
+    """Authenticate the caller and ask the policy: what :func:`Requires` does for a route, and
+    what :mod:`iotvault.api.direct` does, with the permission that route declares."""
+    return decide(permission, request, await _authenticate(request))
+
+
 def Requires(permission: Permission) -> Any:  # noqa: N802 - reads as a declaration in signatures
     """One dependency: FastAPI solves it with nothing but the request (a tenth of a cached read
     went to solving the three it used to be; BENCHMARKS.md, issue 17)."""
 
     async def check(request: Request) -> Principal:
-        return decide(permission, request, await _authenticate(request))
+        return await admit(permission, request)
 
     check.permission = permission  # type: ignore[attr-defined]  # read by the route-walk test and the OpenAPI document
     return Depends(check)

@@ -104,10 +104,25 @@ def status_for(exc: errors.IotVaultError) -> int:
     return 500
 
 
+def answer(request: Request, exc: Problem | errors.IotVaultError) -> JSONResponse:
+    """The answer to a refusal (:class:`Problem`) or a domain error: what the handlers that
+    :func:`install` adds answer, and what :mod:`iotvault.api.direct` answers outside FastAPI."""
+    if isinstance(exc, Problem):
+        return problem_response(exc.status, exc.detail, headers=exc.headers, extra=exc.extra)
+    status = status_for(exc)
+    if status == 500:
+        return _internal(request, exc)
+    if status == 503:  # a dependency is down: say when to come back (RFC 9110, 10.2.3)
+        return problem_response(
+            503, "a backing service is unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
+    return problem_response(status, str(exc))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
-    async def _problem(_request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(exc.status, exc.detail, headers=exc.headers, extra=exc.extra)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return answer(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -127,14 +142,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(errors.IotVaultError)
     async def _domain(request: Request, exc: errors.IotVaultError) -> JSONResponse:
-        status = status_for(exc)
-        if status == 500:
-            return _internal(request, exc)
-        if status == 503:  # a dependency is down: say when to come back (RFC 9110, 10.2.3)
-            return problem_response(
-                503, "a backing service is unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}
-            )
-        return problem_response(status, str(exc))
+        return answer(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

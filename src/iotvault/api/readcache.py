@@ -24,10 +24,10 @@ evicted. Bounded in bytes (``read_cache_mib``); least recently read devices go f
 device's newest ``count`` events returned. Before such a page is served again, one one-row
 query (:meth:`iotvault.storage.events.EventTable.newest_events`: how many events from the
 page's oldest id on, and the newest id) proves that the database would return the same ids;
-only then is the page built from the documents above, without reading the events themselves.
-Events are only ever added (a device's go all at once, with the device), so an unchanged count
-and newest id mean an unchanged page, whichever process wrote to the database. A page goes
-with its device's documents.
+only then is the page's answer, kept as it was sent, sent again, without reading the events
+themselves. Events are only ever added (a device's go all at once, with the device), so an
+unchanged count and newest id mean an unchanged page, whichever process wrote to the database.
+A page goes with its device's documents, and ages out with them.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ T = TypeVar("T")
 MAX_PRINCIPALS = 10_000
 PER_DEVICE = 2_000  # documents kept per device: more than the largest page (1000)
 PAGES_PER_DEVICE = 8  # newest-first pages kept per device (one per count asked for)
-PAGE_ID_BYTES = 100  # what one event id of a kept page counts against the cache's size
+PAGE_BYTES = 200  # what a kept page counts against the cache's size besides its answer
 
 
 @dataclass
@@ -96,16 +96,31 @@ class PrincipalCache(Generic[T]):
 
 @dataclass(frozen=True)
 class Page:
-    """The ids of a newest-first page, newest first, and what proves it current."""
+    """A newest-first page as it was answered, and what proves it current.
 
-    event_ids: tuple[str, ...]
+    The answer itself is kept (not only its event ids): serving it again is then one check
+    and no assembly. It counts against the cache's size like the documents.
+    """
+
+    newest: str
+    oldest: str
+    length: int
     full: bool  # as many events as asked for: only ids from the oldest one on decide it
+    body: bytes
+
+    @classmethod
+    def of(cls, event_ids: list[str], count: int, body: bytes) -> Page:
+        """The page of these ids (newest first, at least one), answered as ``body``."""
+        return cls(event_ids[0], event_ids[-1], len(event_ids), len(event_ids) == count, body)
 
     @property
     def check(self) -> PageCheck:
         """What :meth:`iotvault.storage.events.EventTable.newest_events` checks it against."""
-        oldest = self.event_ids[-1] if self.full else ""
-        return PageCheck(oldest, len(self.event_ids), self.event_ids[0])
+        return PageCheck(self.oldest if self.full else "", self.length, self.newest)
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + PAGE_BYTES
 
 
 @dataclass
@@ -174,14 +189,20 @@ class EventDocCache:
             self._drop(next(iter(self._devices)))
 
     def page(self, device_id: str, count: int) -> Page | None:
-        """The page last read for the newest ``count`` events of the device, if it is kept."""
+        """The page last answered for the newest ``count`` events of the device, if it is kept."""
         with self._lock:
             d = self._devices.get(device_id)
-            return None if d is None else d.pages.get(count)
+            if d is None:
+                return None
+            if self._clock() - d.born > self.ttl_s:
+                self._drop(device_id)
+                return None
+            self._devices.move_to_end(device_id)
+            return d.pages.get(count)
 
-    def put_page(self, device_id: str, count: int, event_ids: list[str], *, generation: int) -> None:
+    def put_page(self, device_id: str, count: int, page: Page, *, generation: int) -> None:
         """Keep a newest-first page (whose documents were just put) unless a forget came between."""
-        if not self.enabled or not event_ids:
+        if not self.enabled:
             return
         with self._lock:
             d = self._devices.get(device_id)
@@ -190,8 +211,8 @@ class EventDocCache:
             old = d.pages.pop(count, None)
             if old is None and len(d.pages) >= PAGES_PER_DEVICE:
                 old = d.pages.pop(next(iter(d.pages)))
-            grown = PAGE_ID_BYTES * (len(event_ids) - (len(old.event_ids) if old is not None else 0))
-            d.pages[count] = Page(tuple(event_ids), full=len(event_ids) == count)
+            grown = page.size - (old.size if old is not None else 0)
+            d.pages[count] = page
             d.size += grown
             self._size += grown
             self._trim()

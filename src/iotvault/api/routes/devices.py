@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from iotvault.api.deps import Requires
 from iotvault.api.problems import Problem
-from iotvault.api.readcache import EventDocCache
+from iotvault.api.readcache import EventDocCache, Page
 from iotvault.api.schemas import ERRORS, DeviceOut, EventOut
 from iotvault.api.security import services
 from iotvault.auth.policy import Permission, Principal, may_list_device
@@ -44,6 +44,8 @@ and the threads fought over the GIL. With 4, the
 same throughput came with a lower p99 (BENCHMARKS.md, "Measurements behind choices in the code").
 """
 
+LATEST_DEFAULT = 50  # events in a last-N read without ``count``
+LATEST_MAX = 1000
 EVENT_ID = whole(UUID_PATTERN)
 DeviceIdPath = Annotated[Identifier, Path(description="deviceId")]
 
@@ -147,28 +149,33 @@ async def latest_events(
     request: Request,
     deviceId: DeviceIdPath,
     _p: Annotated[Principal, Requires(Permission.DEVICE_EVENTS_READ)],
-    count: Annotated[int, Query(ge=1, le=1000, description="how many events")] = 50,
-) -> Any:
+    count: Annotated[int, Query(ge=1, le=LATEST_MAX, description="how many events")] = LATEST_DEFAULT,
+) -> Response:
+    return await newest_page(request, deviceId, count)
+
+
+async def newest_page(request: Request, device_id: str, count: int) -> Response:
+    """The answer of :func:`latest_events` once its caller is admitted and its parameters valid;
+    :mod:`iotvault.api.direct` serves the plain form of the same request with it too."""
     svc = services(request)
     ctx = svc.ctx
 
     def load() -> bytes:
         docs = svc.event_docs
-        kept = docs.page(deviceId, count)
+        kept = docs.page(device_id, count)
         generation = docs.generation  # before the read: a deletion meanwhile keeps the page out
-        page = ctx.store.newest_events(deviceId, count, unless=kept.check if kept is not None else None)
-        if page is None and kept is not None:  # the page read before is still the newest
-            found = docs.get(deviceId, kept.event_ids)
-            if all(doc is not None for doc in found):
-                request.state.audit = {"events": len(found)}
-                return _page(deviceId, cast("list[bytes]", found))
-            page = ctx.store.last_events(deviceId, count)  # some of its documents were evicted
+        page = ctx.store.newest_events(device_id, count, unless=kept.check if kept is not None else None)
+        if page is None and kept is not None:  # the page answered before is still the newest
+            request.state.audit = {"events": kept.length}
+            return kept.body
         page = page or []
         if not page:  # a device's events go with it, so only an empty page asks whether it exists
-            _device_or_404(ctx, deviceId)
+            _device_or_404(ctx, device_id)
         request.state.audit = {"events": len(page)}  # the audit record says how many were read
-        body = _page(deviceId, encoded_events(ctx.keyring, docs, page))
-        docs.put_page(deviceId, count, [e.event_id for e in page], generation=generation)
+        body = _page(device_id, encoded_events(ctx.keyring, docs, page))
+        ids = [e.event_id for e in page]
+        if ids and None not in docs.get(device_id, ids):  # a page is kept only if all of it decrypted
+            docs.put_page(device_id, count, Page.of(ids, count, body), generation=generation)
         return body
 
     return await _read(request, load)
