@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,6 +130,70 @@ def driver_connection(conn: Connection, statement: str) -> Iterator[Any]:
         raise DBAPIError.instance(
             statement, None, exc, dbapi_error, connection_invalidated=gone, dialect=dialect
         ) from exc
+
+
+class PinnedReader:
+    """One driver connection per thread, out of the pool, for one-row reads on SQLite.
+
+    The check of a kept page (:meth:`iotvault.storage.events.EventTable.newest_events`) is a
+    ~20 µs query; checking a connection out of the pool and back in (and the rollback on the
+    way back) cost twice that, a fifth of a cached last-50 read (BENCHMARKS.md, issue 17). A
+    SELECT on SQLite opens no transaction in the driver, so a connection kept between reads
+    holds no snapshot and keeps no writer or checkpoint waiting. Each is made by the engine's
+    pool (with its pragmas), then detached from it; a failed one is closed and made anew on
+    the next read; all are closed when the engine is disposed.
+    """
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        self._engine = engine
+        self._url = url
+        self._local = threading.local()
+        self._open: list[Any] = []
+        self._lock = threading.Lock()
+        event.listen(engine, "engine_disposed", lambda _engine: self.close())
+
+    def _mine(self) -> Any:
+        raw = getattr(self._local, "conn", None)
+        if raw is None:
+            with mapped_errors(self._url):
+                proxied = self._engine.raw_connection()
+            raw = proxied.driver_connection
+            proxied.detach()  # the pool forgets it: closed here, never handed to anyone else
+            self._local.conn = raw
+            with self._lock:
+                self._open.append(raw)
+        return raw
+
+    def one(self, statement: str, params: tuple[Any, ...]) -> Any:
+        """The first row of ``statement`` (qmark placeholders), errors as :func:`mapped_errors` makes them."""
+        raw = self._mine()
+        dbapi_error = self._engine.dialect.loaded_dbapi.Error
+        try:
+            cur = raw.cursor()
+            try:
+                cur.execute(statement, params)
+                return cur.fetchone()
+            finally:
+                cur.close()
+        except dbapi_error as exc:
+            self._forget(raw)
+            with mapped_errors(self._url):
+                raise DBAPIError.instance(
+                    statement, params, exc, dbapi_error, dialect=self._engine.dialect
+                ) from exc
+
+    def _forget(self, raw: Any) -> None:
+        self._local.conn = None
+        with self._lock:
+            if raw in self._open:
+                self._open.remove(raw)
+        raw.close()
+
+    def close(self) -> None:
+        with self._lock:
+            gone, self._open = self._open, []
+        for raw in gone:
+            raw.close()
 
 
 def by_paramstyle(qmark_sql: str) -> dict[str, str]:

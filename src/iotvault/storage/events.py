@@ -15,7 +15,14 @@ from sqlalchemy.engine import Connection
 
 from iotvault.domain.ids import event_id_bound
 from iotvault.storage.commands import apply_command_acks
-from iotvault.storage.db import EngineStore, by_paramstyle, driver_connection, for_driver
+from iotvault.storage.db import (
+    EngineStore,
+    PinnedReader,
+    by_paramstyle,
+    driver_connection,
+    for_driver,
+    is_sqlite,
+)
 from iotvault.storage.repository import BatchWrite, InflightRecord, PageCheck, RejectedMessage, StoredEvent
 from iotvault.storage.schema import devices, events, ingest_inflight, rejected_messages
 
@@ -84,6 +91,12 @@ _PAGE_VERSION = by_paramstyle(
 
 class EventTable(EngineStore):
     """Implements :class:`~iotvault.storage.repository.EventStore`."""
+
+    @functools.cached_property
+    def _pinned(self) -> PinnedReader | None:
+        """SQLite: where kept pages are checked (:class:`~iotvault.storage.db.PinnedReader`);
+        PostgreSQL checks on the connection the page would be read on (one ping, either way)."""
+        return PinnedReader(self.engine, self.url) if is_sqlite(self.engine) else None
 
     def write_batch(self, batch: BatchWrite) -> None:
         with self.begin() as conn:
@@ -194,9 +207,14 @@ class EventTable(EngineStore):
         """The newest ``count`` events of a device, newest first, or None if ``unless`` (a page
         read before: :class:`~iotvault.storage.repository.PageCheck`) still describes them.
 
-        The check is one row through the primary key's index, on the connection the page would
-        be read on (one pool checkout, on PostgreSQL one ping, either way).
+        The check is one row through the primary key's index: on SQLite on a connection kept
+        for it (:attr:`_pinned`), on PostgreSQL on the connection the page would be read on.
         """
+        if unless is not None and self._pinned is not None:
+            n, newest = self._pinned.one(_PAGE_VERSION["qmark"], (device_id, unless.oldest))
+            if n == unless.length and newest == unless.newest:
+                return None
+            unless = None
         with self.connect() as conn:
             if unless is not None:
                 sql = for_driver(_PAGE_VERSION, conn)
