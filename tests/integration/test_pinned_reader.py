@@ -1,26 +1,29 @@
-"""The SQLite connections kept per thread for page checks (iotvault.storage.db.PinnedReader).
+"""The connections kept per thread for page checks (iotvault.storage.db.PinnedReader).
 
-They must see every commit at once (from another connection or process), never hold a
-snapshot that keeps a writer or a checkpoint waiting, recover from a broken connection, and be
-closed with the engine: descriptors back to where they were.
+On SQLite and PostgreSQL they must see every commit at once (from another connection or
+process), never hold a snapshot or a transaction between reads, survive the server dropping
+them, and be closed with the engine or after their thread: descriptors back where they were.
 """
 
 from __future__ import annotations
 
 import gc
-import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
 from iotvault.errors import DatabaseUnavailableError
-from iotvault.storage.db import PinnedReader, create_db_engine
+from iotvault.storage.db import PinnedReader, by_paramstyle, create_db_engine
 from iotvault.storage.migrate import ensure_schema
 from iotvault.storage.repository import PageCheck
 from iotvault.storage.sql import SqlStore
 
-COUNT = "SELECT count(*) FROM pinned"
+COUNT = by_paramstyle("SELECT count(*) FROM devices")
+BACKEND = by_paramstyle("SELECT pg_backend_pid()")
 
 
 def open_fds() -> int:
@@ -29,80 +32,105 @@ def open_fds() -> int:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    path = tmp_path / "pinned.db"
-    with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("CREATE TABLE pinned (n INTEGER)")
-    return path
+def engine(database_url: str) -> Iterator[Engine]:
+    e = create_db_engine(database_url)
+    ensure_schema(e)
+    yield e
+    e.dispose()
 
 
-def test_a_commit_elsewhere_is_seen_at_once_and_no_snapshot_is_held(db: Path) -> None:
-    engine = create_db_engine(f"sqlite:///{db}")
-    reader = PinnedReader(engine, str(db))
-    try:
-        assert reader.one(COUNT, ()) == (0,)
-        with sqlite3.connect(db) as other:  # another process's connection
-            other.execute("INSERT INTO pinned VALUES (1)")
-        assert reader.one(COUNT, ()) == (1,)
-        # a snapshot kept open would make a truncating checkpoint impossible: it succeeds
-        with sqlite3.connect(db) as other:
-            busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        assert busy == 0
-    finally:
-        engine.dispose()
+def add_device(engine: Engine, device_id: str) -> None:
+    with engine.begin() as conn:  # another connection of the pool, as another process would
+        conn.execute(
+            text("INSERT INTO devices (device_id, type_id, created_us) VALUES (:d, 't', 0)"), {"d": device_id}
+        )
 
 
-def test_each_thread_has_its_own_connection_and_all_close_with_the_engine(db: Path) -> None:
+def test_a_commit_elsewhere_is_seen_at_once_and_no_transaction_is_held(engine: Engine) -> None:
+    reader = PinnedReader(engine, "test")
+    assert reader.one(COUNT, ()) == (0,)
+    add_device(engine, "d1")
+    assert reader.one(COUNT, ()) == (1,)
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            (pid,) = reader.one(BACKEND, ())
+            state = conn.execute(text("SELECT state FROM pg_stat_activity WHERE pid = :p"), {"p": pid})
+            assert state.scalar_one() == "idle"  # not "idle in transaction": no snapshot kept
+        else:  # a snapshot kept open would make a truncating checkpoint impossible
+            busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()
+            assert busy is not None
+            assert busy[0] == 0
+
+
+def test_each_thread_has_its_own_connection_closed_after_the_thread_or_with_the_engine(
+    database_url: str,
+) -> None:
     before = open_fds()
-    engine = create_db_engine(f"sqlite:///{db}")
-    reader = PinnedReader(engine, str(db))
+    engine = create_db_engine(database_url)
+    ensure_schema(engine)
+    reader = PinnedReader(engine, "test")
     seen: list[int] = []
+    together = threading.Barrier(4)  # all four hold their connection at once
 
-    def read() -> None:
+    def read(wait: bool = True) -> None:
         for _ in range(50):
             seen.append(reader.one(COUNT, ())[0])
+        if wait:
+            together.wait(timeout=30)
 
     threads = [threading.Thread(target=read) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    read()
+    assert reader.connections == 4  # one per thread that read, never one per read
+    read(wait=False)  # a new connection for this thread: those of the ended threads are closed now
     assert seen == [0] * 250
-    assert len(reader._open) == 5  # one per thread that read, never one per read
-    assert open_fds() > before
+    assert reader.connections == 1
     engine.dispose()
-    assert reader._open == []
+    assert reader.connections == 0
     assert open_fds() == before
 
 
-def test_a_broken_connection_is_replaced_and_a_locked_database_is_unavailable(db: Path) -> None:
-    engine = create_db_engine(f"sqlite:///{db}")
-    reader = PinnedReader(engine, str(db))
+def test_a_connection_the_server_dropped_is_replaced_without_an_error(engine: Engine) -> None:
+    reader = PinnedReader(engine, "test")
+    assert reader.one(COUNT, ()) == (0,)
+    if engine.dialect.name == "postgresql":
+        (pid,) = reader.one(BACKEND, ())
+        with engine.connect() as conn:  # what a restart of the server does to it
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    else:
+        reader._local.conn.close()  # closed under it: the dialect counts it as a disconnect too
+    assert reader.one(COUNT, ()) == (0,)  # on a new connection, no error
+    assert reader.connections == 1
+
+
+def test_an_unreachable_database_is_unavailable_not_an_internal_error(engine: Engine, tmp_path: Path) -> None:
+    reader = PinnedReader(engine, "test")
+    if engine.dialect.name == "postgresql":
+        unreachable = create_db_engine("postgresql://nobody@127.0.0.1:1/none")
+    else:
+        unreachable = create_db_engine(f"sqlite:///{tmp_path}")  # a directory: cannot be opened
     try:
-        assert reader.one(COUNT, ()) == (0,)
-        reader._local.conn.close()  # broken under it
-        with pytest.raises(Exception, match="closed database"):
-            reader.one(COUNT, ())
-        assert reader.one(COUNT, ()) == (0,)  # made anew
-        assert len(reader._open) == 1
         with pytest.raises(DatabaseUnavailableError):
-            reader.one("SELECT * FROM no_such_table_but_an_operational_error", ())
-        assert reader.one(COUNT, ()) == (0,)
+            PinnedReader(unreachable, "unreachable").one(COUNT, ())
     finally:
-        engine.dispose()
+        unreachable.dispose()
+    assert reader.one(COUNT, ()) == (0,)
 
 
-def test_the_page_check_of_a_node_runs_on_a_pinned_connection(tmp_path: Path) -> None:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'node.db'}")
-    ensure_schema(engine)
-    store = SqlStore(engine, str(tmp_path / "node.db"))
-    try:
-        assert store._pinned is not None
-        # no events: the page of none is "changed" from a page of one, and read
-        assert store.newest_events("d1", 5, unless=PageCheck("", 1, "x")) == []
-        assert len(store._pinned._open) == 1
-    finally:
-        engine.dispose()
-    assert store._pinned._open == []
+def test_a_failing_statement_closes_its_connection_and_the_next_read_works(engine: Engine) -> None:
+    reader = PinnedReader(engine, "test")
+    with pytest.raises(Exception, match="no_such_table"):
+        reader.one(by_paramstyle("SELECT * FROM no_such_table"), ())
+    assert reader.connections == 0
+    assert reader.one(COUNT, ()) == (0,)
+
+
+def test_the_page_check_of_a_node_runs_on_a_pinned_connection(engine: Engine, database_url: str) -> None:
+    store = SqlStore(engine, database_url)
+    # no events: a page of one is not what the database holds, and the page is read
+    assert store.newest_events("d1", 5, unless=PageCheck("", 1, "x")) == []
+    assert store._pinned.connections == 1
+    engine.dispose()
+    assert store._pinned.connections == 0

@@ -9,6 +9,7 @@ overwritten in the file rather than left in free pages.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -22,6 +23,8 @@ from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from iotvault.errors import ConfigError, DatabaseUnavailableError, DatabaseUnwritableError
+
+log = logging.getLogger(__name__)
 
 
 def redact(url: str) -> str:
@@ -133,66 +136,99 @@ def driver_connection(conn: Connection, statement: str) -> Iterator[Any]:
 
 
 class PinnedReader:
-    """One driver connection per thread, out of the pool, for one-row reads on SQLite.
+    """One driver connection per thread, out of the pool, for one-row reads that must be cheap.
 
-    The check of a kept page (:meth:`iotvault.storage.events.EventTable.newest_events`) is a
-    ~20 µs query; checking a connection out of the pool and back in (and the rollback on the
-    way back) cost twice that, a fifth of a cached last-50 read (BENCHMARKS.md, issue 17). A
-    SELECT on SQLite opens no transaction in the driver, so a connection kept between reads
-    holds no snapshot and keeps no writer or checkpoint waiting. Each is made by the engine's
-    pool (with its pragmas), then detached from it; a failed one is closed and made anew on
-    the next read; all are closed when the engine is disposed.
+    The check of a kept page (:meth:`iotvault.storage.events.EventTable.newest_events`) is one
+    small query. Through the pool it cost more than itself: on SQLite the checkout and check-in
+    were a fifth of a cached last-50 read; on PostgreSQL the pool's ping before it and the
+    rollback after it were two more round trips (BENCHMARKS.md, issue 17). Here a thread keeps
+    one connection for these reads, in autocommit: a SELECT holds no snapshot between reads, so
+    it keeps no writer, vacuum or checkpoint waiting. Each is made by the engine's pool (with
+    its pragmas and settings), then detached from it. A connection the server dropped (a
+    restart) is replaced and the read tried once more, as the pool's ping would have; any other
+    failure closes it and is raised as :func:`mapped_errors` raises it. A thread that ends
+    leaves its connection to be closed when the next one is made; all are closed when the
+    engine is disposed. At most one per live thread that reads: the API's loop on SQLite, its
+    few read threads on PostgreSQL.
     """
 
     def __init__(self, engine: Engine, url: str) -> None:
         self._engine = engine
         self._url = url
+        self._style = "qmark" if engine.dialect.paramstyle == "qmark" else "format"
         self._local = threading.local()
-        self._open: list[Any] = []
+        self._open: list[tuple[threading.Thread, Any]] = []
         self._lock = threading.Lock()
         event.listen(engine, "engine_disposed", lambda _engine: self.close())
 
-    def _mine(self) -> Any:
-        raw = getattr(self._local, "conn", None)
-        if raw is None:
-            with mapped_errors(self._url):
-                proxied = self._engine.raw_connection()
-            raw = proxied.driver_connection
-            proxied.detach()  # the pool forgets it: closed here, never handed to anyone else
-            self._local.conn = raw
-            with self._lock:
-                self._open.append(raw)
-        return raw
+    @property
+    def connections(self) -> int:
+        return len(self._open)
 
-    def one(self, statement: str, params: tuple[Any, ...]) -> Any:
-        """The first row of ``statement`` (qmark placeholders), errors as :func:`mapped_errors` makes them."""
-        raw = self._mine()
-        dbapi_error = self._engine.dialect.loaded_dbapi.Error
+    def _mine(self) -> Any:
+        mine: Any = getattr(self._local, "conn", None)
+        if mine is not None:
+            return mine
+        dialect = self._engine.dialect
         try:
-            cur = raw.cursor()
-            try:
-                cur.execute(statement, params)
-                return cur.fetchone()
-            finally:
-                cur.close()
-        except dbapi_error as exc:
-            self._forget(raw)
+            proxied = self._engine.raw_connection()
+        except dialect.loaded_dbapi.Error as exc:  # the pool passes the driver's own error on
             with mapped_errors(self._url):
                 raise DBAPIError.instance(
-                    statement, params, exc, dbapi_error, dialect=self._engine.dialect
+                    None, None, exc, dialect.loaded_dbapi.Error, dialect=dialect
                 ) from exc
+        raw: Any = proxied.driver_connection
+        proxied.detach()  # the pool forgets it: closed here, never handed to anyone else
+        if dialect.name == "postgresql":
+            raw.rollback()  # the pool's ping began a transaction
+            raw.autocommit = True
+        self._local.conn = raw
+        with self._lock:
+            ended = [c for t, c in self._open if not t.is_alive()]
+            self._open = [(t, c) for t, c in self._open if t.is_alive()]
+            self._open.append((threading.current_thread(), raw))
+        for conn in ended:
+            conn.close()
+        return raw
+
+    def one(self, statement: dict[str, str], params: tuple[Any, ...]) -> Any:
+        """The first row of ``statement`` (made by :func:`by_paramstyle`)."""
+        sql = statement[self._style]
+        dialect = self._engine.dialect
+        dbapi_error = dialect.loaded_dbapi.Error
+        for attempt in (1, 2):
+            raw = self._mine()
+            try:
+                cur = raw.cursor()
+                try:
+                    cur.execute(sql, params)
+                    return cur.fetchone()
+                finally:
+                    cur.close()
+            except dbapi_error as exc:
+                gone = dialect.is_disconnect(exc, raw, None)
+                self._forget(raw)
+                if gone and attempt == 1:
+                    continue
+                with mapped_errors(self._url):
+                    raise DBAPIError.instance(
+                        sql, params, exc, dbapi_error, connection_invalidated=gone, dialect=dialect
+                    ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _forget(self, raw: Any) -> None:
         self._local.conn = None
         with self._lock:
-            if raw in self._open:
-                self._open.remove(raw)
-        raw.close()
+            self._open = [(t, c) for t, c in self._open if c is not raw]
+        try:
+            raw.close()
+        except Exception:  # a connection that cannot even close is gone anyway
+            log.debug("a broken pinned connection did not close cleanly", exc_info=True)
 
     def close(self) -> None:
         with self._lock:
             gone, self._open = self._open, []
-        for raw in gone:
+        for _thread, raw in gone:
             raw.close()
 
 

@@ -21,7 +21,6 @@ from iotvault.storage.db import (
     by_paramstyle,
     driver_connection,
     for_driver,
-    is_sqlite,
 )
 from iotvault.storage.repository import BatchWrite, InflightRecord, PageCheck, RejectedMessage, StoredEvent
 from iotvault.storage.schema import devices, events, ingest_inflight, rejected_messages
@@ -93,10 +92,9 @@ class EventTable(EngineStore):
     """Implements :class:`~iotvault.storage.repository.EventStore`."""
 
     @functools.cached_property
-    def _pinned(self) -> PinnedReader | None:
-        """SQLite: where kept pages are checked (:class:`~iotvault.storage.db.PinnedReader`);
-        PostgreSQL checks on the connection the page would be read on (one ping, either way)."""
-        return PinnedReader(self.engine, self.url) if is_sqlite(self.engine) else None
+    def _pinned(self) -> PinnedReader:
+        """Where kept pages are checked (:class:`~iotvault.storage.db.PinnedReader`)."""
+        return PinnedReader(self.engine, self.url)
 
     def write_batch(self, batch: BatchWrite) -> None:
         with self.begin() as conn:
@@ -207,26 +205,14 @@ class EventTable(EngineStore):
         """The newest ``count`` events of a device, newest first, or None if ``unless`` (a page
         read before: :class:`~iotvault.storage.repository.PageCheck`) still describes them.
 
-        The check is one row through the primary key's index: on SQLite on a connection kept
-        for it (:attr:`_pinned`), on PostgreSQL on the connection the page would be read on.
+        The check is one row through the primary key's index, on a connection kept for it
+        (:attr:`_pinned`).
         """
-        if unless is not None and self._pinned is not None:
-            n, newest = self._pinned.one(_PAGE_VERSION["qmark"], (device_id, unless.oldest))
+        if unless is not None:
+            n, newest = self._pinned.one(_PAGE_VERSION, (device_id, unless.oldest))
             if n == unless.length and newest == unless.newest:
                 return None
-            unless = None
         with self.connect() as conn:
-            if unless is not None:
-                sql = for_driver(_PAGE_VERSION, conn)
-                with driver_connection(conn, sql) as raw:  # a third of the cost through Core
-                    cur = raw.cursor()
-                    try:
-                        cur.execute(sql, (device_id, unless.oldest))
-                        n, newest = cur.fetchone()
-                    finally:
-                        cur.close()
-                if n == unless.length and newest == unless.newest:
-                    return None
             rows = conn.execute(
                 _page_query(False, False, False, False), {"b_device": device_id, "b_count": count}
             )
