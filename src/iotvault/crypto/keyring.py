@@ -15,7 +15,8 @@ does no SQL.
 do no more than one lock-free cache lookup (see :mod:`.keycache`) and one call to the positional
 record functions of :mod:`.cipher`, which stay the only definition of the format. Misses go to
 the store and are rare: once per device and ttl for sealing, once per device and version for
-opening.
+opening. Ingest seals a batch: it asks :meth:`KeyRing.sealing_key` once per device and batch and
+calls :func:`~iotvault.crypto.cipher.seal_record` per event, each with a fresh nonce.
 """
 
 from __future__ import annotations
