@@ -243,3 +243,40 @@ def test_the_bounds_of_a_millisecond_enclose_every_id_made_in_it() -> None:
     assert {event_id_millis(i) for i in ids} == {at_ms}
     assert event_id_bound((at_ms + 1) * 1000, upper=False) > max(ids)
     assert event_id_bound((at_ms - 1) * 1000, upper=True) < min(ids)
+
+
+# ---- a batch's ids in one call (ingest) -----------------------------------------------
+def test_a_batch_of_ids_is_the_same_sequence_as_one_at_a_time(frozen_clock: int) -> None:
+    factory = EventIdFactory()
+    times = [
+        frozen_clock,
+        frozen_clock,
+        frozen_clock + 3,
+        frozen_clock + 1,
+        frozen_clock + 3,
+        frozen_clock + 9,
+    ]
+    made = factory.new_many(times)
+    ids = [e for e, _ in made]
+    assert_strictly_increasing(ids)
+    # each with the millisecond it carries: the wanted one, or the previous id's if the clock
+    # stood still or went back
+    assert [ms for _, ms in made] == [event_id_millis(e) for e in ids]
+    assert [ms - frozen_clock for _, ms in made] == [0, 0, 3, 3, 3, 9]
+    for event_id in ids:
+        assert_uuid7(event_id)
+    # and the factory goes on after the batch, one at a time or in the next batch
+    later = [factory.new_at(frozen_clock), *(e for e, _ in factory.new_many([frozen_clock] * 3))]
+    assert_strictly_increasing(ids + later)
+    assert factory.new_many([]) == []
+
+
+def test_a_batch_that_uses_up_a_millisecond_runs_into_the_next() -> None:
+    made = EventIdFactory().new_many([1_700_000_000_000] * 10_000)
+    ids = [e for e, _ in made]
+    assert_strictly_increasing(ids)
+    assert len(set(ids)) == 10_000
+    assert [ms for _, ms in made] == [event_id_millis(e) for e in ids]
+    assert 0 < made[-1][1] - 1_700_000_000_000 <= 10_000 // 3072 + 1
+    # the random part differs from id to id, not only the counter
+    assert len({e[19:] for e in ids}) == 10_000

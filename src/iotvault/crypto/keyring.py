@@ -15,7 +15,8 @@ does no SQL.
 do no more than one lock-free cache lookup (see :mod:`.keycache`) and one call to the positional
 record functions of :mod:`.cipher`, which stay the only definition of the format. Misses go to
 the store and are rare: once per device and ttl for sealing, once per device and version for
-opening.
+opening. Ingest seals a batch: it asks :meth:`KeyRing.sealing_key` once per device and batch and
+calls :func:`~iotvault.crypto.cipher.seal_record` per event, each with a fresh nonce.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from iotvault.crypto.cipher import open_record, record_key_version, seal_record
+from iotvault.crypto.cipher import SealingKey, open_record, record_key_version, seal_record
 from iotvault.crypto.keycache import CurrentKey, DataKeyCache
 from iotvault.crypto.master_key import MasterKey, generate_data_key
 from iotvault.errors import DataKeyNotFoundError
@@ -109,6 +110,19 @@ class KeyRing:
         if entry is None or self._clock() >= entry[1]:
             entry = self._load_current(device_id)
         return seal_record(entry[0], event_id, plaintext)
+
+    def sealing_key(self, device_id: str) -> SealingKey:
+        """The device's current data key, bound for :func:`~iotvault.crypto.cipher.seal_record`.
+
+        For a caller that seals many events of one device at once (an ingest batch): it asks
+        once, then calls ``seal_record`` per event, which draws a fresh nonce from the OS for
+        each record as :meth:`encrypt` does. Raises :class:`DataKeyNotFoundError` for a device
+        without keys (deleted).
+        """
+        entry = self._current_entry(device_id)
+        if entry is None or self._clock() >= entry[1]:
+            entry = self._load_current(device_id)
+        return entry[0]
 
     def decrypt(self, device_id: str, event_id: str, record: bytes) -> bytes:
         return open_record(self._cached_key, self._load_for_record, device_id, event_id, record)

@@ -16,6 +16,14 @@ from iotvault.storage.repository import DeviceCredentials, DeviceRecord
 from iotvault.storage.schema import device_keys, device_types, devices, events, group_devices
 
 _DEVICE_BY_ID = select(devices).where(devices.c.device_id == bindparam("b_device"))
+# built once: ingest asks for every sending device's current key once per key_cache_ttl_s, and
+# building the statement cost more than running it (BENCHMARKS.md, issue 17 ingest round)
+_LATEST_KEY = (
+    select(device_keys.c.version, device_keys.c.wrapped)
+    .where(device_keys.c.device_id == bindparam("b_device"))
+    .order_by(device_keys.c.version.desc())
+    .limit(1)
+)
 
 
 def _device(row: Row[Any]) -> DeviceRecord:
@@ -169,12 +177,7 @@ class DeviceTable(EngineStore):
 
     def latest_data_key(self, device_id: str) -> tuple[int, bytes] | None:
         with self.connect() as conn:
-            row = conn.execute(
-                select(device_keys.c.version, device_keys.c.wrapped)
-                .where(device_keys.c.device_id == device_id)
-                .order_by(device_keys.c.version.desc())
-                .limit(1)
-            ).first()
+            row = conn.execute(_LATEST_KEY, {"b_device": device_id}).first()
         return (row.version, bytes(row.wrapped)) if row is not None else None
 
     def add_data_key(self, device_id: str, version: int, wrapped: bytes, created_us: int = 0) -> None:

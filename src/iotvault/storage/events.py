@@ -25,6 +25,7 @@ from iotvault.storage.db import (
 from iotvault.storage.repository import BatchWrite, InflightRecord, PageCheck, RejectedMessage, StoredEvent
 from iotvault.storage.schema import devices, events, ingest_inflight, rejected_messages
 
+# the columns in StoredEvent's order, so that its instances are the rows (write_batch)
 _EVENTS_COPY = (
     "COPY events (device_id, event_id, type_id, event_type, format, received_us, payload) FROM STDIN"
 )
@@ -34,7 +35,7 @@ _EVENTS_INSERT = by_paramstyle(
 )
 
 
-def _insert_events(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+def _insert_events(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     """Insert one ingest batch's events with the driver's bulk path: plain tuples, no Core.
 
     The ingest writer shares the GIL with the MQTT side, so the client CPU spent per row is
@@ -99,13 +100,8 @@ class EventTable(EngineStore):
     def write_batch(self, batch: BatchWrite) -> None:
         with self.begin() as conn:
             if batch.events:
-                _insert_events(
-                    conn,
-                    [
-                        (e.device_id, e.event_id, e.type_id, e.event_type, e.fmt, e.received_us, e.payload)
-                        for e in batch.events
-                    ],
-                )
+                # a StoredEvent is a tuple of the insert's columns in their order: the rows as they are
+                _insert_events(conn, batch.events)
             if batch.rejected:
                 conn.execute(
                     _REJECT_INSERT,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from iotvault.crypto import DataKeyCache, MasterKey, decrypt_event, encrypt_event, record_key_version
+from iotvault.crypto.cipher import seal_record
 from iotvault.crypto.keyring import KeyRing
 from iotvault.errors import DataKeyNotFoundError, RecordDecryptionError
 
@@ -169,6 +170,28 @@ def test_a_key_read_just_before_a_deletion_is_not_cached() -> None:
     # ...but the key must not have gone back into the cache after the forget.
     with pytest.raises(DataKeyNotFoundError):
         ring.decrypt("d", "e1", record)
+
+
+def test_a_sealing_key_seals_what_encrypt_seals_with_a_fresh_nonce_each() -> None:
+    # what ingest does for a batch: one sealing key per device, then seal_record per event
+    clock = FakeClock()
+    ring, store = new_ring("d", ttl=5, cache=DataKeyCache(clock=clock))
+    key = ring.sealing_key("d")
+    records = [seal_record(key, f"e{i}", b"same") for i in range(3)]
+    assert [ring.decrypt("d", f"e{i}", r) for i, r in enumerate(records)] == [b"same"] * 3
+    assert len({r[5:17] for r in records}) == 3  # a nonce of its own for every record
+    assert records[0][:5] == ring.encrypt("d", "e9", b"x")[:5]
+    # the ttl and rotation hold for it as for encrypt
+    store.add_data_key("d", 2, ring.new_device_key("d", 2))
+    assert ring.sealing_key("d").version == 1
+    clock.now = 1005.0
+    assert ring.sealing_key("d").version == 2
+    with pytest.raises(DataKeyNotFoundError):
+        ring.sealing_key("nobody")
+    ring.forget("d")
+    store.delete_device("d")
+    with pytest.raises(DataKeyNotFoundError):
+        ring.sealing_key("d")
 
 
 def test_missing_keys_raise_data_key_not_found() -> None:
