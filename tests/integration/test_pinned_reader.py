@@ -7,6 +7,7 @@ them, and be closed with the engine or after their thread: descriptors back wher
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from iotvault.errors import DatabaseUnavailableError
-from iotvault.storage.db import PinnedReader, by_paramstyle, create_db_engine
+from iotvault.storage.db import LoopReader, PinnedReader, by_paramstyle, create_db_engine
 from iotvault.storage.migrate import ensure_schema
 from iotvault.storage.repository import PageCheck
 from iotvault.storage.sql import SqlStore
@@ -127,10 +128,69 @@ def test_a_failing_statement_closes_its_connection_and_the_next_read_works(engin
     assert reader.one(COUNT, ()) == (0,)
 
 
-def test_the_page_check_of_a_node_runs_on_a_pinned_connection(engine: Engine, database_url: str) -> None:
+async def test_the_page_check_of_a_node_runs_on_its_own_connection(engine: Engine, database_url: str) -> None:
+    """SQLite: pinned to the loop's thread; PostgreSQL: awaited on the loop (LoopReader)."""
     store = SqlStore(engine, database_url)
-    # no events: a page of one is not what the database holds, and the page is read
-    assert store.newest_events("d1", 5, unless=PageCheck("", 1, "x")) == []
-    assert store._pinned.connections == 1
+    # no events: a page of one is not what the database holds
+    assert await store.page_unchanged("d1", PageCheck("", 1, "x")) is False
+    checks = store._checks
+    if isinstance(checks, LoopReader):
+        assert engine.dialect.name == "postgresql"
+        assert checks.connected
+    else:
+        assert checks.connections == 1
     engine.dispose()
-    assert store._pinned.connections == 0
+    assert not (checks.connected if isinstance(checks, LoopReader) else checks.connections)
+
+
+@pytest.fixture
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    e = create_db_engine(pg_url)
+    ensure_schema(e)
+    yield e
+    e.dispose()
+
+
+SLEEP = by_paramstyle("SELECT pg_sleep(1)")
+
+
+def test_the_loop_reader_sees_commits_holds_no_transaction_and_bounds_a_wait(pg_engine: Engine) -> None:
+    pg_engine.dispose()  # the pool's connections are not counted: only the reader's
+    before = open_fds()
+    reader = LoopReader(pg_engine, "test", timeout_s=0.3)
+
+    async def story() -> None:
+        assert await reader.one(COUNT, ()) == (0,)
+        add_device(pg_engine, "d1")
+        assert await reader.one(COUNT, ()) == (1,)
+        (pid,) = await reader.one(BACKEND, ())
+        with pg_engine.connect() as conn:
+            state = conn.execute(text("SELECT state FROM pg_stat_activity WHERE pid = :p"), {"p": pid})
+            assert state.scalar_one() == "idle"
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})  # a restart
+        assert await reader.one(COUNT, ()) == (1,)  # replaced, no error
+        with pytest.raises(DatabaseUnavailableError, match=r"no answer within 0\.3s"):
+            await reader.one(SLEEP, ())
+        assert not reader.connected  # the connection that did not answer is closed
+        assert await reader.one(COUNT, ()) == (1,)
+        many = await asyncio.gather(*(reader.one(COUNT, ()) for _ in range(50)))  # they take turns
+        assert many == [(1,)] * 50
+
+    asyncio.run(story())
+    asyncio.run(story_on_another_loop(reader))  # a loop's connection is not used from another
+    pg_engine.dispose()
+    assert not reader.connected
+    assert open_fds() == before
+
+
+async def story_on_another_loop(reader: LoopReader) -> None:
+    assert await reader.one(COUNT, ()) == (1,)
+
+
+def test_an_unreachable_postgresql_is_unavailable_to_the_loop_reader() -> None:
+    engine = create_db_engine("postgresql://nobody@127.0.0.1:1/none")
+    try:
+        with pytest.raises(DatabaseUnavailableError):
+            asyncio.run(LoopReader(engine, "unreachable").one(COUNT, ()))
+    finally:
+        engine.dispose()

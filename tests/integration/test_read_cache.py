@@ -24,7 +24,7 @@ from iotvault.config import load_settings
 from iotvault.context import context
 from iotvault.devices import delete_device
 from iotvault.domain.ids import EventIdFactory, event_id_millis
-from iotvault.storage.repository import BatchWrite, PageCheck, StoredEvent
+from iotvault.storage.repository import BatchWrite, StoredEvent
 
 pytestmark = [pytest.mark.integration]
 
@@ -138,15 +138,13 @@ async def test_a_newest_page_is_reused_only_while_the_database_would_return_it(
     built, client = any_db
     alice = _bearer(built, "alice")
     reads: list[str] = []
-    real_read = built.ctx.store.newest_events
+    real_read = built.ctx.store.last_events
 
-    def counted(device_id: str, count: int, *, unless: PageCheck | None = None) -> list[StoredEvent] | None:
-        page = real_read(device_id, count, unless=unless)
-        if page is not None:  # the events themselves were read
-            reads.append(device_id)
-        return page
+    def counted(device_id: str, count: int) -> list[StoredEvent]:
+        reads.append(device_id)  # the events themselves were read
+        return real_read(device_id, count)
 
-    built.ctx.store.newest_events = counted  # type: ignore[method-assign]  # counts the real reads
+    built.ctx.store.last_events = counted  # type: ignore[method-assign]  # counts the real reads
     first = await client.get("/iotf/devices/d1?count=50", headers=alice)
     assert first.status_code == 200, first.text
     assert (await client.get("/iotf/devices/d1?count=50", headers=alice)).content == first.content

@@ -22,7 +22,7 @@ evicted. Bounded in bytes (``read_cache_mib``); least recently read devices go f
 
 **Newest-first pages** (:meth:`EventDocCache.page`): which event ids the last read of a
 device's newest ``count`` events returned. Before such a page is served again, one one-row
-query (:meth:`iotvault.storage.events.EventTable.newest_events`: how many events from the
+query (:meth:`iotvault.storage.events.EventTable.page_unchanged`: how many events from the
 page's oldest id on, and the newest id) proves that the database would return the same ids;
 only then is the page's answer, kept as it was sent, sent again, without reading the events
 themselves. Events are only ever added (a device's go all at once, with the device), so an
@@ -115,7 +115,7 @@ class Page:
 
     @property
     def check(self) -> PageCheck:
-        """What :meth:`iotvault.storage.events.EventTable.newest_events` checks it against."""
+        """What :meth:`iotvault.storage.events.EventTable.page_unchanged` checks it against."""
         return PageCheck(self.oldest if self.full else "", self.length, self.newest)
 
     @property

@@ -9,6 +9,7 @@ overwritten in the file rather than left in free pages.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -138,7 +139,7 @@ def driver_connection(conn: Connection, statement: str) -> Iterator[Any]:
 class PinnedReader:
     """One driver connection per thread, out of the pool, for one-row reads that must be cheap.
 
-    The check of a kept page (:meth:`iotvault.storage.events.EventTable.newest_events`) is one
+    The check of a kept page (:meth:`iotvault.storage.events.EventTable.page_unchanged`) is one
     small query. Through the pool it cost more than itself: on SQLite the checkout and check-in
     were a fifth of a cached last-50 read; on PostgreSQL the pool's ping before it and the
     rollback after it were two more round trips (BENCHMARKS.md, issue 17). Here a thread keeps
@@ -230,6 +231,85 @@ class PinnedReader:
             gone, self._open = self._open, []
         for _thread, raw in gone:
             raw.close()
+
+
+class LoopReader:
+    """PostgreSQL: one connection per event loop, in autocommit, for one-row reads awaited on it.
+
+    The check of a kept page is one round trip. In a worker thread it cost the read more than
+    the round trip itself (handing the request to the thread and back: ~270 µs of CPU a read,
+    BENCHMARKS.md, issue 17); run blocking on the loop, a server that stopped answering would
+    stall every request and ingest with it. Awaited, it costs neither: the loop serves others
+    while the answer travels, and ``timeout_s`` bounds the wait
+    (:class:`~iotvault.errors.DatabaseUnavailableError` then, as for a refused connection). The
+    reads of one loop take turns on its connection (each is one indexed row). A connection the
+    server dropped is replaced and the read tried once more; one that timed out or failed is
+    closed. Closed with the engine (:meth:`close`, synchronous: it only drops the socket).
+    """
+
+    def __init__(self, engine: Engine, url: str, *, timeout_s: float = 5.0) -> None:
+        self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._url = url
+        self.timeout_s = timeout_s
+        self._conn: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn = asyncio.Lock()
+        event.listen(engine, "engine_disposed", lambda _engine: self.close())
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def _unavailable(self, reason: str) -> DatabaseUnavailableError:
+        return DatabaseUnavailableError(redact(self._url), reason)
+
+    async def _mine(self) -> Any:
+        import psycopg  # noqa: PLC0415 - PostgreSQL's driver is an optional dependency
+
+        if self._conn is None:
+            try:
+                self._conn = await asyncio.wait_for(
+                    psycopg.AsyncConnection.connect(self._conninfo, autocommit=True), self.timeout_s
+                )
+            except TimeoutError:
+                raise self._unavailable(f"no connection within {self.timeout_s:g}s") from None
+            except psycopg.OperationalError as exc:
+                raise self._unavailable(str(exc).strip().splitlines()[0]) from exc
+        return self._conn
+
+    async def one(self, statement: dict[str, str], params: tuple[Any, ...]) -> Any:
+        """The first row of ``statement`` (made by :func:`by_paramstyle`)."""
+        import psycopg  # noqa: PLC0415 - PostgreSQL's driver is an optional dependency
+
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a connection (and a lock) belong to the loop that made them
+            self.close()
+            self._loop, self._turn = loop, asyncio.Lock()
+        async with self._turn:
+            for attempt in (1, 2):
+                fresh = self._conn is None
+                conn = await self._mine()
+                try:
+                    async with asyncio.timeout(self.timeout_s):  # no task of its own, as wait_for makes
+                        cur = await conn.execute(statement["format"], params)
+                        return await cur.fetchone()
+                except TimeoutError:
+                    self.close()
+                    raise self._unavailable(f"no answer within {self.timeout_s:g}s") from None
+                except psycopg.OperationalError as exc:
+                    self.close()
+                    if attempt == 1 and not fresh:  # dropped by the server (a restart): once more
+                        continue
+                    raise self._unavailable(str(exc).strip().splitlines()[0]) from exc
+                except BaseException:
+                    self.close()
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.pgconn.finish()  # libpq's close: the socket goes now, from any thread or loop
 
 
 def by_paramstyle(qmark_sql: str) -> dict[str, str]:

@@ -17,10 +17,12 @@ from iotvault.domain.ids import event_id_bound
 from iotvault.storage.commands import apply_command_acks
 from iotvault.storage.db import (
     EngineStore,
+    LoopReader,
     PinnedReader,
     by_paramstyle,
     driver_connection,
     for_driver,
+    is_sqlite,
 )
 from iotvault.storage.repository import BatchWrite, InflightRecord, PageCheck, RejectedMessage, StoredEvent
 from iotvault.storage.schema import devices, events, ingest_inflight, rejected_messages
@@ -93,9 +95,13 @@ class EventTable(EngineStore):
     """Implements :class:`~iotvault.storage.repository.EventStore`."""
 
     @functools.cached_property
-    def _pinned(self) -> PinnedReader:
-        """Where kept pages are checked (:class:`~iotvault.storage.db.PinnedReader`)."""
-        return PinnedReader(self.engine, self.url)
+    def _checks(self) -> PinnedReader | LoopReader:
+        """Where kept pages are checked: on SQLite a connection pinned to the loop's thread
+        (:class:`~iotvault.storage.db.PinnedReader`), on PostgreSQL one awaited on the loop
+        (:class:`~iotvault.storage.db.LoopReader`)."""
+        if is_sqlite(self.engine):
+            return PinnedReader(self.engine, self.url)
+        return LoopReader(self.engine, self.url)
 
     def write_batch(self, batch: BatchWrite) -> None:
         with self.begin() as conn:
@@ -195,24 +201,20 @@ class EventTable(EngineStore):
         # the columns in StoredEvent's order (_page_query); both drivers return BLOB/bytea as bytes
         return [StoredEvent._make(row) for row in rows]
 
-    def newest_events(
-        self, device_id: str, count: int, *, unless: PageCheck | None = None
-    ) -> list[StoredEvent] | None:
-        """The newest ``count`` events of a device, newest first, or None if ``unless`` (a page
-        read before: :class:`~iotvault.storage.repository.PageCheck`) still describes them.
+    async def page_unchanged(self, device_id: str, check: PageCheck) -> bool:
+        """Whether the newest-first page ``check`` describes (read before: :class:`~iotvault.
+        storage.repository.PageCheck`) is still what the newest events of the device are.
 
-        The check is one row through the primary key's index, on a connection kept for it
-        (:attr:`_pinned`).
+        One row through the primary key's index. On SQLite it runs right here, on the caller's
+        loop (the API reads SQLite on its loop: microseconds of work in C); on PostgreSQL it is
+        awaited on the loop's own connection.
         """
-        if unless is not None:
-            n, newest = self._pinned.one(_PAGE_VERSION, (device_id, unless.oldest))
-            if n == unless.length and newest == unless.newest:
-                return None
-        with self.connect() as conn:
-            rows = conn.execute(
-                _page_query(False, False, False, False), {"b_device": device_id, "b_count": count}
-            )
-            return [StoredEvent._make(row) for row in rows.all()]
+        checks = self._checks
+        if isinstance(checks, LoopReader):
+            n, newest = await checks.one(_PAGE_VERSION, (device_id, check.oldest))
+        else:
+            n, newest = checks.one(_PAGE_VERSION, (device_id, check.oldest))
+        return bool(n == check.length and newest == check.newest)
 
     def count_events(self, device_id: str | None = None) -> int:
         q = select(func.count()).select_from(events)

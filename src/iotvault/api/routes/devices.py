@@ -156,22 +156,26 @@ async def latest_events(
 
 async def newest_page(request: Request, device_id: str, count: int) -> Response:
     """The answer of :func:`latest_events` once its caller is admitted and its parameters valid;
-    :mod:`iotvault.api.direct` serves the plain form of the same request with it too."""
+    :mod:`iotvault.api.direct` serves the plain form of the same request with it too.
+
+    A page answered before (:meth:`~iotvault.api.readcache.EventDocCache.page`) is answered
+    again as it was while one indexed row proves the database would return the same events
+    (:meth:`~iotvault.storage.events.EventTable.page_unchanged`); otherwise the page is read.
+    """
     svc = services(request)
     ctx = svc.ctx
+    docs = svc.event_docs
+    kept = docs.page(device_id, count)
+    if kept is not None and await ctx.store.page_unchanged(device_id, kept.check):
+        request.state.audit = {"events": kept.length}  # the audit record says how many were read
+        return Response(kept.body, media_type="application/json")
 
     def load() -> bytes:
-        docs = svc.event_docs
-        kept = docs.page(device_id, count)
         generation = docs.generation  # before the read: a deletion meanwhile keeps the page out
-        page = ctx.store.newest_events(device_id, count, unless=kept.check if kept is not None else None)
-        if page is None and kept is not None:  # the page answered before is still the newest
-            request.state.audit = {"events": kept.length}
-            return kept.body
-        page = page or []
+        page = ctx.store.last_events(device_id, count)
         if not page:  # a device's events go with it, so only an empty page asks whether it exists
             _device_or_404(ctx, device_id)
-        request.state.audit = {"events": len(page)}  # the audit record says how many were read
+        request.state.audit = {"events": len(page)}
         body = _page(device_id, encoded_events(ctx.keyring, docs, page))
         ids = [e.event_id for e in page]
         if ids and None not in docs.get(device_id, ids):  # a page is kept only if all of it decrypted
