@@ -531,3 +531,35 @@ async def test_app_factory_builds_nothing_at_import() -> None:
         name for name, v in vars(app_module).items() if type(v).__name__ in ("FastAPI", "Engine", "Settings")
     ]
     assert callable(create_app)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "access_token=x",
+        "count=5&ACCESS_TOKEN=x",
+        "access%5Ftoken=x",  # the name escaped
+        "%61pi_key=x",
+        "%74oken=x",  # no word of a credential's name left unescaped
+        "p%61ssword=x",
+        "apikey=x",
+        "Password=",
+        "count=5&client_secret=x&z=1",
+        "token",
+        "id_token=a&refresh_token=b",
+    ],
+)
+async def test_credentials_in_the_query_are_refused_however_the_name_is_written(
+    sqlite_api: Api, query: str
+) -> None:
+    """Checked before any route: on the direct last-N read as on every other."""
+    for path in ("/iotf/devices/d1", "/iotf/devices"):
+        r = await sqlite_api.client.get(f"{path}?{query}", headers=sqlite_api.auth("alice"))
+        assert r.status_code == 400, (path, query, r.text)
+        assert "Authorization header" in r.json()["detail"]
+
+
+async def test_a_query_without_credentials_is_not_refused_for_their_words(sqlite_api: Api) -> None:
+    for query in ("count=5", "count=5&keys=1", "count=5&monkey=x"):  # "key" inside other names
+        r = await sqlite_api.client.get(f"/iotf/devices/d1?{query}", headers=sqlite_api.auth("alice"))
+        assert r.status_code == 200, (query, r.text)

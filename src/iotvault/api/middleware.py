@@ -49,6 +49,29 @@ _API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'n
 _HSTS = (b"strict-transport-security", b"max-age=63072000; includeSubDomains")
 
 
+_READ_HEADERS = frozenset({b"accept", b"content-type", b"content-length"})
+_CREDENTIAL_WORDS = ("token", "key", "password", "secret")  # each name in CREDENTIAL_PARAMS holds one
+
+
+def _read_headers(scope: Scope) -> dict[str, str]:
+    """The request headers the hardening reads (the last of a repeated one, as a dict keeps)."""
+    found: dict[str, str] = {}
+    for k, v in scope["headers"]:
+        name = k.lower()
+        if name in _READ_HEADERS:
+            found[name.decode("latin-1")] = v.decode("latin-1")
+    return found
+
+
+def _may_name_credentials(query: str) -> bool:
+    """False only for a query that cannot hold a parameter of :data:`CREDENTIAL_PARAMS` (what
+    most are: ``count=50``), so that only the others are parsed; an escaped name (``%``) is."""
+    if not query:
+        return False
+    lowered = query.lower()
+    return "%" in query or any(word in lowered for word in _CREDENTIAL_WORDS)
+
+
 def _accepts(accept: str, offered: str) -> bool:
     """Whether an Accept header admits *offered* (q=0 excludes)."""
     if not accept.strip():
@@ -93,7 +116,7 @@ class Hardening:
             return
         path: str = scope["path"]
         method: str = scope["method"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = _read_headers(scope)
         extra = list(self.headers)
 
         async def send_with_headers(message: Message) -> None:
@@ -120,7 +143,9 @@ class Hardening:
                 )
                 return
         query = scope.get("query_string", b"").decode("latin-1")
-        if query and any(k.lower() in CREDENTIAL_PARAMS for k, _ in parse_qsl(query, keep_blank_values=True)):
+        if _may_name_credentials(query) and any(
+            k.lower() in CREDENTIAL_PARAMS for k, _ in parse_qsl(query, keep_blank_values=True)
+        ):
             await _problem(
                 send_with_headers,
                 400,
