@@ -99,6 +99,27 @@ def test_a_nul_in_what_a_caller_sent_is_stored_replaced_and_never_stops_the_writ
     assert verify_log(store, audit.public_key).ok
 
 
+def test_details_are_hashed_as_they_read_back_plain_or_not(store: AuditStore) -> None:
+    """A flat detail of plain values is stored as given; any other goes through JSON first
+    (tuples become lists): the hash covers what a reader gets back."""
+    audit = AuditLog(store, CheckpointSigner(SEED), Clock())
+    given = [
+        {"method": "GET", "status": 200, "events": 50, "ratio": 0.5, "ok": True, "none": None},
+        {"before": {"groups": ("a", "b")}, "after": {"groups": ["a"]}},
+        {"text": "é\u2028\x00", "big": 2**70},
+    ]
+    for i, detail in enumerate(given):
+        audit.record(AuditEntry(at_us=1_700_000_000_000_000 + i, actor="user:alice", action="x.changed",
+                                target="t", outcome="success", detail=detail))  # fmt: skip
+    assert audit.flush() == 3
+    back = [r.entry.detail for r in store.records(from_seq=1)]
+    assert back[0] == given[0]
+    assert back[1] == {"before": {"groups": ["a", "b"]}, "after": {"groups": ["a"]}}
+    assert back[2] == given[2]
+    assert audit.checkpoint() is not None
+    assert verify_log(store, audit.public_key).ok
+
+
 def test_an_edited_record_is_named(store: AuditStore) -> None:
     audit = written(store)
     sql(store, "UPDATE audit_log SET outcome = 'failure' WHERE seq = 4")
