@@ -29,8 +29,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
 @pytest.fixture
-def built(tmp_path: Path) -> Iterator[Built]:
-    b = build_api(tmp_path)
+def built(tmp_path: Path, database_url: str) -> Iterator[Built]:
+    """On SQLite a stream's reads run on the event loop, on PostgreSQL in worker threads."""
+    b = build_api(tmp_path, database_url)
     yield b
     b.close()
 

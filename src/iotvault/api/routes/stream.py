@@ -99,6 +99,10 @@ class EventStream(Response):
             waiter.set_result(True)
 
     async def _read(self, after: str) -> list[Frame]:
+        """On SQLite right here, as the device reads (:func:`iotvault.api.routes.devices._read`
+        says why); elsewhere in a worker thread. One read serves every stream of the device."""
+        if self._svc.inline_reads:
+            return read_frames(self._svc, self._device_id, after)
         return await run_in_threadpool(read_frames, self._svc, self._device_id, after)
 
     async def _watch(self, receive: Receive) -> None:
