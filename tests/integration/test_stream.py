@@ -10,6 +10,7 @@ stream that lost its client leaves nothing behind: no waker, no feed, no task, n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import socket
@@ -268,3 +269,29 @@ async def test_the_node_stopping_ends_every_stream_at_once(built: Built) -> None
         await settle(lambda: built.svc.feeds.streams("d1") + built.svc.feeds.streams("d2") == 0)
         for c in clients:
             c.close()
+
+
+async def test_a_body_sent_to_a_stream_is_dropped_and_too_much_of_it_ends_the_stream(built: Built) -> None:
+    async with served(built) as port:
+        fds = descriptors()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        token = built.token("alice")
+        writer.write(
+            f"GET /iotf/devices/d1/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Accept: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(10):  # 640 KiB: read and dropped, the stream goes on
+                writer.write(chunk)
+                await writer.drain()
+            await asyncio.sleep(0.3)
+            assert built.svc.notifier.watching("d1") == 1
+            for _ in range(16):  # past the 1 MiB request limit
+                writer.write(chunk)
+                await writer.drain()
+        await settle(lambda: built.svc.notifier.watching("d1") == 0)
+        assert built.svc.feeds.streams("d1") == 0
+        writer.transport.abort()
+        await settle(lambda: descriptors() <= fds)

@@ -22,6 +22,7 @@ after ``KEEPALIVE_S`` without events, and the end of the response when the node 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any
 
@@ -38,6 +39,7 @@ from iotvault.api.services import ApiServices
 from iotvault.auth.policy import Permission, Principal
 
 router = APIRouter(prefix="/iotf", tags=["devices"], responses=ERRORS)
+log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 PAGE = 500  # events one read returns at most (iotvault.api.livefeed.PAGE)
@@ -106,11 +108,19 @@ class EventStream(Response):
         return await run_in_threadpool(read_frames, self._svc, self._device_id, after)
 
     async def _watch(self, receive: Receive) -> None:
-        """Until the client goes: a GET's (empty) body first, then only ``http.disconnect``."""
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self._gone = True
-        self.set()
+        """Until the client goes: a GET's (empty) body first, then only ``http.disconnect``.
+
+        A client that sends a body anyway has it read and dropped; past the request size limit
+        (:class:`iotvault.api.middleware.Hardening` raises) the stream ends as if it had gone.
+        """
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception as exc:  # noqa: BLE001 - too late for an answer: the stream ends, said once
+            log.info("live stream of %s ended by its request: %s", self._device_id, type(exc).__name__)
+        finally:
+            self._gone = True
+            self.set()
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         svc, device_id = self._svc, self._device_id
