@@ -155,6 +155,8 @@ class EventStream(Response):
             watcher.cancel()
             svc.notifier.unsubscribe(device_id, self)
             svc.feeds.leave(device_id)
+        if self.background is not None:  # as Starlette's responses do (none is given today)
+            await self.background()
 
     async def _wait(self, loop: asyncio.AbstractEventLoop, poll_s: float) -> bool:
         """Whether the stream was woken (else the poll timer fired)."""
