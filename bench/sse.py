@@ -7,12 +7,13 @@ devices registered with real credentials and an API key that may read them all. 
 
 1. ``--clients`` Server-Sent Events streams, spread evenly over the devices, are opened and
    left idle; the server's resident memory before and after, divided by the clients, is the
-   **memory per idle SSE client**;
+   **memory per idle SSE client** (and the server's CPU meanwhile: what idle streams cost);
 2. the publishers (:mod:`bench.publisher`) send ``--rate`` QoS 1 events/s over all devices for
    ``--seconds``; every client parses each event it receives and notes **latency** = its
    receipt - the event's ``timestamp`` (iotvault's receipt of the PUBLISH, in milliseconds:
    the broker hop before it, on loopback, is not counted). Printed: p50/p99/max, events
-   delivered against those expected (each event goes to clients/devices streams).
+   delivered against those expected (each event goes to clients/devices streams), and the
+   server's CPU seconds over the phase per delivery (ingest and fan-out together).
 
 The clients are one asyncio process of raw sockets (``bench.loadgen``'s approach).
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.services import Child, Server, base_env, free_port
-from bench.stats import memory
+from bench.stats import cpu_seconds, memory
 from iotvault.config import load_settings
 
 TYPE_ID = "ssebench"
@@ -114,7 +115,10 @@ async def _measure(  # noqa: PLR0917 - one measurement, described by its argumen
     for i in range(0, len(clients), 50):  # in steps, as browsers arrive
         await asyncio.gather(*(c.connect() for c in clients[i : i + 50]))
     tasks = [asyncio.create_task(c.run()) for c in clients]
-    await asyncio.sleep(3.0)
+    await asyncio.sleep(1.0)
+    idle0, t0 = cpu_seconds(server_pid) or 0.0, time.monotonic()
+    await asyncio.sleep(2.0)
+    idle_cpu = ((cpu_seconds(server_pid) or 0.0) - idle0) / (time.monotonic() - t0)
     rss1, _ = memory(server_pid)
     per_device = max(1, math.ceil(a.rate * a.seconds / len(creds)))
     pub = Child("publisher", "bench.publisher", [], base_env(), workdir / "publisher.log")
@@ -135,9 +139,11 @@ async def _measure(  # noqa: PLR0917 - one measurement, described by its argumen
     pub.expect("ready", 60)
     for c in clients:
         c.measuring = True
+    busy0 = cpu_seconds(server_pid) or 0.0
     pub.send("go")
     sent = await asyncio.to_thread(pub.expect, "sent", a.seconds * 4 + 60)
     await asyncio.sleep(2.0)  # the last events reach their streams
+    busy = (cpu_seconds(server_pid) or 0.0) - busy0
     pub.stop()
     for c in clients:
         c.close()
@@ -155,6 +161,8 @@ async def _measure(  # noqa: PLR0917 - one measurement, described by its argumen
         "p99_ms": _pct(lat, 99),
         "max_ms": lat[-1] * 1000 if lat else float("nan"),
         "published": sent["acked"],
+        "idle_cpu": idle_cpu,
+        "busy_cpu_s": busy,
     }
 
 
@@ -202,6 +210,12 @@ def main() -> None:
             f"{r['delivered']:,} of {r['expected']:,.0f} expected; latency (iotvault receipt -> client) "
             f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max {r['max_ms']:.1f} ms "
             "(target p99 100 ms)"
+        )
+        per_delivery_us = r["busy_cpu_s"] / max(1, r["delivered"]) * 1e6
+        print(
+            f"sse: server CPU {r['idle_cpu']:.1%} of a core with the {a.clients} streams idle; "
+            f"{r['busy_cpu_s']:.2f} s while publishing = {per_delivery_us:.1f} µs "
+            "per delivery (ingest included: compare runs, not cases)"
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -21,7 +21,7 @@ from iotvault.api.audit import AuditTrail
 from iotvault.api.deps import SECURITY_SCHEMES, Requires, permission_of
 from iotvault.api.direct import DirectReads, latest_route
 from iotvault.api.middleware import Hardening
-from iotvault.api.routes import access, admin, audit, commands, devices, messaging, oidc, oidc_admin
+from iotvault.api.routes import access, admin, audit, commands, devices, messaging, oidc, oidc_admin, stream
 from iotvault.api.services import ApiServices
 from iotvault.api.timing import RequestTimer
 from iotvault.auth.policy import Permission, Principal
@@ -149,6 +149,7 @@ def create_app(
 
     app.include_router(access.router)  # before devices: its path is more specific
     app.include_router(devices.router)
+    app.include_router(stream.router)  # live events: the last of the device routes
     app.include_router(commands.router)
     app.include_router(admin.router)
     app.include_router(audit.router)

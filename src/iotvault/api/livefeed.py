@@ -4,8 +4,9 @@ Each Server-Sent Events stream used to read its device's new events from the dat
 was woken: with 1,000 streams over 100 devices that was ~10,000 small queries a second at
 1,000 events/s, and a p99 latency of seconds (BENCHMARKS.md, "Reads as fast as ingest"). Here
 the streams of one device share a :class:`_Feed`: the newest events (at most ``keep``) as
-finished JSON documents; the first stream to ask after a commit was announced reads what is
-new, once, and every stream takes the part after its own cursor.
+what the streams send of them (each event's whole SSE frame, made once); the first stream to
+ask after a commit was announced reads what is new, once, and every stream takes the part
+after its own cursor.
 
 What a stream sees is unchanged: its events in order, from its cursor on. A stream whose
 cursor is older than what the feed holds (a reconnect with an old ``Last-Event-ID``) reads for
@@ -21,7 +22,7 @@ import bisect
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-Item = tuple[str, bytes]  # (event id, encoded document)
+Item = tuple[str, bytes]  # (event id, what is sent of it: its SSE frame, iotvault.api.routes.stream)
 PAGE = 500  # what one read returns at most (the stream's page)
 
 
@@ -65,6 +66,11 @@ class LiveFeeds:
         """These devices were deleted: their documents go now (any thread)."""
         for d in device_ids:
             self._feeds.pop(d, None)
+
+    def streams(self, device_id: str) -> int:
+        """How many streams share the device's feed (0: it has none)."""
+        feed = self._feeds.get(device_id)
+        return feed.users if feed is not None else 0
 
     def held(self, device_id: str) -> int:
         feed = self._feeds.get(device_id)

@@ -20,6 +20,12 @@ from iotvault.metrics import Metrics
 from iotvault.storage.db import is_sqlite
 
 
+class Waker(Protocol):
+    """What a notification wakes: an ``asyncio.Event``, or a live stream itself."""
+
+    def set(self) -> None: ...
+
+
 class EventNotifier:
     """Wakes live streams when this process commits events for a device.
 
@@ -28,21 +34,24 @@ class EventNotifier:
     """
 
     def __init__(self) -> None:
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._waiters: dict[str, set[Waker]] = defaultdict(set)
         # told of every notification first (iotvault.api.livefeed: the feeds owe a read)
         self.listeners: list[Callable[[set[str]], None]] = []
 
-    def subscribe(self, device_id: str) -> asyncio.Event:
-        ev = asyncio.Event()
-        self._waiters[device_id].add(ev)
-        return ev
+    def subscribe(self, device_id: str, waker: Waker) -> None:
+        """Wake ``waker`` (``set()``) at each commit for the device, until unsubscribed."""
+        self._waiters[device_id].add(waker)
 
-    def unsubscribe(self, device_id: str, ev: asyncio.Event) -> None:
+    def unsubscribe(self, device_id: str, ev: Waker) -> None:
         waiters = self._waiters.get(device_id)
         if waiters is not None:
             waiters.discard(ev)
             if not waiters:
                 del self._waiters[device_id]
+
+    def watching(self, device_id: str) -> int:
+        """How many wakers wait for the device's commits (tests; a stream that ended is not one)."""
+        return len(self._waiters.get(device_id, ()))
 
     def notify(self, device_ids: set[str]) -> None:
         for listener in self.listeners:

@@ -1,4 +1,6 @@
-"""Device data: the list of readable devices, their latest events, pages of events, live events.
+"""Device data: the list of readable devices, their latest events, pages of events.
+
+Live events (Server-Sent Events) are :mod:`iotvault.api.routes.stream`.
 
 Payloads are decrypted on the way out; a record that does not decrypt (tampered, or its key
 destroyed) is returned with ``payload: null`` and ``error`` set, never as garbage and never as
@@ -8,13 +10,12 @@ a 500 for the whole page.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -33,7 +34,6 @@ from iotvault.storage.repository import DeviceRecord, StoredEvent
 router = APIRouter(prefix="/iotf", tags=["devices"], responses=ERRORS)
 
 READ_THREADS = 4
-KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 """Threads reading device data at once, per app; more requests wait on the event loop.
 
 The database pool is sized for this (:data:`iotvault.node.POOL_SIZES`: 10 for an API node,
@@ -229,74 +229,3 @@ async def events_page(
         return _page(deviceId, encoded_events(ctx.keyring, svc.event_docs, page), (b"next", nxt))
 
     return await _read(request, load)
-
-
-@router.get(
-    "/devices/{deviceId}/stream",
-    summary="Live events of a device (Server-Sent Events)",
-    response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "a stream of `event` messages"}},
-)
-async def stream(
-    request: Request,
-    deviceId: DeviceIdPath,
-    _p: Annotated[Principal, Requires(Permission.DEVICE_EVENTS_READ)],
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", pattern=EVENT_ID)] = None,
-) -> StreamingResponse:
-    svc = services(request)
-    ctx = svc.ctx
-
-    def newest() -> str | None:
-        _device_or_404(ctx, deviceId)
-        latest = ctx.store.last_events(deviceId, 1)
-        return latest[0].event_id if latest else None
-
-    # "0" sorts before every event id: a device with no events yet streams all that arrive
-    cursor: str = last_event_id or await run_in_threadpool(newest) or "0"
-
-    def read(after: str) -> list[tuple[str, bytes]]:
-        """The next events as (id, document), in one worker-thread call."""
-        page = ctx.store.events_page(deviceId, count=500, after=after)
-        docs = encoded_events(ctx.keyring, svc.event_docs, page)
-        return [(e.event_id, doc) for e, doc in zip(page, docs, strict=True)]
-
-    async def read_async(after: str) -> list[tuple[str, bytes]]:
-        return await run_in_threadpool(read, after)
-
-    async def events() -> AsyncIterator[bytes]:
-        nonlocal cursor
-        wake = svc.notifier.subscribe(deviceId)
-        svc.feeds.join(deviceId, cursor)  # the streams of a device share its reads (api.livefeed)
-        try:
-            yield b": connected\n\nretry: 2000\n\n"
-            quiet_since = time.monotonic()
-            while not svc.stopping.is_set():
-                page = await svc.feeds.after(deviceId, cursor, read_async)
-                for event_id, doc in page:
-                    data = doc.replace(b"\n", b" ").replace(b"\r", b" ")  # one SSE line
-                    yield b"id: " + event_id.encode() + b"\nevent: event\ndata: " + data + b"\n\n"
-                    cursor = event_id
-                if page:
-                    quiet_since = time.monotonic()
-                    continue
-                wake.clear()
-                # woken by a commit on any node (iotvault.fanout), else by the poll; a keep-alive
-                # line at least every KEEPALIVE_S whatever the poll interval
-                try:
-                    await asyncio.wait_for(wake.wait(), timeout=min(svc.stream_poll_s, KEEPALIVE_S))
-                except TimeoutError:
-                    svc.feeds.mark({deviceId})  # a wake-up may have been missed: read again
-                if time.monotonic() - quiet_since >= KEEPALIVE_S:
-                    quiet_since = time.monotonic()
-                    yield b": keep-alive\n\n"
-                if await request.is_disconnected():
-                    return
-        finally:
-            svc.notifier.unsubscribe(deviceId, wake)
-            svc.feeds.leave(deviceId)
-
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"X-Accel-Buffering": "no", "Cache-Control": "no-store"},
-    )
