@@ -49,6 +49,7 @@ class _Writes:
         self.started: list[float] = []
         self.began = threading.Event()
         self.sizes: list[int] = []
+        self.firsts: list[str] = []  # each write's first event id: which batch it was
         self.first = list(first)  # per attempt, in order: "slow", "outage", "bug"; then plain
         self._write = ctx.store.write_batch
 
@@ -56,6 +57,7 @@ class _Writes:
         self.started.append(time.monotonic())
         self.began.set()
         self.sizes.append(len(batch.events))
+        self.firsts.append(batch.events[0].event_id if batch.events else "")
         what = self.first.pop(0) if self.first else ""
         if what == "slow":
             time.sleep(0.4)  # the writer thread busy: the next batch is cut meanwhile
@@ -72,6 +74,15 @@ def _msgs(start: int, n: int = BATCH) -> list[Inbound]:
     return [Inbound(TOPIC, b'{"n": %d}' % i, 1, False, i, "sub-1") for i in range(start, start + n)]
 
 
+async def _handed_over(pipeline: IngestPipeline) -> None:
+    """Until a cut batch waits for the busy writer (a loaded machine can take a while)."""
+    for _ in range(1000):
+        if pipeline._ready:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the second batch was never handed over")
+
+
 async def _two_batches(
     ctx: Context, monkeypatch: pytest.MonkeyPatch, first: list[str]
 ) -> tuple[_Writes, list[Any], list[Any], float]:
@@ -86,7 +97,7 @@ async def _two_batches(
         a = [pipeline.enqueue(m) for m in _msgs(1)]
         assert await asyncio.to_thread(writes.began.wait, 10)  # A is in the writer
         b = [pipeline.enqueue(m) for m in _msgs(100)]
-        await asyncio.sleep(0.05)  # B is cut and handed over while A's commit goes on
+        await _handed_over(pipeline)  # B is cut and waits for the writer while A commits
         time.sleep(0.6)  # noqa: ASYNC251 - the event loop blocked on purpose
         unblocked = time.monotonic()
         results_a = await asyncio.gather(*a, return_exceptions=True)
@@ -110,8 +121,9 @@ async def test_an_outage_retries_its_batch_before_the_next_one_is_written(
     ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes, results_a, results_b, _ = await _two_batches(ctx, monkeypatch, ["outage"])
-    # A failed, A again, then B: never B before A's retry
+    # A failed, A again (with the ids of its first attempt), then B: never B before A's retry
     assert writes.sizes == [BATCH, BATCH, BATCH]
+    assert writes.firsts[0] == writes.firsts[1] < writes.firsts[2]
     assert results_a == [Outcome.STORED] * BATCH
     assert results_b == [Outcome.STORED] * BATCH
     page = ctx.store.events_page("d1", count=100, after="0")

@@ -89,6 +89,7 @@ class Reason(StrEnum):
     BAD_COMMAND_ACK = "bad_command_ack"
 
 
+_READY_MAX = 2  # cut batches waiting for the busy writer (IngestPipeline._ready)
 _TOPIC_CACHE = 50_000  # parsed topics kept by a pipeline (a few MB at most)
 
 
@@ -203,8 +204,9 @@ class IngestPipeline:
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotvault-writer")
-        # batches cut and waiting for the writer: one at most, so that the next batch is ready
-        # when a commit ends but messages still join the batch after it while both are busy.
+        # batches cut and waiting for the writer: two at most, so that the next batch is ready
+        # when a commit ends (with one, the loop, busy with incoming messages, had often not
+        # cut the next yet) but messages still join the batch after them while all are busy.
         # The writer thread takes from it itself (_write_chain), under _handoff, which also
         # guards _writer_busy: a chain of commits is running in the writer, or a failed batch
         # is being retried (_commit_batches); then a new batch waits here, else it starts one
@@ -313,7 +315,7 @@ class IngestPipeline:
     async def _run(self) -> None:
         """Cut batches: when ``batch_size`` messages wait, or ``batch_ms`` after the first one.
 
-        A batch cut while the writer is busy waits in ``_ready`` (one at most) for the writer
+        A batch cut while the writer is busy waits in ``_ready`` (two at most) for the writer
         to take it; while it waits, newer messages gather for the batch after it.
         """
         loop = asyncio.get_running_loop()
@@ -333,7 +335,7 @@ class IngestPipeline:
             batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
             batch = [p for p in batch if not p.future.done()]  # a cancelled submit needs no answer
             if batch:
-                while self._ready:  # one waits already: let the messages gather behind it
+                while len(self._ready) >= _READY_MAX:  # let the messages gather behind them
                     self._room.clear()
                     await self._room.wait()
                 self._hand_over(batch)
@@ -395,7 +397,7 @@ class IngestPipeline:
         loop = asyncio.get_running_loop()
         while True:
             batch, result = await self._results.get()
-            if not self._ready:
+            if len(self._ready) < _READY_MAX:
                 self._room.set()
             try:
                 if isinstance(result, Exception):
