@@ -139,3 +139,28 @@ async def test_a_failed_batch_is_not_acknowledged_and_the_next_one_still_commits
     assert all(isinstance(r, IngestFailedError) for r in results_a)  # not acknowledged
     assert results_b == [Outcome.STORED] * BATCH
     assert len(ctx.store.events_page("d1", count=100, after="0")) == BATCH
+
+
+async def test_a_shutdown_leaves_no_message_unanswered_even_one_waiting_for_room(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches B and C wait for the busy writer, D waits for room behind them: at shutdown
+    every message not committed gets its answer (cancelled: not acknowledged), none hangs."""
+    writes = _Writes(ctx, ["slow"])
+    monkeypatch.setattr(ctx.store, "write_batch", writes)
+    futures = []
+    async with IngestPipeline(ctx.store, ctx.keyring, Metrics(), batch_size=BATCH, batch_ms=1.0) as pipeline:
+        futures += [pipeline.enqueue(m) for m in _msgs(1)]
+        assert await asyncio.to_thread(writes.began.wait, 10)  # A is in the writer
+        for start in (100, 200, 300):  # B, C and D
+            futures += [pipeline.enqueue(m) for m in _msgs(start)]
+            await asyncio.sleep(0.02)
+        for _ in range(200):
+            if not pipeline._pending:  # D is cut too
+                break
+            await asyncio.sleep(0.005)
+        assert len(pipeline._ready) == 2  # B and C; D waits for room
+    assert all(f.done() for f in futures)
+    # A was being committed: answered if its commit ended before the shutdown, else cancelled
+    assert all(f.cancelled() or f.result() == Outcome.STORED for f in futures[:BATCH])
+    assert all(f.cancelled() for f in futures[BATCH:])

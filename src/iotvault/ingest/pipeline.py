@@ -335,14 +335,15 @@ class IngestPipeline:
             batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
             batch = [p for p in batch if not p.future.done()]  # a cancelled submit needs no answer
             if batch:
+                # in _in_flight already while it waits for room: a shutdown cancels its futures
+                self._in_flight.append(batch)
                 while len(self._ready) >= _READY_MAX:  # let the messages gather behind them
                     self._room.clear()
                     await self._room.wait()
                 self._hand_over(batch)
 
     def _hand_over(self, batch: list[_Pending]) -> None:
-        """Give a cut batch to the writer: to a running chain of commits, or start one."""
-        self._in_flight.append(batch)
+        """Give a cut batch (last in ``_in_flight``) to the writer: to a running chain, or start one."""
         with self._handoff:
             if self._writer_busy:
                 self._ready.append(batch)
