@@ -5,7 +5,9 @@ acknowledges the message (PUBACK) only afterwards, so an acknowledged event is a
 Messages are collected for at most ``ingest_batch_ms`` or ``ingest_batch_size`` messages,
 whichever comes first, then validated, encrypted and written in one transaction by a single
 writer thread (SQLite allows one writer; one thread also keeps the key cache and the dedupe
-index single-threaded). While one batch commits, the next one fills.
+index single-threaded). While one batch commits, the next one fills; a batch cut while the
+writer is busy waits for it in a hand-over slot, from which the writer takes it the moment the
+commit before it ends, without a round trip through the event loop (:meth:`IngestPipeline._write_chain`).
 
 If the commit fails (database gone), the same batch is retried with backoff and jitter and no
 message in it is acknowledged until it succeeds; the broker holds further messages back once
@@ -29,7 +31,9 @@ import contextlib
 import json
 import logging
 import random
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -85,6 +89,7 @@ class Reason(StrEnum):
     BAD_COMMAND_ACK = "bad_command_ack"
 
 
+_READY_MAX = 2  # cut batches waiting for the busy writer (IngestPipeline._ready)
 _TOPIC_CACHE = 50_000  # parsed topics kept by a pipeline (a few MB at most)
 
 
@@ -167,6 +172,11 @@ class _DeviceCache:
         return True, hit[0]
 
 
+def _chain_ended(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:  # _write_chain catches what _commit raises
+        log.error("ingest: the writer stopped", exc_info=fut.exception())
+
+
 class IngestPipeline:
     def __init__(
         self,
@@ -194,9 +204,19 @@ class IngestPipeline:
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iotvault-writer")
-        # batches cut and waiting for the writer: one at most, so that the next batch is ready
-        # when a commit ends but messages still join the batch after it while both are busy
-        self._batches: asyncio.Queue[list[_Pending]] = asyncio.Queue(maxsize=1)
+        # batches cut and waiting for the writer: two at most, so that the next batch is ready
+        # when a commit ends (with one, the loop, busy with incoming messages, had often not
+        # cut the next yet) but messages still join the batch after them while all are busy.
+        # The writer thread takes from it itself (_write_chain), under _handoff, which also
+        # guards _writer_busy: a chain of commits is running in the writer, or a failed batch
+        # is being retried (_commit_batches); then a new batch waits here, else it starts one
+        self._ready: deque[list[_Pending]] = deque()
+        self._handoff = threading.Lock()
+        self._writer_busy = False
+        self._room = asyncio.Event()  # set when _ready has room again (by _commit_batches)
+        # what the writer did with each batch, in commit order: its outcomes or its exception
+        self._results: asyncio.Queue[tuple[list[_Pending], list[Outcome] | Exception]] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight: list[list[_Pending]] = []  # batches given to the writer, oldest first
         self._task: asyncio.Task[None] | None = None
         self._committer: asyncio.Task[None] | None = None
@@ -212,7 +232,7 @@ class IngestPipeline:
 
     # ---- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> IngestPipeline:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         records = await loop.run_in_executor(self._executor, self._store.load_inflight)
         now = time.monotonic()
         for rec in records:
@@ -240,12 +260,13 @@ class IngestPipeline:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         # not acknowledged: whatever of these was committed is recognised when it comes again
-        while not self._batches.empty():
-            self._in_flight.append(self._batches.get_nowait())
+        # (the writer takes no new batch once _closing is set; _in_flight holds _ready's too)
         for p in [p for batch in self._in_flight for p in batch] + self._pending:
             if not p.future.done():
                 p.future.cancel()
         self._in_flight.clear()
+        with self._handoff:
+            self._ready.clear()
         self._pending.clear()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(IotVaultError):
@@ -294,8 +315,8 @@ class IngestPipeline:
     async def _run(self) -> None:
         """Cut batches: when ``batch_size`` messages wait, or ``batch_ms`` after the first one.
 
-        A cut batch waits in ``_batches`` (one at most) for :meth:`_commit_batches`; while it
-        waits, newer messages gather for the batch after it.
+        A batch cut while the writer is busy waits in ``_ready`` (two at most) for the writer
+        to take it; while it waits, newer messages gather for the batch after it.
         """
         loop = asyncio.get_running_loop()
         while not self._closing:
@@ -304,7 +325,7 @@ class IngestPipeline:
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                 except TimeoutError:
-                    if not self._in_flight and self._batches.empty():
+                    if not self._in_flight:
                         await loop.run_in_executor(self._executor, self._housekeeping)
                     continue
             if len(self._pending) < self._batch_size:
@@ -314,33 +335,83 @@ class IngestPipeline:
             batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
             batch = [p for p in batch if not p.future.done()]  # a cancelled submit needs no answer
             if batch:
-                await self._batches.put(batch)
+                # in _in_flight already while it waits for room: a shutdown cancels its futures
+                self._in_flight.append(batch)
+                while len(self._ready) >= _READY_MAX:  # let the messages gather behind them
+                    self._room.clear()
+                    await self._room.wait()
+                self._hand_over(batch)
+
+    def _hand_over(self, batch: list[_Pending]) -> None:
+        """Give a cut batch (last in ``_in_flight``) to the writer: to a running chain, or start one."""
+        with self._handoff:
+            if self._writer_busy:
+                self._ready.append(batch)
+                return
+            self._writer_busy = True
+        self._start_chain(batch)
+
+    def _start_chain(self, first: list[_Pending]) -> None:
+        assert self._loop is not None  # noqa: S101 - set by __aenter__, before any batch
+        self._loop.run_in_executor(self._executor, self._write_chain, first).add_done_callback(_chain_ended)
+
+    def _write_chain(self, batch: list[_Pending]) -> None:
+        """The writer thread: commit this batch, then each one handed over meanwhile, in order.
+
+        The next batch is taken here, right after the commit before it, instead of the event
+        loop starting each commit: the loop, busy with the incoming messages, had taken
+        milliseconds to get round to it, and the writer waited that long between commits (the
+        profile in BENCHMARKS.md, "Ingest: the writer's wait between commits"). Each result goes
+        to :meth:`_commit_batches` with one wake-up of the loop; a failed commit ends the
+        chain, and the loop retries that batch before any later one is written.
+        """
+        assert self._loop is not None  # noqa: S101 - set by __aenter__, before any batch
+        post = self._loop.call_soon_threadsafe
+        put = self._results.put_nowait
+        current: list[_Pending] | None = batch
+        while current is not None:
+            result: list[Outcome] | Exception
+            try:
+                result = self._commit(current)
+            except Exception as exc:  # noqa: BLE001 - an outage or a bug: _commit_batches decides which
+                result = exc
+            with self._handoff:
+                nxt = None
+                if self._ready and not isinstance(result, Exception) and not self._closing:
+                    nxt = self._ready.popleft()
+                elif not isinstance(result, Exception):
+                    self._writer_busy = False  # a batch handed over from now on starts a chain
+            # taken before the result is posted: _commit_batches then sees the slot free
+            try:
+                post(put, (current, result))
+            except RuntimeError:  # the loop is closed: shutting down, nobody waits for this
+                return
+            current = nxt
 
     async def _commit_batches(self) -> None:
-        """Commit the batches in order, and answer each one's messages.
+        """Answer each committed batch's messages in commit order; retry a failed commit.
 
-        The next batch goes to the writer thread *before* this one's messages are answered
-        (hundreds of futures, and the PUBACKs they release), so the writer does not sit idle
-        while the event loop does that: in the profiles it had been idle a fifth of the time.
+        The writer thread goes on to the next batch before this one's messages are answered
+        (hundreds of futures, and the PUBACKs they release), so it does not sit idle while
+        the event loop does that.
         """
         loop = asyncio.get_running_loop()
-        started: asyncio.Future[list[Outcome]] | None = None
         while True:
-            if started is None:
-                self._in_flight.append(await self._batches.get())
-                started = loop.run_in_executor(self._executor, self._commit, self._in_flight[0])
-            batch = self._in_flight[0]
+            batch, result = await self._results.get()
+            if len(self._ready) < _READY_MAX:
+                self._room.set()
             try:
-                outcomes = await self._settle(loop, batch, started)
+                if isinstance(result, Exception):
+                    outcomes: list[Outcome] | None = await self._settle(loop, batch, result)
+                    self._resume_chain()
+                else:
+                    outcomes = result
             except Exception as exc:  # a bug, not an outage: fail these messages, keep ingesting
                 log.exception("ingest: batch of %d messages failed; they are not acknowledged", len(batch))
+                self._resume_chain()
                 outcomes = None
                 failure = IngestFailedError(str(exc))
-            started = None
-            if not self._batches.empty():
-                self._in_flight.append(self._batches.get_nowait())
-                started = loop.run_in_executor(self._executor, self._commit, self._in_flight[1])
-            self._in_flight.pop(0)
+            self._in_flight.pop(0)  # the oldest: batches are committed and answered in order
             if outcomes is None:
                 for p in batch:
                     if not p.future.done():
@@ -355,13 +426,29 @@ class IngestPipeline:
                 devices, self._committed_devices = self._committed_devices, set()
                 self._on_commit(devices)
 
+    def _resume_chain(self) -> None:
+        """After a failed batch is settled: the writer goes on with the batches behind it."""
+        with self._handoff:
+            nxt = self._ready.popleft() if self._ready and not self._closing else None
+            if nxt is None:
+                self._writer_busy = False
+        if nxt is not None:
+            self._room.set()
+            self._start_chain(nxt)
+
     async def _settle(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], attempt: asyncio.Future[list[Outcome]]
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], failure: Exception
     ) -> list[Outcome]:
-        """The outcome of a commit already started; while the database is out, retry it."""
+        """The outcome of a batch whose commit failed: while the database is out, retry it.
+
+        Raises what is not an outage (a bug): the batch's messages are then failed.
+        """
         delay = 0.1
+        attempt: asyncio.Future[list[Outcome]] | None = None
         while True:
             try:
+                if attempt is None:
+                    raise failure
                 outcomes = await attempt
             except IotVaultError as exc:
                 self.trouble = exc.reason if isinstance(exc, DatabaseUnavailableError) else type(exc).__name__
