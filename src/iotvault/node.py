@@ -120,7 +120,13 @@ class _Server(uvicorn.Server):
         yield
 
 
-def bind_socket(host: str, port: int, setting: str) -> socket.socket:
+def bind_socket(host: str, port: int, setting: str, *, reuse_port: bool = False) -> socket.socket:
+    """A listening socket, inheritable; a taken port raises :class:`PortInUseError` (one line).
+
+    ``reuse_port``: one of several sockets on the port (``SO_REUSEPORT``, only processes of
+    the same user can join), among which the kernel spreads new connections
+    (:mod:`iotvault.apiprocs`); bound but not yet listening: it joins them when the process it
+    is for starts serving on it, so that no connection waits for a process still starting."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on sockets whose proto is TCP, and
     # a connection accepted here carries this socket's proto. Without it each keep-alive
@@ -128,6 +134,8 @@ def bind_socket(host: str, port: int, setting: str) -> socket.socket:
     # connection at most (BENCHMARKS.md).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -135,8 +143,12 @@ def bind_socket(host: str, port: int, setting: str) -> socket.socket:
         if exc.errno in (errno.EADDRINUSE, errno.EACCES):
             raise PortInUseError(host, port, setting) from None
         raise
-    sock.listen(2048)
-    sock.set_inheritable(True)
+    if not reuse_port:
+        sock.listen(2048)
+    # a socket for one child is passed to it alone (pass_fds): an inheritable one would go to
+    # every process started after it (uvloop's spawn closes nothing), and a dead child's
+    # socket would then go on taking connections in another child that never accepts them
+    sock.set_inheritable(not reuse_port)
     return sock
 
 

@@ -9,6 +9,7 @@ that dies is started again; a taken port or another role gets one clear line.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
@@ -221,7 +222,11 @@ async def test_children_that_keep_dying_at_start_stop_serve_with_one_clear_error
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         procs = ApiProcesses(
-            1, sock, ["--config", str(tmp_path / "missing.toml")], stop_grace_s=5, on_fatal=fatal.append
+            1,
+            lambda: socket.socket(fileno=os.dup(sock.fileno())),
+            ["--config", str(tmp_path / "missing.toml")],
+            stop_grace_s=5,
+            on_fatal=fatal.append,
         )
         started = time.monotonic()
         with pytest.raises(ApiProcessesFailedError) as caught:
@@ -264,3 +269,51 @@ def test_ctrl_c_to_the_whole_process_group_stops_everything_without_restarts(tmp
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def _holders(port: int, conns: list[socket.socket]) -> collections.Counter[int]:
+    """Which process holds the server end of each of ``conns`` (from ``ss``)."""
+    ours = {c.getsockname()[1] for c in conns}
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    held: collections.Counter[int] = collections.Counter()
+    for line in out.splitlines():
+        peer = re.search(r":(\d+)\s+users:", line)
+        pid = re.search(r"pid=(\d+)", line)
+        if peer and pid and int(peer.group(1)) in ours:
+            held[int(pid.group(1))] += 1
+    return held
+
+
+def test_connections_are_spread_over_the_children_and_a_dead_one_holds_none(tmp_path: Path) -> None:
+    """Each child accepts on a socket of its own (SO_REUSEPORT): on one shared socket the child
+    that woke first took every waiting connection (9 of 10); a dead child's socket is closed,
+    so new connections go to the living one instead of waiting for the restart."""
+    env = _env(tmp_path)
+    port = int(env["IOTVAULT_HTTP_PORT"])
+    server = ServerProcess(env, tmp_path / "serve.log", args=("--api-processes", "2"))
+    server.start(timeout=60)
+    try:
+        kids = _children(server.log)
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+        for c in conns:
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        held = _holders(port, conns)
+        assert set(held) == set(kids), (held, kids)
+        assert min(held.values()) >= 8, held  # binomial(40, 1/2): below 8 once in 10^4 runs
+        for c in conns:
+            c.close()
+        os.kill(kids[0], signal.SIGKILL)
+        assert _gone_within([kids[0]], 10)
+        time.sleep(0.3)  # the parent closes its socket at once; the restart takes seconds
+        for _ in range(20):  # every new connection is answered, none waits for the restart
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert c.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        server.stop()

@@ -135,12 +135,13 @@ def _serve_settings(s: Settings, role: str, api_processes: int | None, *, child:
 
 
 def _parent_node(st: CliState, s: Settings, failed: list[str]) -> Node:
-    """``serve --api-processes N``: binds the HTTP socket (a taken port says so at once),
-    ingests, and runs N ``serve --role api`` children on the socket (iotvault.apiprocs)."""
+    """``serve --api-processes N``: checks the HTTP port (a taken port says so at once),
+    ingests, and runs N ``serve --role api`` children, each on a socket of its own on that
+    port (iotvault.apiprocs)."""
     from iotvault.apiprocs import ApiProcesses
     from iotvault.node import Node, Role, bind_socket
 
-    sock = bind_socket(s.http_host, s.http_port, "IOTVAULT_HTTP_PORT")
+    bind_socket(s.http_host, s.http_port, "IOTVAULT_HTTP_PORT").close()  # taken: one line, now
     args = ["--config", str(st.config)] if st.config is not None else []
     node: Node
 
@@ -150,7 +151,7 @@ def _parent_node(st: CliState, s: Settings, failed: list[str]) -> Node:
 
     procs = ApiProcesses(
         s.api_processes,
-        sock,
+        lambda: bind_socket(s.http_host, s.http_port, "IOTVAULT_HTTP_PORT", reuse_port=True),
         args,
         stop_grace_s=s.http_shutdown_grace_s + 5.0,
         on_fatal=fatal,
