@@ -16,6 +16,7 @@ from sqlalchemy import text
 from iotvault.audit.log import AuditLog, AuditSettings, read_exported, verify_log
 from iotvault.crypto.audit_signing import CheckpointSigner
 from iotvault.domain.audit import AuditEntry
+from iotvault.errors import StorageError
 from iotvault.storage.audit import AuditFilter, AuditStore
 from iotvault.storage.db import create_db_engine
 from iotvault.storage.migrate import ensure_schema
@@ -236,6 +237,31 @@ def test_the_writer_thread_flushes_and_a_full_queue_is_itself_recorded(store: Au
     assert actions.count("device.read") == 5
     dropped = store.query(AuditFilter(action="audit.dropped"))
     assert [r.entry.detail for r in dropped] == [{"count": 3}]
+    assert verify_log(store, audit.public_key).ok
+
+
+def test_a_failed_flush_keeps_its_entries_first_and_observers_see_each_once(
+    store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audit = AuditLog(store, CheckpointSigner(SEED), Clock())
+    seen: list[str] = []
+    audit.observers.append(lambda e: seen.append(e.request_id))
+    for i in range(1, 4):
+        audit.record(entry(i))
+    real_append = store.append
+
+    def unavailable(entries: object) -> None:
+        raise StorageError("the database is away")
+
+    monkeypatch.setattr(store, "append", unavailable)
+    with pytest.raises(StorageError):
+        audit.flush()
+    assert audit.queue_depth == 3
+    audit.record(entry(4))  # recorded while the database is away: after the ones before it
+    monkeypatch.setattr(store, "append", real_append)
+    assert audit.flush() == 4
+    assert [r.entry.request_id for r in store.records()] == ["r1", "r2", "r3", "r4"]
+    assert seen == ["r1", "r2", "r3", "r4"]  # an alert rule counts each once
     assert verify_log(store, audit.public_key).ok
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +54,9 @@ class AuditLog:
         self._signer = signer
         self._clock = clock
         self._settings = settings or AuditSettings()
-        self._queue: queue.Queue[AuditEntry] = queue.Queue(self._settings.queue_size)
+        # appended by the recording threads (the event loop), emptied by the writer: a deque's
+        # append and popleft are atomic, with none of queue.Queue's lock and condition per entry
+        self._queue: deque[AuditEntry] = deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._flush_lock = threading.Lock()
@@ -69,9 +71,9 @@ class AuditLog:
 
     def record(self, entry: AuditEntry) -> None:
         """Queue ``entry``; never blocks, never raises (a full queue is counted and recorded)."""
-        try:
-            self._queue.put_nowait(entry)
-        except queue.Full:
+        if len(self._queue) < self._settings.queue_size:
+            self._queue.append(entry)
+        else:
             self.dropped += 1
         if self._pending_since_us is None:
             self._pending_since_us = entry.at_us
@@ -87,8 +89,8 @@ class AuditLog:
             batch: list[AuditEntry] = []
             while True:
                 try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
+                    batch.append(self._queue.popleft())
+                except IndexError:
                     break
             if self.dropped:
                 lost, self.dropped = self.dropped, 0
@@ -102,16 +104,17 @@ class AuditLog:
             try:
                 self._store.append(batch)
             except StorageError:
-                for entry in batch:  # back on the queue for the next attempt, in order
-                    self.record(entry)
+                # back at the head of the queue for the next attempt, before what came since,
+                # and not shown to the observers again (an alert rule would count them twice)
+                self._queue.extendleft(reversed(batch))
                 raise
-            self._pending_since_us = None if self._queue.empty() else self._clock()
+            self._pending_since_us = None if not self._queue else self._clock()
             return len(batch)
 
     @property
     def queue_depth(self) -> int:
         """Entries queued and not yet written (``/metrics``)."""
-        return self._queue.qsize()
+        return len(self._queue)
 
     @property
     def write_lag_s(self) -> float:
