@@ -32,12 +32,16 @@ def open_fds() -> int:
     return sum(1 for _ in Path("/proc/self/fd").iterdir())
 
 
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    e = create_db_engine(database_url)
+def _migrated(url: str) -> Iterator[Engine]:
+    e = create_db_engine(url)
     ensure_schema(e)
     yield e
     e.dispose()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    yield from _migrated(database_url)
 
 
 def add_device(engine: Engine, device_id: str) -> None:
@@ -145,10 +149,7 @@ async def test_the_page_check_of_a_node_runs_on_its_own_connection(engine: Engin
 
 @pytest.fixture
 def pg_engine(pg_url: str) -> Iterator[Engine]:
-    e = create_db_engine(pg_url)
-    ensure_schema(e)
-    yield e
-    e.dispose()
+    yield from _migrated(pg_url)
 
 
 SLEEP = by_paramstyle("SELECT pg_sleep(1)")
