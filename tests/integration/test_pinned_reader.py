@@ -136,7 +136,7 @@ async def test_the_page_check_of_a_node_runs_on_its_own_connection(engine: Engin
     """SQLite: pinned to the loop's thread; PostgreSQL: awaited on the loop (LoopReader)."""
     store = SqlStore(engine, database_url)
     # no events: a page of one is not what the database holds
-    assert await store.page_unchanged("d1", PageCheck("", 1, "x")) is False
+    assert await store.page_news("d1", PageCheck("", 1, "x"), 50) is None
     checks = store._checks
     if isinstance(checks, LoopReader):
         assert engine.dialect.name == "postgresql"

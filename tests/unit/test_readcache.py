@@ -5,6 +5,7 @@ from __future__ import annotations
 from iotvault.api.readcache import (
     MAX_PRINCIPALS,
     PAGE_BYTES,
+    PAGE_EVENT_BYTES,
     PAGES_PER_DEVICE,
     PER_DEVICE,
     EventDocCache,
@@ -105,9 +106,9 @@ def test_forgetting_a_device_tells_the_listeners_the_live_feeds() -> None:
 
 
 def test_a_page_is_checked_from_its_oldest_event_or_from_the_first_when_it_holds_them_all() -> None:
-    assert Page.of(["e3", "e2", "e1"], 3, b"{}").check == PageCheck("e1", 3, "e3")
+    assert Page.of(["e3", "e2", "e1"], 3, [b"3", b"2", b"1"], b"{}").check == PageCheck("e1", 3, "e3")
     # all of the device's events: an older event stored late (another node's clock) changes it
-    assert Page.of(["e2", "e1"], 50, b"{}").check == PageCheck("", 2, "e2")
+    assert Page.of(["e2", "e1"], 50, [b"2", b"1"], b"{}").check == PageCheck("", 2, "e2")
 
 
 def test_pages_go_with_their_device_are_bounded_and_not_put_back_after_a_forget() -> None:
@@ -115,22 +116,22 @@ def test_pages_go_with_their_device_are_bounded_and_not_put_back_after_a_forget(
     cache.put("d1", [("e1", b"{}")], generation=cache.generation)
     before = cache.size_bytes
     body = b'{"deviceId":"d1","events":[{}]}'
-    cache.put_page("d1", 50, Page.of(["e1"], 50, body), generation=cache.generation)
+    cache.put_page("d1", 50, Page.of(["e1"], 50, [b"{}"], body), generation=cache.generation)
     page = cache.page("d1", 50)
     assert page is not None
-    assert (page.newest, page.oldest, page.length, page.body) == ("e1", "e1", 1, body)
+    assert (page.ids, page.docs, page.body) == (("e1",), (b"{}",), body)
     assert not page.full
-    assert cache.size_bytes == before + len(body) + PAGE_BYTES
+    assert cache.size_bytes == before + len(body) + PAGE_BYTES + PAGE_EVENT_BYTES
     for count in range(1, PAGES_PER_DEVICE + 5):
-        cache.put_page("d1", count, Page.of(["e1"], count, body), generation=cache.generation)
+        cache.put_page("d1", count, Page.of(["e1"], count, [b"{}"], body), generation=cache.generation)
     assert sum(cache.page("d1", c) is not None for c in range(1, PAGES_PER_DEVICE + 60)) == PAGES_PER_DEVICE
-    assert cache.size_bytes == before + PAGES_PER_DEVICE * (len(body) + PAGE_BYTES)
+    assert cache.size_bytes == before + PAGES_PER_DEVICE * (len(body) + PAGE_BYTES + PAGE_EVENT_BYTES)
     seen = cache.generation  # a read of d1 began
     cache.forget(["d1"])
     cache.put("d1", [("e1", b"{}")], generation=cache.generation)  # a later read
-    cache.put_page("d1", 50, Page.of(["e1"], 50, body), generation=seen)  # the first read ends: too late
+    cache.put_page("d1", 50, Page.of(["e1"], 50, [b"{}"], body), generation=seen)  # the first read ends: too late
     assert cache.page("d1", 50) is None
-    cache.put_page("d2", 50, Page.of(["x"], 50, body), generation=cache.generation)  # no documents of d2
+    cache.put_page("d2", 50, Page.of(["x"], 50, [b"{}"], body), generation=cache.generation)  # no documents of d2
     assert cache.page("d2", 50) is None
 
 
@@ -138,7 +139,7 @@ def test_a_page_ages_out_with_its_device_documents() -> None:
     clock = Clock()
     cache = EventDocCache(max_bytes=10**6, ttl_s=60.0, clock=clock)
     cache.put("d1", [("e1", b"{}")], generation=cache.generation)
-    cache.put_page("d1", 50, Page.of(["e1"], 50, b"{}"), generation=cache.generation)
+    cache.put_page("d1", 50, Page.of(["e1"], 50, [b"{}"], b"{}"), generation=cache.generation)
     clock.now += 59.0
     assert cache.page("d1", 50) is not None
     clock.now += 2.0

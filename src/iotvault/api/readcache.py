@@ -20,14 +20,15 @@ node; a node no fan-out reaches keeps them unreachable (a page is built only fro
 the database still returns) until they age out (``key_cache_ttl_s``, like the keys) or are
 evicted. Bounded in bytes (``read_cache_mib``); least recently read devices go first.
 
-**Newest-first pages** (:meth:`EventDocCache.page`): which event ids the last read of a
-device's newest ``count`` events returned. Before such a page is served again, one one-row
-query (:meth:`iotvault.storage.events.EventTable.page_unchanged`: how many events from the
-page's oldest id on, and the newest id) proves that the database would return the same ids;
-only then is the page's answer, kept as it was sent, sent again, without reading the events
-themselves. Events are only ever added (a device's go all at once, with the device), so an
-unchanged count and newest id mean an unchanged page, whichever process wrote to the database.
-A page goes with its device's documents, and ages out with them.
+**Newest-first pages** (:meth:`EventDocCache.page`): the last answer to a read of a device's
+newest ``count`` events, with its event ids and documents. Before such a page is served again,
+one statement (:meth:`iotvault.storage.events.EventTable.page_news`: how many events from the
+page's oldest id on, and the events after its newest id) tells what became of it. Events are
+only ever added (a device's go all at once, with the device): if nothing came, the answer, kept
+as it was sent, is sent again without reading the events; if only newer events came, the page
+is those (decrypted now) and the kept page's newest; anything else reads the page again. This
+holds whichever process wrote to the database. A page goes with its device's documents, and
+ages out with them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ MAX_PRINCIPALS = 10_000
 PER_DEVICE = 2_000  # documents kept per device: more than the largest page (1000)
 PAGES_PER_DEVICE = 8  # newest-first pages kept per device (one per count asked for)
 PAGE_BYTES = 200  # what a kept page counts against the cache's size besides its answer
+PAGE_EVENT_BYTES = 100  # and per event (its id; the documents are the cache's own)
 
 
 @dataclass
@@ -99,28 +101,29 @@ class Page:
     """A newest-first page as it was answered, and what proves it current.
 
     The answer itself is kept (not only its event ids): serving it again is then one check
-    and no assembly. It counts against the cache's size like the documents.
+    and no assembly; and each event's document, so that a page to which events were added
+    since is made again from them and the new events alone. It counts against the cache's
+    size like the documents (which it shares with them).
     """
 
-    newest: str
-    oldest: str
-    length: int
+    ids: tuple[str, ...]  # newest first, at least one
+    docs: tuple[bytes, ...]  # each event's document, in the same order
     full: bool  # as many events as asked for: only ids from the oldest one on decide it
     body: bytes
 
     @classmethod
-    def of(cls, event_ids: list[str], count: int, body: bytes) -> Page:
-        """The page of these ids (newest first, at least one), answered as ``body``."""
-        return cls(event_ids[0], event_ids[-1], len(event_ids), len(event_ids) == count, body)
+    def of(cls, event_ids: list[str], count: int, docs: list[bytes], body: bytes) -> Page:
+        """The page of these ids (newest first, at least one) and documents, answered as ``body``."""
+        return cls(tuple(event_ids), tuple(docs), len(event_ids) == count, body)
 
     @property
     def check(self) -> PageCheck:
-        """What :meth:`iotvault.storage.events.EventTable.page_unchanged` checks it against."""
-        return PageCheck(self.oldest if self.full else "", self.length, self.newest)
+        """What :meth:`iotvault.storage.events.EventTable.page_news` checks it against."""
+        return PageCheck(self.ids[-1] if self.full else "", len(self.ids), self.ids[0])
 
     @property
     def size(self) -> int:
-        return len(self.body) + PAGE_BYTES
+        return len(self.body) + PAGE_BYTES + PAGE_EVENT_BYTES * len(self.ids)
 
 
 @dataclass

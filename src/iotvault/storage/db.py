@@ -14,10 +14,10 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
@@ -139,7 +139,7 @@ def driver_connection(conn: Connection, statement: str) -> Iterator[Any]:
 class PinnedReader:
     """One driver connection per thread, out of the pool, for one-row reads that must be cheap.
 
-    The check of a kept page (:meth:`iotvault.storage.events.EventTable.page_unchanged`) is one
+    The check of a kept page (:meth:`iotvault.storage.events.EventTable.page_news`) is one
     small query. Through the pool it cost more than itself: on SQLite the checkout and check-in
     were a fifth of a cached last-50 read; on PostgreSQL the pool's ping before it and the
     rollback after it were two more round trips (BENCHMARKS.md, issue 17). Here a thread keeps
@@ -194,6 +194,13 @@ class PinnedReader:
 
     def one(self, statement: dict[str, str], params: tuple[Any, ...]) -> Any:
         """The first row of ``statement`` (made by :func:`by_paramstyle`)."""
+        return self._run(statement, params, many=False)
+
+    def rows(self, statement: dict[str, str], params: tuple[Any, ...]) -> list[Any]:
+        """Every row of ``statement`` (made by :func:`by_paramstyle`)."""
+        return list(self._run(statement, params, many=True))
+
+    def _run(self, statement: dict[str, str], params: tuple[Any, ...], *, many: bool) -> Any:
         sql = statement[self._style]
         dialect = self._engine.dialect
         dbapi_error = dialect.loaded_dbapi.Error
@@ -203,7 +210,7 @@ class PinnedReader:
                 cur = raw.cursor()
                 try:
                     cur.execute(sql, params)
-                    return cur.fetchone()
+                    return cur.fetchall() if many else cur.fetchone()
                 finally:
                     cur.close()
             except dbapi_error as exc:
@@ -279,6 +286,13 @@ class LoopReader:
 
     async def one(self, statement: dict[str, str], params: tuple[Any, ...]) -> Any:
         """The first row of ``statement`` (made by :func:`by_paramstyle`)."""
+        return await self._run(statement, params, many=False)
+
+    async def rows(self, statement: dict[str, str], params: tuple[Any, ...]) -> list[Any]:
+        """Every row of ``statement`` (made by :func:`by_paramstyle`)."""
+        return list(await self._run(statement, params, many=True))
+
+    async def _run(self, statement: dict[str, str], params: tuple[Any, ...], *, many: bool) -> Any:
         import psycopg  # noqa: PLC0415 - PostgreSQL's driver is an optional dependency
 
         loop = asyncio.get_running_loop()
@@ -292,7 +306,7 @@ class LoopReader:
                 try:
                     async with asyncio.timeout(self.timeout_s):  # no task of its own, as wait_for makes
                         cur = await conn.execute(statement["format"], params)
-                        return await cur.fetchone()
+                        return await (cur.fetchall() if many else cur.fetchone())
                 except TimeoutError:
                     self.close()
                     raise self._unavailable(f"no answer within {self.timeout_s:g}s") from None
@@ -310,6 +324,67 @@ class LoopReader:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.pgconn.finish()  # libpq's close: the socket goes now, from any thread or loop
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Coalesced(Generic[K, V]):
+    """Asks of one event loop answered together: those made while an answer is on its way wait
+    for the next one, which takes all of them (up to ``most``) in one call of ``answer``.
+
+    For one-row reads of the database awaited on the loop (:class:`LoopReader`): ten requests
+    checking ten kept pages cost ten round trips one after another on the loop's connection,
+    each with the driver's work around it; asked together they cost one. Every ask is answered
+    by a read that began after it was made (never by one already under way), so it sees every
+    change committed before it was asked, as a read of its own would. The answers are made by
+    a task of this object's own, so a caller that goes away (a client that hung up) takes no
+    one else's answer with it. ``answer`` returns an answer for each key it was given; what it
+    raises is raised to every caller of that turn.
+    """
+
+    def __init__(self, answer: Callable[[list[K]], Awaitable[Mapping[K, V]]], *, most: int = 64) -> None:
+        self._answer = answer
+        self.most = most
+        self._waiting: dict[K, list[asyncio.Future[V]]] = {}
+        self._runner: asyncio.Task[None] | None = None
+        self.turns = 0  # calls of answer so far (for tests and measurements)
+
+    async def ask(self, key: K) -> V:
+        loop = asyncio.get_running_loop()
+        runner = self._runner
+        if runner is not None and runner.get_loop() is not loop:  # another loop's: start afresh
+            self._waiting, runner = {}, None
+        waiter: asyncio.Future[V] = loop.create_future()
+        self._waiting.setdefault(key, []).append(waiter)
+        if runner is None or runner.done():
+            self._runner = loop.create_task(self._run())
+        return await waiter
+
+    async def _run(self) -> None:
+        while self._waiting:
+            keys = list(self._waiting)[: self.most]
+            turn = {key: self._waiting.pop(key) for key in keys}
+            self.turns += 1
+            try:
+                answers = await self._answer(keys)
+            except Exception as exc:  # noqa: BLE001 - raised to every caller of the turn
+                for waiters in turn.values():
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                continue
+            except BaseException:  # cancelled (the loop is closing): so are the callers
+                for waiters in (*turn.values(), *self._waiting.values()):
+                    for waiter in waiters:
+                        waiter.cancel()
+                self._waiting = {}
+                raise
+            for key, waiters in turn.items():
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(answers[key])
 
 
 def by_paramstyle(qmark_sql: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Select, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 from iotvault.domain.ids import event_id_bound
 from iotvault.storage.commands import apply_command_acks
 from iotvault.storage.db import (
+    Coalesced,
     EngineStore,
     LoopReader,
     PinnedReader,
@@ -86,9 +87,40 @@ def _page_query(before: bool, after: bool, since: bool, until: bool) -> Select[A
     return q.order_by(order).limit(bindparam("b_count"))
 
 
-_PAGE_VERSION = by_paramstyle(
-    "SELECT count(*), max(event_id) FROM events WHERE device_id = ? AND event_id >= ?"
+# what became of a kept page (EventTable.page_news): how many events from its oldest id on, and
+# the newest events after its newest id (none: one row whose event columns are NULL)
+_PAGE_NEWS = by_paramstyle(
+    "SELECT c.n, e.device_id, e.event_id, e.type_id, e.event_type, e.format, e.received_us, e.payload "
+    "FROM (SELECT count(*) AS n FROM events WHERE device_id = ? AND event_id >= ?) AS c "
+    "LEFT JOIN (SELECT device_id, event_id, type_id, event_type, format, received_us, payload "
+    "FROM events WHERE device_id = ? AND event_id > ? "
+    "ORDER BY event_id DESC LIMIT ?) AS e ON 1 = 1 ORDER BY e.event_id DESC"
 )
+# the same for several pages in one round trip (PostgreSQL): the pages as arrays, by position
+_PAGES_NEWS = by_paramstyle(
+    "SELECT v.i, c.n, e.device_id, e.event_id, e.type_id, e.event_type, e.format, e.received_us, e.payload "
+    "FROM unnest(?::text[], ?::text[], ?::text[], ?::int[]) WITH ORDINALITY AS v(d, o, nw, lim, i) "
+    "CROSS JOIN LATERAL (SELECT count(*) AS n FROM events WHERE device_id = v.d AND event_id >= v.o) AS c "
+    "LEFT JOIN LATERAL (SELECT device_id, event_id, type_id, event_type, format, received_us, payload "
+    "FROM events WHERE device_id = v.d AND event_id > v.nw "
+    "ORDER BY event_id DESC LIMIT v.lim) AS e ON true ORDER BY v.i, e.event_id DESC"
+)
+
+_NewsKey = tuple[str, PageCheck, int]  # device, the page's check, the count asked for
+
+
+def _news(check: PageCheck, count: int, n: int, newer: list[StoredEvent]) -> list[StoredEvent] | None:
+    """What the page ``check`` describes became, from ``n`` (the events from its oldest id on)
+    and ``newer`` (the newest events after its newest id, at most ``count``, newest first).
+
+    Events are only ever added (a device's go all at once). ``count`` newer events are the page
+    by themselves. Fewer are all there are, so if they account for every event counted beyond
+    the page's, nothing else came (no event stored late with an id inside the page, no device
+    deleted and made again): the page is they and the page's newest. Otherwise it is read again.
+    """
+    if len(newer) >= count or n == check.length + len(newer):
+        return newer
+    return None
 
 
 class EventTable(EngineStore):
@@ -201,20 +233,49 @@ class EventTable(EngineStore):
         # the columns in StoredEvent's order (_page_query); both drivers return BLOB/bytea as bytes
         return [StoredEvent._make(row) for row in rows]
 
-    async def page_unchanged(self, device_id: str, check: PageCheck) -> bool:
-        """Whether the newest-first page ``check`` describes (read before: :class:`~iotvault.
-        storage.repository.PageCheck`) is still what the newest events of the device are.
+    async def page_news(self, device_id: str, check: PageCheck, count: int) -> list[StoredEvent] | None:
+        """What became of the newest-first page of ``count`` events that ``check`` describes (read
+        before: :class:`~iotvault.storage.repository.PageCheck`): ``[]`` if it is unchanged; the
+        events stored after its newest (newest first, at most ``count``) if that is all that
+        changed, so that those and the page's newest make the page now; None if it must be read
+        again.
 
-        One row through the primary key's index. On SQLite it runs right here, on the caller's
-        loop (the API reads SQLite on its loop: microseconds of work in C); on PostgreSQL it is
-        awaited on the loop's own connection.
+        One statement through the primary key's index (a count and the events after the page),
+        whose rows are usually none. On SQLite it runs right here, on the caller's loop (the API
+        reads SQLite on its loop: microseconds of work in C); on PostgreSQL it is awaited on the
+        loop's own connection, together with the other pages asked about meanwhile
+        (:class:`~iotvault.storage.db.Coalesced`).
         """
         checks = self._checks
         if isinstance(checks, LoopReader):
-            n, newest = await checks.one(_PAGE_VERSION, (device_id, check.oldest))
+            n, newer = await self._pg_news.ask((device_id, check, count))
         else:
-            n, newest = checks.one(_PAGE_VERSION, (device_id, check.oldest))
-        return bool(n == check.length and newest == check.newest)
+            rows = checks.rows(_PAGE_NEWS, (device_id, check.oldest, device_id, check.newest, count))
+            n = rows[0][0]
+            newer = [StoredEvent._make(row[1:]) for row in rows if row[2] is not None]
+        return _news(check, count, n, newer)
+
+    @functools.cached_property
+    def _pg_news(self) -> Coalesced[_NewsKey, tuple[int, list[StoredEvent]]]:
+        return Coalesced(self._pages_news)
+
+    async def _pages_news(self, keys: list[_NewsKey]) -> dict[_NewsKey, tuple[int, list[StoredEvent]]]:
+        """The count and newer events of each page (:meth:`page_news`), in one round trip."""
+        reader = cast(LoopReader, self._checks)  # only PostgreSQL's asks come here
+        params = (
+            [device for device, _, _ in keys],
+            [check.oldest for _, check, _ in keys],
+            [check.newest for _, check, _ in keys],
+            [count for _, _, count in keys],
+        )
+        counts = [0 for _ in keys]
+        newer: list[list[StoredEvent]] = [[] for _ in keys]
+        for row in await reader.rows(_PAGES_NEWS, params):
+            at = row[0] - 1  # the page's position in keys (WITH ORDINALITY counts from 1)
+            counts[at] = row[1]
+            if row[3] is not None:
+                newer[at].append(StoredEvent._make(row[2:]))
+        return {key: (counts[at], newer[at]) for at, key in enumerate(keys)}
 
     def count_events(self, device_id: str | None = None) -> int:
         q = select(func.count()).select_from(events)

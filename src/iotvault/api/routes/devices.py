@@ -99,16 +99,21 @@ async def _read(request: Request, load: Callable[[], bytes]) -> Response:
     return Response(body, media_type="application/json")
 
 
-def encoded_events(keyring: RecordOpener, cache: EventDocCache, events: list[StoredEvent]) -> list[bytes]:
+def encoded_events(
+    keyring: RecordOpener, cache: EventDocCache, events: list[StoredEvent], *, generation: int | None = None
+) -> list[bytes]:
     """Each event's JSON document, from the cache or decrypted and encoded now (and kept).
 
     The events of one page are of one device. A document that did not decrypt is not kept: it
-    says so on every read, until the record opens again or is gone.
+    says so on every read, until the record opens again or is gone. ``generation`` is the
+    cache's as it was before the events were read (read now if not given): documents of a
+    device deleted since are not put back.
     """
     if not events:
         return []
     device_id = events[0].device_id
-    generation = cache.generation
+    if generation is None:
+        generation = cache.generation
     found = cache.get(device_id, [e.event_id for e in events])
     fresh: list[tuple[str, bytes]] = []
     out: list[bytes] = []
@@ -154,21 +159,38 @@ async def latest_events(
     return await newest_page(request, deviceId, count)
 
 
+INLINE_NEWS = 32
+"""Newer events of a kept page decrypted on the event loop; more go to a read thread (PostgreSQL)."""
+
+
 async def newest_page(request: Request, device_id: str, count: int) -> Response:
     """The answer of :func:`latest_events` once its caller is admitted and its parameters valid;
     :mod:`iotvault.api.direct` serves the plain form of the same request with it too.
 
     A page answered before (:meth:`~iotvault.api.readcache.EventDocCache.page`) is answered
-    again as it was while one indexed row proves the database would return the same events
-    (:meth:`~iotvault.storage.events.EventTable.page_unchanged`); otherwise the page is read.
+    again as it was if one statement shows nothing changed, or made from the events added since
+    and its own newest if only that changed
+    (:meth:`~iotvault.storage.events.EventTable.page_news`); otherwise the page is read.
     """
     svc = services(request)
     ctx = svc.ctx
     docs = svc.event_docs
     kept = docs.page(device_id, count)
-    if kept is not None and await ctx.store.page_unchanged(device_id, kept.check):
-        request.state.audit = {"events": kept.length}  # the audit record says how many were read
-        return Response(kept.body, media_type="application/json")
+    if kept is not None:
+        generation = docs.generation  # before the read: a deletion meanwhile keeps the page out
+        news = await ctx.store.page_news(device_id, kept.check, count)
+        if news == []:
+            request.state.audit = {"events": len(kept.ids)}  # the audit record says how many were read
+            return Response(kept.body, media_type="application/json")
+        if news is not None:
+            grown = news, kept, generation
+
+            def grow() -> bytes:
+                return _grown(request, device_id, count, *grown)
+
+            if len(news) <= INLINE_NEWS:
+                return Response(grow(), media_type="application/json")
+            return await _read(request, grow)
 
     def load() -> bytes:
         generation = docs.generation  # before the read: a deletion meanwhile keeps the page out
@@ -176,13 +198,31 @@ async def newest_page(request: Request, device_id: str, count: int) -> Response:
         if not page:  # a device's events go with it, so only an empty page asks whether it exists
             _device_or_404(ctx, device_id)
         request.state.audit = {"events": len(page)}
-        body = _page(device_id, encoded_events(ctx.keyring, docs, page))
+        encoded = encoded_events(ctx.keyring, docs, page, generation=generation)
+        body = _page(device_id, encoded)
         ids = [e.event_id for e in page]
         if ids and None not in docs.get(device_id, ids):  # a page is kept only if all of it decrypted
-            docs.put_page(device_id, count, Page.of(ids, count, body), generation=generation)
+            docs.put_page(device_id, count, Page.of(ids, count, encoded, body), generation=generation)
         return body
 
     return await _read(request, load)
+
+
+def _grown(
+    request: Request, device_id: str, count: int, news: list[StoredEvent], kept: Page, generation: int
+) -> bytes:
+    """The newest ``count`` events: ``news`` (stored after the kept page, newest first) and the
+    kept page's newest. Only the new events are decrypted."""
+    svc = services(request)
+    docs = svc.event_docs
+    keep = count - len(news)
+    ids = [e.event_id for e in news] + list(kept.ids[:keep])
+    encoded = encoded_events(svc.ctx.keyring, docs, news, generation=generation) + list(kept.docs[:keep])
+    request.state.audit = {"events": len(ids)}
+    body = _page(device_id, encoded)
+    if None not in docs.get(device_id, ids[: len(news)]):  # kept only if all of it decrypted
+        docs.put_page(device_id, count, Page.of(ids, count, encoded, body), generation=generation)
+    return body
 
 
 def _to_us(value: datetime | None, name: str) -> int | None:
