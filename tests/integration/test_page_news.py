@@ -72,17 +72,17 @@ def _derived(old: list[str], new: list[str], count: int) -> list[str] | None:
 
 
 async def test_page_news_is_exact_after_any_change_by_another_connection(store: SqlStore) -> None:
-    rnd = random.Random(17)
+    rnd = random.Random(17)  # noqa: S311 - a repeatable history, not a secret
     engine = store.engine
     now_ms = time.time_ns() // 1_000_000
     ids = EventIdFactory()
     for device in DEVICES:
-        store.write_batch(BatchWrite(events=[_event(device, ids.new_at(now_ms - 20_000 + i)) for i in range(8)]))
+        store.write_batch(
+            BatchWrite(events=[_event(device, ids.new_at(now_ms - 20_000 + i)) for i in range(8)])
+        )
     seen = {"[]": 0, "newer": 0, "None": 0}
     for step in range(60):
-        pages = {
-            (d, c): [e.event_id for e in store.last_events(d, c)] for d in DEVICES for c in COUNTS
-        }
+        pages = {(d, c): [e.event_id for e in store.last_events(d, c)] for d in DEVICES for c in COUNTS}
         pages = {k: v for k, v in pages.items() if v}  # a device with no events has no page kept
         now_ms += 1_000
         changed: dict[str, set[str]] = {}

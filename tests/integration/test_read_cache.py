@@ -205,7 +205,9 @@ def _counting_reads(built: Built) -> list[str]:
     return reads
 
 
-async def test_a_full_page_sees_an_event_stored_late_inside_it(any_db: tuple[Built, httpx.AsyncClient]) -> None:
+async def test_a_full_page_sees_an_event_stored_late_inside_it(
+    any_db: tuple[Built, httpx.AsyncClient],
+) -> None:
     """An event stored late with an id between a kept page's oldest and newest (another node's
     clock) is not a newer event: the page is read again, and holds it in its place."""
     built, client = any_db
@@ -234,7 +236,9 @@ async def test_a_page_grown_by_newer_events_is_what_a_read_returns(
     ids = EventIdFactory()
     newer = [ids.new() for _ in range(added)]
     built.ctx.store.write_batch(
-        BatchWrite(events=[stored_event(built.ctx, "d1", e, b'{"d": {"n": %d}}' % i) for i, e in enumerate(newer)])
+        BatchWrite(
+            events=[stored_event(built.ctx, "d1", e, b'{"d": {"n": %d}}' % i) for i, e in enumerate(newer)]
+        )
     )
     grown = await client.get("/iotf/devices/d1?count=50", headers=alice)
     truth = built.ctx.store.events_page("d1", count=50)  # not the counted last_events
@@ -259,7 +263,8 @@ async def test_a_newer_event_that_does_not_decrypt_says_so_on_every_read(
     for _ in range(2):
         events = (await client.get("/iotf/devices/d1?count=50", headers=alice)).json()["events"]
         assert [e["eventId"] for e in events] == [bad, *first[:49]]
-        assert events[0]["payload"] is None and events[0]["error"]
+        assert events[0]["payload"] is None
+        assert events[0]["error"]
         assert all(e["error"] is None for e in events[1:])
 
 

@@ -129,9 +129,11 @@ def test_pages_go_with_their_device_are_bounded_and_not_put_back_after_a_forget(
     seen = cache.generation  # a read of d1 began
     cache.forget(["d1"])
     cache.put("d1", [("e1", b"{}")], generation=cache.generation)  # a later read
-    cache.put_page("d1", 50, Page.of(["e1"], 50, [b"{}"], body), generation=seen)  # the first read ends: too late
+    # the first read ends: too late
+    cache.put_page("d1", 50, Page.of(["e1"], 50, [b"{}"], body), generation=seen)
     assert cache.page("d1", 50) is None
-    cache.put_page("d2", 50, Page.of(["x"], 50, [b"{}"], body), generation=cache.generation)  # no documents of d2
+    # no documents of d2
+    cache.put_page("d2", 50, Page.of(["x"], 50, [b"{}"], body), generation=cache.generation)
     assert cache.page("d2", 50) is None
 
 
