@@ -99,7 +99,9 @@ async def test_page_news_is_exact_after_any_change_by_another_connection(store: 
         else:
             answers = [await store.page_news(d, _check(v, c), c) for (d, c), v in asks]
         for ((device, count), old), news in zip(asks, answers, strict=True):
-            new = [e.event_id for e in store.last_events(device, count)]
+            read = store.last_events(device, count)
+            assert await store.newest_events(device, count) == read  # the same read on the loop's connection
+            new = [e.event_id for e in read]
             got = None if news is None else [e.event_id for e in news]
             where = f"step {step} {device} count={count} {changed.get(device)}: {old} -> {new}"
             if got is not None:  # never wrong

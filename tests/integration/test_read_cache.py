@@ -131,20 +131,27 @@ async def test_a_user_removed_from_the_group_is_refused_at_once(api: tuple[Built
     assert (await client.get("/iotf/devices/d1", headers=alice)).status_code == 404
 
 
+def _counting_reads(built: Built) -> list[str]:
+    """Counts the reads of a device's newest events (not the checks of a kept page)."""
+    reads: list[str] = []
+    real_read = built.ctx.store.newest_events
+
+    async def counted(device_id: str, count: int) -> list[StoredEvent]:
+        reads.append(device_id)  # the events themselves were read
+        return await real_read(device_id, count)
+
+    built.ctx.store.newest_events = counted  # type: ignore[method-assign]  # counts the real reads
+    return reads
+
+
 async def test_a_newest_page_is_reused_only_while_the_database_would_return_it(
     any_db: tuple[Built, httpx.AsyncClient], tmp_path: Path, database_url: str
 ) -> None:
     """Writes and a deletion by another process, which tells this one nothing, are seen at once."""
     built, client = any_db
     alice = _bearer(built, "alice")
-    reads: list[str] = []
+    reads = _counting_reads(built)
     real_read = built.ctx.store.last_events
-
-    def counted(device_id: str, count: int) -> list[StoredEvent]:
-        reads.append(device_id)  # the events themselves were read
-        return real_read(device_id, count)
-
-    built.ctx.store.last_events = counted  # type: ignore[method-assign]  # counts the real reads
     first = await client.get("/iotf/devices/d1?count=50", headers=alice)
     assert first.status_code == 200, first.text
     assert (await client.get("/iotf/devices/d1?count=50", headers=alice)).content == first.content
@@ -193,18 +200,6 @@ async def _page_ids(client: httpx.AsyncClient, headers: dict[str, str], count: i
     return [e["eventId"] for e in r.json()["events"]]
 
 
-def _counting_reads(built: Built) -> list[str]:
-    reads: list[str] = []
-    real_read = built.ctx.store.last_events
-
-    def counted(device_id: str, count: int) -> list[StoredEvent]:
-        reads.append(device_id)
-        return real_read(device_id, count)
-
-    built.ctx.store.last_events = counted  # type: ignore[method-assign]  # counts the real reads
-    return reads
-
-
 async def test_a_full_page_sees_an_event_stored_late_inside_it(
     any_db: tuple[Built, httpx.AsyncClient],
 ) -> None:
@@ -241,7 +236,7 @@ async def test_a_page_grown_by_newer_events_is_what_a_read_returns(
         )
     )
     grown = await client.get("/iotf/devices/d1?count=50", headers=alice)
-    truth = built.ctx.store.events_page("d1", count=50)  # not the counted last_events
+    truth = built.ctx.store.last_events("d1", 50)
     assert [e["eventId"] for e in grown.json()["events"]] == [e.event_id for e in truth]
     assert [e["eventId"] for e in grown.json()["events"]] == (newer[::-1] + first)[:50]
     assert grown.json()["events"][0]["payload"] == {"d": {"n": added - 1}}

@@ -106,6 +106,12 @@ _PAGES_NEWS = by_paramstyle(
     "ORDER BY event_id DESC LIMIT v.lim) AS e ON true ORDER BY v.i, e.event_id DESC"
 )
 
+# a device's newest events, for a read on a connection of its own (EventTable.newest_events)
+_NEWEST = by_paramstyle(
+    "SELECT device_id, event_id, type_id, event_type, format, received_us, payload "
+    "FROM events WHERE device_id = ? ORDER BY event_id DESC LIMIT ?"
+)
+
 _NewsKey = tuple[str, PageCheck, int]  # device, the page's check, the count asked for
 
 
@@ -254,6 +260,16 @@ class EventTable(EngineStore):
             n = rows[0][0]
             newer = [StoredEvent._make(row[1:]) for row in rows if row[2] is not None]
         return _news(check, count, n, newer)
+
+    async def newest_events(self, device_id: str, count: int) -> list[StoredEvent]:
+        """:meth:`last_events`, read where :meth:`page_news` reads: on SQLite right here on the
+        loop's pinned connection, on PostgreSQL awaited on the loop's own (no worker thread)."""
+        checks = self._checks
+        if isinstance(checks, LoopReader):
+            rows = await checks.rows(_NEWEST, (device_id, count))
+        else:
+            rows = checks.rows(_NEWEST, (device_id, count))
+        return [StoredEvent._make(row) for row in rows]
 
     @functools.cached_property
     def _pg_news(self) -> Coalesced[_NewsKey, tuple[int, list[StoredEvent]]]:

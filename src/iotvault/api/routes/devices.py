@@ -159,8 +159,9 @@ async def latest_events(
     return await newest_page(request, deviceId, count)
 
 
-INLINE_NEWS = 32
-"""Newer events of a kept page decrypted on the event loop; more go to a read thread (PostgreSQL)."""
+INLINE_DOCS = 32
+"""Events of a last-N read decrypted on the event loop at most; a page with more documents to
+make is made in a read thread (PostgreSQL: SQLite makes every page on the loop)."""
 
 
 async def newest_page(request: Request, device_id: str, count: int) -> Response:
@@ -170,59 +171,57 @@ async def newest_page(request: Request, device_id: str, count: int) -> Response:
     A page answered before (:meth:`~iotvault.api.readcache.EventDocCache.page`) is answered
     again as it was if one statement shows nothing changed, or made from the events added since
     and its own newest if only that changed
-    (:meth:`~iotvault.storage.events.EventTable.page_news`); otherwise the page is read.
+    (:meth:`~iotvault.storage.events.EventTable.page_news`); otherwise the page is read
+    (:meth:`~iotvault.storage.events.EventTable.newest_events`). Both are awaited on the event
+    loop, without a worker thread; only a page with many events to decrypt is made in one.
     """
     svc = services(request)
-    ctx = svc.ctx
     docs = svc.event_docs
     kept = docs.page(device_id, count)
+    generation = docs.generation  # before the read: a deletion meanwhile keeps the page out
     if kept is not None:
-        generation = docs.generation  # before the read: a deletion meanwhile keeps the page out
-        news = await ctx.store.page_news(device_id, kept.check, count)
+        news = await svc.ctx.store.page_news(device_id, kept.check, count)
         if news == []:
             request.state.audit = {"events": len(kept.ids)}  # the audit record says how many were read
             return Response(kept.body, media_type="application/json")
         if news is not None:
-            grown = news, kept, generation
-
-            def grow() -> bytes:
-                return _grown(request, device_id, count, *grown)
-
-            if len(news) <= INLINE_NEWS:
-                return Response(grow(), media_type="application/json")
-            return await _read(request, grow)
-
-    def load() -> bytes:
-        generation = docs.generation  # before the read: a deletion meanwhile keeps the page out
-        page = ctx.store.last_events(device_id, count)
-        if not page:  # a device's events go with it, so only an empty page asks whether it exists
-            _device_or_404(ctx, device_id)
-        request.state.audit = {"events": len(page)}
-        encoded = encoded_events(ctx.keyring, docs, page, generation=generation)
-        body = _page(device_id, encoded)
-        ids = [e.event_id for e in page]
-        if ids and None not in docs.get(device_id, ids):  # a page is kept only if all of it decrypted
-            docs.put_page(device_id, count, Page.of(ids, count, encoded, body), generation=generation)
-        return body
-
-    return await _read(request, load)
+            keep = count - len(news)
+            return await _made(request, device_id, count, news, kept.ids[:keep], kept.docs[:keep], generation)
+    page = await svc.ctx.store.newest_events(device_id, count)
+    if not page:  # a device's events go with it, so only an empty page asks whether it exists
+        await run_in_threadpool(_device_or_404, svc.ctx, device_id)
+    return await _made(request, device_id, count, page, (), (), generation)
 
 
-def _grown(
-    request: Request, device_id: str, count: int, news: list[StoredEvent], kept: Page, generation: int
-) -> bytes:
-    """The newest ``count`` events: ``news`` (stored after the kept page, newest first) and the
-    kept page's newest. Only the new events are decrypted."""
+async def _made(
+    request: Request,
+    device_id: str,
+    count: int,
+    fresh: list[StoredEvent],
+    ids: tuple[str, ...],
+    encoded: tuple[bytes, ...],
+    generation: int,
+) -> Response:
+    """The answer of the newest ``count`` events: ``fresh`` (just read, newest first) and then
+    the events ``ids`` of a kept page, whose documents are ``encoded``; kept as a page if all
+    of it decrypted. Made here on the loop unless many documents are to be made."""
     svc = services(request)
     docs = svc.event_docs
-    keep = count - len(news)
-    ids = [e.event_id for e in news] + list(kept.ids[:keep])
-    encoded = encoded_events(svc.ctx.keyring, docs, news, generation=generation) + list(kept.docs[:keep])
-    request.state.audit = {"events": len(ids)}
-    body = _page(device_id, encoded)
-    if None not in docs.get(device_id, ids[: len(news)]):  # kept only if all of it decrypted
-        docs.put_page(device_id, count, Page.of(ids, count, encoded, body), generation=generation)
-    return body
+    request.state.audit = {"events": len(fresh) + len(ids)}  # the audit record says how many were read
+
+    def make() -> bytes:
+        made = encoded_events(svc.ctx.keyring, docs, fresh, generation=generation)
+        body = _page(device_id, [*made, *encoded])
+        fresh_ids = [e.event_id for e in fresh]
+        if (fresh_ids or ids) and None not in docs.get(device_id, fresh_ids):  # only if all decrypted
+            page = Page.of([*fresh_ids, *ids], count, [*made, *encoded], body)
+            docs.put_page(device_id, count, page, generation=generation)
+        return body
+
+    few = len(fresh) <= INLINE_DOCS or None not in docs.get(device_id, [e.event_id for e in fresh])
+    if svc.inline_reads or few:
+        return Response(make(), media_type="application/json")
+    return await _read(request, make)
 
 
 def _to_us(value: datetime | None, name: str) -> int | None:
