@@ -14,6 +14,7 @@ import asyncio
 import random
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -112,3 +113,58 @@ async def test_page_news_is_exact_after_any_change_by_another_connection(store: 
                 assert (got == []) == (new == old), where
             seen["None" if got is None else "[]" if got == [] else "newer"] += 1
     assert min(seen.values()) > 5, seen  # the history exercised every answer
+
+
+async def test_sqlite_a_current_page_is_not_queried_again_until_something_is_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While nothing is committed anywhere (the data_version of the pinned connection is as it
+    was), a page found current is current without a query; any commit, by this process's pool
+    or by another process on the file, and a replaced connection make it be asked again."""
+    url = f"sqlite:///{tmp_path / 'v.db'}"
+    engine = create_db_engine(url)
+    ensure_schema(engine)
+    store = SqlStore(engine, url)
+    ids = EventIdFactory()
+    store.write_batch(BatchWrite(events=[_event("n1", ids.new()) for _ in range(5)]))
+    page = [e.event_id for e in store.last_events("n1", 3)]
+    queries: list[object] = []
+    checks = store._checks
+    real_rows = checks.rows
+
+    def counted(statement: dict[str, str], params: tuple[object, ...]) -> list[object]:
+        queries.append(params)
+        return real_rows(statement, params)
+
+    monkeypatch.setattr(checks, "rows", counted)
+    assert await store.page_news("n1", _check(page, 3), 3) == []
+    assert await store.page_news("n1", _check(page, 3), 3) == []
+    assert len(queries) == 1, "nothing was committed: the page is current without a query"
+
+    store.write_batch(BatchWrite(events=[_event("n2", ids.new())]))  # another device, this process
+    assert await store.page_news("n1", _check(page, 3), 3) == []
+    assert len(queries) == 2
+
+    other = create_db_engine(url)  # another process on the same file
+    newest = ids.new()
+    with other.begin() as conn:
+        conn.execute(
+            text("INSERT INTO events VALUES (:d, :e, 't', 'e', 'json', 0, :p)"),
+            {"d": "n1", "e": newest, "p": b"sealed"},
+        )
+    other.dispose()
+    news = await store.page_news("n1", _check(page, 3), 3)
+    assert [e.event_id for e in news or ()] == [newest]
+    assert len(queries) == 3
+
+    page = [newest, *page[:2]]
+    assert await store.page_news("n1", _check(page, 3), 3) == []
+    checks.close()  # a new connection: its versions are not comparable with the old one's
+    assert await store.page_news("n1", _check(page, 3), 3) == []
+    assert len(queries) == 5
+
+    monkeypatch.setattr("iotvault.storage.events.MAX_STILL", 3)
+    for count in range(1, 10):
+        await store.page_news("n1", _check([e.event_id for e in store.last_events("n1", count)], count), count)
+        assert len(store._sqlite_still) <= 3
+    engine.dispose()

@@ -136,6 +136,9 @@ def driver_connection(conn: Connection, statement: str) -> Iterator[Any]:
         ) from exc
 
 
+_DATA_VERSION = {"qmark": "PRAGMA data_version", "format": "PRAGMA data_version"}
+
+
 class PinnedReader:
     """One driver connection per thread, out of the pool, for one-row reads that must be cheap.
 
@@ -160,6 +163,7 @@ class PinnedReader:
         self._local = threading.local()
         self._open: list[tuple[threading.Thread, Any]] = []
         self._lock = threading.Lock()
+        self._made = 0  # connections made so far: each one's serial (stamp)
         event.listen(engine, "engine_disposed", lambda _engine: self.close())
 
     @property
@@ -185,6 +189,8 @@ class PinnedReader:
             raw.autocommit = True
         self._local.conn = raw
         with self._lock:
+            self._made += 1
+            self._local.serial = self._made
             ended = [c for t, c in self._open if not t.is_alive()]
             self._open = [(t, c) for t, c in self._open if t.is_alive()]
             self._open.append((threading.current_thread(), raw))
@@ -195,6 +201,17 @@ class PinnedReader:
     def one(self, statement: dict[str, str], params: tuple[Any, ...]) -> Any:
         """The first row of ``statement`` (made by :func:`by_paramstyle`)."""
         return self._run(statement, params, many=False)
+
+    def stamp(self) -> tuple[int, int]:
+        """SQLite: which of this thread's connections, and its ``PRAGMA data_version``.
+
+        The same stamp twice means no connection (of this process or another) committed to the
+        database in between: SQLite changes the version a connection reads for every commit
+        made by any other, and these connections never write. A replaced connection has a
+        new serial, so stamps of different connections never match.
+        """
+        version = self._run(_DATA_VERSION, (), many=False)[0]
+        return self._local.serial, version
 
     def rows(self, statement: dict[str, str], params: tuple[Any, ...]) -> list[Any]:
         """Every row of ``statement`` (made by :func:`by_paramstyle`)."""

@@ -113,6 +113,7 @@ _NEWEST = by_paramstyle(
 )
 
 _NewsKey = tuple[str, PageCheck, int]  # device, the page's check, the count asked for
+MAX_STILL = 10_000  # pages remembered as current on SQLite (EventTable._sqlite_still)
 
 
 def _news(check: PageCheck, count: int, n: int, newer: list[StoredEvent]) -> list[StoredEvent] | None:
@@ -256,10 +257,28 @@ class EventTable(EngineStore):
         if isinstance(checks, LoopReader):
             n, newer = await self._pg_news.ask((device_id, check, count))
         else:
+            key = (device_id, check, count)
+            stamp = checks.stamp()
+            if self._sqlite_still.get(key) == stamp:  # nothing was committed since it was current
+                return []
             rows = checks.rows(_PAGE_NEWS, (device_id, check.oldest, device_id, check.newest, count))
             n = rows[0][0]
             newer = [StoredEvent._make(row[1:]) for row in rows if row[2] is not None]
+            news = _news(check, count, n, newer)
+            if news == []:
+                if len(self._sqlite_still) >= MAX_STILL:
+                    self._sqlite_still.clear()
+                self._sqlite_still[key] = stamp
+            return news
         return _news(check, count, n, newer)
+
+    @functools.cached_property
+    def _sqlite_still(self) -> dict[_NewsKey, tuple[int, int]]:
+        """SQLite: pages found current, with the stamp of the database they were current at
+        (:meth:`~iotvault.storage.db.PinnedReader.stamp`). While the database is as it was (no
+        commit anywhere since: between the audit log's flushes, when nothing is ingested), a
+        page that was current is still current without a query."""
+        return {}
 
     async def newest_events(self, device_id: str, count: int) -> list[StoredEvent]:
         """:meth:`last_events`, read where :meth:`page_news` reads: on SQLite right here on the
