@@ -165,6 +165,7 @@ async def test_sqlite_a_current_page_is_not_queried_again_until_something_is_com
 
     monkeypatch.setattr("iotvault.storage.events.MAX_STILL", 3)
     for count in range(1, 10):
-        await store.page_news("n1", _check([e.event_id for e in store.last_events("n1", count)], count), count)
+        ids_now = [e.event_id for e in store.last_events("n1", count)]
+        await store.page_news("n1", _check(ids_now, count), count)
         assert len(store._sqlite_still) <= 3
     engine.dispose()

@@ -28,8 +28,8 @@ only ever added (a device's go all at once, with the device): if nothing came, t
 as it was sent, is sent again without reading the events; if only newer events came, the page
 is those (decrypted now) and the kept page's newest; anything else reads the page again. This
 holds whichever process wrote to the database. (On SQLite, while nothing at all was committed
-since a page was found current, SQLite's own data version says so without the statement.) A page goes with its device's documents, and
-ages out with them.
+since a page was found current, SQLite's own data version says so without the statement.) A
+page goes with its device's documents, and ages out with them.
 """
 
 from __future__ import annotations
