@@ -12,8 +12,8 @@ each request pays on the event loop for its record.
 (b) **The writer's side.** :meth:`AuditLog.flush` of batches of B of those records (what the
 writer thread does every ``flush_interval``: hash chain, rows, one transaction) on a fresh
 database (SQLite in a temporary directory, or a scratch PostgreSQL database created and dropped
-on 127.0.0.1:5432), per record. That runs in the writer thread of a node, holding the
-interpreter lock the event loop waits for.
+on 127.0.0.1:5432, or where ``IOTVAULT_BENCH_PG_ADMIN`` says), per record. That runs in the
+writer thread of a node, holding the interpreter lock the event loop waits for.
 
 CPU is ``time.process_time`` (this process, every thread; the database server's is not in it).
 Each measure is repeated R times; the best and the median are printed. ``--profile`` prints
@@ -39,6 +39,7 @@ from typing import Any
 
 import psycopg
 
+from bench.services import PG_ADMIN_URL
 from iotvault.api.audit import AuditTrail
 from iotvault.audit.log import AuditLog, verify_log
 from iotvault.audit.monitor import AlertMonitor
@@ -50,7 +51,7 @@ from iotvault.storage.audit import AuditStore
 from iotvault.storage.db import create_db_engine
 from iotvault.storage.migrate import ensure_schema
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+PG_ADMIN = PG_ADMIN_URL  # IOTVAULT_BENCH_PG_ADMIN, else IOTVAULT_TEST_PG_ADMIN, else postgres@127.0.0.1:5432
 ROUTE = SimpleNamespace(path="/iotf/devices/{deviceId}")
 PRINCIPAL = Principal("api_key", "k_benchreader01", False, frozenset({"d1"}), frozenset())
 HEADERS = [
