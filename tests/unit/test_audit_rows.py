@@ -86,3 +86,11 @@ def test_a_printable_ascii_detail_is_encoded_once_and_any_other_twice() -> None:
         _, stored, hashed = _columns(AuditEntry(1, "cli", "x", "", "success", detail=detail))
         assert stored == column
         assert hashed == json.dumps(detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_a_time_that_is_an_int_of_another_type_is_stored_and_hashed_as_the_int_it_reads_back_as() -> None:
+    """``True`` or an ``IntEnum`` would be hashed as JSON writes it (``true``) but read back from
+    the integer column as 1: the writer stores and hashes ``int(at_us)``, so the record verifies."""
+    (row,) = _chained([_columns(AuditEntry(True, "cli", "x", "", "success"))], 0, GENESIS)  # type: ignore[arg-type]
+    assert type(row[1]) is int
+    assert row == reference_row(1, AuditEntry(1, "cli", "x", "", "success"), GENESIS)

@@ -153,8 +153,10 @@ def entry_hash(seq: int, fields: Fields, detail_json: str, prev_hash: str) -> st
     """The hash :func:`link` gives the entry with these ``fields``, whose detail :func:`detail_text`
     encoded as ``detail_json``: the bytes of :func:`canonical`, written out in its key order.
 
-    ``seq`` and ``at_us`` are written as integers (``:d`` refuses anything else), as JSON writes
-    an ``int``; a caller with anything else converts it first, and stores what it converted.
+    ``seq`` and ``at_us`` are written with ``:d``, which is how JSON writes an ``int`` and refuses
+    a float (but writes ``True`` as 1, where JSON says true): the writer stores ``int(at_us)``
+    and hashes that. ``json.encoder.encode_basestring`` is what ``JSONEncoder`` writes a string
+    with when ``ensure_ascii`` is off (not in the module's documented API; the tests pin it).
     """
     at_us, actor, action, target, outcome, client, request_id = fields
     q = _quote
