@@ -121,6 +121,77 @@ def test_details_are_hashed_as_they_read_back_plain_or_not(store: AuditStore) ->
     assert verify_log(store, audit.public_key).ok
 
 
+def test_records_are_stored_and_hashed_as_format_version_1_says(store: AuditStore) -> None:
+    """Pinned: the rows and hashes the writer made before issue 17's round 5 made it cheaper, for a
+    request's record; one whose texts need clipping and NUL replaced and whose detail is nested
+    and not ASCII; a flat detail not ASCII; and every text over its width, a detail with DEL."""
+    entries = [
+        AuditEntry(
+            at_us=1_767_000_000_123_456, actor="api_key:k_reader", action="http.request", target="d1",
+            outcome="success", client="192.0.2.7", request_id="0123456789abcdef0123456789abcdef",
+            detail={"method": "GET", "route": "/iotf/devices/{deviceId}", "status": 200, "events": 50},
+        ),
+        AuditEntry(
+            at_us=1_767_000_000_123_999, actor="user:zoë\x00", action="device.updated",
+            target="tëst\u2028\"\\" + "x" * 300, outcome="denied", client="::1", request_id="r\x7f",
+            detail={"before": {"groups": ("a", "é")}, "n": 2**70, "f": 0.1, "x": None,
+                    "t": "\t\x00\u00e9\U0001f600\x7f"},
+        ),
+        AuditEntry(
+            at_us=1_767_000_000_124_000, actor="system", action="node.start", target="api",
+            outcome="success", detail={"name": "café", "ratio": 0.5, "ok": True},
+        ),
+        AuditEntry(
+            at_us=1_767_000_000_124_001, actor="x" * 170, action="a" * 70, target="t", outcome="failure",
+            client="c" * 70, request_id="r" * 70, detail={"del": "\x7f", "tab": "\t"},
+        ),
+    ]  # fmt: skip
+    head = store.append(entries)
+    hashes = [
+        "13bc57b83683c50c8455771efa3938d5b693da128ad97c627e892fc2248074a5",
+        "a6681ae8583cff94276626063600505136b67f13faba0c8c787cd3b1d04df0eb",
+        "2f8648fdd292f0042a91c1b552e9b069ac27b0f9095ad577f14ed2f4d3fbd496",
+        "b7cfa5ba2c805a01234d906359305cdcaf091aaabf5d92a437a6f621af7be487",
+    ]
+    assert (head.seq, head.hash) == (4, hashes[3]) == store.head()
+    with store.connect() as conn:
+        rows = conn.execute(text("SELECT * FROM audit_log ORDER BY seq")).all()
+    assert [r.hash for r in rows] == hashes
+    assert [r.prev_hash for r in rows] == ["0" * 64, *hashes[:3]]
+    assert [r.detail for r in rows] == [
+        '{"events":50,"method":"GET","route":"/iotf/devices/{deviceId}","status":200}',
+        (
+            '{"before":{"groups":["a","\\u00e9"]},"f":0.1,"n":1180591620717411303424,'
+            '"t":"\\t\\u0000\\u00e9\\ud83d\\ude00\\u007f","x":null}'
+        ),
+        '{"name":"caf\\u00e9","ok":true,"ratio":0.5}',
+        '{"del":"\\u007f","tab":"\\t"}',
+    ]
+    assert rows[1].actor == "user:zoë\ufffd"
+    assert rows[1].target == ('tëst\u2028"\\' + "x" * 300)[:200]
+    assert [len(rows[3].actor), len(rows[3].action), len(rows[3].client), len(rows[3].request_id)] == [
+        160, 64, 64, 64,
+    ]  # fmt: skip
+    assert verify_log(store, CheckpointSigner(SEED).public_key_b64()).ok
+
+
+def test_a_batch_the_database_refuses_stays_queued_first(store: AuditStore) -> None:
+    """A constraint the batch breaks (here: the head moved back under the writer, so its records
+    would repeat sequence numbers) is retried, then reported, and nothing is lost or reordered."""
+    audit = written(store, 3, checkpoint=False)
+    sql(store, "UPDATE audit_head SET seq = 1, hash = (SELECT hash FROM audit_log WHERE seq = 1)")
+    for i in range(4, 7):
+        audit.record(entry(i))
+    with pytest.raises(StorageError, match="kept moving"):
+        audit.flush()
+    assert audit.queue_depth == 3
+    assert store.count() == 3
+    sql(store, "UPDATE audit_head SET seq = 3, hash = (SELECT hash FROM audit_log WHERE seq = 3)")
+    assert audit.flush() == 3
+    assert [r.entry.request_id for r in store.records()] == [f"r{i}" for i in range(1, 7)]
+    assert verify_log(store, audit.public_key).ok
+
+
 def test_an_edited_record_is_named(store: AuditStore) -> None:
     audit = written(store)
     sql(store, "UPDATE audit_log SET outcome = 'failure' WHERE seq = 4")

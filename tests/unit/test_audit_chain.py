@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from iotvault.crypto.audit_signing import CheckpointSigner, checkpoint_valid
-from iotvault.domain.audit import GENESIS, Anchor, AuditEntry, AuditRecord, link, verify
+from iotvault.domain.audit import (
+    GENESIS,
+    Anchor,
+    AuditEntry,
+    AuditRecord,
+    Fields,
+    canonical,
+    detail_text,
+    entry_hash,
+    link,
+    verify,
+)
 
 texts = st.text(min_size=1, max_size=20)
 entries = st.builds(
@@ -23,6 +36,63 @@ entries = st.builds(
     request_id=st.text(max_size=10),
     detail=st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3),
 )
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+any_entries = st.builds(  # any text (control characters, DEL, line separators, emoji), nested details
+    AuditEntry,
+    at_us=st.integers(0, 2**62),
+    actor=texts,
+    action=texts,
+    target=st.text(max_size=30),
+    outcome=st.sampled_from(["success", "failure", "denied", "error"]),
+    client=st.text(max_size=10),
+    request_id=st.text(max_size=10),
+    detail=st.dictionaries(st.text(max_size=6), json_values, max_size=4),
+)
+
+# A request's record as the audit trail makes it, and its hash as of format version 1
+READ = AuditEntry(
+    at_us=1_767_000_000_123_456, actor="api_key:k_reader", action="http.request", target="d1",
+    outcome="success", client="192.0.2.7", request_id="0123456789abcdef0123456789abcdef",
+    detail={"method": "GET", "route": "/iotf/devices/{deviceId}", "status": 200, "events": 50},
+)  # fmt: skip
+READ_HASH = "afd86d3abac1e403248d52dbb9be30eeac79afbc726eb2ff29882e58758becef"  # at seq 7, after "ab" * 32
+
+
+def fields(e: AuditEntry) -> Fields:
+    return (e.at_us, e.actor, e.action, e.target, e.outcome, e.client, e.request_id)
+
+
+def test_a_records_hash_covers_the_documented_canonical_json() -> None:
+    """Pinned: stored logs verify only while these bytes stay what format version 1 says."""
+    documented = json.dumps(
+        {
+            "v": 1, "seq": 7, "at": READ.at_us, "actor": READ.actor, "action": READ.action,
+            "target": READ.target, "outcome": READ.outcome, "client": READ.client,
+            "request_id": READ.request_id, "detail": dict(READ.detail), "prev": "ab" * 32,
+        },
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    ).encode()  # fmt: skip
+    assert canonical(7, READ, "ab" * 32) == documented
+    assert hashlib.sha256(documented).hexdigest() == READ_HASH
+    assert link(7, READ, "ab" * 32).hash == READ_HASH
+    assert entry_hash(7, fields(READ), detail_text(READ.detail), "ab" * 32) == READ_HASH
+
+
+@given(any_entries, st.integers(1, 2**62), st.text(max_size=70))
+def test_the_writers_hash_is_the_verifiers(entry: AuditEntry, seq: int, prev: str) -> None:
+    """The writer hashes without the document (:func:`entry_hash`); the verifier with it."""
+    assert entry_hash(seq, fields(entry), detail_text(entry.detail), prev) == link(seq, entry, prev).hash
+
+
+def test_the_writers_hash_takes_integer_times_only() -> None:
+    with pytest.raises(ValueError, match="format code"):
+        entry_hash(1, (1.5, "cli", "x", "", "success", "", ""), "{}", GENESIS)  # type: ignore[arg-type]
 
 
 def chain(items: list[AuditEntry]) -> list[AuditRecord]:

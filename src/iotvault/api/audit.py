@@ -28,7 +28,7 @@ from typing import Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from iotvault.audit.changes import Origin, origin
+from iotvault.audit.changes import Origin, enter_origin, leave_origin
 from iotvault.clock import now_us
 from iotvault.domain.audit import AuditEntry
 
@@ -99,8 +99,12 @@ class AuditTrail:
         method: str = scope["method"]
         path: str = scope["path"]
         audited = self._requests and (method not in _QUIET_METHODS or path.startswith(_READ_PREFIXES))
-        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"")
-        request_id = given.decode() if _REQUEST_ID.fullmatch(given) else self._new_id()
+        request_id = ""
+        for name, value in scope.get("headers") or ():
+            if name == b"x-request-id":  # the last one, as dict(headers) would give
+                request_id = value.decode() if _REQUEST_ID.fullmatch(value) else ""
+        if not request_id:
+            request_id = self._new_id()
         status = 500
 
         async def send_with_id(message: Message) -> None:
@@ -112,42 +116,42 @@ class AuditTrail:
 
         state: dict[str, Any] = scope.setdefault("state", {})
         client = scope.get("client")
-        where = Origin(
-            self._record,
-            lambda: _actor(state),
-            self._describe,
-            client=str(client[0]) if client else "",
-            request_id=request_id,
-        )
-        try:
-            with origin(where):
-                await self.app(scope, receive, send_with_id)
-        finally:
-            if audited:
-                self._after(scope, method, path, status, request_id)
+        address = str(client[0]) if client else ""
 
-    def _after(self, scope: Scope, method: str, path: str, status: int, request_id: str) -> None:
+        def where() -> Origin:  # built only if the request changes something: reads do not
+            return Origin(self._record, lambda: _actor(state), self._describe, address, request_id)
+
+        token = enter_origin(where)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            leave_origin(token)
+            if audited:
+                self._after(scope, method, path, status, address, request_id)
+
+    def _after(
+        self, scope: Scope, method: str, path: str, status: int, address: str, request_id: str
+    ) -> None:
         route = scope.get("route")
         template = str(getattr(route, "path", "") or path)
         if (method, template) in self._skip:
             return
         state: dict[str, Any] = scope.get("state") or {}
-        params = scope.get("path_params") or {}
         detail: dict[str, Any] = {"method": method, "route": template, "status": status}
         extra = state.get("audit")
         if isinstance(extra, dict):
             detail.update(extra)
+        params = scope.get("path_params") or {}
         target = str(params.get("deviceId") or params.get("userName") or params.get("groupName") or path)
-        client = scope.get("client")
         self._record(
             AuditEntry(
-                at_us=now_us(),
-                actor=_actor(state),
-                action="http.request",
-                target=target[:200],
-                outcome=_outcome(status),
-                client=str(client[0]) if client else "",
-                request_id=request_id,
-                detail=detail,
+                now_us(),
+                _actor(state),
+                "http.request",
+                target[:200],
+                _outcome(status),
+                address,
+                request_id,
+                detail,
             )
         )

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any
 
 from iotvault.clock import now_us
 from iotvault.domain.audit import AuditEntry
 
-__all__ = ["Origin", "changed", "origin"]
+__all__ = ["Origin", "changed", "enter_origin", "leave_origin", "origin"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,16 +38,31 @@ class Origin:
     request_id: str = ""
 
 
-_ORIGIN: ContextVar[Origin | None] = ContextVar("iotvault_audit_origin", default=None)
+# How to make the origin of the changes in this context, not the origin itself: the HTTP
+# middleware sets one for every request, and most requests (reads) change nothing, so it builds
+# the Origin only when a change asks for it (BENCHMARKS.md, issue 17, "Audit record cost").
+_ORIGIN: ContextVar[Callable[[], Origin] | None] = ContextVar("iotvault_audit_origin", default=None)
 
 
 @contextmanager
 def origin(where: Origin) -> Iterator[None]:
-    token = _ORIGIN.set(where)
+    """Changes made inside come from ``where`` (a command, a test)."""
+    token = _ORIGIN.set(lambda: where)
     try:
         yield
     finally:
         _ORIGIN.reset(token)
+
+
+def enter_origin(make: Callable[[], Origin]) -> Token[Callable[[], Origin] | None]:
+    """Changes made from now on in this context come from the origin ``make()`` returns; for the
+    HTTP middleware, which calls it for every request (:func:`origin` is a context manager of
+    this pair). Undo with :func:`leave_origin`."""
+    return _ORIGIN.set(make)
+
+
+def leave_origin(token: Token[Callable[[], Origin] | None]) -> None:
+    _ORIGIN.reset(token)
 
 
 def changed(
@@ -60,9 +75,10 @@ def changed(
     **detail: Any,
 ) -> None:
     """Record ``action`` on ``target`` (``before``/``after`` are records, or None)."""
-    where = _ORIGIN.get()
-    if where is None:
+    make = _ORIGIN.get()
+    if make is None:
         return
+    where = make()
     d: dict[str, Any] = dict(detail)
     if before is not None:
         d["before"] = where.describe(before)

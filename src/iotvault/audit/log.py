@@ -54,6 +54,7 @@ class AuditLog:
         self._signer = signer
         self._clock = clock
         self._settings = settings or AuditSettings()
+        self._queue_size = self._settings.queue_size
         # appended by the recording threads (the event loop), emptied by the writer: a deque's
         # append and popleft are atomic, with none of queue.Queue's lock and condition per entry
         self._queue: deque[AuditEntry] = deque()
@@ -71,7 +72,7 @@ class AuditLog:
 
     def record(self, entry: AuditEntry) -> None:
         """Queue ``entry``; never blocks, never raises (a full queue is counted and recorded)."""
-        if len(self._queue) < self._settings.queue_size:
+        if len(self._queue) < self._queue_size:
             self._queue.append(entry)
         else:
             self.dropped += 1

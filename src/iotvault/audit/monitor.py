@@ -76,7 +76,8 @@ class AlertMonitor:
         self._lock = threading.Lock()
 
     def observe_entry(self, entry: AuditEntry) -> list[Alert]:
-        return self.observe(signals_of(entry))
+        signals = signals_of(entry)  # none for most (every read's record passes here, on the loop)
+        return self.observe(signals) if signals else []
 
     def observe(self, signals: Iterable[Signal]) -> list[Alert]:
         with self._lock:

@@ -13,13 +13,18 @@ be exported outside the database. A rewrite before the newest checkpoint no long
 truncation leaves the chain shorter than a checkpoint names.
 
 The hashed bytes are canonical JSON (sorted keys, no spaces, UTF-8), with a version field so the
-format can change without making old records unverifiable.
+format can change without making old records unverifiable. :func:`canonical` is their definition
+and what the verifier hashes; the writer builds the same bytes with :func:`entry_hash`, from the
+detail's JSON text that it also needs for its column, instead of a document's dict and a second
+encoding of the detail (``tests/unit/test_audit_chain.py`` pins the two to each other and to
+fixed hashes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -31,8 +36,11 @@ __all__ = [
     "AuditEntry",
     "AuditRecord",
     "Checkpoint",
+    "Fields",
     "Verdict",
     "canonical",
+    "detail_text",
+    "entry_hash",
     "link",
     "printable",
     "verify",
@@ -124,6 +132,40 @@ def canonical(seq: int, entry: AuditEntry, prev_hash: str) -> bytes:
         "prev": prev_hash,
     }
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# What json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False) uses: one
+# encoder made once (dumps makes one per call), and its function for a string (the C one)
+_CANONICAL: Final = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+_quote: Final = json.encoder.encode_basestring
+
+
+def detail_text(detail: Mapping[str, Any]) -> str:
+    """``detail`` as :func:`canonical` encodes it inside the document (for :func:`entry_hash`)."""
+    return _CANONICAL.encode(detail if type(detail) is dict else dict(detail))
+
+
+Fields = tuple[int, str, str, str, str, str, str]
+"""An entry's ``at_us``, ``actor``, ``action``, ``target``, ``outcome``, ``client`` and ``request_id``."""
+
+
+def entry_hash(seq: int, fields: Fields, detail_json: str, prev_hash: str) -> str:
+    """The hash :func:`link` gives the entry with these ``fields``, whose detail :func:`detail_text`
+    encoded as ``detail_json``: the bytes of :func:`canonical`, written out in its key order.
+
+    ``seq`` and ``at_us`` are written with ``:d``, which is how JSON writes an ``int`` and refuses
+    a float (but writes ``True`` as 1, where JSON says true): the writer stores ``int(at_us)``
+    and hashes that. ``json.encoder.encode_basestring`` is what ``JSONEncoder`` writes a string
+    with when ``ensure_ascii`` is off (not in the module's documented API; the tests pin it).
+    """
+    at_us, actor, action, target, outcome, client, request_id = fields
+    q = _quote
+    text = (
+        f'{{"action":{q(action)},"actor":{q(actor)},"at":{at_us:d},"client":{q(client)},"detail":{detail_json},'
+        f'"outcome":{q(outcome)},"prev":{q(prev_hash)},"request_id":{q(request_id)},"seq":{seq:d},'
+        f'"target":{q(target)},"v":{FORMAT_VERSION}}}'
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def link(seq: int, entry: AuditEntry, prev_hash: str) -> AuditRecord:

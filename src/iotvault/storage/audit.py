@@ -21,7 +21,16 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
-from iotvault.domain.audit import GENESIS, AuditEntry, AuditRecord, Checkpoint, link
+from iotvault.domain.audit import (
+    GENESIS,
+    Anchor,
+    AuditEntry,
+    AuditRecord,
+    Checkpoint,
+    Fields,
+    detail_text,
+    entry_hash,
+)
 from iotvault.errors import StorageError
 from iotvault.storage.db import EngineStore, by_paramstyle, driver_connection, for_driver
 from iotvault.storage.schema import alerts, audit_checkpoints, audit_head, audit_log
@@ -74,46 +83,79 @@ _INSERT = by_paramstyle(
     "INSERT INTO audit_log (seq, at_us, actor, action, target, outcome, client, request_id, detail,"
     " prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_COPY = (
+    "COPY audit_log (seq, at_us, actor, action, target, outcome, client, request_id, detail, prev_hash, hash)"
+    " FROM STDIN"
+)
 _PLAIN = frozenset({str, int, float, bool, type(None)})
-
-
-def _row(record: AuditRecord) -> tuple[Any, ...]:
-    """The record as :data:`_INSERT`'s parameters (its entry is already as the columns hold it)."""
-    e = record.entry
-    detail = json.dumps(dict(e.detail), sort_keys=True, separators=(",", ":"))
-    return (record.seq, e.at_us, e.actor, e.action, e.target, e.outcome, e.client, e.request_id, detail,
-            record.prev_hash, record.hash)  # fmt: skip
+_KEYS = frozenset({str})
+# the detail column's text: json.dumps(detail, sort_keys=True, separators=(",", ":")), ASCII
+_COLUMN_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
 def _as_stored(detail: Any) -> dict[str, Any]:
     """``detail`` as it reads back from its JSON text: a flat document of plain values (what a
     request's record holds) is that already; anything else goes through JSON once."""
-    d = dict(detail)
-    if all(type(k) is str and type(v) in _PLAIN for k, v in d.items()):
+    d = detail if type(detail) is dict else dict(detail)
+    if _KEYS.issuperset(map(type, d)) and _PLAIN.issuperset(map(type, d.values())):
         return d
     loaded: dict[str, Any] = json.loads(json.dumps(d, sort_keys=True))
     return loaded
 
 
-def _column(value: str, width: int) -> str:
-    """``value`` as a text column holds it: clipped, and without NUL, which PostgreSQL's text
+def _columns(entry: AuditEntry) -> tuple[Fields, str, str]:
+    """The entry as its row holds it: its fields, the detail's column text (of the detail as
+    :func:`_as_stored` makes it), and the detail's text as the hash covers it.
+
+    Each text is clipped to its column's width and its NUL replaced, which PostgreSQL's text
     refuses (one request for ``/iotf/devices/a%00b`` would otherwise stop the log's writer,
-    retrying that batch for ever, with every later record queued behind it)."""
-    return value[:width].replace("\x00", "\ufffd")
-
-
-def _clipped(entry: AuditEntry) -> AuditEntry:
-    """The entry as the columns will hold it, so the hash covers exactly what is stored."""
-    return AuditEntry(
-        at_us=entry.at_us,
-        actor=_column(entry.actor, 160),
-        action=_column(entry.action, 64),
-        target=_column(entry.target, 200),
-        outcome=_column(entry.outcome, 16),
-        client=_column(entry.client, 64),
-        request_id=_column(entry.request_id, 64),
-        detail=_as_stored(entry.detail),
+    retrying that batch for ever, with every later record queued behind it). The hash covers
+    exactly what is stored. Its detail text (:func:`detail_text`, UTF-8) is the column's text
+    too whenever the two agree, which they do when it holds nothing but printable ASCII (JSON
+    escapes control characters either way); otherwise the column's is encoded on its own.
+    This runs once per request's record, in the writer thread, holding the interpreter lock
+    the event loop waits for: one pass, no intermediate entry.
+    """
+    detail = _as_stored(entry.detail)
+    hashed = detail_text(detail)
+    stored = hashed if hashed.isascii() and "\x7f" not in hashed else _COLUMN_JSON.encode(detail)
+    fields = (
+        int(entry.at_us),
+        entry.actor[:160].replace("\x00", "\ufffd"),
+        entry.action[:64].replace("\x00", "\ufffd"),
+        entry.target[:200].replace("\x00", "\ufffd"),
+        entry.outcome[:16].replace("\x00", "\ufffd"),
+        entry.client[:64].replace("\x00", "\ufffd"),
+        entry.request_id[:64].replace("\x00", "\ufffd"),
     )
+    return fields, stored, hashed
+
+
+def _chained(columns: Sequence[tuple[Fields, str, str]], seq: int, prev: str) -> list[tuple[Any, ...]]:
+    """The rows that put ``columns`` (:func:`_columns`) after record ``seq`` of hash ``prev``."""
+    rows = []
+    for fields, stored, hashed in columns:
+        seq += 1
+        digest = entry_hash(seq, fields, hashed, prev)
+        rows.append((seq, *fields, stored, prev, digest))
+        prev = digest
+    return rows
+
+
+def _insert(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert the rows of :func:`_chained` inside ``conn``'s transaction."""
+    dialect = conn.dialect
+    if dialect.name == "postgresql" and dialect.driver == "psycopg":
+        with driver_connection(conn, _COPY) as raw, raw.cursor() as cur, cur.copy(_COPY) as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    with driver_connection(conn, _INSERT["qmark"]) as raw:  # Core's rows cost more than the rows
+        cur = raw.cursor()
+        try:
+            cur.executemany(for_driver(_INSERT, conn), rows)
+        finally:
+            cur.close()
 
 
 class AuditStore(EngineStore):
@@ -132,34 +174,29 @@ class AuditStore(EngineStore):
         ).one()
         return int(seq), str(hash_hex)
 
-    def append(self, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
-        """Chain ``entries`` after the current head in one transaction; the records as stored."""
+    def append(self, entries: Sequence[AuditEntry]) -> Anchor:
+        """Chain ``entries`` after the current head in one transaction; the chain's new head.
+
+        The rows go to the driver as tuples (``COPY`` on PostgreSQL, ``executemany`` on SQLite),
+        without Core's per-row parameters: the writer thread holds the interpreter lock while
+        it builds them (BENCHMARKS.md, issue 17, "Audit record cost").
+        """
         if not entries:
-            return []
-        clipped = [_clipped(e) for e in entries]
+            return Anchor(*self.head())
+        columns = [_columns(e) for e in entries]
         for attempt in range(_APPEND_ATTEMPTS):
             try:
                 with self._local_writer, self.begin() as conn:
                     seq, prev = self._lock_head(conn)
-                    records = []
-                    for entry in clipped:
-                        seq += 1
-                        record = link(seq, entry, prev)
-                        records.append(record)
-                        prev = record.hash
-                    with driver_connection(
-                        conn, _INSERT["qmark"]
-                    ) as raw:  # Core's rows cost more than the rows
-                        sql = for_driver(_INSERT, conn)
-                        cur = raw.cursor()
-                        try:
-                            cur.executemany(sql, [_row(r) for r in records])
-                        finally:
-                            cur.close()
+                    rows = _chained(columns, seq, prev)
+                    _insert(conn, rows)
+                    head = Anchor(rows[-1][0], rows[-1][-1])
                     conn.execute(
-                        update(audit_head).where(audit_head.c.id == _HEAD_ID).values(seq=seq, hash=prev)
+                        update(audit_head)
+                        .where(audit_head.c.id == _HEAD_ID)
+                        .values(seq=head.seq, hash=head.hash)
                     )
-                    return records
+                    return head
             except IntegrityError as exc:
                 if attempt == _APPEND_ATTEMPTS - 1:
                     raise StorageError(
