@@ -6,6 +6,7 @@ would, and expects :func:`verify_log` to name the first record that no longer ho
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,6 +96,36 @@ def test_a_nul_in_what_a_caller_sent_is_stored_replaced_and_never_stops_the_writ
         "r\ufffd",
     )
     assert first.entry.detail == {"path": "/iotf/devices/a\x00b"}  # JSON text escapes it
+    assert second.entry.target == "d2"
+    assert audit.checkpoint() is not None
+    assert verify_log(store, audit.public_key).ok
+
+
+def test_a_lone_surrogate_anywhere_is_stored_replaced_and_never_stops_the_writer(store: AuditStore) -> None:
+    """Python makes lone surrogates of undecodable bytes (a command line's arguments, say); no
+    UTF-8 holds one, so the hash, SQLite and PostgreSQL all refused them and the writer thread
+    died with its batch. Now each becomes U+FFFD, in every field and the detail, keys included."""
+    audit = AuditLog(store, CheckpointSigner(SEED), Clock())
+    s = "\udcff"
+    detail: dict[str, object] = {"name": f"x{s}y", f"k{s}": [s, {"n": s}], "n": 1}
+    detail["k\ud800"] = 1  # and a key that becomes one already there
+    detail["k\ufffd"] = 2
+    hostile = AuditEntry(
+        at_us=1_700_000_000_000_001, actor=f"user:{s}", action=f"user.{s}", target=f"t{s}",
+        outcome="success", client=f"c{s}", request_id=f"r{s}", detail=detail,
+    )  # fmt: skip
+    audit.record(hostile)
+    audit.record(entry(2))
+    assert audit.flush() == 2
+    first, second = store.records(from_seq=1)
+    e = first.entry
+    assert (e.actor, e.action, e.target, e.client, e.request_id) == (
+        "user:\ufffd", "user.\ufffd", "t\ufffd", "c\ufffd", "r\ufffd",
+    )  # fmt: skip
+    assert e.detail["name"] == "x\ufffdy"
+    assert e.detail["n"] == 1
+    assert "\ufffd" in json.dumps(e.detail, ensure_ascii=False)
+    assert not any(0xD800 <= ord(ch) <= 0xDFFF for ch in json.dumps(e.detail, ensure_ascii=False))
     assert second.entry.target == "d2"
     assert audit.checkpoint() is not None
     assert verify_log(store, audit.public_key).ok

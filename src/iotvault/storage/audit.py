@@ -12,6 +12,7 @@ extended fails to commit, and :meth:`AuditStore.append` retries it on the new he
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -118,17 +119,34 @@ def _columns(entry: AuditEntry) -> tuple[Fields, str, str]:
     """
     detail = _as_stored(entry.detail)
     hashed = detail_text(detail)
+    if not hashed.isascii() and _SURROGATE.search(hashed):  # its text cannot be UTF-8: see _text
+        detail = json.loads(_SURROGATE.sub("\ufffd", hashed))
+        hashed = detail_text(detail)  # again: two keys may have become one
     stored = hashed if hashed.isascii() and "\x7f" not in hashed else _COLUMN_JSON.encode(detail)
     fields = (
         int(entry.at_us),
-        entry.actor[:160].replace("\x00", "\ufffd"),
-        entry.action[:64].replace("\x00", "\ufffd"),
-        entry.target[:200].replace("\x00", "\ufffd"),
-        entry.outcome[:16].replace("\x00", "\ufffd"),
-        entry.client[:64].replace("\x00", "\ufffd"),
-        entry.request_id[:64].replace("\x00", "\ufffd"),
+        _text(entry.actor, 160),
+        _text(entry.action, 64),
+        _text(entry.target, 200),
+        _text(entry.outcome, 16),
+        _text(entry.client, 64),
+        _text(entry.request_id, 64),
     )
     return fields, stored, hashed
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value: str, width: int) -> str:
+    """``value`` clipped to its column's ``width``, its NUL (which PostgreSQL's text refuses)
+    and lone surrogates (which no UTF-8 holds: the hash's bytes, SQLite and PostgreSQL all
+    refuse them; Python makes them of undecodable bytes, e.g. a command line's arguments)
+    replaced by U+FFFD. Either would otherwise stop the writer."""
+    value = value[:width].replace("\x00", "\ufffd")
+    if not value.isascii():
+        value = _SURROGATE.sub("\ufffd", value)
+    return value
 
 
 def _chained(columns: Sequence[tuple[Fields, str, str]], seq: int, prev: str) -> list[tuple[Any, ...]]:
