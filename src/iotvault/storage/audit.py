@@ -33,7 +33,7 @@ from iotvault.domain.audit import (
     entry_hash,
 )
 from iotvault.errors import StorageError
-from iotvault.storage.db import EngineStore, by_paramstyle, driver_connection, for_driver
+from iotvault.storage.db import EngineStore, by_paramstyle, driver_connection, for_driver, insert_rows
 from iotvault.storage.schema import alerts, audit_checkpoints, audit_head, audit_log
 
 __all__ = ["AlertRecord", "AuditFilter", "AuditStore"]
@@ -80,10 +80,11 @@ def _record(row: Row[Any]) -> AuditRecord:
     return AuditRecord(row.seq, entry, row.prev_hash, row.hash)
 
 
-_INSERT = by_paramstyle(
+_INTO = (
     "INSERT INTO audit_log (seq, at_us, actor, action, target, outcome, client, request_id, detail,"
-    " prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " prev_hash, hash)"
 )
+_INSERT = by_paramstyle(f"{_INTO} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _COPY = (
     "COPY audit_log (seq, at_us, actor, action, target, outcome, client, request_id, detail, prev_hash, hash)"
     " FROM STDIN"
@@ -171,7 +172,10 @@ def _insert(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     with driver_connection(conn, _INSERT["qmark"]) as raw:  # Core's rows cost more than the rows
         cur = raw.cursor()
         try:
-            cur.executemany(for_driver(_INSERT, conn), rows)
+            if dialect.name == "sqlite":  # a few steps, not one a row (insert_rows says why)
+                insert_rows(cur, _INTO, rows)
+            else:
+                cur.executemany(for_driver(_INSERT, conn), rows)
         finally:
             cur.close()
 

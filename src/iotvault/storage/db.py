@@ -10,11 +10,12 @@ overwritten in the file rather than left in free pages.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -402,6 +403,39 @@ class Coalesced(Generic[K, V]):
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_result(answers[key])
+
+
+SQLITE_ROWS_PER_INSERT = (64, 16, 4, 1)
+"""Rows per multi-row INSERT (:func:`insert_rows`): 64 rows of up to 15 columns stay under
+the 999 parameters of SQLite builds older than 3.32; at most a dozen statements a batch."""
+
+
+@functools.cache
+def _values_sql(into: str, columns: int, rows: int) -> str:
+    one = "(" + ",".join("?" * columns) + ")"
+    return f"{into} VALUES {','.join([one] * rows)}"
+
+
+def insert_rows(cursor: Any, into: str, rows: Sequence[Sequence[Any]]) -> None:
+    """SQLite: ``rows`` inserted with ``cursor`` by ``into`` (``INSERT INTO t (a, b)``) in a few
+    multi-row statements instead of ``executemany``'s one step per row.
+
+    sqlite3 lets go of the interpreter lock around every step and must get it back after;
+    while the event loop was busy (an API serving reads in the same process), each row of an
+    ingest batch or of the audit log's flush waited up to the interpreter's switch interval
+    (5 ms) for it: 465 rows took seconds, ingest fell from 5,000 to 372 events/s and the
+    audit writer held SQLite's one write lock as long (BENCHMARKS.md, issue 17, round 5). A
+    statement of 64 rows is one step.
+    """
+    if not rows:
+        return
+    columns = len(rows[0])
+    at, total = 0, len(rows)
+    for size in SQLITE_ROWS_PER_INSERT:
+        sql = _values_sql(into, columns, size)
+        while total - at >= size:
+            cursor.execute(sql, [value for row in rows[at : at + size] for value in row])
+            at += size
 
 
 def by_paramstyle(qmark_sql: str) -> dict[str, str]:

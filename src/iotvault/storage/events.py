@@ -23,6 +23,7 @@ from iotvault.storage.db import (
     by_paramstyle,
     driver_connection,
     for_driver,
+    insert_rows,
     is_sqlite,
 )
 from iotvault.storage.repository import BatchWrite, InflightRecord, PageCheck, RejectedMessage, StoredEvent
@@ -32,22 +33,29 @@ from iotvault.storage.schema import devices, events, ingest_inflight, rejected_m
 _EVENTS_COPY = (
     "COPY events (device_id, event_id, type_id, event_type, format, received_us, payload) FROM STDIN"
 )
-_EVENTS_INSERT = by_paramstyle(
-    "INSERT INTO events (device_id, event_id, type_id, event_type, format, received_us, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
+_EVENTS_INTO = "INSERT INTO events (device_id, event_id, type_id, event_type, format, received_us, payload)"
+_EVENTS_INSERT = by_paramstyle(f"{_EVENTS_INTO} VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
 def _insert_events(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     """Insert one ingest batch's events with the driver's bulk path: plain tuples, no Core.
 
     The ingest writer shares the GIL with the MQTT side, so the client CPU spent per row is
-    ingest throughput: ``COPY`` on PostgreSQL and DB-API ``executemany`` on SQLite cost a
+    ingest throughput: ``COPY`` on PostgreSQL and multi-row ``INSERT``s on SQLite
+    (:func:`~iotvault.storage.db.insert_rows`, a few steps a batch rather than one a row) cost a
     fraction of a Core ``insert()`` with a list of dicts (BENCHMARKS.md, "Measurements behind
     choices in the code"). Both run inside the caller's transaction.
     """
     dialect = conn.dialect
-    if dialect.name != "postgresql" or dialect.driver != "psycopg":
+    if dialect.name == "sqlite":
+        with driver_connection(conn, _EVENTS_INTO) as raw:
+            cur = raw.cursor()
+            try:
+                insert_rows(cur, _EVENTS_INTO, rows)
+            finally:
+                cur.close()
+        return
+    if dialect.driver != "psycopg":  # another PostgreSQL driver named in the URL
         conn.exec_driver_sql(for_driver(_EVENTS_INSERT, conn), rows)
         return
     with driver_connection(conn, _EVENTS_COPY) as raw, raw.cursor() as cur, cur.copy(_EVENTS_COPY) as copy:
