@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     # the HTTP server's parser and the event loop of `iotvault serve` (BENCHMARKS.md, issue 17)
     http_parser: Literal["httptools", "h11"] = "httptools"
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    # how long a thread of `iotvault serve` may hold the interpreter lock while another waits
+    # for it (Python's default: 5 ms); the event loop and the ingest and audit writers share it
+    switch_interval_ms: Annotated[float, _between(0.1, 100.0)] = 1.0
     # encoded, decrypted event documents kept in memory per node, in MiB (0: none); a device's
     # go at once when it is deleted, and after key_cache_ttl_s whatever happens
     read_cache_mib: Annotated[int, Field(ge=0, le=4096)] = 64

@@ -16,6 +16,7 @@ import math
 import random
 import signal
 import socket
+import sys
 from collections.abc import Callable, Generator
 from contextlib import AsyncExitStack
 from enum import StrEnum
@@ -72,6 +73,19 @@ def tune_gc_for_serving() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
+
+
+def set_switch_interval(ms: float) -> None:
+    """How long a thread may keep the interpreter lock another asks for (``switch_interval_ms``):
+    for ``iotvault serve`` only, once the node is up.
+
+    The event loop and the ingest and audit writers' threads share one lock. A writer that let
+    go of it (for its database) waits for the loop to be made to hand it back, after Python's
+    5 ms by default: while the API was busy, one process's ingest fell to 1,804 to 2,045 of 5,000
+    events/s with ``/healthz`` hammered. At 1 ms it kept 4,918 to 5,058, and the last-50 read's
+    p99 under ingest went from 19 to 38 ms to 16 to 18 ms (BENCHMARKS.md, issue 17, round 5).
+    """
+    sys.setswitchinterval(ms / 1000.0)
 
 
 def loop_factory(s: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:

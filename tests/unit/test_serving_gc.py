@@ -1,10 +1,15 @@
-"""`iotvault serve` tunes the garbage collector of its own process, and only of that one."""
+"""`iotvault serve` tunes the garbage collector and the interpreter lock's switch interval of its
+own process, and only of that one."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
+
+from iotvault.config import load_settings
+from iotvault.errors import ConfigError
 from iotvault.node import GC_THRESHOLD
 
 
@@ -23,3 +28,25 @@ def test_importing_the_node_changes_nothing() -> None:
     code = "import gc; before = gc.get_threshold(); import iotvault.node; print(gc.get_threshold() == before)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_serving_process_gets_the_switch_interval_of_its_settings_and_importing_changes_nothing() -> None:
+    code = (
+        "import sys; before = sys.getswitchinterval(); import iotvault.node as n; "
+        "same = sys.getswitchinterval() == before; n.set_switch_interval(1.0); "
+        "print(same, sys.getswitchinterval())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    same, interval = out.split()
+    assert same == "True"
+    assert abs(float(interval) - 0.001) < 1e-9
+
+
+@pytest.mark.parametrize("value", ["0", "0.05", "101", "-1", "fast"])
+def test_a_switch_interval_out_of_range_is_refused_by_name(value: str) -> None:
+    with pytest.raises(ConfigError, match="IOTVAULT_SWITCH_INTERVAL_MS"):
+        load_settings(environ={"IOTVAULT_SWITCH_INTERVAL_MS": value})
+
+
+def test_the_default_switch_interval_is_one_millisecond() -> None:
+    assert load_settings(environ={}).switch_interval_ms == 1.0

@@ -69,7 +69,7 @@ def serve(
     ready_fd: Annotated[int | None, typer.Option(hidden=True)] = None,  # said "ready" on this pipe
 ) -> None:
     """Run one node: HTTP API, ingest worker and (with broker 'embedded') the MQTT broker."""
-    from iotvault.node import Node, Role, loop_factory, tune_gc_for_serving
+    from iotvault.node import Node, Role, loop_factory, set_switch_interval, tune_gc_for_serving
 
     try:
         r = Role(role)
@@ -98,6 +98,7 @@ def serve(
         else:
             st.err.print(line, highlight=False)
         tune_gc_for_serving()
+        set_switch_interval(s.switch_interval_ms)
 
     failed: list[str] = []
     try:
@@ -162,10 +163,11 @@ def _parent_node(st: CliState, s: Settings, failed: list[str]) -> Node:
 
 def _child_ready(ready_fd: int | None, node: Node) -> None:
     """An API child is serving: tell the parent (it prints the one ``ready:`` line)."""
-    from iotvault.node import tune_gc_for_serving
+    from iotvault.node import set_switch_interval, tune_gc_for_serving
 
     logging.getLogger("iotvault.node").info("API process %d ready", os.getpid())
     tune_gc_for_serving()
+    set_switch_interval(node.settings.switch_interval_ms)
     if ready_fd is not None:
         with contextlib.suppress(OSError):
             os.write(ready_fd, b"1")
