@@ -346,6 +346,7 @@ class LoopReader:
 
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
 
 
 class Coalesced(Generic[K, V]):
@@ -430,11 +431,17 @@ def insert_rows(cursor: Any, into: str, rows: Sequence[Sequence[Any]]) -> None:
     if not rows:
         return
     columns = len(rows[0])
-    at, total = 0, len(rows)
+    for chunk in sqlite_chunks(rows):
+        cursor.execute(_values_sql(into, columns, len(chunk)), [value for row in chunk for value in row])
+
+
+def sqlite_chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    """``items`` in runs of :data:`SQLITE_ROWS_PER_INSERT` sizes, largest first: a statement per
+    run, and at most four statement texts per table (each compiled once)."""
+    at = 0
     for size in SQLITE_ROWS_PER_INSERT:
-        sql = _values_sql(into, columns, size)
-        while total - at >= size:
-            cursor.execute(sql, [value for row in rows[at : at + size] for value in row])
+        while len(items) - at >= size:
+            yield items[at : at + size]
             at += size
 
 

@@ -16,7 +16,6 @@ from sqlalchemy.engine import Connection
 from iotvault.domain.ids import event_id_bound
 from iotvault.storage.commands import apply_command_acks
 from iotvault.storage.db import (
-    SQLITE_ROWS_PER_INSERT,
     Coalesced,
     EngineStore,
     LoopReader,
@@ -26,6 +25,7 @@ from iotvault.storage.db import (
     for_driver,
     insert_rows,
     is_sqlite,
+    sqlite_chunks,
 )
 from iotvault.storage.repository import BatchWrite, InflightRecord, PageCheck, RejectedMessage, StoredEvent
 from iotvault.storage.schema import devices, events, ingest_inflight, rejected_messages
@@ -230,13 +230,9 @@ class EventTable(EngineStore):
         with self.begin() as conn, driver_connection(conn, "UPDATE devices") as raw:
             cur = raw.cursor()
             try:
-                at = 0
-                for size in SQLITE_ROWS_PER_INSERT:
-                    while len(seen) - at >= size:
-                        chunk = seen[at : at + size]
-                        params = [v for pair in chunk for v in pair] + [device for device, _ in chunk]
-                        cur.execute(_touch_sql(size), params)
-                        at += size
+                for chunk in sqlite_chunks(seen):
+                    params = [v for pair in chunk for v in pair] + [device for device, _ in chunk]
+                    cur.execute(_touch_sql(len(chunk)), params)
             finally:
                 cur.close()
 
