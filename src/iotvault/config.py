@@ -145,6 +145,10 @@ class Settings(BaseSettings):
     # encoded, decrypted event documents kept in memory per node, in MiB (0: none); a device's
     # go at once when it is deleted, and after key_cache_ttl_s whatever happens
     read_cache_mib: Annotated[int, Field(ge=0, le=4096)] = 64
+    # a kept page found current is answered without asking the database while this process
+    # heard of no new event of its device (its own ingest at once, others' by the fan-out),
+    # for at most this long; 0: asked on every read (iotvault.api.readcache)
+    page_trust_ms: Annotated[float, _between(0.0, 60_000.0)] = 1000.0
     sqlite_synchronous: Literal["full", "normal"] = "full"
     # database connections a process keeps open; 0: sized for the node's role (README, "Settings")
     database_pool_size: Annotated[int, Field(ge=0, le=500)] = 0

@@ -160,6 +160,7 @@ class Fanout:
         self._signal = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = asyncio.Event()
+        self._session = 0  # moves each time listening (re)starts: see hearing()
 
     @classmethod
     def for_settings(
@@ -183,6 +184,12 @@ class Fanout:
         if data_dir is not None and _local(database_url, data_dir):
             return cls(localfanout.LocalTransport(data_dir), wake, wake_all, forget, access_changed)
         return None
+
+    def hearing(self) -> int | None:
+        """The listening session, None while not listening: a kept page is believed current only
+        within one session (:mod:`iotvault.api.readcache`), since between two a message may
+        have been missed. Read on the event loop."""
+        return self._session if self.listening.is_set() else None
 
     def publish(self, device_ids: set[str]) -> None:
         """These devices have new events (on the event loop: the pipeline's ``on_commit``)."""
@@ -263,6 +270,7 @@ class Fanout:
             try:
                 async for payload in self._transport.listen():
                     if not payload:
+                        self._session += 1
                         self.listening.set()
                         self._wake_all()  # wake-ups may have been missed while not listening
                         if self._access_changed is not None:

@@ -180,6 +180,13 @@ class Metrics:
             "From a message's arrival at the ingest pipeline to its durable answer (commit done), "
             "measured on the oldest message of each batch.",
         )
+        self.newest_pages = Counter(
+            "iotvault_http_newest_pages_total",
+            "Last-N reads by how they were answered: known (a kept page this process knew current, "
+            "no query), unchanged (a kept page one query found current), grown (a kept page and the "
+            "events added since), read (read from the database).",
+            "how",
+        )
         self.gauges: list[Gauge] = []
 
     def _families(self) -> tuple[Counter | Histogram, ...]:
@@ -194,6 +201,7 @@ class Metrics:
             self.alerts,
             self.http_latency,
             self.ingest_lag,
+            self.newest_pages,
         )
 
     def snapshot(self) -> dict[str, Any]:

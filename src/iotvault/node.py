@@ -27,7 +27,7 @@ import uvicorn
 
 from iotvault.api.app import create_app
 from iotvault.api.ratelimit import RateLimiter
-from iotvault.api.readcache import EventDocCache, PrincipalCache
+from iotvault.api.readcache import EventDocCache, PrincipalCache, deaf
 from iotvault.api.services import ApiServices, EventNotifier, watch_changes
 from iotvault.api.slowclients import MAX_HEADER_BYTES, guarded_protocol
 from iotvault.apiprocs import ApiProcesses
@@ -230,7 +230,9 @@ class Node:
         self.readiness: Readiness | None = None
         # iotvault.api.readcache: emptied on every change of access and deletion, on every node
         self.principals: PrincipalCache[Principal] = PrincipalCache(settings.auth_cache_ttl_s)
-        self.event_docs = EventDocCache(settings.read_cache_mib * 2**20, settings.key_cache_ttl_s)
+        self.event_docs = EventDocCache(
+            settings.read_cache_mib * 2**20, settings.key_cache_ttl_s, trust_s=settings.page_trust_ms / 1000
+        )
         self._access_changed: Callable[[], None] = self.principals.clear
 
     def _share_metrics(self, stack: AsyncExitStack) -> None:
@@ -364,6 +366,8 @@ class Node:
         if fanout is not None:
             self._fanout = await stack.enter_async_context(fanout)
             fanout.start()
+            self.event_docs.hearing = fanout.hearing  # pages are believed only while it listens
+            stack.callback(setattr, self.event_docs, "hearing", deaf)
         self._access_changed = watch_changes(ctx, self.principals, self.event_docs, self._fanout)
         stack.callback(setattr, ctx.keyring, "on_forget", None)
         stack.callback(setattr, ctx.accounts, "on_change", None)

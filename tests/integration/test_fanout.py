@@ -69,6 +69,16 @@ async def test_a_lost_listening_connection_comes_back_and_wakes_every_stream(pg_
         fb.start()
         await asyncio.wait_for(fb.listening.wait(), 10)
         assert b.woken_all == 1
+        first = fb.hearing()  # the session a kept page is believed in (iotvault.api.readcache)
+        assert first is not None
+        sessions: set[int | None] = set()
+
+        async def watch() -> None:
+            while True:
+                sessions.add(fb.hearing())
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
         with psycopg.connect(pg_url, autocommit=True) as admin:
             admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -76,6 +86,11 @@ async def test_a_lost_listening_connection_comes_back_and_wakes_every_stream(pg_
             )
         # reconnected: every stream woken once more, since it may have missed a wake-up
         await _until(lambda: b.woken_all >= 2, b, within_s=15)
+        watcher.cancel()
+        # not listening in between (no page believed), and a new session after: none believed
+        # in the old one, whose messages may have been missed
+        assert None in sessions, sessions
+        assert fb.hearing() not in (None, first)
         a = Node()
         async with a.fanout("", pg_url) as fa:
             fa.start()

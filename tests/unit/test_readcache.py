@@ -147,3 +147,99 @@ def test_a_page_ages_out_with_its_device_documents() -> None:
     clock.now += 2.0
     assert cache.page("d1", 50) is None
     assert cache.size_bytes == 0
+
+
+class Hearing:
+    """The fan-out's listening session as the cache sees it (None: not listening)."""
+
+    def __init__(self) -> None:
+        self.session: int | None = 1
+
+    def __call__(self) -> int | None:
+        return self.session
+
+
+def _trusting(trust_s: float = 1.0) -> tuple[EventDocCache, Clock, Hearing]:
+    clock, hearing = Clock(), Hearing()
+    cache = EventDocCache(max_bytes=10**6, ttl_s=60.0, clock=clock, trust_s=trust_s)
+    cache.hearing = hearing
+    cache.put("d1", [("e1", b"{}")], generation=cache.generation)
+    cache.put_page("d1", 50, Page.of(["e1"], 50, [b"{}"], b"{}"), generation=cache.generation)
+    return cache, clock, hearing
+
+
+def _found_current(cache: EventDocCache, count: int = 50) -> None:
+    """What the read does when its check says the page is current."""
+    kept = cache.kept("d1", count)
+    assert kept is not None
+    cache.trust("d1", count, kept)
+
+
+def _current(cache: EventDocCache, count: int = 50) -> bool:
+    kept = cache.kept("d1", count)
+    assert kept is not None
+    return kept.current
+
+
+def test_a_page_found_current_is_believed_until_a_new_event_is_heard_of_or_the_time_is_up() -> None:
+    cache, clock, _ = _trusting()
+    assert not _current(cache)  # kept, but never checked: asked about
+    _found_current(cache)
+    assert _current(cache)
+    cache.heard(["d2"])  # another device's events change nothing here
+    assert _current(cache)
+    cache.heard(["d1"])
+    assert not _current(cache)
+    _found_current(cache)
+    clock.now += 0.999
+    assert _current(cache)
+    clock.now += 0.002
+    assert not _current(cache)
+    assert cache.kept("d2", 50) is None
+
+
+def test_a_check_begun_before_a_new_event_was_heard_of_does_not_make_the_page_believed() -> None:
+    cache, _, _ = _trusting()
+    kept = cache.kept("d1", 50)  # the check begins
+    assert kept is not None
+    cache.heard(["d1"])  # an event is committed while the statement runs
+    cache.trust("d1", 50, kept)  # the statement did not see it
+    assert not _current(cache)
+
+
+def test_a_page_is_believed_only_while_the_fan_out_listens_in_the_session_it_was_found_current() -> None:
+    cache, _, hearing = _trusting()
+    hearing.session = None  # not listening: another process's commit could go unheard
+    _found_current(cache)
+    assert not _current(cache)
+    hearing.session = 1
+    _found_current(cache)
+    assert _current(cache)
+    hearing.session = None
+    assert not _current(cache)
+    hearing.session = 2  # listening again: what was missed in between is unknown
+    assert not _current(cache)
+    kept = cache.kept("d1", 50)
+    assert kept is not None
+    hearing.session = 3  # the session ended and began again during the check
+    cache.trust("d1", 50, kept)
+    assert not _current(cache)
+
+
+def test_a_replaced_or_forgotten_page_and_a_trust_of_zero_are_never_believed() -> None:
+    cache, _, _ = _trusting()
+    kept = cache.kept("d1", 50)
+    assert kept is not None
+    # meanwhile another read put a page of its own: the check was of the old one
+    cache.put_page("d1", 50, Page.of(["e1"], 50, [b"{}"], b"{}"), generation=cache.generation)
+    cache.trust("d1", 50, kept)
+    assert not _current(cache)
+    _found_current(cache)
+    cache.put_page("d1", 50, Page.of(["e1"], 50, [b"{}"], b"{}"), generation=cache.generation)
+    assert not _current(cache)  # a new page is believed after a check of its own
+    _found_current(cache)
+    cache.forget(["d1"])
+    assert cache.kept("d1", 50) is None
+    off, _, _ = _trusting(trust_s=0.0)
+    _found_current(off)
+    assert not _current(off)

@@ -30,6 +30,17 @@ is those (decrypted now) and the kept page's newest; anything else reads the pag
 holds whichever process wrote to the database. (On SQLite, while nothing at all was committed
 since a page was found current, SQLite's own data version says so without the statement.) A
 page goes with its device's documents, and ages out with them.
+
+**Pages known current** (:meth:`EventDocCache.kept`, ``page_trust_ms``): a page found current
+by that statement is answered again without it while this process has heard of no new event
+of its device, for at most ``page_trust_ms``. It hears of every commit of its own ingest before
+the commit's messages are acknowledged, and of every other process's through the fan-out
+(``e:``, the message that wakes the live streams): the page is then asked about again. Only
+while the fan-out listens (:meth:`iotvault.fanout.Fanout.hearing`); a session that ended, or
+none, and every read asks as before. So a read on the process that ingested an event answers
+with it as soon as it is acknowledged; on another process as soon as the fan-out brought the
+message (well under a millisecond here), or, were it lost, after ``page_trust_ms`` at the most.
+``0`` asks on every read.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from iotvault.storage.repository import PageCheck
 
@@ -50,6 +61,11 @@ PER_DEVICE = 2_000  # documents kept per device: more than the largest page (100
 PAGES_PER_DEVICE = 8  # newest-first pages kept per device (one per count asked for)
 PAGE_BYTES = 200  # what a kept page counts against the cache's size besides its answer
 PAGE_EVENT_BYTES = 100  # and per event (its id; the documents are the cache's own)
+
+
+def deaf() -> int | None:
+    """What :attr:`EventDocCache.hearing` is without a fan-out: no session, no page believed."""
+    return None
 
 
 @dataclass
@@ -127,20 +143,41 @@ class Page:
         return len(self.body) + PAGE_BYTES + PAGE_EVENT_BYTES * len(self.ids)
 
 
+class Kept(NamedTuple):
+    """A kept page (:meth:`EventDocCache.kept`), and whether it may be answered without a check."""
+
+    page: Page
+    current: bool  # found current and heard of no change since, within page_trust_ms
+    ticket: tuple[int, int]  # the device's changes heard of and the fan-out's session (-1: none)
+
+
 @dataclass
 class _Device:
     born: float
     docs: dict[str, bytes] = field(default_factory=dict)
     size: int = 0
     pages: dict[int, Page] = field(default_factory=dict)  # by the count asked for
+    heard: int = 0  # new events heard of (EventDocCache.heard): a check begun before does not trust
+    trusted: dict[int, tuple[float, int]] = field(default_factory=dict)  # count: (until, session)
 
 
 class EventDocCache:
     """Encoded event documents by event id, per device, at most ``max_bytes`` in all."""
 
-    def __init__(self, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        trust_s: float = 0.0,
+    ) -> None:
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
+        self.trust_s = trust_s  # page_trust_ms: how long a page found current is believed
+        # the fan-out's listening session, None while it does not listen (or there is none):
+        # only while it listens is every other process's commit heard of (Fanout.hearing)
+        self.hearing: Callable[[], int | None] = deaf
         self._clock = clock
         self._devices: OrderedDict[str, _Device] = OrderedDict()
         self._size = 0
@@ -204,6 +241,51 @@ class EventDocCache:
             self._devices.move_to_end(device_id)
             return d.pages.get(count)
 
+    def kept(self, device_id: str, count: int) -> Kept | None:
+        """:meth:`page`, and whether it may be answered as it is: found current by a check and
+        no new event of the device heard of since, within ``trust_s``, in one fan-out session."""
+        with self._lock:
+            d = self._devices.get(device_id)
+            if d is None:
+                return None
+            now = self._clock()
+            if now - d.born > self.ttl_s:
+                self._drop(device_id)
+                return None
+            page = d.pages.get(count)
+            if page is None:
+                return None
+            self._devices.move_to_end(device_id)
+            session = self.hearing() if self.trust_s > 0 else None
+            trust = d.trusted.get(count)
+            current = session is not None and trust is not None and trust[1] == session and now < trust[0]
+            return Kept(page, current, (d.heard, -1 if session is None else session))
+
+    def trust(self, device_id: str, count: int, kept: Kept) -> None:
+        """A check begun after ``kept`` was looked up found its page current: answer it without
+        one until ``trust_s`` passed or a new event of the device is heard of. Not if one was
+        heard of meanwhile, the fan-out's session changed, or the page was replaced."""
+        heard, session = kept.ticket
+        if session < 0:
+            return
+        with self._lock:
+            d = self._devices.get(device_id)
+            if d is None or d.heard != heard or d.pages.get(count) is not kept.page:
+                return
+            if self.hearing() != session:
+                return
+            d.trusted[count] = (self._clock() + self.trust_s, session)
+
+    def heard(self, device_ids: Iterable[str]) -> None:
+        """New events of these devices were committed (by this process, or another's through the
+        fan-out): their pages are asked about again (:class:`iotvault.api.services.EventNotifier`)."""
+        with self._lock:
+            for device_id in device_ids:
+                d = self._devices.get(device_id)
+                if d is not None:
+                    d.heard += 1
+                    d.trusted.clear()
+
     def put_page(self, device_id: str, count: int, page: Page, *, generation: int) -> None:
         """Keep a newest-first page (whose documents were just put) unless a forget came between."""
         if not self.enabled:
@@ -217,6 +299,7 @@ class EventDocCache:
                 old = d.pages.pop(next(iter(d.pages)))
             grown = page.size - (old.size if old is not None else 0)
             d.pages[count] = page
+            d.trusted.pop(count, None)  # a new page is believed after a check of its own
             d.size += grown
             self._size += grown
             self._trim()

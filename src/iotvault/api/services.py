@@ -94,11 +94,14 @@ class ApiServices:
         if given[0] is None:
             self.principals = PrincipalCache(s.auth_cache_ttl_s)
         if given[1] is None:
-            self.event_docs = EventDocCache(s.read_cache_mib * 2**20, s.key_cache_ttl_s)
+            self.event_docs = EventDocCache(
+                s.read_cache_mib * 2**20, s.key_cache_ttl_s, trust_s=s.page_trust_ms / 1000
+            )
         # device reads run on the event loop on SQLite (iotvault.api.routes.devices._read)
         self.inline_reads = is_sqlite(self.ctx.engine)
         self.feeds = LiveFeeds()
         self.notifier.listeners.append(self.feeds.mark)
+        self.notifier.listeners.append(self.event_docs.heard)  # kept pages are asked about again
         self.event_docs.listeners.append(self.feeds.forget)
 
 

@@ -168,25 +168,36 @@ async def newest_page(request: Request, device_id: str, count: int) -> Response:
     """The answer of :func:`latest_events` once its caller is admitted and its parameters valid;
     :mod:`iotvault.api.direct` serves the plain form of the same request with it too.
 
-    A page answered before (:meth:`~iotvault.api.readcache.EventDocCache.page`) is answered
-    again as it was if one statement shows nothing changed, or made from the events added since
-    and its own newest if only that changed
+    A page answered before (:meth:`~iotvault.api.readcache.EventDocCache.kept`) is answered
+    again as it was if this process knows it current (found so, and no new event of the device
+    heard of since, ``page_trust_ms``) or one statement shows nothing changed, or made from the
+    events added since and its own newest if only that changed
     (:meth:`~iotvault.storage.events.EventTable.page_news`); otherwise the page is read
     (:meth:`~iotvault.storage.events.EventTable.newest_events`). Both are awaited on the event
     loop, without a worker thread; only a page with many events to decrypt is made in one.
     """
     svc = services(request)
     docs = svc.event_docs
-    kept = docs.page(device_id, count)
+    kept = docs.kept(device_id, count)
     generation = docs.generation  # before the read: a deletion meanwhile keeps the page out
+    answered = svc.metrics.newest_pages
     if kept is not None:
-        news = await svc.ctx.store.page_news(device_id, kept.check, count)
+        held = kept.page
+        if kept.current:  # found current, and no new event heard of since (page_trust_ms)
+            answered.inc(label_value="known")
+            request.state.audit = {"events": len(held.ids)}  # the audit record says how many were read
+            return Response(held.body, media_type="application/json")
+        news = await svc.ctx.store.page_news(device_id, held.check, count)
         if news == []:
-            request.state.audit = {"events": len(kept.ids)}  # the audit record says how many were read
-            return Response(kept.body, media_type="application/json")
+            docs.trust(device_id, count, kept)
+            answered.inc(label_value="unchanged")
+            request.state.audit = {"events": len(held.ids)}
+            return Response(held.body, media_type="application/json")
         if news is not None:
+            answered.inc(label_value="grown")
             keep = count - len(news)
-            return await _made(request, device_id, count, news, kept.ids[:keep], kept.docs[:keep], generation)
+            return await _made(request, device_id, count, news, held.ids[:keep], held.docs[:keep], generation)
+    answered.inc(label_value="read")
     page = await svc.ctx.store.newest_events(device_id, count)
     if not page:  # a device's events go with it, so only an empty page asks whether it exists
         await run_in_threadpool(_device_or_404, svc.ctx, device_id)
