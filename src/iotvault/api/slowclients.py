@@ -21,6 +21,9 @@ awaited and refuses past :data:`MAX_HEADER_BYTES`, as h11 does. The hooks used
 (``connection_made``, ``handle_events`` / ``data_received``, ``on_response_complete``,
 ``send_400_response``, ``cycle``) are those of uvicorn 0.3x-0.5x, covered by the raw-socket
 tests in ``tests/integration/test_http_abuse.py`` for both.
+
+Both also write through a :class:`CorkedTransport`: a response's head and body, which uvicorn
+writes apart, leave in one system call (BENCHMARKS.md, issue 17, round 6).
 """
 
 from __future__ import annotations
@@ -44,6 +47,47 @@ MAX_HEADER_BYTES = 64 * 1024
 Room for the largest Authorization header the API accepts (16 KiB) and cookies; uvicorn's
 default (h11's 16 KiB) would refuse a legitimate large bearer pair.
 """
+
+
+class CorkedTransport:
+    """A transport whose writes made in one turn of the event loop leave in one ``send``.
+
+    uvicorn writes a response's head and its body apart: two system calls, and two segments
+    that wake the client. Held until the loop's next turn, they go out together (a response's
+    head and body are sent in one turn). Nothing is held longer than that turn; ``close``
+    sends what is held first, ``abort`` drops it. Everything else is the transport's own.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._held:
+            self._loop.call_soon(self._flush)
+        self._held.append(data)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, []
+        if held and not self._transport.is_closing():
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held = []
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(len(b) for b in self._held)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class _HeaderDeadline:
@@ -95,7 +139,7 @@ class GuardedH11Protocol(_HeaderDeadline, H11Protocol):
     """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
         self._arm()
 
     def handle_events(self) -> None:
@@ -124,7 +168,7 @@ class GuardedHttpToolsProtocol(_HeaderDeadline, HttpToolsProtocol):
     _head_bytes = 0  # received since the last request's headers were complete
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
         self._arm()
 
     def on_headers_complete(self) -> None:
