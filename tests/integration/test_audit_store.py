@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +129,50 @@ def test_a_lone_surrogate_anywhere_is_stored_replaced_and_never_stops_the_writer
     assert not any(0xD800 <= ord(ch) <= 0xDFFF for ch in json.dumps(e.detail, ensure_ascii=False))
     assert second.entry.target == "d2"
     assert audit.checkpoint() is not None
+    assert verify_log(store, audit.public_key).ok
+
+
+def test_an_entry_no_store_can_write_becomes_a_record_that_says_so_and_the_writer_goes_on(
+    store: AuditStore,
+) -> None:
+    """A detail JSON cannot hold (a set, made by a bug elsewhere) failed the whole batch with
+    a TypeError: the writer thread died with it and every later record waited in its queue
+    for ever. Now the batch is written entry by entry, that entry as ``audit.unwritable``."""
+    audit = AuditLog(store, CheckpointSigner(SEED), Clock(), AuditSettings(flush_interval=0.01))
+    poisoned = AuditEntry(
+        at_us=1_700_000_000_000_500, actor="user:alice", action="device.read", target="d1",
+        outcome="success", detail={"events": {1, 2}},
+    )  # fmt: skip
+    audit.record(entry(1))
+    audit.record(poisoned)
+    audit.record(entry(3))
+    assert audit.flush() == 3
+    first, stand_in, third = store.records(from_seq=1)
+    assert (first.entry.request_id, third.entry.request_id) == ("r1", "r3")
+    e = stand_in.entry
+    assert (e.actor, e.action, e.target, e.outcome) == ("system", "audit.unwritable", "audit", "error")
+    assert e.detail == {"action": "device.read", "error": "TypeError"}
+    assert audit.queue_depth == 0  # nothing left to retry for ever
+    # the writer thread: a poisoned entry neither stops it nor holds back what follows
+    audit.start()
+    try:
+        audit.record(poisoned)
+        audit.record(entry(5))
+        deadline = time.monotonic() + 10
+        while len(list(store.records(from_seq=1))) < 5:
+            assert time.monotonic() < deadline, "the writer stopped writing"
+            time.sleep(0.01)
+        assert audit.running
+        audit.record(entry(6))
+        while len(list(store.records(from_seq=1))) < 6:
+            assert time.monotonic() < deadline, "the writer stopped after a poisoned entry"
+            time.sleep(0.01)
+    finally:
+        audit.close()
+    actions = [r.entry.action for r in store.records(from_seq=1)]
+    read, unwritable = "device.read", "audit.unwritable"
+    assert actions == [read, unwritable, read, unwritable, read, read]
+    assert audit.checkpoint() is None  # close() signed the head already
     assert verify_log(store, audit.public_key).ok
 
 

@@ -67,9 +67,8 @@ def two(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Two]:
     procs: list[ServerProcess] = []
     try:
         for role in ("all", "api"):
-            p = ServerProcess(
-                dict(env, IOTVAULT_HTTP_PORT=str(free_port())), tmp_path / f"{role}.log", args=("--role", role)
-            )
+            own = dict(env, IOTVAULT_HTTP_PORT=str(free_port()))
+            p = ServerProcess(own, tmp_path / f"{role}.log", args=("--role", role))
             procs.append(p)
             p.start()
         yield Two(

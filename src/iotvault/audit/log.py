@@ -109,8 +109,42 @@ class AuditLog:
                 # and not shown to the observers again (an alert rule would count them twice)
                 self._queue.extendleft(reversed(batch))
                 raise
+            except Exception:  # an entry no store can write (a bug elsewhere): not the batch
+                log.exception("audit: a batch of %d records could not be written; one by one now", len(batch))
+                self._one_by_one(batch)
             self._pending_since_us = None if not self._queue else self._clock()
             return len(batch)
+
+    def _one_by_one(self, batch: list[AuditEntry]) -> None:
+        """Write ``batch`` entry by entry; each that cannot be written at all becomes an
+        ``audit.unwritable`` record in its place (its action and the error's type), so that the
+        chain shows where one is missing and the writer neither retries it for ever nor dies.
+        A :class:`StorageError` puts what is left back at the head of the queue, as for a batch."""
+        for i, entry in enumerate(batch):
+            try:
+                self._store.append([entry])
+                continue
+            except StorageError:
+                self._queue.extendleft(reversed(batch[i:]))
+                raise
+            except Exception as exc:  # this entry only; the record in its place says which
+                log.exception("audit: an %r record could not be written", str(entry.action)[:100])
+                stand_in = AuditEntry(
+                    int(self._clock()),
+                    "system",
+                    "audit.unwritable",
+                    "audit",
+                    "error",
+                    detail={"action": str(entry.action)[:100], "error": type(exc).__name__},
+                )
+            try:
+                self._store.append([stand_in])
+            except StorageError:
+                self._queue.extendleft(reversed([stand_in, *batch[i + 1 :]]))
+                raise
+            except Exception:  # counted: the next flush records audit.dropped
+                log.exception("audit: not even the audit.unwritable record could be written")
+                self.dropped += 1
 
     @property
     def queue_depth(self) -> int:
@@ -185,6 +219,9 @@ class AuditLog:
                     self.checkpoint()
             except StorageError as exc:  # the database is away: keep the queue, try again
                 log.warning("audit: %s", exc)
+            except Exception:  # a bug: the writer goes on (a flush keeps no entry it cannot write)
+                log.exception("audit: the writer failed; it goes on")
+                self._last_checkpoint_us = self._clock()  # a failing checkpoint: at its next time
 
 
 def read_exported(path: Path) -> list[Checkpoint]:
