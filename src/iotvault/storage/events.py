@@ -32,8 +32,11 @@ from iotvault.storage.schema import devices, events, ingest_inflight, rejected_m
 
 # the columns in StoredEvent's order, so that its instances are the rows (write_batch)
 _EVENTS_COPY = (
-    "COPY events (device_id, event_id, type_id, event_type, format, received_us, payload) FROM STDIN"
+    "COPY events (device_id, event_id, type_id, event_type, format, received_us, payload) "
+    "FROM STDIN (FORMAT BINARY)"
 )
+# binary COPY: a payload goes as its bytes, not as hex text the server decodes again
+_EVENTS_COPY_TYPES = ("varchar", "varchar", "varchar", "varchar", "varchar", "int8", "bytea")
 _EVENTS_INTO = "INSERT INTO events (device_id, event_id, type_id, event_type, format, received_us, payload)"
 _EVENTS_INSERT = by_paramstyle(f"{_EVENTS_INTO} VALUES (?, ?, ?, ?, ?, ?, ?)")
 
@@ -60,6 +63,7 @@ def _insert_events(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         conn.exec_driver_sql(for_driver(_EVENTS_INSERT, conn), rows)
         return
     with driver_connection(conn, _EVENTS_COPY) as raw, raw.cursor() as cur, cur.copy(_EVENTS_COPY) as copy:
+        copy.set_types(_EVENTS_COPY_TYPES)
         for row in rows:
             copy.write_row(row)
 
