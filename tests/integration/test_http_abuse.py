@@ -136,6 +136,38 @@ def test_slowloris_headers_and_silent_connections_are_closed_and_others_still_se
     assert node.fds() <= baseline + 2
 
 
+def test_the_next_requests_headers_have_their_own_deadline_from_the_previous_answer(node: Node) -> None:
+    """One timer per connection: the next request's headers, trickled after an answer, are
+    given ``HEADER_TIMEOUT_S`` from that answer, not from the connection or the first timer."""
+    s = node.connect()
+    try:
+        time.sleep(HEADER_TIMEOUT_S * 0.6)  # the first request comes late, but within its time
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        answered = time.monotonic()
+        closed_at: list[float] = []
+
+        def trickle() -> None:  # the next request, a byte every 0.2 s: never idle, never complete
+            for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                try:
+                    s.sendall(bytes([b]))
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        closed, got = _closed_by_peer(s, HEADER_TIMEOUT_S + 5)
+        closed_at.append(time.monotonic())
+        t.join(5)
+    finally:
+        s.close()
+    assert closed
+    assert got == b""
+    took = closed_at[0] - answered
+    assert HEADER_TIMEOUT_S - 0.3 < took < HEADER_TIMEOUT_S + 1.5, took
+
+
 def test_a_slow_body_answers_408_and_the_connection_ends(node: Node) -> None:
     s = node.connect()
     s.sendall(
