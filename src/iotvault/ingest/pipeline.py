@@ -474,6 +474,29 @@ class IngestPipeline:
         self._devices.entries[device_id] = (type_id, now + self._devices.ttl_s)
         return type_id
 
+    def _refresh(self, batch: list[_Pending]) -> None:
+        """Read the types and current keys of the batch's devices that are not cached or run
+        out within half their life, each kind in one statement (:meth:`KeyRing.
+        refresh_sealing_keys` says why); the pass below then finds them cached. Only devices
+        known to exist get a key read; a topic that does not parse is the pass's to refuse."""
+        now = time.monotonic()
+        ahead = self._devices.ttl_s / 2
+        device_ids: set[str] = set()
+        for topic in {p.msg.topic for p in batch}:
+            try:
+                device_ids.add(self._parse_topic(topic).device_id)
+            except TopicError:
+                continue
+        entries = self._devices.entries
+        due = [d for d in device_ids if (hit := entries.get(d)) is None or hit[1] - now < ahead]
+        if due:
+            found = self._store.types_of(due)
+            until = now + self._devices.ttl_s
+            for d in due:
+                entries[d] = (found.get(d), until)
+        known = [d for d in device_ids if entries[d][0] is not None]
+        self._keyring.refresh_sealing_keys(known)
+
     def _parse_topic(self, topic: str) -> Topic:
         """``parse_topic``, remembered: a fleet publishes on few topics per device.
 
@@ -498,6 +521,7 @@ class IngestPipeline:
         events to store in one call and seals each with a fresh nonce. The per-event work in
         both is what the ack-only baseline does not do (BENCHMARKS.md, issue 17 ingest round).
         """
+        self._refresh(batch)
         out = BatchWrite()
         outcomes: list[Outcome] = []
         entries: dict[str, list[tuple[int, bytes]]] = {}

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
@@ -24,6 +24,28 @@ _LATEST_KEY = (
     .order_by(device_keys.c.version.desc())
     .limit(1)
 )
+
+# many devices' current keys at once (ingest's refresh of a batch's devices, KeyRing.refresh_sealing_keys)
+_NEWEST_VERSIONS = (
+    select(device_keys.c.device_id, func.max(device_keys.c.version).label("version"))
+    .where(device_keys.c.device_id.in_(bindparam("b_devices", expanding=True)))
+    .group_by(device_keys.c.device_id)
+    .subquery()
+)
+_LATEST_KEYS = select(device_keys.c.device_id, device_keys.c.version, device_keys.c.wrapped).join(
+    _NEWEST_VERSIONS,
+    (device_keys.c.device_id == _NEWEST_VERSIONS.c.device_id)
+    & (device_keys.c.version == _NEWEST_VERSIONS.c.version),
+)
+_DEVICE_TYPES = select(devices.c.device_id, devices.c.type_id).where(
+    devices.c.device_id.in_(bindparam("b_devices", expanding=True))
+)
+BULK_READ = 500  # device ids per statement of a bulk read
+
+
+def _chunks(device_ids: Sequence[str]) -> list[list[str]]:
+    ids = list(device_ids)
+    return [ids[i : i + BULK_READ] for i in range(0, len(ids), BULK_READ)]
 
 
 def _device(row: Row[Any]) -> DeviceRecord:
@@ -179,6 +201,24 @@ class DeviceTable(EngineStore):
         with self.connect() as conn:
             row = conn.execute(_LATEST_KEY, {"b_device": device_id}).first()
         return (row.version, bytes(row.wrapped)) if row is not None else None
+
+    def latest_data_keys(self, device_ids: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+        """:meth:`latest_data_key` of many devices in one read (those without a key are absent)."""
+        found: dict[str, tuple[int, bytes]] = {}
+        with self.connect() as conn:
+            for chunk in _chunks(device_ids):
+                for row in conn.execute(_LATEST_KEYS, {"b_devices": chunk}):
+                    found[row.device_id] = (row.version, bytes(row.wrapped))
+        return found
+
+    def types_of(self, device_ids: Sequence[str]) -> dict[str, str]:
+        """The type of each of these devices that exists, in one read."""
+        found: dict[str, str] = {}
+        with self.connect() as conn:
+            for chunk in _chunks(device_ids):
+                for row in conn.execute(_DEVICE_TYPES, {"b_devices": chunk}):
+                    found[row.device_id] = row.type_id
+        return found
 
     def add_data_key(self, device_id: str, version: int, wrapped: bytes, created_us: int = 0) -> None:
         with self.begin() as conn:

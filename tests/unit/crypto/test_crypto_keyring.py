@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -36,6 +36,7 @@ class MemoryKeyStore:
         self._lock = threading.Lock()
         self.keys: dict[str, dict[int, bytes]] = {}
         self.reads = 0
+        self.bulk: list[list[str]] = []  # the devices of each bulk read
         #: Runs inside data_keys(), between the read and the return: a concurrent deletion.
         self.during_read: Callable[[str], None] | None = None
 
@@ -55,6 +56,12 @@ class MemoryKeyStore:
                 return None
             latest = max(versions)
             return latest, versions[latest]
+
+    def latest_data_keys(self, device_ids: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+        with self._lock:
+            self.reads += 1
+            self.bulk.append(list(device_ids))
+            return {d: (max(v), v[max(v)]) for d in device_ids if (v := self.keys.get(d))}
 
     def add_data_key(self, device_id: str, version: int, wrapped: bytes) -> None:
         with self._lock:
@@ -271,3 +278,33 @@ def test_many_threads_seal_open_forget_and_rotate() -> None:
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+def test_a_refresh_reads_the_keys_due_in_one_read_and_they_run_out_together() -> None:
+    clock = FakeClock()
+    ring, store = new_ring("a", "b", "c", ttl=10, cache=DataKeyCache(clock=clock))
+    ring.sealing_key("a")  # cached until 1010
+    store.reads = 0
+    clock.now = 1002.0
+    ring.refresh_sealing_keys(["a", "b", "c", "gone"])  # a has 8 s left: not due
+    assert store.bulk == [["b", "c", "gone"]]
+    assert store.reads == 1
+    ring.rotate("b")  # here: forgotten at once, read again at the next refresh
+    clock.now = 1006.0  # a has 4 s left (< half the ttl), c 6 s
+    ring.refresh_sealing_keys(["a", "b", "c"])
+    assert store.bulk[1] == ["a", "b"]
+    assert ring.current("b")[0] == 2
+    assert store.reads == 3  # the rotation's own read, the refresh
+    for d in ("a", "b", "c"):  # sealing finds them cached: no read one by one
+        ring.sealing_key(d)
+    assert store.reads == 3
+    assert ring.decrypt("b", "e1", ring.encrypt("b", "e1", b"x")) == b"x"
+    with pytest.raises(DataKeyNotFoundError):
+        ring.sealing_key("gone")  # a device without keys is refused as before
+
+
+def test_a_refresh_with_a_ttl_of_zero_reads_nothing() -> None:
+    ring, store = new_ring("a", ttl=0)
+    ring.refresh_sealing_keys(["a"])
+    assert store.reads == 0
+    assert store.bulk == []
