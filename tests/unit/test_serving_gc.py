@@ -50,3 +50,14 @@ def test_a_switch_interval_out_of_range_is_refused_by_name(value: str) -> None:
 
 def test_the_default_switch_interval_is_one_millisecond() -> None:
     assert load_settings(environ={}).switch_interval_ms == 1.0
+
+
+@pytest.mark.parametrize("value", ["-1", "60001", "nan", "inf", "soon"])
+def test_a_page_trust_out_of_range_is_refused_by_name(value: str) -> None:
+    with pytest.raises(ConfigError, match="IOTVAULT_PAGE_TRUST_MS"):
+        load_settings(environ={"IOTVAULT_PAGE_TRUST_MS": value})
+
+
+def test_a_page_trust_of_zero_asks_on_every_read_and_the_default_is_one_second() -> None:
+    assert load_settings(environ={"IOTVAULT_PAGE_TRUST_MS": "0"}).page_trust_ms == 0.0
+    assert load_settings(environ={}).page_trust_ms == 1000.0

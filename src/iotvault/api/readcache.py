@@ -231,15 +231,8 @@ class EventDocCache:
 
     def page(self, device_id: str, count: int) -> Page | None:
         """The page last answered for the newest ``count`` events of the device, if it is kept."""
-        with self._lock:
-            d = self._devices.get(device_id)
-            if d is None:
-                return None
-            if self._clock() - d.born > self.ttl_s:
-                self._drop(device_id)
-                return None
-            self._devices.move_to_end(device_id)
-            return d.pages.get(count)
+        kept = self.kept(device_id, count)
+        return None if kept is None else kept.page
 
     def kept(self, device_id: str, count: int) -> Kept | None:
         """:meth:`page`, and whether it may be answered as it is: found current by a check and

@@ -127,9 +127,8 @@ class _HeaderDeadline:
 
     def _rearm_after_response(self) -> None:
         if not self.transport.is_closing() and not self._in_request():
-            self._waiting_since = (
-                self.loop.time()
-            )  # the next request's (uvicorn's keep-alive covers idleness)
+            # the next request's headers are awaited from now (uvicorn's keep-alive covers idleness)
+            self._waiting_since = self.loop.time()
             if self._deadline is None:
                 self._deadline = self.loop.call_later(self.header_timeout_s, self._look)
 

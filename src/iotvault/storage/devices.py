@@ -242,8 +242,7 @@ class DeviceTable(EngineStore):
         )
         found: dict[str, DeviceCredentials] = {}
         with self.connect() as conn:
-            for start in range(0, len(device_ids), 500):
-                chunk = list(device_ids[start : start + 500])
+            for chunk in _chunks(device_ids):
                 for r in conn.execute(q.where(devices.c.device_id.in_(chunk))):
                     found[r.device_id] = DeviceCredentials(r[0], r[1], r[2], r[3], r[4])
         return found
