@@ -427,6 +427,15 @@ async def test_owasp_hardening(sqlite_api: Api) -> None:
         "/iotf/users", content=b"x" * 2_000_000, headers={**h, "Content-Type": "application/json"}
     )
     assert r.status_code == 413
+
+    async def streamed() -> AsyncIterator[bytes]:  # no Content-Length: chunked, counted as it comes
+        for _ in range(40):
+            yield b" " * 65536
+
+    r = await a.client.post(
+        "/iotf/users", content=streamed(), headers={**h, "Content-Type": "application/json"}
+    )
+    assert r.status_code == 413
     r = await a.client.get("/iotf/devices", headers={**a.auth("alice"), "Accept": "text/html"})
     assert r.status_code == 406
     r = await a.client.get(

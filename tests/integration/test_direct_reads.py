@@ -19,6 +19,7 @@ import pytest
 from apifixture import EXTERNAL_KEY, Built, api_key_for, build_api, mint
 from fastapi import APIRouter, Header, Query, Request
 
+import iotvault.api.direct
 from iotvault.accounts import create_api_key, revoke_api_key
 from iotvault.api.app import create_app
 from iotvault.api.deps import Requires
@@ -209,6 +210,28 @@ async def test_the_direct_read_is_rate_limited_timed_and_hardened_like_the_route
         assert f"{route} 4" in text
     finally:
         b.close()
+
+
+async def test_an_unexpected_error_is_answered_as_the_apps_handler_answers_it(
+    built: Built, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*_: object) -> None:
+        raise RuntimeError("a bug in the read")
+
+    monkeypatch.setattr(iotvault.api.direct, "newest_page", broken)
+    headers = {"Authorization": api_key_for(built.ctx, devices=("d1",), roles=Roles(reader=True))}
+    audit = Audit(built)
+    audit.new()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=built.app), base_url="http://t") as c:
+        r = await c.get("/iotf/devices/d1?count=2", headers=headers)
+    assert r.status_code == 500
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["incident"] in caplog.text  # the error is in the log under the incident's id
+    assert "a bug in the read" not in r.text
+    assert r.headers["x-content-type-options"] == "nosniff"  # through the middlewares, like any answer
+    assert r.headers["x-request-id"]
+    (record,) = audit.new()
+    assert ("status", 500) in record[4]
 
 
 async def test_a_page_with_an_event_that_does_not_decrypt_is_not_kept(built: Built) -> None:

@@ -185,6 +185,24 @@ def test_a_slow_body_answers_408_and_the_connection_ends(node: Node) -> None:
     assert any(e["phase"] == "body" for e in events)
 
 
+def test_a_body_without_a_length_that_grows_too_large_answers_413_and_the_connection_ends(node: Node) -> None:
+    limit = load_settings(environ=node.env).max_request_bytes
+    s = node.connect()
+    s.sendall(
+        b"POST /iotf/devices HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # the server may close first
+        for _ in range(limit // 65536 + 2):
+            s.sendall(chunk)
+    closed, got = _closed_by_peer(s, 10)
+    s.close()
+    assert got.startswith(b"HTTP/1.1 413 "), got[:200]  # not FastAPI's 400 for a body it failed to read
+    assert b"larger than" in got
+    assert closed
+
+
 def test_idle_keep_alive_connections_are_closed(node: Node) -> None:
     baseline = node.fds()
     conns = [node.connect() for _ in range(100)]

@@ -19,7 +19,7 @@ from iotvault import __version__, web
 from iotvault.api import problems
 from iotvault.api.audit import AuditTrail
 from iotvault.api.deps import SECURITY_SCHEMES, Requires, permission_of
-from iotvault.api.direct import DirectReads, latest_route
+from iotvault.api.direct import DirectReadsApp, latest_route
 from iotvault.api.middleware import Hardening
 from iotvault.api.routes import access, admin, audit, commands, devices, messaging, oidc, oidc_admin, stream
 from iotvault.api.services import ApiServices
@@ -89,7 +89,7 @@ def create_app(
     ``direct_reads=False`` leaves every last-N read to FastAPI (:mod:`iotvault.api.direct`),
     for the tests that compare both ways."""
     settings = svc.settings
-    app = FastAPI(
+    app = DirectReadsApp(
         title="iotvault",
         version=__version__,
         description=(
@@ -158,8 +158,8 @@ def create_app(
     app.include_router(messaging.router)
 
     _document_security(app)
-    if direct_reads:  # innermost: the session bridge, hardening, audit and timer apply to it too
-        app.add_middleware(DirectReads, route=latest_route(app.routes))
+    if direct_reads:  # within every middleware added here: the session bridge, hardening, audit, timer
+        app.read_directly(latest_route(app.routes))
     web.mount(app, svc, app.state.identity)  # the web application; its session bridge sits inside Hardening
 
     if settings.cors_origin_list:

@@ -19,6 +19,13 @@ as before) and answers exactly that form itself, with nothing of its own to deci
 It refuses to be built over a route that declares more than it handles (another dependency, a
 header, another query parameter): what is added to the route later must not be skipped here
 without a word. ``tests/integration/test_direct_reads.py`` compares both ways, answer by answer.
+
+:class:`DirectReadsApp` is the FastAPI application that sends the plain form there: through the
+same middlewares as every request (built a second time from the app's own list, in the same
+order, around :class:`DirectReads`), but not through FastAPI's own outer layers (its error,
+telemetry and body-limit middlewares, ~3% of the read: BENCHMARKS.md, issue 17, round 7),
+which have nothing to do for it. An unexpected error is answered as the app's handler of
+unexpected errors answers it (500, an incident id, the error in the log).
 """
 
 from __future__ import annotations
@@ -27,13 +34,14 @@ import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from fastapi import FastAPI
 from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.requests import Request
 from starlette.routing import BaseRoute
 
 from iotvault import errors
 from iotvault.api.deps import admit, permission_of
-from iotvault.api.problems import Problem, answer
+from iotvault.api.problems import Problem, answer, answer_unexpected
 from iotvault.api.routes.devices import LATEST_DEFAULT, LATEST_MAX, latest_events, newest_page
 from iotvault.auth.policy import Permission
 from iotvault.domain.ids import IDENTIFIER_PATTERN
@@ -93,7 +101,7 @@ class DirectReads:
         self.route = route
         self.permission = _declared(route)
 
-    def _plain(self, scope: Scope) -> tuple[str, int] | None:
+    def plain(self, scope: Scope) -> tuple[str, int] | None:
         """The device and count of a plain last-N read, or None for anything else."""
         if scope["type"] != "http" or scope["method"] != "GET" or scope.get("root_path"):
             return None
@@ -113,7 +121,7 @@ class DirectReads:
         return (device_id, count) if count <= LATEST_MAX else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        plain = self._plain(scope)
+        plain = self.plain(scope)
         if plain is None:
             await self.app(scope, receive, send)
             return
@@ -128,4 +136,42 @@ class DirectReads:
             response = await newest_page(request, device_id, count)
         except (Problem, errors.IotVaultError) as exc:
             response = answer(request, exc)
+        except Exception as exc:  # noqa: BLE001 - what the app's handler of unexpected errors answers
+            response = answer_unexpected(request, exc)
         await response(scope, receive, send)
+
+
+async def _unreachable(scope: Scope, receive: Receive, send: Send) -> None:
+    """Behind :class:`DirectReads` in :class:`DirectReadsApp`'s own stack, which only plain reads enter."""
+    raise RuntimeError("only a plain last-N read is sent the direct way")
+
+
+class DirectReadsApp(FastAPI):
+    """FastAPI, with the plain last-N read of :meth:`read_directly`'s route served by its
+    middlewares and :class:`DirectReads` without FastAPI's outer layers (see the module)."""
+
+    _reads: DirectReads | None = None
+    _direct: ASGIApp | None = None
+
+    def read_directly(self, route: APIRoute) -> None:
+        self._reads = DirectReads(_unreachable, route=route)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        if self._reads is not None:  # the app's middlewares (outermost first) around DirectReads
+            direct: ASGIApp = self._reads
+            for cls, args, kwargs in reversed(self.user_middleware):
+                direct = cls(direct, *args, **kwargs)
+            self._direct = direct
+        stack: ASGIApp = super().build_middleware_stack()
+        return stack
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        reads = self._reads
+        if reads is None or self.root_path or reads.plain(scope) is None:
+            await super().__call__(scope, receive, send)
+            return
+        if self.middleware_stack is None:  # built once, both stacks: no middleware added after
+            self.middleware_stack = self.build_middleware_stack()
+        scope["app"] = self  # as Starlette's own __call__ does: request.app
+        assert self._direct is not None  # noqa: S101 - built with the stack
+        await self._direct(scope, receive, send)

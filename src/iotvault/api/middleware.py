@@ -49,8 +49,9 @@ _API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'n
 _HSTS = (b"strict-transport-security", b"max-age=63072000; includeSubDomains")
 
 
-_READ_HEADERS = frozenset({b"accept", b"content-type", b"content-length"})
+_READ_HEADERS = frozenset({b"accept", b"content-type", b"content-length", b"transfer-encoding"})
 _CREDENTIAL_WORDS = ("token", "key", "password", "secret")  # each name in CREDENTIAL_PARAMS holds one
+_ACCEPTS_KEPT = 256  # Accept headers whose answer is remembered (a client may send any number)
 
 
 def _read_headers(scope: Scope) -> dict[str, str]:
@@ -63,6 +64,12 @@ def _read_headers(scope: Scope) -> dict[str, str]:
     return found
 
 
+def _has_body(method: str, headers: dict[str, str]) -> bool:
+    """Whether a request may come with a body: a body method, or a length or a transfer
+    coding announced (HTTP/1.1 has no other way to send one: RFC 9112, 6.3)."""
+    return method in BODY_METHODS or "content-length" in headers or "transfer-encoding" in headers
+
+
 def _may_name_credentials(query: str) -> bool:
     """False only for a query that cannot hold a parameter of :data:`CREDENTIAL_PARAMS` (what
     most are: ``count=50``), so that only the others are parsed; an escaped name (``%``) is."""
@@ -72,8 +79,22 @@ def _may_name_credentials(query: str) -> bool:
     return "%" in query or any(word in lowered for word in _CREDENTIAL_WORDS)
 
 
+_accepted: dict[tuple[str, str], bool] = {}
+
+
 def _accepts(accept: str, offered: str) -> bool:
-    """Whether an Accept header admits *offered* (q=0 excludes)."""
+    """Whether an Accept header admits *offered* (q=0 excludes); the answers for the last
+    :data:`_ACCEPTS_KEPT` headers are remembered (clients send the same few again and again)."""
+    key = (accept, offered)
+    known = _accepted.get(key)
+    if known is None:
+        if len(_accepted) >= _ACCEPTS_KEPT:
+            _accepted.clear()
+        known = _accepted[key] = _parse_accepts(accept, offered)
+    return known
+
+
+def _parse_accepts(accept: str, offered: str) -> bool:
     if not accept.strip():
         return True
     main = offered.split("/", 1)[0]
@@ -106,6 +127,8 @@ class Hardening:
         self.on_abuse = on_abuse
         self.max_body = max_body
         self.headers = [*_BASE_HEADERS, *([_HSTS] if https else [])]
+        self.api_headers = [*self.headers, _API_CSP]  # answers of the API: a policy of their own
+        self.names = frozenset(name for name, _ in self.api_headers)
         self.limiter = limiter
         self.produces = produces
         self.json_body_paths = json_body_paths
@@ -117,19 +140,7 @@ class Hardening:
         path: str = scope["path"]
         method: str = scope["method"]
         headers = _read_headers(scope)
-        extra = list(self.headers)
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                present = {k.lower() for k, _ in message.get("headers", [])}
-                message["headers"] = list(message.get("headers", [])) + [
-                    h for h in extra if h[0] not in present
-                ]
-                if b"content-security-policy" not in present and path.startswith(
-                    ("/iotf", "/healthz", "/readyz")
-                ):
-                    message["headers"].append(_API_CSP)
-            await send(message)
+        send_with_headers = self._headed(send, path)
 
         if self.limiter is not None:
             client = scope.get("client")
@@ -171,6 +182,9 @@ class Hardening:
                 await _problem(send_with_headers, 413, f"the body is larger than {self.max_body} bytes")
                 return
 
+        if not _has_body(method, headers):  # nothing to wait for or to count
+            await self.app(scope, receive, send_with_headers)
+            return
         guard = _SlowBody(receive, send_with_headers, self.body_timeout_s, lambda: self._slow_body(scope))
         received = 0
 
@@ -179,14 +193,29 @@ class Hardening:
             message = await guard.receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise _BodyTooLargeError
+                if received > self.max_body:  # a body without a length, or longer than it said
+                    await guard.refuse(413, f"the body is larger than {self.max_body} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counting_receive, guard.send)
-        except _BodyTooLargeError:
-            await _problem(send_with_headers, 413, f"the body is larger than {self.max_body} bytes")
+        await self.app(scope, counting_receive, guard.send)
+
+    def _headed(self, send: Send, path: str) -> Send:
+        """``send``, adding the security headers to the answer's start (those it has not set itself)."""
+        extra = self.api_headers if path.startswith(("/iotf", "/healthz", "/readyz")) else self.headers
+        names = self.names
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                own = list(message.get("headers", ()))
+                present = {k.lower() for k, _ in own}
+                if present.isdisjoint(names):  # what nearly every answer is
+                    message["headers"] = own + extra
+                else:  # the answer's own values of these headers are kept
+                    message["headers"] = own + [h for h in extra if h[0] not in present]
+            await send(message)
+
+        return send_with_headers
 
     def _slow_body(self, scope: Scope) -> None:
         if self.on_abuse is not None:
@@ -196,7 +225,8 @@ class Hardening:
 
 
 class _SlowBody:
-    """``receive`` with one deadline for the whole request body (slowloris bodies).
+    """``receive`` with one deadline for the whole request body (slowloris bodies), and the
+    refusal of a body while it arrives (:meth:`refuse`: one too large).
 
     Past the deadline the client gets 408 with ``Connection: close`` from here and the
     application sees a disconnect; whatever it answers then is dropped (FastAPI turns any
@@ -213,11 +243,11 @@ class _SlowBody:
         self._on_timeout = on_timeout
         self._deadline: float | None = None
         self._body_done = False
-        self._timed_out = False
+        self._refused = False
         self._started = False
 
     async def receive(self) -> Message:
-        if self._timed_out:
+        if self._refused:
             return {"type": "http.disconnect"}
         if self._body_done:
             return await self._receive()
@@ -227,30 +257,27 @@ class _SlowBody:
         try:
             message = await asyncio.wait_for(self._receive(), max(0.0, self._deadline - loop.time()))
         except TimeoutError:
-            self._timed_out = True
             self._on_timeout()
-            if not self._started:
-                await _problem(
-                    self._send,
-                    408,
-                    f"the request body did not arrive within {self._timeout_s:.0f}s",
-                    [(b"connection", b"close")],
-                )
+            await self.refuse(408, f"the request body did not arrive within {self._timeout_s:.0f}s")
             return {"type": "http.disconnect"}
         if message["type"] == "http.request":
             self._body_done = not message.get("more_body", False)
         return message
 
+    async def refuse(self, status: int, detail: str) -> None:
+        """Answer ``status`` now, with ``Connection: close`` (the rest of the body is not read),
+        unless an answer began; from now on the application reads a disconnect and what it
+        answers is dropped."""
+        self._refused = True
+        if not self._started:
+            await _problem(self._send, status, detail, [(b"connection", b"close")])
+
     async def send(self, message: Message) -> None:
-        if self._timed_out:
-            return  # the 408 was the answer
+        if self._refused:
+            return  # the refusal was the answer
         if message["type"] == "http.response.start":
             self._started = True
         await self._send(message)
-
-
-class _BodyTooLargeError(Exception):
-    pass
 
 
 async def _problem(

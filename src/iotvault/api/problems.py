@@ -111,7 +111,7 @@ def answer(request: Request, exc: Problem | errors.IotVaultError) -> JSONRespons
         return problem_response(exc.status, exc.detail, headers=exc.headers, extra=exc.extra)
     status = status_for(exc)
     if status == 500:
-        return _internal(request, exc)
+        return answer_unexpected(request, exc)
     if status == 503:  # a dependency is down: say when to come back (RFC 9110, 10.2.3)
         return problem_response(
             503, "a backing service is unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}
@@ -146,10 +146,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return _internal(request, exc)
+        return answer_unexpected(request, exc)
 
 
-def _internal(request: Request, exc: BaseException) -> JSONResponse:
+def answer_unexpected(request: Request, exc: BaseException) -> JSONResponse:
+    """The answer to an unexpected error: 500 with an incident id, and the error in the log."""
     incident = uuid.uuid4().hex[:12]
     log.error("incident %s: %s %s failed", incident, request.method, request.url.path, exc_info=exc)
     return problem_response(500, "an internal error occurred", extra={"incident": incident})

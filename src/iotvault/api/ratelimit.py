@@ -76,10 +76,13 @@ class LocalLimits:
 
     def moving(self, item: RateLimitItem, key: tuple[str, ...], *, count: bool = True) -> int | None:
         """A hit in a moving window (``count=False``: only ask); None if allowed, else seconds to wait."""
+        hits = self._moving.get(key)
+        if hits is None and not count:  # nothing counted: what asking for most keys finds
+            return None
         now = self._clock()
         self._sweep(now)
         expiry = float(item.get_expiry())
-        hits = self._moving.get(key)
+        hits = self._moving.get(key)  # the sweep may have let it go
         if hits is not None:
             while hits and hits[0] <= now - expiry:
                 hits.popleft()

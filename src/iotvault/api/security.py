@@ -54,7 +54,16 @@ def services(request: Request) -> ApiServices:
 
 
 def client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    client = request.scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _authorization(request: Request) -> str | None:
+    """The request's first ``Authorization`` header, as ``request.headers.get`` gives it."""
+    for name, value in request.scope["headers"]:
+        if name == b"authorization":
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _group_grants(
@@ -168,7 +177,7 @@ class Authenticator:
         address = client_address(request)
         limiter = svc.limiter
         blocked = await limiter.auth_blocked(address) if limiter is not None else None
-        header = request.headers.get("authorization")
+        header = _authorization(request)
         counted = svc.metrics.authentications.inc
         if header is None:
             counted(label_value="missing")

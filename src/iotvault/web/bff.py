@@ -132,9 +132,8 @@ class SessionBridge:
             await self.app(scope, receive, send)
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        cookie_header = b"; ".join(v for k, v in headers if k == b"cookie").decode("latin-1")
+        cookie_header, has_authorization = _cookies_and_authorization(headers)
         value = read_cookies(cookie_header).get(self.sessions.cookie) if cookie_header else None
-        has_authorization = any(k == b"authorization" for k, _ in headers)
         session = None
         if value and not has_authorization:
             session = await run_in_threadpool(self.sessions.get, value)
@@ -162,6 +161,19 @@ class SessionBridge:
         scope[SESSION_KEY] = session
         scope[COOKIE_KEY] = value
         await self.app(scope, receive, send)
+
+
+def _cookies_and_authorization(headers: list[tuple[bytes, bytes]]) -> tuple[str, bool]:
+    """The request's cookies (its Cookie headers joined) and whether it brings an Authorization
+    header, in one pass (most API requests bring no cookie and are done with here)."""
+    cookies: list[bytes] = []
+    has_authorization = False
+    for k, v in headers:
+        if k == b"cookie":
+            cookies.append(v)
+        elif k == b"authorization":
+            has_authorization = True
+    return b"; ".join(cookies).decode("latin-1"), has_authorization
 
 
 async def _forbidden(send: Send, detail: str) -> None:
