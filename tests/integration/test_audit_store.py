@@ -79,6 +79,33 @@ def test_records_round_trip_and_verify(store: AuditStore) -> None:
     assert [r.seq for r in page2] == [4, 1]
 
 
+@pytest.mark.parametrize(
+    "nasty",
+    ["a\tb", "a\nb", "a\rb", "a\\b", "\\N", "\\.", "\\", "\t", "end\\", "\\t\t\\n\n", "é\u2028\t\\"],
+)
+def test_separators_and_backslashes_in_any_text_are_stored_as_given(store: AuditStore, nasty: str) -> None:
+    """What COPY's text format gives a meaning (PostgreSQL): tab, newline, carriage return,
+    backslash, ``\\N`` and ``\\.``, in every text column and in the detail, read back as written."""
+    audit = AuditLog(store, CheckpointSigner(SEED), Clock())
+    for i in range(3):  # amid plain records: one escaped row among rows that are not
+        audit.record(entry(i))
+        odd_one = AuditEntry(
+            at_us=1_700_000_000_000_100 + i, actor=f"user:{nasty}", action=f"x.{nasty}", target=nasty,
+            outcome="failure", client=nasty, request_id=nasty, detail={nasty: nasty, "n": i},
+        )  # fmt: skip
+        audit.record(odd_one)
+    assert audit.flush() == 6
+    records = list(store.records())
+    odd = [r for r in records if r.entry.outcome == "failure"]
+    texts = [(r.entry.actor, r.entry.action, r.entry.target, r.entry.client, r.entry.request_id) for r in odd]
+    assert texts == [(f"user:{nasty}", f"x.{nasty}", nasty, nasty, nasty)] * 3
+    assert [r.entry.detail for r in odd] == [{nasty: nasty, "n": i} for i in range(3)]
+    assert [r.entry.target for r in records if r.entry.outcome == "success"] == ["d0", "d1", "d2"]
+    assert audit.checkpoint() is not None
+    verdict = verify_log(store, audit.public_key)
+    assert verdict.ok, verdict.reason
+
+
 def test_a_nul_in_what_a_caller_sent_is_stored_replaced_and_never_stops_the_writer(store: AuditStore) -> None:
     """``GET /iotf/devices/a%00b`` reaches the log as target ``a\x00b``: PostgreSQL's text refuses
     NUL, and a batch that cannot be written is retried with everything queued behind it."""

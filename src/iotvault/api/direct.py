@@ -54,6 +54,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _DEVICE = re.compile(whole(IDENTIFIER_PATTERN))
+_FOUND = "iotvault.direct_read"  # the scope key under which DirectReadsApp leaves what plain() found
 _COUNT = re.compile(rb"count=([1-9][0-9]{0,3})")
 
 
@@ -121,7 +122,7 @@ class DirectReads:
         return (device_id, count) if count <= LATEST_MAX else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        plain = self.plain(scope)
+        plain = scope.pop(_FOUND, None) or self.plain(scope)
         if plain is None:
             await self.app(scope, receive, send)
             return
@@ -167,9 +168,11 @@ class DirectReadsApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         reads = self._reads
-        if reads is None or self.root_path or reads.plain(scope) is None:
+        plain = None if reads is None or self.root_path else reads.plain(scope)
+        if plain is None:
             await super().__call__(scope, receive, send)
             return
+        scope[_FOUND] = plain  # DirectReads need not look again
         if self.middleware_stack is None:  # built once, both stacks: no middleware added after
             self.middleware_stack = self.build_middleware_stack()
         scope["app"] = self  # as Starlette's own __call__ does: request.app

@@ -83,6 +83,9 @@ class CorkedTransport:
         self._held = []
         self._transport.abort()
 
+    def is_closing(self) -> bool:  # asked twice an answer: not through __getattr__
+        return self._transport.is_closing()
+
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() + sum(len(b) for b in self._held)
 
