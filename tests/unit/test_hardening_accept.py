@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from iotvault.api import middleware
-from iotvault.api.middleware import _ACCEPTS_KEPT, _accepts
+from iotvault.api.middleware import _ACCEPT_KEPT_LENGTH, _ACCEPTS_KEPT, _accepts
 
 
 @pytest.mark.parametrize(
@@ -37,3 +37,12 @@ def test_a_client_sending_ever_new_accept_headers_cannot_grow_the_memory() -> No
         assert _accepts(f"application/x-{i}, application/json", "application/json")
         assert len(middleware._accepted) <= _ACCEPTS_KEPT
     assert not _accepts("application/x-1", "application/json")  # a forgotten one is worked out again
+
+
+def test_long_accept_headers_are_answered_and_never_kept() -> None:
+    middleware._accepted.clear()
+    long_one = "application/x-" + "a" * 60_000 + ", application/json"  # what a 64 KiB header block allows
+    assert len(long_one) > _ACCEPT_KEPT_LENGTH
+    assert _accepts(long_one, "application/json")
+    assert not _accepts(long_one.replace(", application/json", ""), "application/json")
+    assert not middleware._accepted  # 256 of them would otherwise hold 15 MiB

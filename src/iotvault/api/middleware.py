@@ -52,6 +52,7 @@ _HSTS = (b"strict-transport-security", b"max-age=63072000; includeSubDomains")
 _READ_HEADERS = frozenset({b"accept", b"content-type", b"content-length", b"transfer-encoding"})
 _CREDENTIAL_WORDS = ("token", "key", "password", "secret")  # each name in CREDENTIAL_PARAMS holds one
 _ACCEPTS_KEPT = 256  # Accept headers whose answer is remembered (a client may send any number)
+_ACCEPT_KEPT_LENGTH = 256  # and only headers this short: at most 256 x 256 characters are held
 
 
 def _read_headers(scope: Scope) -> dict[str, str]:
@@ -84,7 +85,9 @@ _accepted: dict[tuple[str, str], bool] = {}
 
 def _accepts(accept: str, offered: str) -> bool:
     """Whether an Accept header admits *offered* (q=0 excludes); the answers for the last
-    :data:`_ACCEPTS_KEPT` headers are remembered (clients send the same few again and again)."""
+    :data:`_ACCEPTS_KEPT` short headers are remembered (clients send the same few again and again)."""
+    if len(accept) > _ACCEPT_KEPT_LENGTH:  # none that a client sends again and again
+        return _parse_accepts(accept, offered)
     key = (accept, offered)
     known = _accepted.get(key)
     if known is None:
