@@ -190,6 +190,9 @@ class Settings(BaseSettings):
     # false only to measure what recording every HTTP request costs (BENCHMARKS.md): changes,
     # sign-ins and refusals are still recorded, and the node's start record shows the setting
     audit_requests: Annotated[bool, Field(description="record every HTTP request")] = True
+    # who chains and stores a node's batches of records: a child process (the node's event loop
+    # keeps the interpreter lock to itself), or a thread of the node (iotvault.audit.appender)
+    audit_writer: Literal["process", "thread"] = "process"
     alert_webhook_url: str = ""  # alerts are POSTed here, signed with alert_webhook_secret
     alert_webhook_secret: SecretStr = SecretStr("")
     # ---- start-up, readiness, shutdown and slow clients: the README's "Health and readiness" ----

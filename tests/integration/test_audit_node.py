@@ -68,6 +68,24 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def appender_of(pid: int) -> int:
+    """The pid of the audit writer process ``pid`` started (``iotvault.audit.appender``)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            if ppid == pid and b"iotvault.audit.appender" in cmdline:
+                return int(entry.name)
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} started no audit writer process")
+
+
 def basic(key: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{key}:{password}".encode()).decode()}
 
@@ -95,6 +113,8 @@ def test_records_alerts_and_verification_of_a_running_node(
     server = ServerProcess(env, tmp_path / "serve.log")
     server.start()
     base = f"http://127.0.0.1:{env['IOTVAULT_HTTP_PORT']}"
+    assert server.proc is not None
+    writer = appender_of(server.proc.pid)  # the chain is written by a child, off the loop's lock
     try:
         with httpx.Client(base_url=base, timeout=10) as http:
             r = http.get("/iotf/devices/d1?count=5", headers={**basic(*reader), "X-Request-Id": "req-read-1"})
@@ -140,6 +160,7 @@ def test_records_alerts_and_verification_of_a_running_node(
             assert checked["verification"]["ok"] is True
     finally:
         server.stop()
+    assert not Path(f"/proc/{writer}").exists()  # gone with the node, after its last records
 
     verified = cli(env, "audit", "verify", "--json")
     assert verified.returncode == 0, verified.stdout + verified.stderr

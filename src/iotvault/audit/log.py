@@ -7,6 +7,11 @@ ingest to a queue append; the price is that a crash loses at most the entries of
 interval, which SECURITY.md states. Administrative actions that must be on disk before the
 caller answers can call :meth:`AuditLog.flush`.
 
+In a node the batch's own work (the chain, the rows, the transaction) is done by a child
+process (:class:`~iotvault.audit.appender.ProcessAppender`, given to :meth:`AuditLog.start`): in
+the node's process it would hold the interpreter lock the event loop needs, on every audited
+request's record. Commands and tests append in their own process.
+
 A full queue (the database has been gone for long) does not block the caller either: the entry
 is counted in ``dropped`` and the next batch records a ``audit.dropped`` entry saying how many
 were lost, so the gap is itself on the record.
@@ -18,10 +23,11 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from iotvault.audit.appender import AppendRefusedError, ProcessAppender
 from iotvault.crypto.audit_signing import CheckpointSigner, checkpoint_valid
 from iotvault.domain.audit import START, Anchor, AuditEntry, Checkpoint, Verdict, verify
 from iotvault.errors import StorageError
@@ -51,6 +57,7 @@ class AuditLog:
         settings: AuditSettings | None = None,
     ) -> None:
         self._store = store
+        self._appender: ProcessAppender | None = None  # the node's writer process (start)
         self._signer = signer
         self._clock = clock
         self._settings = settings or AuditSettings()
@@ -103,7 +110,7 @@ class AuditLog:
             if not batch:
                 return 0
             try:
-                self._store.append(batch)
+                self._append(batch)
             except StorageError:
                 # back at the head of the queue for the next attempt, before what came since,
                 # and not shown to the observers again (an alert rule would count them twice)
@@ -115,6 +122,10 @@ class AuditLog:
             self._pending_since_us = None if not self._queue else self._clock()
             return len(batch)
 
+    def _append(self, batch: Sequence[AuditEntry]) -> None:
+        """Chain and store ``batch``: by the writer process if there is one, else here."""
+        (self._store if self._appender is None else self._appender).append(batch)
+
     def _one_by_one(self, batch: list[AuditEntry]) -> None:
         """Write ``batch`` entry by entry; each that cannot be written at all becomes an
         ``audit.unwritable`` record in its place (its action and the error's type), so that the
@@ -122,7 +133,7 @@ class AuditLog:
         A :class:`StorageError` puts what is left back at the head of the queue, as for a batch."""
         for i, entry in enumerate(batch):
             try:
-                self._store.append([entry])
+                self._append([entry])
                 continue
             except StorageError:
                 self._queue.extendleft(reversed(batch[i:]))
@@ -135,10 +146,10 @@ class AuditLog:
                     "audit.unwritable",
                     "audit",
                     "error",
-                    detail={"action": str(entry.action)[:100], "error": type(exc).__name__},
+                    detail={"action": str(entry.action)[:100], "error": _kind(exc)},
                 )
             try:
-                self._store.append([stand_in])
+                self._append([stand_in])
             except StorageError:
                 self._queue.extendleft(reversed([stand_in, *batch[i + 1 :]]))
                 raise
@@ -190,12 +201,14 @@ class AuditLog:
 
     # -- the writer thread ------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, appender: ProcessAppender | None = None) -> None:
+        """Start the writer thread; with ``appender``, batches are stored by its process."""
+        self._appender = appender
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Stop the writer after a last flush and checkpoint."""
+        """Stop the writer after a last flush and checkpoint (and then its process)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -204,6 +217,9 @@ class AuditLog:
             self.checkpoint()
         except StorageError as exc:
             log.warning("audit: could not write the last records at shutdown: %s", exc)
+        finally:
+            if self._appender is not None:
+                self._appender.close()
 
     @property
     def running(self) -> bool:
@@ -212,6 +228,11 @@ class AuditLog:
     def _run(self) -> None:
         interval = self._settings.flush_interval
         every_us = int(self._settings.checkpoint_interval * 1_000_000)
+        if self._appender is not None:
+            try:
+                self._appender.start()  # now, not at the first batch: it imports for a moment
+            except StorageError as exc:  # said in the log; the first flush tries again
+                log.debug("audit: %s", exc)
         while not self._stop.wait(interval):
             try:
                 self.flush()
@@ -222,6 +243,11 @@ class AuditLog:
             except Exception:  # a bug: the writer goes on (a flush keeps no entry it cannot write)
                 log.exception("audit: the writer failed; it goes on")
                 self._last_checkpoint_us = self._clock()  # a failing checkpoint: at its next time
+
+
+def _kind(exc: Exception) -> str:
+    """The type of the error that kept a record off the chain (a writer process says which)."""
+    return exc.kind if isinstance(exc, AppendRefusedError) else type(exc).__name__
 
 
 def read_exported(path: Path) -> list[Checkpoint]:

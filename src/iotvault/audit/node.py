@@ -1,5 +1,5 @@
-"""The audit log's part in a running node: the writer thread, alerts, the webhook, retention,
-and the record of the settings the node started with.
+"""The audit log's part in a running node: the writer (a thread and its process), alerts, the
+webhook, retention, and the record of the settings the node started with.
 
 Entered by :class:`iotvault.node.Node` right after the resources are open, so that everything
 the node does afterwards — broker denials, logins, requests — lands on the chain.
@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from iotvault.audit.alerts import Alert
+from iotvault.audit.appender import ProcessAppender
 from iotvault.audit.log import AuditLog
 from iotvault.audit.monitor import AlertMonitor
 from iotvault.audit.webhook import Webhook, WebhookSettings
@@ -105,7 +106,11 @@ class AuditService:
             ]
         monitor = AlertMonitor(self._store, webhook=self._webhook, on_alert=on_alert)
         self._audit.observers.append(monitor.observe_entry)
-        self._audit.start()
+        self._audit.start(
+            ProcessAppender(s.effective_database_url, sqlite_synchronous=s.sqlite_synchronous)
+            if s.audit_writer == "process"
+            else None
+        )
         self._audit.record(
             AuditEntry(now_us(), "system", "node.start", self._role, "success", detail=settings_summary(s))
         )
