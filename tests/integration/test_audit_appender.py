@@ -10,6 +10,7 @@ children must come back to what they were.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from iotvault.audit import appender as appender_module
-from iotvault.audit.appender import ProcessAppender
+from iotvault.audit.appender import AppendRefusedError, ProcessAppender
 from iotvault.audit.log import AuditLog, AuditSettings, verify_log
 from iotvault.clock import now_us
 from iotvault.crypto.audit_signing import CheckpointSigner
@@ -283,3 +284,23 @@ def test_descriptors_and_children_come_back_after_many_deaths(
         audit.close()
     assert request_ids(store) == [f"r{i}" for i in range(11)]
     assert verify_log(store, audit.public_key).ok
+
+
+def test_the_childs_log_lines_are_in_the_nodes_format(
+    store: AuditStore, database_url: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """With ``IOTVAULT_LOG_FORMAT=json`` a log shipper reads one JSON object per line: the
+    child's lines (on the node's stderr) too, with what a client chose escaped."""
+    child = ProcessAppender(database_url, log_format="json")
+    try:
+        with pytest.raises(AppendRefusedError) as refused:
+            child.append([entry(1, ids={1, 2})])
+    finally:
+        child.close()
+    assert refused.value.kind == "TypeError"
+    lines = [line for line in capfd.readouterr().err.splitlines() if "audit writer" in line]
+    assert lines
+    for line in lines:
+        doc = json.loads(line)
+        assert (doc["level"], doc["logger"]) == ("WARNING", "iotvault.audit.appender")
+    assert store.count() == 0

@@ -50,6 +50,7 @@ from typing import IO, Any, Final
 
 from iotvault.domain.audit import AuditEntry
 from iotvault.errors import StorageError
+from iotvault.logformat import formatter
 
 __all__ = ["AppendRefusedError", "ProcessAppender", "main"]
 
@@ -94,15 +95,14 @@ def _frame(body: bytes) -> bytes:
 class ProcessAppender:
     """An audit store's ``append`` done by a child process (see the module docstring).
 
-    ``database`` is what the child opens: the database URL and the engine's options
-    (``sqlite_synchronous``). Not thread-safe by itself: :class:`AuditLog` calls it under its
-    flush lock.
+    The child opens ``url`` with the engine's options (``sqlite_synchronous``) and writes its
+    few log lines (warnings) to the node's stderr as the node does (``log_format``).
     """
 
     command: tuple[str, ...] = (sys.executable, "-m", "iotvault.audit.appender")
 
-    def __init__(self, url: str, *, sqlite_synchronous: str = "full") -> None:
-        self._config = {"url": url, "sqlite_synchronous": sqlite_synchronous}
+    def __init__(self, url: str, *, sqlite_synchronous: str = "full", log_format: str = "text") -> None:
+        self._config = {"url": url, "sqlite_synchronous": sqlite_synchronous, "log_format": log_format}
         self._proc: subprocess.Popen[bytes] | None = None
         self._retry_at = 0.0
         self._delay = FIRST_RETRY_S
@@ -266,13 +266,15 @@ def main() -> int:
     """``python -m iotvault.audit.appender``: store the batches read on stdin until it closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node's Ctrl-C: its last flush comes after
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a service manager's SIGTERM to the group
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     answers = os.dup(1)  # the answers' own descriptor; a stray print goes to stderr, not into it
     os.dup2(2, 1)
     try:
         config = _receive(0, None)
     except (EOFError, ValueError, OSError):
         return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(str(config["log_format"])))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
     from iotvault.storage.audit import AuditStore  # noqa: PLC0415 - after the pipes are safe
     from iotvault.storage.db import create_db_engine  # noqa: PLC0415

@@ -107,7 +107,9 @@ class AuditService:
         monitor = AlertMonitor(self._store, webhook=self._webhook, on_alert=on_alert)
         self._audit.observers.append(monitor.observe_entry)
         self._audit.start(
-            ProcessAppender(s.effective_database_url, sqlite_synchronous=s.sqlite_synchronous)
+            ProcessAppender(
+                s.effective_database_url, sqlite_synchronous=s.sqlite_synchronous, log_format=s.log_format
+            )
             if s.audit_writer == "process"
             else None
         )
