@@ -54,7 +54,7 @@ from iotvault.logformat import formatter
 
 __all__ = ["AppendRefusedError", "ProcessAppender", "main"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("iotvault.audit.appender")  # its name in the child too, run as __main__
 
 _LENGTH: Final = struct.Struct(">I")
 MAX_FRAME: Final = 1 << 30  # what one batch of the queue's bound can take, with room
