@@ -683,7 +683,7 @@ def run_api_split(
             api_server.pid,
             int(api_env["IOTVAULT_HTTP_PORT"]),
             " (--role api)",
-            {"iotvault-api": lambda: [api_server.pid], **groups},
+            {"iotvault-api": lambda: family(api_server.pid), **groups},  # with its audit writer
         )
 
 

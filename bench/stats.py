@@ -36,7 +36,8 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def family(pid: int) -> list[int]:
-    """A process and its descendants: ``iotvault serve --api-processes N`` serves HTTP from children."""
+    """A process and its descendants: ``iotvault serve --api-processes N`` serves HTTP from children,
+    and every node has its audit writer process."""
     with contextlib.suppress(psutil.Error):
         return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
     return [pid]
