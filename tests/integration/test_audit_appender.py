@@ -157,31 +157,35 @@ def test_a_child_killed_between_batches_is_replaced_and_nothing_is_lost(
     assert verify_log(store, audit.public_key).ok
 
 
+@pytest.mark.timeout(60)  # a writer blocked on a full pipe would hang here, past every deadline
+@pytest.mark.parametrize("batch", [1, 3000], ids=["fits-the-pipe", "longer-than-the-pipe"])
 def test_a_child_that_stops_answering_is_killed_and_its_batch_retried(
-    store: AuditStore, appender: ProcessAppender, monkeypatch: pytest.MonkeyPatch
+    store: AuditStore, appender: ProcessAppender, monkeypatch: pytest.MonkeyPatch, batch: int
 ) -> None:
-    """SIGSTOP: the child holds the batch and says nothing. After the answer's deadline it is
-    killed (not left behind) and the batch goes back to the queue; a new child writes it."""
+    """SIGSTOP: the child holds the batch and says nothing, or stops reading it half way (a
+    batch longer than the pipe holds). After the deadline it is killed (not left behind) and
+    the batch goes back to the queue; a new child writes it."""
     audit = log_through(store, appender)
     try:
-        audit.record(entry(1))
+        audit.record(entry(0))
         assert audit.flush() == 1
         stuck = appender.pid
         assert stuck is not None
         monkeypatch.setattr(appender_module, "ANSWER_WITHIN_S", 0.5)
         os.kill(stuck, signal.SIGSTOP)
-        audit.record(entry(2))
+        for i in range(1, batch + 1):
+            audit.record(entry(i, route="/iotf/devices/{deviceId}/events", note="x" * 100))
         started = time.monotonic()
         with pytest.raises(StorageError, match="stopped"):
             audit.flush()
         assert time.monotonic() - started < 5
         assert not alive(stuck)  # killed and reaped
-        assert audit.queue_depth == 1
+        assert audit.queue_depth == batch
         time.sleep(appender_module.FIRST_RETRY_S + 0.1)
-        assert audit.flush() == 1
+        assert audit.flush() == batch
     finally:
         audit.close()
-    assert request_ids(store) == ["r1", "r2"]
+    assert request_ids(store) == [f"r{i}" for i in range(batch + 1)]
     assert verify_log(store, audit.public_key).ok
 
 

@@ -57,6 +57,7 @@ __all__ = ["AppendRefusedError", "ProcessAppender", "main"]
 log = logging.getLogger("iotvault.audit.appender")  # its name in the child too, run as __main__
 
 _LENGTH: Final = struct.Struct(">I")
+_CHUNK: Final = 48 << 10  # written at a time: less than a pipe holds (64 KiB): may find part of its room
 MAX_FRAME: Final = 1 << 30  # what one batch of the queue's bound can take, with room
 ANSWER_WITHIN_S: Final = 120.0  # a child silent this long after a batch is killed and replaced
 FIRST_RETRY_S: Final = 0.5
@@ -134,6 +135,7 @@ class ProcessAppender:
                 code = self._end(proc)
                 self._failed(f"the audit writer process (pid {proc.pid}) stopped ({code}): {exc}")
                 raise StorageError(self._why) from exc
+        self._delay = FIRST_RETRY_S  # it answered: a child that dies on every batch backs off
         if reply[0] == "ok":
             return
         if reply[0] == "storage":
@@ -164,6 +166,7 @@ class ProcessAppender:
         self._proc = proc
         self.starts += 1
         try:
+            os.set_blocking(_pipe(proc.stdin), False)  # see _write_all
             _send(_pipe(proc.stdin), self._config, now + ANSWER_WITHIN_S)
             ready = _receive(_pipe(proc.stdout), now + ANSWER_WITHIN_S)
         except (OSError, EOFError, TimeoutError, ValueError) as exc:
@@ -174,7 +177,6 @@ class ProcessAppender:
             self._end(proc)
             self._failed(f"the audit writer process did not start: {ready!r:.300}")
             raise StorageError(self._why)
-        self._delay = FIRST_RETRY_S
         log.debug("audit writer process started (pid %d)", proc.pid)
         return proc
 
@@ -210,10 +212,15 @@ def _pipe(stream: IO[bytes] | None) -> int:
 
 
 def _write_all(fd: int, data: bytes, deadline: float) -> None:
+    """All of ``data``, or TimeoutError at ``deadline``: on a non-blocking ``fd`` (the node's end
+    of the child's stdin) a child that stops reading cannot hold the writer past it."""
     view = memoryview(data)
     while view:
         _wait(fd, deadline, write=True)
-        view = view[os.write(fd, view[: 1 << 16]) :]
+        try:
+            view = view[os.write(fd, view[:_CHUNK]) :]
+        except BlockingIOError:  # room for less than was offered: wait for more
+            continue
 
 
 def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
