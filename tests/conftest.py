@@ -21,6 +21,10 @@ from helpers import (
     unavailable,
 )
 
+from iotvault.storage.audit import AuditStore
+from iotvault.storage.db import create_db_engine
+from iotvault.storage.migrate import ensure_schema
+
 # the suite-wide secret-leak scan (issue 15): collects the run's secrets and iotvault's logs and
 # audit exports, and fails the session if one holds one (tests/leakscan.py)
 from leakscan import (  # noqa: F401 - hooks of this conftest
@@ -68,6 +72,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'data' / 'iotvault.db'}"
     return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def audit_store(database_url: str) -> Iterator[AuditStore]:
+    """The audit tables on a fresh database (SQLite and PostgreSQL), schema made."""
+    engine = create_db_engine(database_url)
+    ensure_schema(engine)
+    yield AuditStore(engine, database_url)
+    engine.dispose()
 
 
 @pytest.fixture

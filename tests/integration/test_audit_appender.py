@@ -28,8 +28,6 @@ from iotvault.crypto.audit_signing import CheckpointSigner
 from iotvault.domain.audit import AuditEntry
 from iotvault.errors import StorageError
 from iotvault.storage.audit import AuditStore
-from iotvault.storage.db import create_db_engine
-from iotvault.storage.migrate import ensure_schema
 
 pytestmark = pytest.mark.integration
 
@@ -37,11 +35,8 @@ SEED = b"\x09" * 32
 
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[AuditStore]:
-    engine = create_db_engine(database_url)
-    ensure_schema(engine)
-    yield AuditStore(engine, database_url)
-    engine.dispose()
+def store(audit_store: AuditStore) -> AuditStore:
+    return audit_store
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from iotvault.domain.audit import AuditEntry
 from iotvault.errors import StorageError
 from iotvault.storage.audit import AuditFilter, AuditStore
 from iotvault.storage.db import create_db_engine
-from iotvault.storage.migrate import ensure_schema
 
 pytestmark = pytest.mark.integration
 
@@ -38,11 +36,8 @@ class Clock:
 
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[AuditStore]:
-    engine = create_db_engine(database_url)
-    ensure_schema(engine)
-    yield AuditStore(engine, database_url)
-    engine.dispose()
+def store(audit_store: AuditStore) -> AuditStore:
+    return audit_store
 
 
 def entry(n: int, actor: str = "user:alice") -> AuditEntry:
