@@ -139,3 +139,20 @@ def server_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     )
     env.update({f"IOTVAULT_{k.upper()}": v for k, v in settings.items()})
     return env
+
+
+def audit_writers_of(pid: int) -> list[int]:
+    """The audit writer processes (``python -m iotvault.audit.appender``) that ``pid`` started
+    and that still run (a zombie, dead and not yet reaped, does not count)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"iotvault.audit.appender" in cmdline:
+            found.append(int(proc.name))
+    return found

@@ -19,11 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import audit_writers_of
 
 from iotvault.audit import appender as appender_module
 from iotvault.audit.appender import AppendRefusedError, ProcessAppender
 from iotvault.audit.log import AuditLog, AuditSettings, verify_log
+from iotvault.audit.node import AuditService
 from iotvault.clock import now_us
+from iotvault.config import Settings
 from iotvault.crypto.audit_signing import CheckpointSigner
 from iotvault.domain.audit import AuditEntry
 from iotvault.errors import StorageError
@@ -303,3 +306,20 @@ def test_the_childs_log_lines_are_in_the_nodes_format(
         doc = json.loads(line)
         assert (doc["level"], doc["logger"]) == ("WARNING", "iotvault.audit.appender")
     assert store.count() == 0
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_the_node_s_audit_service_writes_through_the_writer_its_settings_name(
+    store: AuditStore, database_url: str, tmp_path: Path, writer: str
+) -> None:
+    """``IOTVAULT_AUDIT_WRITER``: ``process`` (the default) starts a child, ``thread`` none;
+    either way the node's start and stop records are on the chain when the service has left."""
+    settings = Settings(data_dir=tmp_path, database_url=database_url, audit_writer=writer)
+    assert Settings(data_dir=tmp_path).audit_writer == "process"
+    audit = AuditLog(store, CheckpointSigner(SEED), now_us)
+    async with AuditService(audit, store, settings, "all"):
+        children = audit_writers_of(os.getpid())
+        assert len(children) == (1 if writer == "process" else 0)
+    assert not any(alive(pid) for pid in children)
+    assert [r.entry.action for r in store.records(from_seq=1)] == ["node.start", "node.stop"]
+    assert verify_log(store, audit.public_key).ok

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ServerProcess, server_env
+from helpers import ServerProcess, audit_writers_of, server_env
 from sqlalchemy import create_engine, text
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -71,19 +71,11 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def appender_of(pid: int) -> int:
     """The pid of the audit writer process ``pid`` started (``iotvault.audit.appender``)."""
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            if ppid == pid and b"iotvault.audit.appender" in cmdline:
-                return int(entry.name)
+    while not (found := audit_writers_of(pid)):
+        assert time.monotonic() < deadline, f"process {pid} started no audit writer process"
         time.sleep(0.05)
-    raise AssertionError(f"process {pid} started no audit writer process")
+    (writer,) = found
+    return writer
 
 
 def basic(key: str, password: str) -> dict[str, str]:
