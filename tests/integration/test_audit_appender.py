@@ -10,6 +10,7 @@ children must come back to what they were.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -318,7 +319,11 @@ async def test_the_node_s_audit_service_writes_through_the_writer_its_settings_n
     assert Settings(data_dir=tmp_path).audit_writer == "process"
     audit = AuditLog(store, CheckpointSigner(SEED), now_us)
     async with AuditService(audit, store, settings, "all"):
-        children = audit_writers_of(os.getpid())
+        await asyncio.to_thread(audit.flush)  # the writer thread has begun: its child started
+        deadline = time.monotonic() + 10
+        while len(children := audit_writers_of(os.getpid())) < (writer == "process"):
+            assert time.monotonic() < deadline, "no audit writer process"
+            await asyncio.sleep(0.05)
         assert len(children) == (1 if writer == "process" else 0)
     assert not any(alive(pid) for pid in children)
     assert [r.entry.action for r in store.records(from_seq=1)] == ["node.start", "node.stop"]

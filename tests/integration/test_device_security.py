@@ -243,14 +243,15 @@ async def test_a_device_cannot_reach_beyond_its_own_topics(platform: Platform) -
     assert await refused(platform, "unit-b", "unit-b", a.password) == 5
     assert not dev_b.disconnected.is_set()
 
-    # A publishes as B, on B's command topic, as another type: nothing is stored or delivered
+    # A publishes as B, on B's command topic, as another type: nothing is stored or delivered.
+    # Each from a connection of its own: the embedded broker ends an offender's connection, and
+    # a publish sent while that end was still on its way was lost (seen once on a loaded machine)
     for topic in (
         "iot-2/type/thermo/id/unit-b/evt/reading/fmt/json",
         "iot-2/type/thermo/id/unit-b/cmd/open/fmt/json",
         "iot-2/type/other/id/unit-a/evt/reading/fmt/json",
     ):
-        if dev_a.disconnected.is_set():  # the embedded broker ends the connection of an offender
-            dev_a = await platform.raw("unit-a", "unit-a", a.password)
+        dev_a = await platform.raw("unit-a", "unit-a", a.password)
         dev_a.client.publish(topic, b'{"forged": true}', qos=1)
         await asyncio.sleep(0.3)
     with pytest.raises(TimeoutError):
@@ -276,7 +277,7 @@ async def test_a_device_cannot_reach_beyond_its_own_topics(platform: Platform) -
         )
     )
     if platform.kind == "embedded":
-        assert dev_a.disconnected.is_set()
+        await asyncio.wait_for(dev_a.disconnected.wait(), 10)  # the last offender's connection ended
         subscribe_denials = [
             e
             for e in await platform.security_events()
