@@ -328,3 +328,29 @@ async def test_the_node_s_audit_service_writes_through_the_writer_its_settings_n
     assert not any(alive(pid) for pid in children)
     assert [r.entry.action for r in store.records(from_seq=1)] == ["node.start", "node.stop"]
     assert verify_log(store, audit.public_key).ok
+
+
+def test_what_a_client_chose_crosses_the_pipe_and_is_stored_as_the_thread_stores_it(
+    store: AuditStore, appender: ProcessAppender
+) -> None:
+    """A path or header can carry a NUL, a lone surrogate (undecodable bytes), a newline, a
+    frame's own length bytes: through the child it is stored replaced exactly as the store in
+    process replaces it, and the chain verifies."""
+    nasty = "d\x00\udc80\n\x00\x00\x10\x00\\N" + "é" * 300
+    audit = log_through(store, appender)
+    try:
+        audit.record(
+            AuditEntry(
+                at_us=1_700_000_000_000_001, actor=f"api_key:{nasty}", action="http.request", target=nasty,
+                outcome="denied", client="192.0.2.7", request_id="r1", detail={"route": nasty, "status": 404},
+            )
+        )  # fmt: skip
+        assert audit.flush() == 1
+    finally:
+        audit.close()
+    (stored,) = store.records(from_seq=1)
+    replaced = nasty.replace("\x00", "\ufffd").replace("\udc80", "\ufffd")
+    assert stored.entry.target == replaced[:200]
+    assert stored.entry.actor == f"api_key:{replaced}"[:160]
+    assert stored.entry.detail["route"] == nasty.replace("\udc80", "\ufffd")
+    assert verify_log(store, audit.public_key).ok
