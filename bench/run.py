@@ -20,7 +20,7 @@ What runs, for each case (database x broker):
 Then the cost of field encryption against raw AES-GCM (:mod:`bench.crypto`). Publishers,
 baseline subscribers and the load generator are separate processes; the CPU of each is
 printed beside every rate. ``--soak MINUTES`` instead runs one case at a steady rate and
-samples the server's resident memory. ``--smoke`` runs two cases (both brokers, both
+samples the resident memory of the server and its audit writer. ``--smoke`` runs two cases (both brokers, both
 databases) with tiny counts, to check the harness (tests/integration/test_bench_smoke.py), not
 the speed. ``--profile DIR`` records the server with py-spy (:mod:`bench.pyspy`).
 """
@@ -798,9 +798,12 @@ def run_soak(cfg: Config, root: Path, issuer: Issuer) -> None:
             n = db.count()
             if rss is None:
                 raise BenchError("the server is gone")
-            samples.append((time.monotonic() - t0, rss))
+            # the node's own processes count too: its audit writer holds memory of its own
+            children = sum(memory(pid)[0] or 0 for pid in family(server.pid)[1:])
+            samples.append((time.monotonic() - t0, rss + children))
             say(
-                f"soak t={samples[-1][0]:6.0f}s  RSS {mib(rss):>8}  rows {n:,}  "
+                f"soak t={samples[-1][0]:6.0f}s  RSS {mib(rss + children):>8} "
+                f"(server {mib(rss)}, its children {mib(children)})  rows {n:,}  "
                 f"({(n - c0) / samples[-1][0]:,.0f}/s)"
             )
         _, hwm = memory(server.pid)
@@ -815,7 +818,8 @@ def run_soak(cfg: Config, root: Path, issuer: Issuer) -> None:
         )
         say(
             f"soak: RSS first {mib(samples[0][1])}, at half time {mib(half[0][1])}, "
-            f"last {mib(samples[-1][1])}, peak {mib(hwm)}; second half: min {mib(min(s[1] for s in half))}, "
+            f"last {mib(samples[-1][1])}, server peak {mib(hwm)}; "
+            f"second half: min {mib(min(s[1] for s in half))}, "
             f"max {mib(max(s[1] for s in half))}, slope {slope:+.2f} MiB/min"
         )
 

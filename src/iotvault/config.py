@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -96,6 +97,9 @@ class Settings(BaseSettings):
     log_format: Annotated[Literal["text", "json"], Field(description="text or json lines")] = "text"
     # HTTP hardening
     cors_origins: str = ""  # comma-separated exact origins allowed to call the API from a browser
+    # comma-separated addresses or networks of reverse proxies whose X-Forwarded-For and
+    # X-Forwarded-Proto are believed; none by default: the connection's address is the client's
+    trusted_proxies: str = ""
     max_request_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1_048_576
     rate_limit_per_ip: str = "1200/minute"
     rate_limit_per_principal: str = "600/minute"
@@ -249,6 +253,11 @@ class Settings(BaseSettings):
         return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
     @property
+    def trusted_proxy_list(self) -> list[str]:
+        """The trusted proxies as uvicorn compares them: ``10.1.2.3/8`` becomes ``10.0.0.0/8``."""
+        return [_proxy(p) for p in self.trusted_proxies.split(",") if p.strip()]
+
+    @property
     def broker(self) -> BrokerAddress:
         return parse_broker_url(self.broker_url)
 
@@ -298,6 +307,15 @@ def parse_broker_url(value: str) -> BrokerAddress:
         username=parts.username,
         password=parts.password,
     )
+
+
+def _proxy(value: str) -> str:
+    """One trusted proxy: an IP address, or a network (host bits allowed: ``10.1.2.3/8``)."""
+    value = value.strip()
+    try:
+        return str(ipaddress.ip_network(value, strict=False) if "/" in value else ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or a network like 10.0.0.0/8") from None
 
 
 def _check_rate(name: str, value: str) -> None:
@@ -353,6 +371,13 @@ def _coerce(name: str, raw: Any, field_name: str) -> Any:
 _ORG_ID = re.compile(r"[a-z0-9]{1,32}")
 
 
+def _check_trusted_proxies(s: Settings) -> None:
+    try:
+        s.trusted_proxy_list  # noqa: B018 - each one parsed
+    except ValueError as exc:
+        raise ConfigError("trusted_proxies", str(exc)) from None
+
+
 def _check_org_id(s: Settings) -> None:
     """An organization id becomes part of client ids, so it has no ':' and no wildcards."""
     if s.org_id and not _ORG_ID.fullmatch(s.org_id):
@@ -384,6 +409,7 @@ def _validate(s: Settings) -> None:
             raise ConfigError(
                 "cors_origins", f"{origin!r} is not an exact origin like https://app.example.com"
             )
+    _check_trusted_proxies(s)
     if s.oidc_external_issuer:
         iss = urlsplit(s.oidc_external_issuer)
         if iss.scheme != "https" and iss.hostname not in ("127.0.0.1", "localhost", "::1"):

@@ -190,16 +190,24 @@ def build_verifier(s: Settings, identity: Identity | None = None) -> TokenVerifi
 
 
 def http_limits(s: Settings) -> dict[str, Any]:
-    """uvicorn's bounds on slow and idle clients (README, "Health and readiness").
+    """uvicorn's bounds on slow and idle clients (README, "Health and readiness"), and whom it
+    believes about the client's address.
 
     ``timeout_keep_alive`` closes a connection idle between requests; ``limit_concurrency``
     answers 503 beyond that many connections and running requests, so idle sockets cannot
     take every slot. The deadline for a request's headers is :class:`~iotvault.api.slowclients`'s.
+    ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are read only from ``IOTVAULT_TRUSTED_PROXIES``
+    (none by default), never from uvicorn's default (loopback) or its ``FORWARDED_ALLOW_IPS``: any
+    process on the machine could otherwise choose the address the rate limits, lockouts and the
+    audit log see.
     """
+    proxies = s.trusted_proxy_list
     return {
         "timeout_keep_alive": max(1, math.ceil(s.http_idle_timeout_s)),
         "limit_concurrency": s.http_max_connections,
         "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies,
     }
 
 

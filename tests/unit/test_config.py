@@ -418,3 +418,16 @@ def test_the_read_and_serving_settings_default_to_the_measured_choices() -> None
         "uvloop",
     )
     assert (s.database_pool_size, s.database_pool_overflow) == (0, 5)  # 0: by the node's role
+
+
+def test_no_proxy_is_trusted_by_default_and_named_ones_are_read_as_uvicorn_compares_them() -> None:
+    assert load_settings(None, {}).trusted_proxy_list == []
+    named = load_settings(None, {"IOTVAULT_TRUSTED_PROXIES": " 127.0.0.1, 10.1.2.3/8 ,,::1, fd00::7/64"})
+    assert named.trusted_proxy_list == ["127.0.0.1", "10.0.0.0/8", "::1", "fd00::/64"]
+
+
+@pytest.mark.parametrize("value", ["nginx.internal", "*", "10.0.0.0/33", "127.0.0.1:8080", "1.2.3"])
+def test_a_trusted_proxy_that_is_not_an_address_or_network_is_refused(value: str) -> None:
+    err = load_error(environ={"IOTVAULT_TRUSTED_PROXIES": f"127.0.0.1,{value}"})
+    assert "TRUSTED_PROXIES" in str(err).upper()
+    assert repr(value) in str(err)
