@@ -165,3 +165,31 @@ def test_bulk_reads_of_types_and_keys_answer_as_the_single_reads(
         assert bulk[d] == ctx.store.latest_data_key(d)
     assert bulk["d2"][0] == 3
     assert ctx.store.types_of([]) == {} == ctx.store.latest_data_keys([])
+
+
+async def test_ids_no_one_registered_cannot_grow_the_device_cache_without_bound(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker without topic ACLs lets anyone publish for made-up device ids: each is refused,
+    remembered for its life (no query per message), and the cache stays within its bound."""
+    bound = 200  # of 100,000: made small
+
+    def flood(round_: int) -> list[Inbound]:
+        made_up = [_msg(f"ghost-{round_}-{i}", b'{"n": 0}', 1 + i) for i in range(150)]
+        return [*made_up, _msg("d1", b'{"n": %d}' % round_, 1000 + round_)]
+
+    async with IngestPipeline(ctx.store, ctx.keyring, Metrics(), batch_ms=300) as pipeline:
+        pipeline._devices.max_entries = bound
+        assert await _one_batch(pipeline, flood(0)) == [Outcome.REJECTED] * 150 + [Outcome.STORED]
+        # the same made-up ids again, within their life: refused from the cache, no query
+        reads = Reads(ctx, monkeypatch)
+        again = await _one_batch(pipeline, [_msg(f"ghost-0-{i}", b"{}", 2000 + i) for i in range(150)])
+        assert reads.take() == {}
+        assert again == [Outcome.REJECTED] * 150
+        sizes = [len(pipeline._devices.entries)]
+        for round_ in range(1, 8):
+            assert await _one_batch(pipeline, flood(round_)) == [Outcome.REJECTED] * 150 + [Outcome.STORED]
+            sizes.append(len(pipeline._devices.entries))
+    assert sizes[0] == 151  # nothing dropped below the bound
+    assert max(sizes) <= bound  # 1,200 ids named, at most the bound held
+    assert _decrypted(ctx, "d1") == [{"n": n} for n in range(8)]

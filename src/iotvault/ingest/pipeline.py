@@ -160,9 +160,16 @@ _new_tuple = tuple.__new__  # a StoredEvent without its Python-level __new__ (0.
 
 @dataclass(slots=True)
 class _DeviceCache:
-    """deviceId → typeId (None: unknown), with a short life so deletions and additions show."""
+    """deviceId → typeId (None: unknown), with a short life so deletions and additions show.
+
+    At most ``max_entries``: messages for ids no one registered (a broker without topic ACLs
+    lets anyone name any) are remembered too, so that each costs no query, and would otherwise
+    grow it for ever. When full, the entries whose life has ended go; if that frees too little
+    (that many ids within one life), all go and are asked again.
+    """
 
     ttl_s: float = 10.0
+    max_entries: int = 100_000
     entries: dict[str, tuple[str | None, float]] = field(default_factory=dict)
 
     def get(self, device_id: str, now: float) -> tuple[bool, str | None]:
@@ -170,6 +177,17 @@ class _DeviceCache:
         if hit is None or hit[1] < now:
             return False, None
         return True, hit[0]
+
+    def put(self, device_id: str, type_id: str | None, now: float) -> None:
+        entries = self.entries
+        if len(entries) >= self.max_entries and device_id not in entries:
+            # a copy: the event loop may drop an entry meanwhile (forget_devices)
+            for key, (_, until) in list(entries.items()):
+                if until < now:
+                    entries.pop(key, None)
+            if len(entries) >= self.max_entries * 3 // 4:
+                entries.clear()
+        entries[device_id] = (type_id, now + self.ttl_s)
 
 
 def _chain_ended(fut: asyncio.Future[None]) -> None:
@@ -471,7 +489,7 @@ class IngestPipeline:
             return type_id
         dev = self._store.get_device(device_id)
         type_id = dev.type_id if dev is not None else None
-        self._devices.entries[device_id] = (type_id, now + self._devices.ttl_s)
+        self._devices.put(device_id, type_id, now)
         return type_id
 
     def _refresh(self, batch: list[_Pending]) -> None:
@@ -487,14 +505,13 @@ class IngestPipeline:
                 device_ids.add(self._parse_topic(topic).device_id)
             except TopicError:
                 continue
-        entries = self._devices.entries
-        due = [d for d in device_ids if (hit := entries.get(d)) is None or hit[1] - now < ahead]
+        cache = self._devices
+        due = [d for d in device_ids if (hit := cache.entries.get(d)) is None or hit[1] - now < ahead]
         if due:
             found = self._store.types_of(due)
-            until = now + self._devices.ttl_s
             for d in due:
-                entries[d] = (found.get(d), until)
-        known = [d for d in device_ids if entries[d][0] is not None]
+                cache.put(d, found.get(d), now)
+        known = [d for d in device_ids if (hit := cache.entries.get(d)) is not None and hit[0] is not None]
         self._keyring.refresh_sealing_keys(known)
 
     def _parse_topic(self, topic: str) -> Topic:
