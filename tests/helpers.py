@@ -6,6 +6,8 @@ one broker configuration for both, the one README.md gives deployments.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
@@ -156,3 +158,28 @@ def audit_writers_of(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z" and b"iotvault.audit.appender" in cmdline:
             found.append(int(proc.name))
     return found
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``iotvault ARGS`` in a process of its own, with ``env``: its exit code and its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "iotvault", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def basic(key: str, password: str) -> dict[str, str]:
+    """The Authorization header of an API key."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{key}:{password}".encode()).decode()}
+
+
+def new_key(env: dict[str, str], *roles: str) -> tuple[str, str]:
+    """A new API key made by ``iotvault apikeys add ROLES``: (key, password)."""
+    done = cli(env, "apikeys", "add", *roles, "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    return doc["key"], doc["password"]

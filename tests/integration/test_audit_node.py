@@ -6,12 +6,9 @@ On SQLite and PostgreSQL: the chain's writers serialise on the database, so both
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ServerProcess, audit_writers_of, server_env
+from helpers import ServerProcess, audit_writers_of, basic, cli, new_key, server_env
 from sqlalchemy import create_engine, text
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -57,17 +54,6 @@ def receiver() -> Iterator[Receiver]:
     server.server_close()
 
 
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "iotvault", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def appender_of(pid: int) -> int:
     """The pid of the audit writer process ``pid`` started (``iotvault.audit.appender``)."""
     deadline = time.monotonic() + 10
@@ -76,17 +62,6 @@ def appender_of(pid: int) -> int:
         time.sleep(0.05)
     (writer,) = found
     return writer
-
-
-def basic(key: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{key}:{password}".encode()).decode()}
-
-
-def new_key(env: dict[str, str], *roles: str) -> tuple[str, str]:
-    done = cli(env, "apikeys", "add", *roles, "--json")
-    assert done.returncode == 0, done.stderr
-    doc = json.loads(done.stdout)
-    return doc["key"], doc["password"]
 
 
 def test_records_alerts_and_verification_of_a_running_node(
