@@ -68,6 +68,9 @@ attack: venv  ## hostile clients against one `iotvault serve` (embedded broker);
 faults: venv  ## the long fault-injection run: prints published/acknowledged/stored/lost/duplicates
 	$(BIN)/python -m bench.faults $(FAULTS_FLAGS)
 
+# pip-compile keeps only what the Python it runs on needs (redis needs async-timeout before
+# 3.11.3 only): lock from an environment of the oldest Python 3.11 at hand, e.g. Debian 12's
+# `make lock PYTHON=/usr/bin/python3.11 VENV=.venv-lock` (tests/unit/test_packaging.py checks).
 lock: venv  ## re-lock requirements/ after a change to pyproject.toml (other pins stay)
 	$(PIP_COMPILE) $(LOCK_FLAGS) --extra postgres --extra redis \
 		--output-file requirements/runtime.txt pyproject.toml
