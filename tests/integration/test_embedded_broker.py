@@ -258,7 +258,12 @@ async def test_the_hook_runs_to_completion_when_the_device_leaves_meanwhile(
         release.set()
         await asyncio.wait_for(done.wait(), TIMEOUT)
     assert finished == [b"{}"]
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    # nothing went wrong; what the start says of the machine (a `ulimit -n` of 1024, as a
+    # user's shell often has, lowers the connection limit) is not about this device
+    warned = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and r.name != "iotvault.broker.limits"
+    ]
+    assert [r.getMessage() for r in warned] == []
 
 
 async def test_a_hook_may_hand_over_a_future_and_its_outcome_decides_the_ack() -> None:
